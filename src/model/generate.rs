@@ -1,0 +1,142 @@
+//! Batched decoding with a KV cache: greedy by default, seeded temperature / top-p sampling
+//! on request.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::transformer::{KvCache, Model, Pass};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateConfig {
+    pub max_tokens: usize,
+    /// Ids that end a sequence (EOS, end of turn); the stop id is not returned.
+    pub stop_ids: Vec<u32>,
+    /// None decodes greedily.
+    pub sampling: Option<Sampling>,
+}
+
+/// One sequence to continue: an optional already-computed prefix and the ids after it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub prefix: KvCache,
+    pub ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    StopToken,
+    Budget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+}
+
+/// Runs `ids` after `prefix` and returns the cache and the logits of the last position.
+pub fn prefill(model: &Model, prefix: KvCache, ids: &[u32]) -> Result<(KvCache, Tensor)> {
+    if ids.is_empty() {
+        bail!("cannot continue an empty prompt");
+    }
+    let mut cache = [prefix];
+    let x = model.embed(ids)?.unsqueeze(0)?;
+    let hidden = model.forward(&x, &mut cache, Pass::Fast)?;
+    let last = hidden.squeeze(0)?.narrow(0, ids.len() - 1, 1)?;
+    let [cache] = cache;
+    Ok((cache, model.logits(&last)?.squeeze(0)?))
+}
+
+/// Continues every request, decoding the still-running ones together in one batch.
+/// Each request is prefilled alone, so its tokens do not depend on its batch-mates.
+pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
+    let n = requests.len();
+    let mut out: Vec<Generated> = (0..n).map(|_| Generated { ids: Vec::new(), stop: StopReason::Budget }).collect();
+    let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
+        .map(|i| cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64))))
+        .collect();
+    if cfg.max_tokens == 0 {
+        return Ok(out);
+    }
+    // (request index, cache, next token) of the sequences still running.
+    let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
+    for (i, req) in requests.into_iter().enumerate() {
+        let (cache, logits) = prefill(model, req.prefix, &req.ids)?;
+        let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
+        running.push((i, cache, next));
+    }
+    loop {
+        running.retain(|&(i, _, tok)| {
+            if cfg.stop_ids.contains(&tok) {
+                out[i].stop = StopReason::StopToken;
+                return false;
+            }
+            out[i].ids.push(tok);
+            out[i].ids.len() < cfg.max_tokens
+        });
+        if running.is_empty() {
+            return Ok(out);
+        }
+        let toks: Vec<u32> = running.iter().map(|r| r.2).collect();
+        let x = model.embed(&toks)?.unsqueeze(1)?;
+        let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
+        let hidden = model.forward(&x, &mut caches, Pass::Fast)?;
+        let logits = model.logits(&hidden.squeeze(1)?)?;
+        let mut batch_rngs: Vec<Option<ChaCha8Rng>> = running.iter().map(|r| rngs[r.0].take()).collect();
+        let next = pick(&logits, cfg.sampling.as_ref(), &mut batch_rngs)?;
+        for ((r, cache), (tok, rng)) in running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs)) {
+            r.1 = cache;
+            r.2 = tok;
+            rngs[r.0] = rng;
+        }
+    }
+}
+
+/// Next token per row of `logits` [batch, vocab].
+fn pick(logits: &Tensor, sampling: Option<&Sampling>, rngs: &mut [Option<ChaCha8Rng>]) -> Result<Vec<u32>> {
+    let Some(s) = sampling.filter(|s| s.temperature > 0.0) else {
+        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&(logits.to_dtype(DType::F32)? / s.temperature)?)?;
+    let rows = probs.to_vec2::<f32>()?;
+    rows.iter()
+        .zip(rngs.iter_mut())
+        .map(|(row, rng)| {
+            let rng = rng.as_mut().expect("sampling without an rng");
+            Ok(sample_top_p(row, s.top_p, rng.random::<f32>()))
+        })
+        .collect()
+}
+
+/// Samples from the smallest set of most likely tokens whose mass reaches `top_p`,
+/// using `u` in [0, 1) as the random draw.
+pub fn sample_top_p(probs: &[f32], top_p: f64, u: f32) -> u32 {
+    let mut order: Vec<u32> = (0..probs.len() as u32).collect();
+    order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+    let mut kept = 0;
+    let mut mass = 0.0f64;
+    for &t in &order {
+        mass += probs[t as usize] as f64;
+        kept += 1;
+        if mass >= top_p {
+            break;
+        }
+    }
+    let mut target = u as f64 * mass;
+    for &t in &order[..kept] {
+        target -= probs[t as usize] as f64;
+        if target < 0.0 {
+            return t;
+        }
+    }
+    order[kept - 1]
+}

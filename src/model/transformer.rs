@@ -1,0 +1,496 @@
+//! The decoder: one forward pass shared by generation (fused, no-gradient kernels) and the
+//! gradient pass (plain differentiable tensor ops), for every supported architecture.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{Activation, Arch, ModelConfig, RopeStyle};
+use super::weights::WeightSource;
+
+/// Whether a forward pass must be differentiable. candle's fused softmax, RMSNorm and rotary
+/// kernels are faster but record no backward op, so they silently cut the gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Fast,
+    Differentiable,
+}
+
+/// Keys and values of the positions a sequence has already seen, per layer.
+/// Cloning is cheap (tensors are reference counted), so a shared prefix can seed many runs.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends this layer's new keys/values and returns all of them.
+    fn extend(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if layer == self.layers.len() {
+            self.layers.push((k, v));
+        } else {
+            let (old_k, old_v) = &self.layers[layer];
+            self.layers[layer] = (Tensor::cat(&[old_k, &k], 2)?, Tensor::cat(&[old_v, &v], 2)?);
+        }
+        Ok(self.layers[layer].clone())
+    }
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x`: [N, in] -> [N, out].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<Tensor>,
+    sliding: bool,
+}
+
+/// cos/sin of position x frequency, [max_positions, head_dim/2].
+struct RopeTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTable {
+    /// Computed in f32 like the Hugging Face and candle references, so logits match them.
+    fn new(cfg: &ModelConfig, theta: f64, linear_factor: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let n_pos = cfg.max_position.min(1 << 15);
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let base = 1.0 / (theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32);
+                let factor = cfg.rope_freq_factors.get(i).copied().unwrap_or(1.0) as f32;
+                base / factor / linear_factor as f32
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(n_pos * half);
+        let mut sin = Vec::with_capacity(n_pos * half);
+        for p in 0..n_pos {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(RopeTable {
+            cos: Tensor::from_vec(cos, (n_pos, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n_pos, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// cos and sin at `positions`, shaped [batch, len, head_dim/2].
+    fn at(&self, positions: &[u32], batch: usize) -> Result<(Tensor, Tensor)> {
+        let n_pos = self.cos.dim(0)?;
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= n_pos) {
+            bail!("position {p} is beyond the model's context of {n_pos} tokens");
+        }
+        let idx = Tensor::new(positions, self.cos.device())?;
+        let len = positions.len() / batch;
+        let half = self.cos.dim(1)?;
+        Ok((
+            self.cos.index_select(&idx, 0)?.reshape((batch, len, half))?,
+            self.sin.index_select(&idx, 0)?.reshape((batch, len, half))?,
+        ))
+    }
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    final_norm: Tensor,
+    lm_head: Tensor,
+    rope_global: RopeTable,
+    rope_local: Option<RopeTable>,
+}
+
+/// Names and shapes of every tensor an architecture needs (GGUF naming). `Option`al entries
+/// may be absent from a file.
+pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    let (d, hd, ff, v) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+    let (q_out, kv_out) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    let mut out = vec![
+        ("token_embd.weight".to_string(), vec![v, d], true),
+        ("output_norm.weight".to_string(), vec![d], true),
+        ("output.weight".to_string(), vec![v, d], false),
+    ];
+    for i in 0..cfg.n_layers {
+        let mut add = |name: &str, shape: Vec<usize>, required: bool| {
+            out.push((format!("blk.{i}.{name}"), shape, required))
+        };
+        add("attn_norm.weight", vec![d], true);
+        add("attn_q.weight", vec![q_out, d], true);
+        add("attn_k.weight", vec![kv_out, d], true);
+        add("attn_v.weight", vec![kv_out, d], true);
+        add("attn_output.weight", vec![d, q_out], true);
+        if cfg.arch.has_qkv_bias() {
+            add("attn_q.bias", vec![q_out], true);
+            add("attn_k.bias", vec![kv_out], true);
+            add("attn_v.bias", vec![kv_out], true);
+        }
+        if cfg.arch.has_qk_norm() {
+            add("attn_q_norm.weight", vec![hd], true);
+            add("attn_k_norm.weight", vec![hd], true);
+        }
+        if cfg.arch.has_post_norms() {
+            add("post_attention_norm.weight", vec![d], true);
+            add("post_ffw_norm.weight", vec![d], true);
+        }
+        add("ffn_norm.weight", vec![d], true);
+        add("ffn_gate.weight", vec![ff, d], true);
+        add("ffn_up.weight", vec![ff, d], true);
+        add("ffn_down.weight", vec![d, ff], true);
+    }
+    out
+}
+
+impl Model {
+    pub fn load(source: &WeightSource, mut cfg: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
+            let Some(t) = source.get(name, dtype, device)? else { return Ok(None) };
+            if t.dims() != shape {
+                bail!("tensor '{name}' has shape {:?}, expected {:?} from the model config", t.dims(), shape);
+            }
+            Ok(Some(t))
+        };
+        let layout = tensor_layout(&cfg);
+        let mut tensors = std::collections::HashMap::new();
+        for (name, shape, required) in &layout {
+            match get(name, shape)? {
+                Some(t) => {
+                    tensors.insert(name.clone(), t);
+                }
+                None if *required => bail!("model file lacks tensor '{name}'"),
+                None => {}
+            }
+        }
+        // llama.cpp stores Llama 3's frequency scaling as a tensor rather than metadata.
+        if let Some(f) = source.get("rope_freqs.weight", DType::F32, device)? {
+            cfg.rope_freq_factors = f.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        }
+        let mut take = |name: String| tensors.remove(&name);
+        let embed = take("token_embd.weight".into()).context("embedding")?;
+        let lm_head = take("output.weight".into()).unwrap_or_else(|| embed.clone());
+        let final_norm = take("output_norm.weight".into()).context("final norm")?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let mut t = |n: &str| take(format!("blk.{i}.{n}"));
+            let mut lin = |n: &str| -> Result<Linear> {
+                Ok(Linear {
+                    weight: t(&format!("{n}.weight")).with_context(|| format!("blk.{i}.{n}.weight"))?,
+                    bias: t(&format!("{n}.bias")),
+                })
+            };
+            let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            let mut t = |n: &str| take(format!("blk.{i}.{n}"));
+            layers.push(Block {
+                attn_norm: t("attn_norm.weight").context("attn_norm")?,
+                q,
+                k,
+                v,
+                o,
+                q_norm: t("attn_q_norm.weight"),
+                k_norm: t("attn_k_norm.weight"),
+                post_attn_norm: t("post_attention_norm.weight"),
+                ffn_norm: t("ffn_norm.weight").context("ffn_norm")?,
+                gate,
+                up,
+                down,
+                post_ffn_norm: t("post_ffw_norm.weight"),
+                sliding: cfg.layer_is_sliding[i],
+            });
+        }
+        let rope_global = RopeTable::new(&cfg, cfg.rope_theta, cfg.rope_linear_factor, dtype, device)?;
+        let rope_local = match cfg.rope_local_theta {
+            Some(theta) => Some(RopeTable::new(&cfg, theta, 1.0, dtype, device)?),
+            None => None,
+        };
+        Ok(Model { cfg, embed, layers, final_norm, lm_head, rope_global, rope_local })
+    }
+
+    /// A model with uniformly random weights drawn from `seed`, for tests of the maths.
+    pub fn random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut map = std::collections::HashMap::new();
+        for (name, shape, _) in tensor_layout(&cfg) {
+            let n: usize = shape.iter().product();
+            let is_norm = name.ends_with("norm.weight");
+            let values: Vec<f64> = (0..n)
+                .map(|_| if is_norm { rng.random_range(0.8..1.2) } else { rng.random_range(-0.15..0.15) })
+                .collect();
+            map.insert(name, Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?);
+        }
+        Model::load(&WeightSource::Map(map), cfg, dtype, device)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Rows of the input embedding matrix, [ids.len(), hidden].
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::new(ids, self.device())?;
+        Ok(self.embed.index_select(&idx, 0)?)
+    }
+
+    /// Final-normed hidden states [batch, len, hidden] for input embeddings `x`
+    /// [batch, len, hidden] (unscaled rows of the embedding matrix). Sequence `b` continues
+    /// `caches[b]`, which grows by `len`.
+    pub fn forward(&self, x: &Tensor, caches: &mut [KvCache], pass: Pass) -> Result<Tensor> {
+        let (batch, len, hidden) = x.dims3()?;
+        if caches.len() != batch {
+            bail!("forward: {} caches for a batch of {batch}", caches.len());
+        }
+        let positions: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (c.len..c.len + len).map(|p| p as u32))
+            .collect();
+        let rope_global = self.rope_global.at(&positions, batch)?;
+        let rope_local = match &self.rope_local {
+            Some(t) => Some(t.at(&positions, batch)?),
+            None => None,
+        };
+        let masks: Vec<[Option<Tensor>; 2]> = caches
+            .iter()
+            .map(|c| -> Result<_> {
+                Ok([self.mask(c.len, len, None)?, self.mask(c.len, len, self.cfg.sliding_window)?])
+            })
+            .collect::<Result<_>>()?;
+
+        let mut h = x.reshape((batch * len, hidden))?;
+        if let Some(scale) = self.cfg.embed_scale() {
+            h = (h * scale)?;
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let rope = match (&rope_local, layer.sliding) {
+                (Some(local), true) => local,
+                _ => &rope_global,
+            };
+            let a = self.norm(&h, &layer.attn_norm, pass)?;
+            let attn = self.attention(layer, li, &a, batch, len, rope, &masks, caches, pass)?;
+            let mut attn = layer.o.forward(&attn)?;
+            if let Some(w) = &layer.post_attn_norm {
+                attn = self.norm(&attn, w, pass)?;
+            }
+            h = (h + attn)?;
+            let m = self.norm(&h, &layer.ffn_norm, pass)?;
+            let gate = match self.cfg.activation {
+                Activation::Silu => layer.gate.forward(&m)?.silu()?,
+                Activation::GeluTanh => layer.gate.forward(&m)?.gelu()?,
+            };
+            let mut m = layer.down.forward(&(gate * layer.up.forward(&m)?)?)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                m = self.norm(&m, w, pass)?;
+            }
+            h = (h + m)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += len;
+        }
+        Ok(self.norm(&h, &self.final_norm, pass)?.reshape((batch, len, hidden))?)
+    }
+
+    /// Next-token logits [n, vocab] for hidden states [n, hidden].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = hidden.matmul(&self.lm_head.t()?)?;
+        Ok(match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+
+    /// Additive attention mask [len, past + len] (0 or -inf), or None when nothing is hidden.
+    fn mask(&self, past: usize, len: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+        let total = past + len;
+        let window = window.unwrap_or(usize::MAX);
+        if len == 1 && total <= window {
+            return Ok(None);
+        }
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| {
+                let q = past + i;
+                (0..total).map(move |k| if k <= q && q - k < window { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        Ok(Some(Tensor::from_vec(mask, (len, total), self.device())?.to_dtype(self.dtype())?))
+    }
+
+    fn norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> Result<Tensor> {
+        let eps = self.cfg.rms_eps as f32;
+        Ok(match pass {
+            Pass::Fast if x.dtype() == DType::F32 => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?,
+            _ => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Block,
+        li: usize,
+        x: &Tensor,
+        batch: usize,
+        len: usize,
+        (cos, sin): &(Tensor, Tensor),
+        masks: &[[Option<Tensor>; 2]],
+        caches: &mut [KvCache],
+        pass: Pass,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        let heads = |t: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let t = t.reshape((batch, len, n, hd))?;
+            let t = match norm {
+                Some(w) => self.norm(&t, w, pass)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(layer.q.forward(x)?, cfg.n_heads, &layer.q_norm)?;
+        let k = heads(layer.k.forward(x)?, cfg.n_kv_heads, &layer.k_norm)?;
+        let v = heads(layer.v.forward(x)?, cfg.n_kv_heads, &None)?;
+        let q = rope(&q, cos, sin, cfg.rope_style, pass)?;
+        let k = rope(&k, cos, sin, cfg.rope_style, pass)?;
+
+        let n_rep = cfg.n_heads / cfg.n_kv_heads;
+        let mut outputs = Vec::with_capacity(batch);
+        // Each sequence attends over its own cache, so no padding enters any sum and a
+        // sequence computes the same values alone or inside a batch.
+        for b in 0..batch {
+            let (k_all, v_all) = caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?)?;
+            let total = k_all.dim(2)?;
+            let k_all = k_all.squeeze(0)?;
+            let v_all = v_all.squeeze(0)?;
+            // Query heads sharing a key/value head are stacked along the row axis.
+            let q_b = q.narrow(0, b, 1)?.reshape((cfg.n_kv_heads, n_rep * len, hd))?;
+            let mut scores = (q_b.matmul(&k_all.t()?)? * cfg.attn_scale)?;
+            if let Some(cap) = cfg.attn_softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let mask = &masks[b][usize::from(layer.sliding)];
+            if let Some(mask) = mask {
+                scores = scores
+                    .reshape((cfg.n_kv_heads, n_rep, len, total))?
+                    .broadcast_add(mask)?
+                    .reshape((cfg.n_kv_heads, n_rep * len, total))?;
+            }
+            let probs = match pass {
+                Pass::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
+                Pass::Differentiable => {
+                    // The max shift does not change softmax; keep it out of the graph.
+                    let max = scores.max_keepdim(D::Minus1)?.detach();
+                    let e = scores.broadcast_sub(&max)?.exp()?;
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+                }
+            };
+            let out = probs.matmul(&v_all)?; // [kv_heads, n_rep*len, hd]
+            let out = out
+                .reshape((cfg.n_heads, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, cfg.n_heads * hd))?;
+            outputs.push(out);
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+}
+
+/// Rotary position embedding of `x` [batch, heads, len, head_dim] with cos/sin
+/// [batch, len, head_dim/2]. The fused kernels are used only when no gradient is needed.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle, pass: Pass) -> Result<Tensor> {
+    if pass == Pass::Fast && x.dtype() == DType::F32 {
+        return Ok(match style {
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+        });
+    }
+    let (b, h, len, hd) = x.dims4()?;
+    let half = hd / 2;
+    let cos = cos.unsqueeze(1)?;
+    let sin = sin.unsqueeze(1)?;
+    match style {
+        RopeStyle::Halves => {
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+        }
+        RopeStyle::Interleaved => {
+            let x = x.reshape((b, h, len, half, 2))?;
+            let x1 = x.narrow(D::Minus1, 0, 1)?;
+            let x2 = x.narrow(D::Minus1, 1, 1)?;
+            let cos = cos.unsqueeze(D::Minus1)?;
+            let sin = sin.unsqueeze(D::Minus1)?;
+            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Ok(Tensor::cat(&[r1, r2], D::Minus1)?.reshape((b, h, len, hd))?)
+        }
+    }
+}
+
+impl Arch {
+    /// A tiny configuration of this architecture, for random-weight tests.
+    pub fn tiny_config(self) -> ModelConfig {
+        let gemma = self.is_gemma();
+        ModelConfig {
+            arch: self,
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rms_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_local_theta: (self == Arch::Gemma3).then_some(100.0),
+            rope_freq_factors: Vec::new(),
+            rope_linear_factor: 1.0,
+            rope_style: if self == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
+            max_position: 64,
+            sliding_window: gemma.then_some(3),
+            layer_is_sliding: if gemma { vec![true, false] } else { vec![false, false] },
+            attn_softcap: (self == Arch::Gemma2).then_some(5.0),
+            final_softcap: (self == Arch::Gemma2).then_some(3.0),
+            attn_scale: 1.0 / (8f64).sqrt(),
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        }
+    }
+}

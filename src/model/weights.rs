@@ -1,0 +1,140 @@
+//! Where a model's tensors come from: a GGUF file (dequantised), safetensors shards, or an
+//! in-memory map (random test models). Tensors are addressed by their GGUF names.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::Arch;
+
+pub enum WeightSource {
+    Gguf {
+        path: PathBuf,
+        content: gguf_file::Content,
+        file: Mutex<File>,
+    },
+    Safetensors {
+        arch: Arch,
+        tensors: candle_core::safetensors::MmapedSafetensors,
+    },
+    Map(HashMap<String, Tensor>),
+}
+
+impl WeightSource {
+    /// Opens a GGUF file and checks that every tensor lies inside it, so a truncated
+    /// download is reported up front rather than mid-load.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let mut file =
+            File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+        let file_len = file.metadata()?.len();
+        for (name, info) in &content.tensor_infos {
+            let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            let bytes = info.shape.elem_count() / block * type_size;
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                bail!(
+                    "{}: truncated GGUF file: tensor '{name}' ends at byte {end} but the file has {file_len} bytes",
+                    path.display()
+                );
+            }
+        }
+        Ok(WeightSource::Gguf { path: path.to_path_buf(), content, file: Mutex::new(file) })
+    }
+
+    /// Opens every `*.safetensors` file of a Hugging Face folder.
+    pub fn open_safetensors(dir: &Path, arch: Arch) -> Result<Self> {
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read model folder {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        shards.sort();
+        if shards.is_empty() {
+            bail!("{}: no *.safetensors files in the model folder", dir.display());
+        }
+        // SAFETY: the files are memory-mapped read-only; greater never writes them.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&shards) }
+            .with_context(|| format!("{}: cannot read safetensors", dir.display()))?;
+        Ok(WeightSource::Safetensors { arch, tensors })
+    }
+
+    /// The tensor stored under a GGUF name, as `dtype`, or None when the file lacks it.
+    pub fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        let tensor = match self {
+            WeightSource::Gguf { path, content, file } => {
+                if !content.tensor_infos.contains_key(name) {
+                    return Ok(None);
+                }
+                let mut file = file.lock().expect("GGUF file lock poisoned");
+                let q = content
+                    .tensor(&mut *file, name, device)
+                    .with_context(|| format!("{}: cannot read tensor '{name}'", path.display()))?;
+                q.dequantize(device)?
+            }
+            WeightSource::Safetensors { arch, tensors } => {
+                let hf = hf_name(name, *arch);
+                let candidates = [hf.clone(), format!("language_model.{hf}")];
+                let Some(found) = candidates.iter().find(|n| tensors.get(n).is_ok()) else {
+                    return Ok(None);
+                };
+                let t = tensors.load(found, device)?;
+                if arch.is_gemma() && name.ends_with("norm.weight") {
+                    // Gemma's RMSNorm multiplies by (1 + w); GGUF files store 1 + w already.
+                    (t.to_dtype(DType::F32)? + 1.0)?
+                } else {
+                    t
+                }
+            }
+            WeightSource::Map(map) => match map.get(name) {
+                Some(t) => t.clone(),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(tensor.to_dtype(dtype)?))
+    }
+
+    pub fn require(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.get(name, dtype, device)?
+            .with_context(|| format!("model file lacks tensor '{name}'"))
+    }
+}
+
+/// Hugging Face tensor name for a GGUF tensor name.
+pub fn hf_name(gguf: &str, arch: Arch) -> String {
+    match gguf {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return gguf.to_string();
+    };
+    let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
+    let (module, suffix) = rest.split_once('.').unwrap_or((rest, ""));
+    let hf_module = match (module, arch.has_post_norms()) {
+        ("attn_norm", _) => "input_layernorm",
+        ("attn_q", _) => "self_attn.q_proj",
+        ("attn_k", _) => "self_attn.k_proj",
+        ("attn_v", _) => "self_attn.v_proj",
+        ("attn_output", _) => "self_attn.o_proj",
+        ("attn_q_norm", _) => "self_attn.q_norm",
+        ("attn_k_norm", _) => "self_attn.k_norm",
+        ("ffn_gate", _) => "mlp.gate_proj",
+        ("ffn_up", _) => "mlp.up_proj",
+        ("ffn_down", _) => "mlp.down_proj",
+        ("ffn_norm", false) => "post_attention_layernorm",
+        ("ffn_norm", true) => "pre_feedforward_layernorm",
+        ("post_attention_norm", _) => "post_attention_layernorm",
+        ("post_ffw_norm", _) => "post_feedforward_layernorm",
+        (other, _) => other,
+    };
+    format!("model.layers.{layer}.{hf_module}.{suffix}")
+}

@@ -1,0 +1,140 @@
+//! A ready-to-use language model: weights, tokenizer and chat template resolved from an
+//! alias, a GGUF file or a Hugging Face folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::model::catalog;
+use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
+use crate::model::weights::WeightSource;
+use crate::model::{Model, ModelConfig};
+use crate::tokenizer::{read_json, ChatTemplate, Message, Tokenizer};
+
+pub struct LanguageModel {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat: Option<ChatTemplate>,
+    /// The file or folder the weights came from.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// A Jinja chat template that replaces (or supplies) the model's own.
+    pub chat_template: Option<String>,
+}
+
+impl LanguageModel {
+    /// `spec` is a catalog alias (fetched on first use), a GGUF file or a model folder.
+    pub fn open(spec: &str, opts: &OpenOptions, log: &mut dyn FnMut(&str)) -> Result<Self> {
+        let device = Device::Cpu;
+        let path = resolve(spec, log)?;
+        let (model, tokenizer, own_template) = if path.is_dir() {
+            open_hf_dir(&path, &device)?
+        } else {
+            open_gguf(&path, &device)?
+        };
+        let source = opts.chat_template.clone().or(own_template);
+        let chat = match source {
+            Some(src) => Some(ChatTemplate::new(&src, tokenizer.bos.as_deref(), tokenizer.eos.as_deref())?),
+            None => None,
+        };
+        Ok(LanguageModel { model, tokenizer, chat, path })
+    }
+
+    /// Prompt ids for one user turn (with an optional system turn), ready for the reply.
+    pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        let Some(chat) = &self.chat else {
+            bail!(
+                "{} has no chat template; pass one with --chat-template FILE",
+                self.path.display()
+            );
+        };
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", user));
+        let text = chat.render(&messages, true)?;
+        let ids = self.tokenizer.encode(&text, false)?;
+        self.check_context(ids.len())?;
+        Ok(ids)
+    }
+
+    pub fn check_context(&self, n_tokens: usize) -> Result<()> {
+        let limit = self.model.cfg.max_position.min(1 << 15);
+        if n_tokens >= limit {
+            bail!("the prompt has {n_tokens} tokens but the model's context holds {limit}");
+        }
+        Ok(())
+    }
+
+    /// Generation settings with this model's stop tokens.
+    pub fn generate_config(&self, max_tokens: usize, sampling: Option<Sampling>) -> GenerateConfig {
+        GenerateConfig { max_tokens, stop_ids: self.tokenizer.stop_ids.clone(), sampling }
+    }
+
+    /// Replies to each prompt (ids), decoded to text.
+    pub fn complete(&self, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<String>> {
+        let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
+        generate(&self.model, requests, cfg)?
+            .iter()
+            .map(|g| self.tokenizer.decode(&g.ids))
+            .collect()
+    }
+}
+
+fn resolve(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    if let Some(entry) = catalog::find(spec) {
+        return entry.ensure(log);
+    }
+    let path = PathBuf::from(spec);
+    if path.exists() {
+        return Ok(path);
+    }
+    let aliases: Vec<&str> = catalog::CATALOG.iter().map(|e| e.alias).collect();
+    bail!(
+        "model '{spec}' is neither a known alias ({}) nor an existing GGUF file or model folder",
+        aliases.join(", ")
+    )
+}
+
+fn open_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<String>)> {
+    let source = WeightSource::open_gguf(path)?;
+    let WeightSource::Gguf { content, .. } = &source else { unreachable!() };
+    let cfg = ModelConfig::from_gguf(content).with_context(|| format!("{}", path.display()))?;
+    let tokenizer = Tokenizer::from_gguf(content).with_context(|| format!("{}", path.display()))?;
+    let template = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok().cloned());
+    let model = Model::load(&source, cfg, DType::F32, device).with_context(|| format!("{}", path.display()))?;
+    Ok((model, tokenizer, template))
+}
+
+fn open_hf_dir(dir: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<String>)> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        bail!("{}: model folder has no config.json", dir.display());
+    }
+    let cfg = ModelConfig::from_hf_json(&read_json(&config_path)?)
+        .with_context(|| format!("{}", config_path.display()))?;
+    let tok_config_path = dir.join("tokenizer_config.json");
+    let tok_config = if tok_config_path.exists() { Some(read_json(&tok_config_path)?) } else { None };
+    let tokenizer = Tokenizer::from_hf_dir(dir, tok_config.as_ref())?;
+    let template = match tok_config.as_ref().and_then(|c| c.get("chat_template")) {
+        Some(Value::String(s)) => Some(s.clone()),
+        // Several named templates: the default one.
+        Some(Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    };
+    let source = WeightSource::open_safetensors(dir, cfg.arch)?;
+    let model = Model::load(&source, cfg, DType::F32, device).with_context(|| format!("{}", dir.display()))?;
+    Ok((model, tokenizer, template))
+}
