@@ -1,0 +1,154 @@
+//! The maths of the forward pass on tiny random models of every architecture: the one-hot
+//! gradient against central finite differences, cached against uncached forwards, the fused
+//! generation kernels against the differentiable ones, and batch independence.
+
+use candle_core::{DType, Device, Tensor};
+use greater::model::generate::{generate, GenerateConfig, Request};
+use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_value, OneHotInput};
+use greater::model::{Arch, KvCache, Model, Pass};
+
+const ARCHS: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2, Arch::Gemma3];
+
+fn tiny(arch: Arch, dtype: DType) -> Model {
+    Model::random(arch.tiny_config(), 7, dtype, &Device::Cpu).unwrap()
+}
+
+const IDS: [u32; 12] = [3, 17, 5, 22, 9, 31, 2, 14, 8, 27, 11, 6];
+
+/// Answer-style cross-entropy at T = 0.2 on the last positions plus 0.2 x the NLL of the
+/// "prompt" tokens around the one-hot position, as the optimiser builds it.
+fn greater_loss(logits: &Tensor) -> anyhow::Result<Tensor> {
+    let answer = cross_entropy(&logits.narrow(0, 0, 3)?, &[27, 11, 6], 0.2)?;
+    let prompt = cross_entropy(&logits.narrow(0, 3, 2)?, &[9, 31], 1.0)?;
+    Ok((answer + (prompt * 0.2)?)?)
+}
+
+#[test]
+fn onehot_gradient_matches_finite_differences_for_every_architecture() {
+    for arch in ARCHS {
+        let model = tiny(arch, DType::F64);
+        // Positions 0..2 come from a cache computed without gradient tracking.
+        let mut prefix = [KvCache::default()];
+        let x = model.embed(&IDS[..2]).unwrap().unsqueeze(0).unwrap();
+        model.forward(&x, &mut prefix, Pass::Differentiable).unwrap();
+        let candidates = [4u32, 9, 13, 21, 30];
+        let weights = [0.0f32, 1.0, 0.0, 0.0, 0.0];
+        let loss_positions = [8usize, 9, 10, 3, 4];
+        let input = |w: &[f32]| -> f64 {
+            let inp = OneHotInput {
+                prefix: &prefix[0],
+                ids: &IDS,
+                position: 4,
+                candidates: &candidates,
+                weights: w,
+                loss_positions: &loss_positions,
+            };
+            loss_value(&model, &inp, greater_loss).unwrap()
+        };
+        let inp = OneHotInput {
+            prefix: &prefix[0],
+            ids: &IDS,
+            position: 4,
+            candidates: &candidates,
+            weights: &weights,
+            loss_positions: &loss_positions,
+        };
+        let (loss, grad) = loss_and_gradient(&model, &inp, greater_loss).unwrap();
+        assert!((loss - input(&weights)).abs() < 1e-12, "{arch:?}: loss differs between passes");
+        let h = 1e-3f32;
+        let fd: Vec<f64> = (0..candidates.len())
+            .map(|j| {
+                let (mut up, mut down) = (weights, weights);
+                up[j] += h;
+                down[j] -= h;
+                (input(&up) - input(&down)) / (2.0 * h as f64)
+            })
+            .collect();
+        let diff: f64 = grad.iter().zip(&fd).map(|(g, f)| (*g as f64 - f).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = fd.iter().map(|f| f * f).sum::<f64>().sqrt();
+        assert!(norm > 1e-3, "{arch:?}: gradient too small to test ({norm})");
+        eprintln!("{arch:?}: |fd| {norm:.3e}, relative error {:.2e}", diff / norm);
+        // The weights are f32, so the perturbation h is exact and truncation error is O(h^2).
+        assert!(diff / norm < 1e-4, "{arch:?}: relative error {} (grad {grad:?}, fd {fd:?})", diff / norm);
+    }
+}
+
+/// Logits at every position of IDS, in one pass or token by token through the cache.
+fn logits_all(model: &Model, pass: Pass, incremental: bool) -> Vec<Vec<f32>> {
+    let mut cache = [KvCache::default()];
+    let hidden = if incremental {
+        let rows: Vec<Tensor> = IDS
+            .iter()
+            .map(|&t| model.forward(&model.embed(&[t]).unwrap().unsqueeze(0).unwrap(), &mut cache, pass).unwrap())
+            .collect();
+        Tensor::cat(&rows, 1).unwrap()
+    } else {
+        model.forward(&model.embed(&IDS).unwrap().unsqueeze(0).unwrap(), &mut cache, pass).unwrap()
+    };
+    let logits = model.logits(&hidden.squeeze(0).unwrap()).unwrap();
+    logits.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn cached_fused_and_differentiable_forwards_agree() {
+    for arch in ARCHS {
+        let model = tiny(arch, DType::F32);
+        let reference = logits_all(&model, Pass::Differentiable, false);
+        for (pass, incremental) in [(Pass::Fast, false), (Pass::Fast, true), (Pass::Differentiable, true)] {
+            let other = logits_all(&model, pass, incremental);
+            let d = max_abs_diff(&reference, &other);
+            assert!(d < 1e-4, "{arch:?} {pass:?} incremental={incremental}: max |diff| {d}");
+        }
+    }
+}
+
+#[test]
+fn a_prompt_decodes_the_same_alone_and_in_a_batch() {
+    for arch in ARCHS {
+        let model = tiny(arch, DType::F32);
+        let cfg = GenerateConfig { max_tokens: 10, stop_ids: vec![], sampling: None };
+        let prompts: Vec<Vec<u32>> = vec![IDS[..5].to_vec(), IDS.to_vec(), IDS[3..6].to_vec()];
+        let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
+        let batched = generate(&model, prompts.iter().map(req).collect(), &cfg).unwrap();
+        for (p, b) in prompts.iter().zip(&batched) {
+            let alone = generate(&model, vec![req(p)], &cfg).unwrap();
+            assert_eq!(alone[0], *b, "{arch:?}");
+            assert_eq!(b.ids.len(), 10);
+        }
+    }
+}
+
+#[test]
+fn generation_stops_at_a_stop_token_and_continues_a_prefix() {
+    let model = tiny(Arch::Qwen2, DType::F32);
+    let free = GenerateConfig { max_tokens: 6, stop_ids: vec![], sampling: None };
+    let full = generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &free).unwrap();
+    // Stopping at the third generated token returns the two before it.
+    let stop = GenerateConfig { stop_ids: vec![full[0].ids[2]], ..free.clone() };
+    let stopped = generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &stop).unwrap();
+    let first_stop = full[0].ids.iter().position(|&t| t == full[0].ids[2]).unwrap();
+    assert_eq!(stopped[0].ids, full[0].ids[..first_stop]);
+    assert_eq!(stopped[0].stop, greater::model::generate::StopReason::StopToken);
+    // A cached prefix continued with the rest of the prompt gives the same tokens.
+    let mut prefix = [KvCache::default()];
+    model.forward(&model.embed(&IDS[..7]).unwrap().unsqueeze(0).unwrap(), &mut prefix, Pass::Fast).unwrap();
+    let [prefix] = prefix;
+    let cont = generate(&model, vec![Request { prefix, ids: IDS[7..].to_vec() }], &free).unwrap();
+    assert_eq!(cont[0].ids, full[0].ids);
+}
+
+#[test]
+fn top_p_sampling_keeps_the_smallest_nucleus() {
+    use greater::model::generate::sample_top_p;
+    let probs = [0.1f32, 0.5, 0.3, 0.1];
+    // top_p 0.7 keeps tokens 1 and 2 (mass 0.8); u scans them in order of probability.
+    assert_eq!(sample_top_p(&probs, 0.7, 0.0), 1);
+    assert_eq!(sample_top_p(&probs, 0.7, 0.6), 1);
+    assert_eq!(sample_top_p(&probs, 0.7, 0.63), 2);
+    assert_eq!(sample_top_p(&probs, 0.7, 0.999), 2);
+    assert_eq!(sample_top_p(&probs, 1.0, 0.95), 3);
+}
