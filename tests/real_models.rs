@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use greater::model::catalog;
-use greater::model::{KvCache, Model, Pass};
+use greater::model::weights::hf_name;
+use greater::model::{Arch, KvCache, Model, Pass};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tokenizer::Message;
 
@@ -25,7 +25,7 @@ fn our_logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
 }
 
 /// Logits of the reference, fed one token at a time (it returns the last position only).
-fn reference_logits(ids: &[u32], mut step: impl FnMut(&Tensor, usize) -> Tensor) -> Vec<Vec<f32>> {
+fn reference_logits(ids: &[u32], mut step: Reference) -> Vec<Vec<f32>> {
     ids.iter()
         .enumerate()
         .map(|(pos, &id)| {
@@ -52,48 +52,75 @@ fn assert_parity(ours: &[Vec<f32>], reference: &[Vec<f32>], tolerance: f32) -> f
     max_diff
 }
 
-fn open_reference(path: &Path) -> (gguf_file::Content, std::fs::File) {
+type Reference = Box<dyn FnMut(&Tensor, usize) -> Tensor>;
+
+/// Compares our logits on the first 64 tokens of the parity text with a candle-transformers
+/// model built from the same GGUF. Models other than SmolLM2 are checked when cached.
+fn check_parity(alias: &str, build: impl FnOnce(gguf_file::Content, &mut std::fs::File) -> Reference) {
+    let entry = catalog::find(alias).unwrap();
+    if alias != "smollm2-135m" && !entry.is_cached() {
+        eprintln!("SKIPPED: {alias} is not cached at {}", entry.path().display());
+        return;
+    }
+    let lm = LanguageModel::open(alias, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
+    let ids = lm.tokenizer.encode(common::PARITY_TEXT, false).unwrap();
+    assert!(ids.len() >= N_TOKENS, "parity text has only {} tokens", ids.len());
+    let ids = &ids[..N_TOKENS];
     // The reference dequantises every weight to f32 (candle reads this when it builds
     // its first matmul in a thread), so both sides compute in f32 from the same values.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    let mut file = std::fs::File::open(path).unwrap();
+    let mut file = std::fs::File::open(&lm.path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
-    (content, file)
-}
-
-fn parity_ids(lm: &LanguageModel) -> Vec<u32> {
-    let ids = lm.tokenizer.encode(common::PARITY_TEXT, false).unwrap();
-    assert!(ids.len() >= N_TOKENS, "parity text has only {} tokens", ids.len());
-    ids[..N_TOKENS].to_vec()
+    let theirs = reference_logits(ids, build(content, &mut file));
+    let max_diff = assert_parity(&our_logits(&lm.model, ids), &theirs, 1e-2);
+    eprintln!("{alias}: max |logit difference| over {N_TOKENS} positions: {max_diff:.2e}");
 }
 
 #[test]
 fn smollm2_logits_match_candle_quantized_llama() {
     use candle_transformers::models::quantized_llama::ModelWeights;
-    let lm = common::smollm2();
-    let ids = parity_ids(lm);
-    let (content, mut file) = open_reference(&lm.path);
-    let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let theirs = reference_logits(&ids, |x, pos| reference.forward(x, pos).unwrap());
-    let max_diff = assert_parity(&our_logits(&lm.model, &ids), &theirs, 1e-2);
-    eprintln!("smollm2-135m: max |logit difference| over {N_TOKENS} positions: {max_diff:.2e}");
+    check_parity("smollm2-135m", |content, file| {
+        let mut m = ModelWeights::from_gguf(content, file, &Device::Cpu).unwrap();
+        Box::new(move |x, pos| m.forward(x, pos).unwrap())
+    });
 }
 
 #[test]
 fn qwen25_coder_logits_match_candle_quantized_qwen2() {
     use candle_transformers::models::quantized_qwen2::ModelWeights;
-    let entry = catalog::find("qwen2.5-coder-0.5b").unwrap();
-    if !entry.is_cached() {
-        eprintln!("SKIPPED: qwen2.5-coder-0.5b is not cached at {}", entry.path().display());
-        return;
-    }
-    let lm = LanguageModel::open(entry.alias, &OpenOptions::default(), &mut |_| {}).unwrap();
-    let ids = parity_ids(&lm);
-    let (content, mut file) = open_reference(&lm.path);
-    let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let theirs = reference_logits(&ids, |x, pos| reference.forward(x, pos).unwrap());
-    let max_diff = assert_parity(&our_logits(&lm.model, &ids), &theirs, 1e-2);
-    eprintln!("qwen2.5-coder-0.5b: max |logit difference| over {N_TOKENS} positions: {max_diff:.2e}");
+    check_parity("qwen2.5-coder-0.5b", |content, file| {
+        let mut m = ModelWeights::from_gguf(content, file, &Device::Cpu).unwrap();
+        Box::new(move |x, pos| m.forward(x, pos).unwrap())
+    });
+}
+
+/// candle's quantized_gemma3 uses SiLU in the MLP where Gemma uses GELU (tanh), so the
+/// reference is candle-transformers' Hugging Face Gemma 3, fed the GGUF's dequantised
+/// weights under their Hugging Face names (norms back to w - 1).
+#[test]
+fn gemma3_logits_match_candle_gemma3() {
+    use candle_transformers::models::gemma3::{Config, Model as Gemma3};
+    check_parity("gemma3-270m", |content, file| {
+        let mut tensors = std::collections::HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let t = content.tensor(file, name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+            let t = if name.ends_with("norm.weight") { (t - 1.0).unwrap() } else { t };
+            tensors.insert(hf_name(name, Arch::Gemma3), t);
+        }
+        let cfg: Config = serde_json::from_value(serde_json::json!({
+            "attention_bias": false, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4,
+            "num_hidden_layers": 18, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "vocab_size": 262_144,
+            "final_logit_softcapping": null, "attn_logit_softcapping": null,
+            "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+            "max_position_embeddings": 32_768
+        }))
+        .unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
+        let mut m = Gemma3::new(false, &cfg, vb).unwrap();
+        Box::new(move |x, pos| m.forward(x, pos).unwrap().squeeze(0).unwrap())
+    });
 }
 
 /// Multilingual, whitespace- and digit-heavy.

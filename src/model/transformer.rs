@@ -1,6 +1,8 @@
 //! The decoder: one forward pass shared by generation (fused, no-gradient kernels) and the
 //! gradient pass (plain differentiable tensor ops), for every supported architecture.
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -177,6 +179,21 @@ pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     out
 }
 
+/// Uniformly random weights (GGUF names) drawn from `seed`: norms near 1, the rest small.
+pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut map = HashMap::new();
+    for (name, shape, _) in tensor_layout(cfg) {
+        let n: usize = shape.iter().product();
+        let is_norm = name.ends_with("norm.weight");
+        let values: Vec<f64> = (0..n)
+            .map(|_| if is_norm { rng.random_range(0.8..1.2) } else { rng.random_range(-0.15..0.15) })
+            .collect();
+        map.insert(name, Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?);
+    }
+    Ok(map)
+}
+
 impl Model {
     pub fn load(source: &WeightSource, mut cfg: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
@@ -187,7 +204,7 @@ impl Model {
             Ok(Some(t))
         };
         let layout = tensor_layout(&cfg);
-        let mut tensors = std::collections::HashMap::new();
+        let mut tensors = HashMap::new();
         for (name, shape, required) in &layout {
             match get(name, shape)? {
                 Some(t) => {
@@ -242,19 +259,10 @@ impl Model {
         Ok(Model { cfg, embed, layers, final_norm, lm_head, rope_global, rope_local })
     }
 
-    /// A model with uniformly random weights drawn from `seed`, for tests of the maths.
+    /// A model with the weights of [`random_weights`], for tests of the maths.
     pub fn random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut map = std::collections::HashMap::new();
-        for (name, shape, _) in tensor_layout(&cfg) {
-            let n: usize = shape.iter().product();
-            let is_norm = name.ends_with("norm.weight");
-            let values: Vec<f64> = (0..n)
-                .map(|_| if is_norm { rng.random_range(0.8..1.2) } else { rng.random_range(-0.15..0.15) })
-                .collect();
-            map.insert(name, Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?);
-        }
-        Model::load(&WeightSource::Map(map), cfg, dtype, device)
+        let weights = random_weights(&cfg, seed, dtype, device)?;
+        Model::load(&WeightSource::Map(weights), cfg, dtype, device)
     }
 
     pub fn device(&self) -> &Device {

@@ -1,0 +1,230 @@
+//! Loading tiny models from real file formats (GGUF, Hugging Face folders) and the errors
+//! for bad input: truncated or foreign files, missing config, unknown architectures, prompts
+//! longer than the context.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use greater::model::transformer::random_weights;
+use greater::model::weights::hf_name;
+use greater::model::{Arch, KvCache, Model, ModelConfig, Pass};
+use greater::runtime::{LanguageModel, OpenOptions};
+
+const IDS: [u32; 7] = [3, 17, 5, 22, 9, 31, 2];
+
+fn logits(model: &Model) -> Vec<Vec<f32>> {
+    let mut cache = [KvCache::default()];
+    let x = model.embed(&IDS).unwrap().unsqueeze(0).unwrap();
+    let hidden = model.forward(&x, &mut cache, Pass::Fast).unwrap().squeeze(0).unwrap();
+    model.logits(&hidden).unwrap().to_vec2().unwrap()
+}
+
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+    let d = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-5, "max |logit difference| {d}");
+}
+
+/// 40 byte-level tokens: letters, digits, a space, punctuation and one merge.
+fn vocab() -> Vec<String> {
+    let mut v: Vec<String> = ('a'..='z').chain('0'..='9').map(String::from).collect();
+    v.extend(["Ġ", ".", "ab", "<|end|>"].map(String::from));
+    v
+}
+
+const TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor %}";
+
+/// A tiny llama GGUF with f32 weights, a byte-level vocabulary and a chat template.
+fn write_gguf(path: &Path, arch: &str, with_template: bool) -> Model {
+    let cfg = Arch::Llama.tiny_config();
+    let device = Device::Cpu;
+    let weights = random_weights(&cfg, 11, DType::F32, &device).unwrap();
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), Value::U32(cfg.n_layers as u32)),
+        (format!("{arch}.embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (format!("{arch}.feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (format!("{arch}.attention.head_count"), Value::U32(cfg.n_heads as u32)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(cfg.n_kv_heads as u32)),
+        (format!("{arch}.attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
+        (format!("{arch}.context_length"), Value::U32(cfg.max_position as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), strings(vocab())),
+        ("tokenizer.ggml.token_type".into(), Value::Array([vec![1i32; 39], vec![3]].concat().into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), strings(vec!["a b".into()])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(39)),
+    ];
+    if with_template {
+        md.push(("tokenizer.chat_template".into(), Value::String(TEMPLATE.into())));
+    }
+    let tensors: Vec<(String, QTensor)> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &md_refs, &t_refs).unwrap();
+    Model::load(&greater::model::weights::WeightSource::Map(weights), cfg, DType::F32, &device).unwrap()
+}
+
+fn open(path: &Path) -> anyhow::Result<LanguageModel> {
+    LanguageModel::open(path.to_str().unwrap(), &OpenOptions::default(), &mut |_| {})
+}
+
+fn open_err(path: &Path) -> String {
+    format!("{:#}", open(path).err().expect("opening should fail"))
+}
+
+#[test]
+fn tiny_gguf_loads_with_the_same_logits_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let reference = write_gguf(&path, "llama", true);
+    let lm = open(&path).unwrap();
+    assert_close(&logits(&lm.model), &logits(&reference));
+    assert_eq!(lm.tokenizer.encode("ab c.", false).unwrap(), vec![38, 36, 2, 37]);
+    assert_eq!(lm.tokenizer.stop_ids, vec![39]);
+}
+
+#[test]
+fn truncated_gguf_is_reported_with_the_tensor_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, "llama", true);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("truncated GGUF file: tensor"), "{err}");
+    assert!(err.contains(&format!("the file has {} bytes", bytes.len() - 100)), "{err}");
+    // Cut inside the header: still an error naming the file, not a panic.
+    std::fs::write(&path, &bytes[..200]).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("tiny.gguf: not a readable GGUF file"), "{err}");
+}
+
+#[test]
+fn wrong_magic_is_not_a_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, b"PK\x03\x04 this is a zip, not a model").unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("model.gguf: not a readable GGUF file"), "{err}");
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mamba.gguf");
+    write_gguf(&path, "mamba", true);
+    let err = open_err(&path);
+    assert!(err.contains("unsupported model architecture 'mamba'"), "{err}");
+    assert!(err.contains("llama, mistral, qwen2, qwen3, gemma2, gemma3"), "{err}");
+}
+
+#[test]
+fn folder_without_config_json_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = open_err(dir.path());
+    assert!(err.contains("model folder has no config.json"), "{err}");
+}
+
+fn tiny_gemma3_config_json() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "gemma3_text", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_local_base_freq": 100.0,
+        "max_position_embeddings": 64, "sliding_window": 3, "query_pre_attn_scalar": 8,
+        "layer_types": ["sliding_attention", "full_attention"], "hidden_activation": "gelu_pytorch_tanh"
+    })
+}
+
+/// A Hugging Face folder: config.json, tokenizer files and safetensors in HF naming, with
+/// Gemma's norms stored as w - 1.
+fn write_hf_folder(dir: &Path) -> Model {
+    let cfg = Arch::Gemma3.tiny_config();
+    let device = Device::Cpu;
+    let weights = random_weights(&cfg, 5, DType::F32, &device).unwrap();
+    let is_norm = |n: &str| n.ends_with("norm.weight");
+    let stored = |n: &str, t: &Tensor| {
+        let t = if is_norm(n) { (t - 1.0).unwrap() } else { t.clone() };
+        t.to_dtype(DType::BF16).unwrap()
+    };
+    let hf: std::collections::HashMap<String, Tensor> = weights
+        .iter()
+        .filter(|(n, _)| *n != "output.weight")
+        .map(|(n, t)| (hf_name(n, Arch::Gemma3), stored(n, t)))
+        .collect();
+    candle_core::safetensors::save(&hf, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), tiny_gemma3_config_json().to_string()).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        vocab().into_iter().enumerate().map(|(i, t)| (t, i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 39, "content": "<|end|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "post_processor": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [["a", "b"]]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let tok_config = serde_json::json!({"eos_token": "<|end|>", "chat_template": TEMPLATE});
+    std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
+    // The model as loaded from the folder: bf16-rounded weights, tied head.
+    let rounded = weights
+        .iter()
+        .filter(|(n, _)| *n != "output.weight")
+        .map(|(n, t)| {
+            let t = stored(n, t).to_dtype(DType::F32).unwrap();
+            (n.clone(), if is_norm(n) { (t + 1.0).unwrap() } else { t })
+        })
+        .collect();
+    Model::load(&greater::model::weights::WeightSource::Map(rounded), cfg, DType::F32, &device).unwrap()
+}
+
+#[test]
+fn hugging_face_folder_loads_config_weights_tokenizer_and_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = write_hf_folder(dir.path());
+    let cfg = ModelConfig::from_hf_json(&tiny_gemma3_config_json()).unwrap();
+    assert_eq!(cfg, Arch::Gemma3.tiny_config());
+    let lm = open(dir.path()).unwrap();
+    assert_close(&logits(&lm.model), &logits(&reference));
+    assert_eq!(lm.tokenizer.encode("ab c.", false).unwrap(), vec![38, 36, 2, 37]);
+    assert_eq!(lm.tokenizer.stop_ids, vec![39]);
+    assert_eq!(lm.chat_ids(None, "abc").unwrap(), vec![38, 2]);
+}
+
+fn greater_cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_greater")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf: PathBuf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, "llama", true);
+    let model = gguf.to_str().unwrap();
+
+    let long = "a ".repeat(100);
+    let (code, err) = greater_cli(&["generate", "--model", model, "--prompt", &long]);
+    assert_eq!(code, 2);
+    assert!(err.contains("error: the prompt has 200 tokens but the model's context holds 64"), "{err}");
+
+    let (code, err) = greater_cli(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("model 'no-such-model' is neither a known alias (smollm2-135m"), "{err}");
+
+    let bare = dir.path().join("bare.gguf");
+    write_gguf(&bare, "llama", false);
+    let (code, err) = greater_cli(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("has no chat template; pass one with --chat-template FILE"), "{err}");
+}
