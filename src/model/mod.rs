@@ -1,7 +1,9 @@
 //! Model runtime: architectures, weights, generation and gradients.
 
 pub mod catalog;
+mod causal_softmax;
 pub mod config;
+mod frozen_matmul;
 pub mod generate;
 pub mod gradient;
 pub mod transformer;

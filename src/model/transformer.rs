@@ -9,6 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
+use super::causal_softmax::causal_softmax;
+use super::frozen_matmul::frozen_matmul;
 use super::weights::WeightSource;
 
 /// Whether a forward pass must be differentiable. candle's fused softmax, RMSNorm and rotary
@@ -55,7 +57,7 @@ struct Linear {
 impl Linear {
     /// `x`: [N, in] -> [N, out].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = frozen_matmul(x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -295,12 +297,6 @@ impl Model {
             Some(t) => Some(t.at(&positions, batch)?),
             None => None,
         };
-        let masks: Vec<[Option<Tensor>; 2]> = caches
-            .iter()
-            .map(|c| -> Result<_> {
-                Ok([self.mask(c.len, len, None)?, self.mask(c.len, len, self.cfg.sliding_window)?])
-            })
-            .collect::<Result<_>>()?;
 
         let mut h = x.reshape((batch * len, hidden))?;
         if let Some(scale) = self.cfg.embed_scale() {
@@ -312,7 +308,7 @@ impl Model {
                 _ => &rope_global,
             };
             let a = self.norm(&h, &layer.attn_norm, pass)?;
-            let attn = self.attention(layer, li, &a, batch, len, rope, &masks, caches, pass)?;
+            let attn = self.attention(layer, li, &a, batch, len, rope, caches, pass)?;
             let mut attn = layer.o.forward(&attn)?;
             if let Some(w) = &layer.post_attn_norm {
                 attn = self.norm(&attn, w, pass)?;
@@ -337,27 +333,11 @@ impl Model {
 
     /// Next-token logits [n, vocab] for hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = hidden.matmul(&self.lm_head.t()?)?;
+        let logits = frozen_matmul(hidden, &self.lm_head)?;
         Ok(match self.cfg.final_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
         })
-    }
-
-    /// Additive attention mask [len, past + len] (0 or -inf), or None when nothing is hidden.
-    fn mask(&self, past: usize, len: usize, window: Option<usize>) -> Result<Option<Tensor>> {
-        let total = past + len;
-        let window = window.unwrap_or(usize::MAX);
-        if len == 1 && total <= window {
-            return Ok(None);
-        }
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| {
-                let q = past + i;
-                (0..total).map(move |k| if k <= q && q - k < window { 0.0 } else { f32::NEG_INFINITY })
-            })
-            .collect();
-        Ok(Some(Tensor::from_vec(mask, (len, total), self.device())?.to_dtype(self.dtype())?))
     }
 
     fn norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> Result<Tensor> {
@@ -377,7 +357,6 @@ impl Model {
         batch: usize,
         len: usize,
         (cos, sin): &(Tensor, Tensor),
-        masks: &[[Option<Tensor>; 2]],
         caches: &mut [KvCache],
         pass: Pass,
     ) -> Result<Tensor> {
@@ -402,8 +381,8 @@ impl Model {
         // Each sequence attends over its own cache, so no padding enters any sum and a
         // sequence computes the same values alone or inside a batch.
         for b in 0..batch {
+            let past = caches[b].len;
             let (k_all, v_all) = caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?)?;
-            let total = k_all.dim(2)?;
             let k_all = k_all.squeeze(0)?;
             let v_all = v_all.squeeze(0)?;
             // Query heads sharing a key/value head are stacked along the row axis.
@@ -412,22 +391,8 @@ impl Model {
             if let Some(cap) = cfg.attn_softcap {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
-            let mask = &masks[b][usize::from(layer.sliding)];
-            if let Some(mask) = mask {
-                scores = scores
-                    .reshape((cfg.n_kv_heads, n_rep, len, total))?
-                    .broadcast_add(mask)?
-                    .reshape((cfg.n_kv_heads, n_rep * len, total))?;
-            }
-            let probs = match pass {
-                Pass::Fast => candle_nn::ops::softmax_last_dim(&scores)?,
-                Pass::Differentiable => {
-                    // The max shift does not change softmax; keep it out of the graph.
-                    let max = scores.max_keepdim(D::Minus1)?.detach();
-                    let e = scores.broadcast_sub(&max)?.exp()?;
-                    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-                }
-            };
+            let window = if layer.sliding { cfg.sliding_window } else { None };
+            let probs = causal_softmax(&scores, past, len, window)?;
             let out = probs.matmul(&v_all)?; // [kv_heads, n_rep*len, hd]
             let out = out
                 .reshape((cfg.n_heads, len, hd))?

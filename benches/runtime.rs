@@ -1,0 +1,129 @@
+//! Runtime speed on the real models: greedy decoding at batch 1 and 8, prefill of a
+//! 300-token prompt, and forward+backward of the one-hot gradient over 400 tokens.
+//! Baselines measured in the same run: candle-transformers' quantised model decoding the
+//! same prompt, and our own forward pass without the backward.
+//!
+//!     cargo bench --bench runtime                 # smollm2-135m and qwen2.5-coder-0.5b
+//!     cargo bench --bench runtime -- smollm2-135m
+
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use greater::model::generate::{generate, prefill, GenerateConfig, Request};
+use greater::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
+use greater::model::{KvCache, Pass};
+use greater::runtime::{LanguageModel, OpenOptions};
+
+const NEW_TOKENS: usize = 64;
+const TEXT: &str = "Alice, Bob and Claire are playing a game. At the start of the game, they are each \
+holding a ball: Alice has a red ball, Bob has a blue ball, and Claire has a green ball. As the game \
+progresses, pairs of players trade balls. First, Alice and Bob swap balls. Then, Bob and Claire swap \
+balls. Finally, Alice and Claire swap balls. At the end of the game, which ball does Bob have? ";
+
+fn seconds<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed().as_secs_f64(), out)
+}
+
+/// Ids of TEXT repeated until `n` tokens.
+fn long_ids(lm: &LanguageModel, n: usize) -> Vec<u32> {
+    let ids = lm.tokenizer.encode(&TEXT.repeat(n / 60 + 2), false).unwrap();
+    ids[..n].to_vec()
+}
+
+fn quantized_baseline_decode(lm: &LanguageModel, prompt: &[u32]) -> f64 {
+    use candle_transformers::models::{quantized_llama, quantized_qwen2};
+    let mut file = std::fs::File::open(&lm.path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let arch = content.metadata["general.architecture"].to_string().unwrap().clone();
+    let mut step: Box<dyn FnMut(&Tensor, usize) -> Tensor> = match arch.as_str() {
+        "llama" => {
+            let mut m = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            Box::new(move |x, p| m.forward(x, p).unwrap())
+        }
+        "qwen2" => {
+            let mut m = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            Box::new(move |x, p| m.forward(x, p).unwrap())
+        }
+        other => panic!("no baseline for {other}"),
+    };
+    let x = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let mut next = step(&x, 0).squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    let (secs, _) = seconds(|| {
+        for i in 0..NEW_TOKENS {
+            let x = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            next = step(&x, prompt.len() + i).squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        }
+    });
+    NEW_TOKENS as f64 / secs
+}
+
+fn bench(alias: &str) {
+    let lm = LanguageModel::open(alias, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
+    let model = &lm.model;
+    println!("== {alias}");
+    let cfg = GenerateConfig { max_tokens: NEW_TOKENS, stop_ids: vec![], sampling: None };
+    let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
+        "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| lm.chat_ids(None, q).unwrap()).collect();
+    let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
+
+    let base = quantized_baseline_decode(&lm, &prompts[0]);
+    println!("baseline: candle-transformers quantised decode, batch 1: {base:.1} tokens/s");
+    for batch in [1usize, 8] {
+        let reqs: Vec<Request> = prompts[..batch].iter().map(req).collect();
+        // Prefill is timed separately below; subtract it by timing a 1-token run.
+        let one = GenerateConfig { max_tokens: 1, ..cfg.clone() };
+        let (t_prefill, _) = seconds(|| generate(model, reqs.clone(), &one).unwrap());
+        let (t_all, out) = seconds(|| generate(model, reqs, &cfg).unwrap());
+        let tokens: usize = out.iter().map(|g| g.ids.len() - 1).sum();
+        let rate = tokens as f64 / (t_all - t_prefill);
+        println!("greedy decode, batch {batch}: {rate:.1} tokens/s ({:.2}x baseline)", rate / base);
+    }
+
+    let ids = long_ids(&lm, 300);
+    prefill(model, KvCache::default(), &ids[..16]).unwrap(); // warm-up
+    let (t, _) = seconds(|| prefill(model, KvCache::default(), &ids).unwrap());
+    println!("prefill, 300 tokens: {:.2} s, {:.0} tokens/s", t, 300.0 / t);
+
+    let ids = long_ids(&lm, 400);
+    let candidates: Vec<u32> = ids[100..120].to_vec();
+    let mut weights = vec![0f32; candidates.len()];
+    weights[0] = 1.0;
+    let loss_positions: Vec<usize> = (389..399).collect();
+    let targets: Vec<u32> = ids[390..400].to_vec();
+    let input = OneHotInput {
+        prefix: &KvCache::default(),
+        ids: &ids,
+        position: 100,
+        candidates: &candidates,
+        weights: &weights,
+        loss_positions: &loss_positions,
+    };
+    let (t_fwd, _) = seconds(|| {
+        let mut cache = [KvCache::default()];
+        let x = model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+        model.forward(&x, &mut cache, Pass::Differentiable).unwrap()
+    });
+    let (t_bwd, _) = seconds(|| {
+        loss_and_gradient(model, &input, |logits| cross_entropy(logits, &targets, 0.2)).unwrap()
+    });
+    println!(
+        "forward+backward, 400 tokens: {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s)",
+        t_bwd / t_fwd
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let aliases: Vec<&str> = if args.is_empty() {
+        vec!["smollm2-135m", "qwen2.5-coder-0.5b"]
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    for alias in aliases {
+        bench(alias);
+    }
+}
