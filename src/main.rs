@@ -1,11 +1,15 @@
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 
+use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::model::catalog;
 use greater::model::generate::Sampling;
 use greater::runtime::{LanguageModel, OpenOptions};
+use greater::tasks::{builtin_tasks, Split, Task, TaskOptions, ZERO_SHOT_COT};
 
 #[derive(Parser)]
 #[command(name = "greater", version, about = "Optimise a local model's task prompt with gradients over reasoning")]
@@ -14,13 +18,73 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args)]
+struct ModelArgs {
+    /// Alias (see `greater models`), GGUF file or Hugging Face model folder.
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn open(&self) -> Result<LanguageModel> {
+        let chat_template = match &self.chat_template {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        LanguageModel::open(&self.model, &OpenOptions { chat_template }, &mut |m| eprintln!("{m}"))
+    }
+}
+
+#[derive(Args)]
+struct TaskArgs {
+    /// Built-in task (see `greater tasks`), a .toml task file, or a BBH-format .json file.
+    #[arg(long, default_value = "arithmetic")]
+    task: String,
+    /// Folder holding bbh/, gsm8k/ and folio/ for the benchmark tasks.
+    #[arg(long, env = "GREATER_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Seed of the split (and of generated questions).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Operators per generated question.
+    #[arg(long, default_value_t = 2)]
+    difficulty: usize,
+    #[arg(long, default_value_t = 50)]
+    train: usize,
+    #[arg(long, default_value_t = 0)]
+    dev: usize,
+    #[arg(long, default_value_t = 100)]
+    test: usize,
+}
+
+impl TaskArgs {
+    fn load(&self) -> Result<(Task, Split)> {
+        let count = (self.train + self.dev + self.test).max(300);
+        let opts = TaskOptions { data_dir: self.data_dir.clone(), seed: self.seed, difficulty: self.difficulty, count };
+        let task = Task::load(&self.task, &opts)?;
+        let split = Split::new(task.examples.len(), self.train, self.dev, self.test, self.seed)?;
+        Ok((task, split))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Baseline {
+    /// Zero-shot chain of thought: "Let's think step by step."
+    ZsCot,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Reply to one prompt with the model's chat template.
     Generate {
-        /// Alias (see `greater models`), GGUF file or Hugging Face model folder.
-        #[arg(long, default_value = "smollm2-135m")]
-        model: String,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         prompt: String,
         #[arg(long)]
@@ -33,44 +97,122 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// A Jinja chat template file to use instead of the model's own.
-        #[arg(long)]
-        chat_template: Option<std::path::PathBuf>,
+        sample_seed: u64,
     },
+    /// Accuracy of a prompt on a task's held-out test split.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        task: TaskArgs,
+        /// The prompt appended to every question.
+        #[arg(long, conflicts_with = "baseline", required_unless_present = "baseline")]
+        prompt: Option<String>,
+        #[arg(long, value_enum)]
+        baseline: Option<Baseline>,
+        /// Questions decoded together.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Token budget of the reasoning.
+        #[arg(long, default_value_t = 256)]
+        max_reasoning: usize,
+        /// One JSON line per question.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List the built-in tasks.
+    Tasks,
     /// List the model aliases and whether they are cached.
     Models,
 }
 
-fn open_options(chat_template: Option<&std::path::Path>) -> Result<OpenOptions> {
-    let chat_template = match chat_template {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
-    Ok(OpenOptions { chat_template })
+fn progress_bar(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn run_eval(
+    model: &ModelArgs,
+    task_args: &TaskArgs,
+    prompt: &str,
+    batch: usize,
+    max_reasoning: usize,
+    out: Option<&Path>,
+) -> Result<()> {
+    let (task, split) = task_args.load()?;
+    let lm = model.open()?;
+    let test = Split::pick(&split.test, &task);
+    if test.is_empty() {
+        anyhow::bail!("the test split is empty: pass --test N");
+    }
+    println!(
+        "task {} ({}), {} test questions from {}; split seed {} (train {}, dev {}, test {})",
+        task.name,
+        task.kind.describe(),
+        test.len(),
+        task.source,
+        split.seed,
+        split.train.len(),
+        split.dev.len(),
+        split.test.len()
+    );
+    println!("prompt: {prompt:?}");
+    let bar = progress_bar(test.len(), "eval");
+    let cfg = EvalConfig { batch, max_reasoning };
+    let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    println!(
+        "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}",
+        report.accuracy, report.correct, report.n, report.interval.0, report.interval.1, report.majority_floor
+    );
+    println!(
+        "generated {} tokens in {:.1} s ({:.1} tokens/s)",
+        report.tokens_generated,
+        report.seconds,
+        report.tokens_generated as f64 / report.seconds
+    );
+    if let Some(path) = out {
+        write_records(path, &report.records)?;
+        println!("wrote {} records to {}", report.records.len(), path.display());
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate { model, prompt, system, max_tokens, temperature, top_p, seed, chat_template } => {
-            let opts = open_options(chat_template.as_deref())?;
-            let lm = LanguageModel::open(&model, &opts, &mut |m| eprintln!("{m}"))?;
+        Command::Generate { model, prompt, system, max_tokens, temperature, top_p, sample_seed } => {
+            let lm = model.open()?;
             let ids = lm.chat_ids(system.as_deref(), &prompt)?;
-            let sampling = temperature.map(|temperature| Sampling { temperature, top_p, seed });
+            let sampling = temperature.map(|temperature| Sampling { temperature, top_p, seed: sample_seed });
             let reply = lm.complete(&[ids], &lm.generate_config(max_tokens, sampling))?;
             println!("{}", reply[0].trim());
+        }
+        Command::Eval { model, task, prompt, baseline, batch, max_reasoning, out } => {
+            let prompt = match (prompt, baseline) {
+                (Some(p), _) => p,
+                (None, Some(Baseline::ZsCot)) | (None, None) => ZERO_SHOT_COT.to_string(),
+            };
+            run_eval(&model, &task, &prompt, batch, max_reasoning, out.as_deref())?;
+        }
+        Command::Tasks => {
+            println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
+            for t in builtin_tasks() {
+                println!("{:<42} {:<22} {:<24} {}", t.name, t.kind.describe(), t.source, t.kind.default_extractor());
+            }
         }
         Command::Models => {
             println!("{:<20} {:<8} {:>10}  path / description", "alias", "cached", "size");
             for e in catalog::CATALOG {
-                let cached = e.is_cached();
                 println!(
                     "{:<20} {:<8} {:>7.1} MB  {}\n{:<41}{}",
                     e.alias,
-                    if cached { "yes" } else { "no" },
+                    if e.is_cached() { "yes" } else { "no" },
                     e.size as f64 / 1e6,
                     e.path().display(),
                     "",

@@ -182,3 +182,31 @@ fn cli_generate_answers_paris() {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("Paris"), "reply: {stdout}");
 }
+
+#[test]
+fn cli_eval_writes_one_record_per_question_matching_the_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("eval.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["eval", "--model", "smollm2-135m", "--task", "arithmetic", "--train", "0", "--test", "5"])
+        .args(["--baseline", "zs-cot", "--max-reasoning", "48", "--out", out_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 5);
+    let correct = records.iter().filter(|r| r["correct"].as_bool().unwrap()).count();
+    assert!(stdout.contains(&format!("({correct}/5)")), "{stdout}");
+    assert!(stdout.contains(&format!("accuracy {:.3}", correct as f64 / 5.0)), "{stdout}");
+    for r in &records {
+        assert_eq!(r["prompt"], "Let's think step by step.");
+        let parsed = r["parsed_answer"].as_str();
+        assert_eq!(r["correct"].as_bool().unwrap(), parsed == r["gold"].as_str());
+        assert!(r["question"].as_str().unwrap().ends_with(" ="));
+    }
+}

@@ -37,10 +37,20 @@ pub enum StopReason {
     Budget,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Generated {
     pub ids: Vec<u32>,
     pub stop: StopReason,
+    /// The request's prefix and ids, then `ids[..fed]`: continue from here with `ids[fed..]`.
+    pub cache: KvCache,
+    pub fed: usize,
+}
+
+impl PartialEq for Generated {
+    /// Same tokens and stop; caches are compared through what they were fed.
+    fn eq(&self, other: &Self) -> bool {
+        self.ids == other.ids && self.stop == other.stop && self.fed == other.fed
+    }
 }
 
 /// Runs `ids` after `prefix` and returns the cache and the logits of the last position.
@@ -60,28 +70,38 @@ pub fn prefill(model: &Model, prefix: KvCache, ids: &[u32]) -> Result<(KvCache, 
 /// Each request is prefilled alone, so its tokens do not depend on its batch-mates.
 pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
     let n = requests.len();
-    let mut out: Vec<Generated> = (0..n).map(|_| Generated { ids: Vec::new(), stop: StopReason::Budget }).collect();
+    let mut out: Vec<Generated> = (0..n)
+        .map(|_| Generated { ids: Vec::new(), stop: StopReason::Budget, cache: KvCache::default(), fed: 0 })
+        .collect();
     let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
         .map(|i| cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64))))
         .collect();
-    if cfg.max_tokens == 0 {
-        return Ok(out);
-    }
     // (request index, cache, next token) of the sequences still running.
     let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
     for (i, req) in requests.into_iter().enumerate() {
+        if cfg.max_tokens == 0 {
+            // Nothing to generate: the prompt is still fed, so the caller can continue it.
+            out[i].cache = prefill(model, req.prefix, &req.ids)?.0;
+            continue;
+        }
         let (cache, logits) = prefill(model, req.prefix, &req.ids)?;
         let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
         running.push((i, cache, next));
     }
     loop {
-        running.retain(|&(i, _, tok)| {
-            if cfg.stop_ids.contains(&tok) {
-                out[i].stop = StopReason::StopToken;
+        running.retain_mut(|(i, cache, tok)| {
+            let out = &mut out[*i];
+            let stop = cfg.stop_ids.contains(tok);
+            if !stop {
+                out.ids.push(*tok);
+            }
+            if stop || out.ids.len() >= cfg.max_tokens {
+                out.stop = if stop { StopReason::StopToken } else { StopReason::Budget };
+                out.fed = out.ids.len() - usize::from(!stop);
+                out.cache = std::mem::take(cache);
                 return false;
             }
-            out[i].ids.push(tok);
-            out[i].ids.len() < cfg.max_tokens
+            true
         });
         if running.is_empty() {
             return Ok(out);

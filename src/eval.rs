@@ -1,0 +1,157 @@
+//! Evaluation: reasoning under a prompt, the extractor, a short greedy answer, parsed and
+//! compared with the gold answer.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::model::generate::{generate, Generated, Request};
+use crate::runtime::LanguageModel;
+use crate::tasks::{Example, Task};
+
+/// The user turn: the question, one space, the prompt (the method's layout).
+pub fn user_turn(question: &str, prompt: &str) -> String {
+    if prompt.is_empty() {
+        question.to_string()
+    } else {
+        format!("{question} {prompt}")
+    }
+}
+
+/// Ids of the extractor as it follows the reasoning.
+pub fn extractor_ids(lm: &LanguageModel, task: &Task) -> Result<Vec<u32>> {
+    lm.tokenizer.encode(&format!(" {}", task.extractor), false)
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub batch: usize,
+    /// Token budget of the reasoning.
+    pub max_reasoning: usize,
+}
+
+/// One sequence of greedy reasoning: the chat prompt for `question + prompt` and the reply.
+pub struct Reasoning {
+    pub prompt_ids: Vec<u32>,
+    pub reply: Generated,
+}
+
+/// Greedy reasoning for every question under `prompt`, all in one batch.
+pub fn reason(lm: &LanguageModel, questions: &[&str], prompt: &str, max_tokens: usize) -> Result<Vec<Reasoning>> {
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| lm.chat_ids(None, &user_turn(q, prompt)))
+        .collect::<Result<_>>()?;
+    let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
+    let replies = generate(&lm.model, requests, &lm.generate_config(max_tokens, None))?;
+    Ok(prompts.into_iter().zip(replies).map(|(prompt_ids, reply)| Reasoning { prompt_ids, reply }).collect())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub question: String,
+    pub prompt: String,
+    pub reasoning: String,
+    pub raw_answer: String,
+    pub parsed_answer: Option<String>,
+    pub gold: String,
+    pub correct: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub n: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    /// 95% Wilson score interval.
+    pub interval: (f64, f64),
+    pub majority_floor: f64,
+    pub tokens_generated: usize,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub records: Vec<Record>,
+}
+
+/// Accuracy of `prompt` on `examples`; `progress` is told how many are done.
+pub fn evaluate(
+    lm: &LanguageModel,
+    task: &Task,
+    examples: &[&Example],
+    prompt: &str,
+    cfg: &EvalConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalReport> {
+    let start = Instant::now();
+    let extractor = extractor_ids(lm, task)?;
+    let answer_cfg = lm.generate_config(task.kind.answer_budget(), None);
+    let mut records = Vec::with_capacity(examples.len());
+    let mut tokens = 0;
+    for chunk in examples.chunks(cfg.batch.max(1)) {
+        let questions: Vec<&str> = chunk.iter().map(|e| e.question.as_str()).collect();
+        let reasoning = reason(lm, &questions, prompt, cfg.max_reasoning)?;
+        let requests: Vec<Request> = reasoning
+            .iter()
+            .map(|r| Request {
+                prefix: r.reply.cache.clone(),
+                ids: [&r.reply.ids[r.reply.fed..], &extractor[..]].concat(),
+            })
+            .collect();
+        let answers = generate(&lm.model, requests, &answer_cfg)?;
+        for ((example, r), answer) in chunk.iter().zip(&reasoning).zip(answers) {
+            tokens += r.reply.ids.len() + answer.ids.len();
+            let raw_answer = lm.tokenizer.decode(&answer.ids)?;
+            let parsed_answer = task.kind.parse(&raw_answer);
+            records.push(Record {
+                question: example.question.clone(),
+                prompt: prompt.to_string(),
+                reasoning: lm.tokenizer.decode(&r.reply.ids)?,
+                correct: parsed_answer.as_deref() == Some(example.answer.as_str()),
+                raw_answer,
+                parsed_answer,
+                gold: example.answer.clone(),
+            });
+        }
+        progress(records.len());
+    }
+    let correct = records.iter().filter(|r| r.correct).count();
+    let n = records.len();
+    Ok(EvalReport {
+        n,
+        correct,
+        accuracy: correct as f64 / n.max(1) as f64,
+        interval: wilson_interval(correct, n),
+        majority_floor: Task::majority_floor(examples),
+        tokens_generated: tokens,
+        seconds: start.elapsed().as_secs_f64(),
+        records,
+    })
+}
+
+/// 95% Wilson score interval for `k` successes in `n` trials.
+pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n) = (1.959_963_984_540_054_f64, n as f64);
+    let p = k as f64 / n;
+    let denom = 1.0 + z * z / n;
+    let center = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+/// One JSON line per record.
+pub fn write_records(path: &Path, records: &[Record]) -> Result<()> {
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
+    );
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}

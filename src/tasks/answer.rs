@@ -1,0 +1,153 @@
+//! Answer kinds: what a gold answer looks like, the extractor text that asks for it, and
+//! how a small model's raw answer is parsed into the same normal form.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AnswerKind {
+    /// A letter among the first `options` letters.
+    Choice { options: usize },
+    YesNo,
+    TrueFalse,
+    ValidInvalid,
+    TrueFalseUncertain,
+    Integer,
+    /// Exact match after normalisation (case, spaces, surrounding punctuation).
+    Text,
+}
+
+impl AnswerKind {
+    /// Closed label sets, in their canonical spelling.
+    fn labels(self) -> Option<&'static [&'static str]> {
+        Some(match self {
+            AnswerKind::YesNo => &["yes", "no"],
+            AnswerKind::TrueFalse => &["True", "False"],
+            AnswerKind::ValidInvalid => &["valid", "invalid"],
+            AnswerKind::TrueFalseUncertain => &["True", "False", "Uncertain"],
+            _ => return None,
+        })
+    }
+
+    /// The paper's answer-format hint; it ends with `$` so the answer follows directly.
+    pub fn default_extractor(self) -> String {
+        let options: Vec<String> = match self {
+            AnswerKind::Choice { options } => {
+                (0..options).map(|i| format!("'${}'", (b'A' + i as u8) as char)).collect()
+            }
+            AnswerKind::Integer => return "Therefore, the final answer (arabic numerals) is $".into(),
+            AnswerKind::Text => return "Therefore, the final answer is $".into(),
+            kind => kind.labels().unwrap().iter().map(|l| format!("'${l}'")).collect(),
+        };
+        format!("Therefore, the final answer (use exact format: {}) is $", options.join(" or "))
+    }
+
+    /// Tokens to generate after the extractor.
+    pub fn answer_budget(self) -> usize {
+        match self {
+            AnswerKind::Text => 48,
+            AnswerKind::Integer => 12,
+            _ => 6,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            AnswerKind::Choice { options } => format!("choice A-{}", (b'A' + options as u8 - 1) as char),
+            AnswerKind::YesNo => "yes/no".into(),
+            AnswerKind::TrueFalse => "True/False".into(),
+            AnswerKind::ValidInvalid => "valid/invalid".into(),
+            AnswerKind::TrueFalseUncertain => "True/False/Uncertain".into(),
+            AnswerKind::Integer => "integer".into(),
+            AnswerKind::Text => "text".into(),
+        }
+    }
+
+    /// The normal form of an answer, or None when it is not one of this kind's answers.
+    /// Used for gold answers and for what the model writes after the extractor.
+    pub fn parse(self, raw: &str) -> Option<String> {
+        let line = raw.trim_start().lines().next().unwrap_or("");
+        let text = strip_wrapping(line);
+        match self {
+            AnswerKind::Choice { options } => parse_choice(text, options),
+            AnswerKind::Integer => parse_integer(text),
+            AnswerKind::Text => {
+                let t = normalise_text(text);
+                (!t.is_empty()).then_some(t)
+            }
+            kind => {
+                let word: String = text.chars().take_while(|c| c.is_alphabetic()).collect();
+                // FOLIO's training split says "Unknown" where its validation split says "Uncertain".
+                let word = if kind == AnswerKind::TrueFalseUncertain && word.eq_ignore_ascii_case("unknown") {
+                    "Uncertain".to_string()
+                } else {
+                    word
+                };
+                let labels = kind.labels().unwrap();
+                labels.iter().find(|l| l.eq_ignore_ascii_case(&word)).map(|l| l.to_string())
+            }
+        }
+    }
+}
+
+/// Drops the decorations small models put around an answer: `$`, `**`, quotes,
+/// leading spaces.
+fn strip_wrapping(s: &str) -> &str {
+    s.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '$' | '*' | '"' | '\'' | '`'))
+}
+
+fn parse_choice(text: &str, options: usize) -> Option<String> {
+    // "(A)", "A", "A.", "A)", "A: text", "Option A".
+    let text = text.strip_prefix("Option ").or_else(|| text.strip_prefix("option ")).unwrap_or(text);
+    let text = text.strip_prefix('(').unwrap_or(text);
+    let mut chars = text.chars();
+    let letter = chars.next()?.to_ascii_uppercase();
+    let after = chars.next();
+    let last = (b'A' + options.min(26) as u8 - 1) as char;
+    let standalone = after.is_none_or(|c| !c.is_alphanumeric());
+    (('A'..=last).contains(&letter) && standalone).then(|| letter.to_string())
+}
+
+fn parse_integer(text: &str) -> Option<String> {
+    // "-7", "- 7", "1,234", "12.0", "12 apples".
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r.trim_start()),
+        None => (false, text),
+    };
+    let mut digits = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+        } else if c == ',' && !digits.is_empty() {
+            // A thousands separator only when three digits follow.
+            let ahead: String = chars.clone().skip(1).take(4).collect();
+            let three = ahead.chars().take(3).all(|d| d.is_ascii_digit()) && ahead.len() >= 3;
+            let fourth_digit = ahead.chars().nth(3).is_some_and(|d| d.is_ascii_digit());
+            if !three || fourth_digit {
+                break;
+            }
+        } else {
+            break;
+        }
+        chars.next();
+    }
+    if digits.is_empty() {
+        return None;
+    }
+    // "12.0" is 12; "12.5" is not an integer.
+    if chars.peek() == Some(&'.') {
+        let frac: String = chars.skip(1).take_while(|c| c.is_ascii_digit()).collect();
+        if frac.chars().any(|d| d != '0') {
+            return None;
+        }
+    }
+    let value: i128 = digits.parse().ok()?;
+    Some(if negative && value != 0 { format!("-{value}") } else { value.to_string() })
+}
+
+/// Lower case, single spaces, no surrounding quotes or final period.
+pub fn normalise_text(s: &str) -> String {
+    let t = s.trim().trim_end_matches(['.', '$', '*', '"', '\'', '`']).trim();
+    t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}

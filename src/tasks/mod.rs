@@ -1,0 +1,185 @@
+//! Tasks: questions with gold answers, how answers are asked for and parsed, and the
+//! train / dev / test splits every run records.
+
+pub mod answer;
+mod custom;
+mod generated;
+mod sources;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+pub use answer::AnswerKind;
+
+/// The initial prompt of the GReaTer paper.
+pub const PAPER_INITIAL_PROMPT: &str =
+    "proper logical reasoning and think step by step. Finally give the actual correct answer.";
+/// The zero-shot chain-of-thought baseline.
+pub const ZERO_SHOT_COT: &str = "Let's think step by step.";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub question: String,
+    /// Gold answer in the normal form of the task's answer kind.
+    pub answer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub kind: AnswerKind,
+    /// Appended after the reasoning; ends with `$`.
+    pub extractor: String,
+    pub initial_prompt: String,
+    pub examples: Vec<Example>,
+    /// Where the examples came from (a path, or the generator and its seed).
+    pub source: String,
+}
+
+/// How to find and build tasks.
+#[derive(Debug, Clone, Default)]
+pub struct TaskOptions {
+    /// Folder holding `bbh/`, `gsm8k/` and `folio/` (as in the BBH / GSM8K / FOLIO releases).
+    pub data_dir: Option<PathBuf>,
+    /// Generated tasks: seed and number of operators per question.
+    pub seed: u64,
+    pub difficulty: usize,
+    /// Generated tasks: how many questions to make.
+    pub count: usize,
+}
+
+/// A built-in task: name, answer kind, where its data comes from.
+pub struct TaskInfo {
+    pub name: String,
+    pub kind: AnswerKind,
+    pub source: &'static str,
+}
+
+const GENERATED: &[(&str, AnswerKind)] = &[("arithmetic", AnswerKind::Integer), ("boolean", AnswerKind::TrueFalse)];
+
+impl Task {
+    fn new(name: &str, kind: AnswerKind, examples: Vec<Example>, source: String) -> Self {
+        Task {
+            name: name.into(),
+            kind,
+            extractor: kind.default_extractor(),
+            initial_prompt: PAPER_INITIAL_PROMPT.into(),
+            examples,
+            source,
+        }
+    }
+
+    /// A built-in name (generated, BBH, gsm8k, folio), a `.toml` task file, or a BBH-format
+    /// `.json` file named after its task.
+    pub fn load(spec: &str, opts: &TaskOptions) -> Result<Task> {
+        if let Some(&(name, kind)) = GENERATED.iter().find(|(n, _)| *n == spec) {
+            let examples = match name {
+                "arithmetic" => generated::arithmetic(opts.count, opts.difficulty, opts.seed),
+                _ => generated::boolean(opts.count, opts.difficulty, opts.seed),
+            };
+            let source = format!("generated {name}: {} questions, difficulty {}, seed {}", opts.count, opts.difficulty, opts.seed);
+            return Ok(Task::new(name, kind, examples, source));
+        }
+        let path = Path::new(spec);
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => return custom::load(path),
+            Some("json") if path.exists() => {
+                let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                let Some(kind) = sources::bbh_kind(name) else {
+                    bail!("{}: not named after a BBH task; describe other data with a .toml task file", path.display());
+                };
+                return Ok(Task::new(name, kind, sources::load_bbh(path, kind)?, path.display().to_string()));
+            }
+            _ => {}
+        }
+        let data_file = |rel: &str| -> Result<PathBuf> {
+            let Some(dir) = &opts.data_dir else {
+                bail!("task '{spec}' reads {rel}: pass --data-dir DIR (the folder holding bbh/, gsm8k/, folio/)");
+            };
+            Ok(dir.join(rel))
+        };
+        if let Some(kind) = sources::bbh_kind(spec) {
+            let path = data_file(&format!("bbh/{spec}.json"))?;
+            return Ok(Task::new(spec, kind, sources::load_bbh(&path, kind)?, path.display().to_string()));
+        }
+        let (rel, loader): (&str, fn(&Path) -> Result<Vec<Example>>) = match spec {
+            "gsm8k" => ("gsm8k/test.jsonl", sources::load_gsm8k),
+            "gsm8k-train" => ("gsm8k/train.jsonl", sources::load_gsm8k),
+            "folio" => ("folio/validation.jsonl", sources::load_folio),
+            "folio-train" => ("folio/train.jsonl", sources::load_folio),
+            _ => bail!("{}", unknown_task_message(spec)),
+        };
+        let kind = if spec.starts_with("gsm8k") { AnswerKind::Integer } else { AnswerKind::TrueFalseUncertain };
+        let path = data_file(rel)?;
+        Ok(Task::new(spec, kind, loader(&path)?, path.display().to_string()))
+    }
+
+    /// The most common gold answer's share: what always answering it would score.
+    pub fn majority_floor(examples: &[&Example]) -> f64 {
+        let mut counts = std::collections::HashMap::new();
+        for e in examples {
+            *counts.entry(e.answer.as_str()).or_insert(0usize) += 1;
+        }
+        counts.values().copied().max().unwrap_or(0) as f64 / examples.len().max(1) as f64
+    }
+}
+
+/// Every built-in task name with its answer kind.
+pub fn builtin_tasks() -> Vec<TaskInfo> {
+    let mut out: Vec<TaskInfo> = GENERATED
+        .iter()
+        .map(|&(n, kind)| TaskInfo { name: n.into(), kind, source: "generated, no file" })
+        .collect();
+    out.extend(sources::BBH.iter().map(|&(n, kind)| TaskInfo { name: n.into(), kind, source: "bbh/<name>.json" }));
+    out.extend([
+        TaskInfo { name: "gsm8k".into(), kind: AnswerKind::Integer, source: "gsm8k/test.jsonl" },
+        TaskInfo { name: "gsm8k-train".into(), kind: AnswerKind::Integer, source: "gsm8k/train.jsonl" },
+        TaskInfo { name: "folio".into(), kind: AnswerKind::TrueFalseUncertain, source: "folio/validation.jsonl" },
+        TaskInfo { name: "folio-train".into(), kind: AnswerKind::TrueFalseUncertain, source: "folio/train.jsonl" },
+    ]);
+    out
+}
+
+fn unknown_task_message(spec: &str) -> String {
+    let names: Vec<String> = builtin_tasks().into_iter().map(|t| t.name).collect();
+    let closest = names
+        .iter()
+        .min_by_key(|n| strsim::levenshtein(n, spec))
+        .expect("there are built-in tasks");
+    format!("unknown task '{spec}'; did you mean '{closest}'? (`greater tasks` lists them; a .toml file describes your own)")
+}
+
+/// Disjoint train / dev / test example indices, drawn from a seeded shuffle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    pub seed: u64,
+    pub train: Vec<usize>,
+    pub dev: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+impl Split {
+    pub fn new(n_examples: usize, train: usize, dev: usize, test: usize, seed: u64) -> Result<Split> {
+        let need = train + dev + test;
+        if need > n_examples {
+            bail!("the split needs {need} examples (train {train} + dev {dev} + test {test}) but the task has {n_examples}");
+        }
+        let mut order: Vec<usize> = (0..n_examples).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        Ok(Split {
+            seed,
+            train: order[..train].to_vec(),
+            dev: order[train..train + dev].to_vec(),
+            test: order[train + dev..need].to_vec(),
+        })
+    }
+
+    pub fn pick<'a>(indices: &[usize], task: &'a Task) -> Vec<&'a Example> {
+        indices.iter().map(|&i| &task.examples[i]).collect()
+    }
+}

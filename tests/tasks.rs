@@ -1,0 +1,298 @@
+//! The task layer: answer parsing for every kind, the benchmark files, splits, generated
+//! and custom tasks, and the errors for malformed input.
+
+use std::path::PathBuf;
+
+use greater::tasks::{AnswerKind, Split, Task, TaskOptions};
+
+fn parse(kind: AnswerKind, raw: &str) -> Option<String> {
+    kind.parse(raw)
+}
+
+fn table(kind: AnswerKind, cases: &[(&str, Option<&str>)]) {
+    for (raw, want) in cases {
+        assert_eq!(parse(kind, raw).as_deref(), *want, "{kind:?} parsing {raw:?}");
+    }
+}
+
+#[test]
+fn choice_answers() {
+    table(
+        AnswerKind::Choice { options: 5 },
+        &[
+            ("$A", Some("A")),
+            ("(A)", Some("A")),
+            ("A.", Some("A")),
+            ("**B**", Some("B")),
+            (" C) because the red ball moved", Some("C")),
+            ("e", Some("E")),
+            ("(D) Rocky IV", Some("D")),
+            ("Option B", Some("B")),
+            ("F", None),
+            ("Alice", None),
+            ("The answer is A", None),
+            ("", None),
+            ("12", None),
+        ],
+    );
+}
+
+#[test]
+fn label_answers() {
+    table(
+        AnswerKind::YesNo,
+        &[(" yes", Some("yes")), ("Yes.", Some("yes")), ("NO, because", Some("no")), ("maybe", None), ("yesterday", None)],
+    );
+    table(
+        AnswerKind::TrueFalse,
+        &[("True", Some("True")), ("$false.", Some("False")), ("**True**", Some("True")), ("Truely", None), ("1", None)],
+    );
+    table(
+        AnswerKind::ValidInvalid,
+        &[("valid", Some("valid")), (" Invalid.", Some("invalid")), ("invalidated", None), ("yes", None)],
+    );
+    table(
+        AnswerKind::TrueFalseUncertain,
+        &[("Uncertain", Some("Uncertain")), ("unknown", Some("Uncertain")), ("False.", Some("False")), ("Maybe", None)],
+    );
+}
+
+#[test]
+fn integer_answers() {
+    table(
+        AnswerKind::Integer,
+        &[
+            ("12", Some("12")),
+            ("12.0", Some("12")),
+            ("1,234", Some("1234")),
+            ("$ -7", Some("-7")),
+            ("- 7", Some("-7")),
+            ("-0", Some("0")),
+            ("42 apples in total.", Some("42")),
+            ("1,234,567.00", Some("1234567")),
+            ("3, 4 and 5", Some("3")),
+            ("12.5", None),
+            ("twelve", None),
+            ("", None),
+        ],
+    );
+}
+
+#[test]
+fn text_answers() {
+    table(
+        AnswerKind::Text,
+        &[
+            ("] ) }", Some("] ) }")),
+            ("  ]   )  }.", Some("] ) }")),
+            ("Apple Banana cherry\nsecond line", Some("apple banana cherry")),
+            ("**apple banana**", Some("apple banana")),
+            ("", None),
+        ],
+    );
+}
+
+#[test]
+fn extractors_follow_the_paper() {
+    assert_eq!(
+        AnswerKind::Choice { options: 3 }.default_extractor(),
+        "Therefore, the final answer (use exact format: '$A' or '$B' or '$C') is $"
+    );
+    assert_eq!(AnswerKind::YesNo.default_extractor(), "Therefore, the final answer (use exact format: '$yes' or '$no') is $");
+    assert_eq!(AnswerKind::Integer.default_extractor(), "Therefore, the final answer (arabic numerals) is $");
+}
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data")
+}
+
+fn opts() -> TaskOptions {
+    TaskOptions { data_dir: Some(data_dir()), seed: 3, difficulty: 2, count: 300 }
+}
+
+#[test]
+fn every_bbh_file_loads_in_full_with_parseable_golds() {
+    let dir = data_dir().join("bbh");
+    if !dir.exists() {
+        eprintln!("SKIPPED: no BBH data at {}", dir.display());
+        return;
+    }
+    let tasks: Vec<_> = greater::tasks::builtin_tasks().into_iter().filter(|t| t.source.starts_with("bbh")).collect();
+    assert_eq!(tasks.len(), 27);
+    for info in tasks {
+        let task = Task::load(&info.name, &opts()).unwrap();
+        let raw: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{}.json", info.name))).unwrap()).unwrap();
+        assert_eq!(task.examples.len(), raw["examples"].as_array().unwrap().len(), "{}", info.name);
+        for e in &task.examples {
+            // Golds are stored in normal form: parsing them again is the identity.
+            assert_eq!(task.kind.parse(&e.answer).as_deref(), Some(e.answer.as_str()), "{}", info.name);
+        }
+    }
+    // The option text of a mis-split BBH option list names its letter.
+    let ruin = Task::load("ruin_names", &opts()).unwrap();
+    let e = ruin.examples.iter().find(|e| e.question.contains("'earth, wind, & fire'")).unwrap();
+    assert_eq!(e.answer, "I");
+}
+
+#[test]
+fn gsm8k_and_folio_golds_parse() {
+    if !data_dir().join("gsm8k").exists() {
+        eprintln!("SKIPPED: no GSM8K / FOLIO data under {}", data_dir().display());
+        return;
+    }
+    let train = Task::load("gsm8k-train", &opts()).unwrap();
+    assert_eq!(train.examples.len(), 7473);
+    assert_eq!(train.examples[0].answer, "72");
+    assert!(train.examples.iter().all(|e| e.answer.parse::<i64>().is_ok()));
+    assert_eq!(Task::load("gsm8k", &opts()).unwrap().examples.len(), 1319);
+    for (name, n) in [("folio", 204), ("folio-train", 1004)] {
+        let folio = Task::load(name, &opts()).unwrap();
+        assert_eq!(folio.examples.len(), n);
+        assert!(folio.examples.iter().all(|e| ["True", "False", "Uncertain"].contains(&e.answer.as_str())));
+        assert!(folio.examples[0].question.starts_with("Premises:\n- "));
+    }
+}
+
+#[test]
+fn splits_are_deterministic_and_disjoint() {
+    let a = Split::new(250, 50, 100, 100, 7).unwrap();
+    assert_eq!(a, Split::new(250, 50, 100, 100, 7).unwrap());
+    assert_ne!(a, Split::new(250, 50, 100, 100, 8).unwrap());
+    let mut all: Vec<usize> = a.train.iter().chain(&a.dev).chain(&a.test).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 250);
+    // A larger test split draws from the same shuffle: the train split is unchanged.
+    assert_eq!(Split::new(300, 50, 0, 200, 7).unwrap().train.len(), 50);
+    let err = Split::new(187, 50, 100, 100, 0).unwrap_err().to_string();
+    assert_eq!(err, "the split needs 250 examples (train 50 + dev 100 + test 100) but the task has 187");
+}
+
+/// Python evaluates the generated questions independently.
+fn python_eval(expressions: &[String]) -> Vec<String> {
+    let script = "import sys, json\nfor e in json.load(sys.stdin): print(eval(e))";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(expressions).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn generated_tasks_are_seeded_and_their_golds_are_right() {
+    for (name, suffix) in [("arithmetic", " ="), ("boolean", " is")] {
+        let task = Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 }).unwrap();
+        assert_eq!(task.examples.len(), 200);
+        let again = Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 }).unwrap();
+        assert_eq!(task.examples, again.examples);
+        let other = Task::load(name, &TaskOptions { data_dir: None, seed: 6, difficulty: 3, count: 200 }).unwrap();
+        assert_ne!(task.examples, other.examples);
+        let expressions: Vec<String> =
+            task.examples.iter().map(|e| e.question.strip_suffix(suffix).unwrap().to_string()).collect();
+        let golds: Vec<String> = task.examples.iter().map(|e| e.answer.clone()).collect();
+        assert_eq!(python_eval(&expressions), golds, "{name}");
+        // Difficulty is the number of binary operators.
+        let ops = task.examples[0].question.matches(|c| c == '+' || c == '*').count()
+            + task.examples[0].question.matches(" - ").count()
+            + task.examples[0].question.matches(" and ").count()
+            + task.examples[0].question.matches(" or ").count();
+        assert_eq!(ops, 3, "{}", task.examples[0].question);
+    }
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn load_err(spec: &str) -> String {
+    format!("{:#}", Task::load(spec, &opts()).unwrap_err())
+}
+
+#[test]
+fn custom_toml_tasks_read_jsonl_csv_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "pets.jsonl",
+        "{\"animal\": \"cat\", \"legs\": 4, \"q\": \"How many legs?\"}\n\n{\"animal\": \"bird\", \"legs\": \"2\", \"q\": \"How many legs?\"}\n",
+    );
+    let toml = write(
+        dir.path(),
+        "pets.toml",
+        "data = \"pets.jsonl\"\nquestion_template = \"A {animal}. {q}\"\nanswer = \"legs\"\nanswer_kind = \"integer\"\ninitial_prompt = \"Count carefully.\"\n",
+    );
+    let task = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
+    assert_eq!(task.name, "pets");
+    assert_eq!(task.initial_prompt, "Count carefully.");
+    assert_eq!(task.extractor, "Therefore, the final answer (arabic numerals) is $");
+    assert_eq!(
+        task.examples.iter().map(|e| (e.question.as_str(), e.answer.as_str())).collect::<Vec<_>>(),
+        vec![("A cat. How many legs?", "4"), ("A bird. How many legs?", "2")]
+    );
+
+    write(dir.path(), "mc.csv", "question,label\n\"Pick one, please\",(B)\nAnother,c\n");
+    let toml = write(
+        dir.path(),
+        "mc.toml",
+        "name = \"mc\"\ndata = \"mc.csv\"\nquestion = \"question\"\nanswer = \"label\"\nanswer_kind = \"choice\"\nchoices = 3\nextractor = \"So the answer is $\"\n",
+    );
+    let task = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
+    assert_eq!(task.kind, AnswerKind::Choice { options: 3 });
+    assert_eq!(task.extractor, "So the answer is $");
+    assert_eq!(task.examples[0].question, "Pick one, please");
+    assert_eq!(task.examples.iter().map(|e| e.answer.as_str()).collect::<Vec<_>>(), vec!["B", "C"]);
+
+    write(dir.path(), "yn.json", "[{\"q\": \"Is it?\", \"a\": \"Yes\"}]");
+    let toml = write(dir.path(), "yn.toml", "data = \"yn.json\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"yes_no\"\n");
+    assert_eq!(Task::load(toml.to_str().unwrap(), &opts()).unwrap().examples[0].answer, "yes");
+}
+
+#[test]
+fn malformed_input_is_reported_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = |toml: &str, data_name: &str, data: &str| -> String {
+        write(d, data_name, data);
+        let p = write(d, "t.toml", toml);
+        load_err(p.to_str().unwrap())
+    };
+    let base = "data = \"d.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n";
+    let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": \n");
+    assert!(err.contains("d.jsonl:2: invalid JSON"), "{err}");
+    let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\"}\n");
+    assert!(err.contains("d.jsonl:2: missing field 'a'"), "{err}");
+    let err = spec(base, "d.jsonl", "");
+    assert!(err.contains("d.jsonl: no examples"), "{err}");
+    let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": \"many\"}\n");
+    assert!(err.contains("d.jsonl:1: gold answer 'many' is not a valid integer answer"), "{err}");
+    let choice = "data = \"d.csv\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"choice\"\nchoices = 4\n";
+    let err = spec(choice, "d.csv", "q,a\nfirst,A\nsecond,E\n");
+    assert!(err.contains("d.csv:3: gold answer 'E' is not a valid choice A-D answer"), "{err}");
+    let err = spec(choice, "d.csv", "q,a\nfirst,A,extra\n");
+    assert!(err.contains("d.csv:2: "), "{err}");
+    let err = spec("data = \"d.jsonl\"\nquestoin = \"q\"\n", "d.jsonl", "{}\n");
+    assert!(err.contains("t.toml: ") && err.contains("unknown field `questoin`"), "{err}");
+    let err = spec("data = \"missing.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n", "d.jsonl", "");
+    assert!(err.contains("cannot read") && err.contains("missing.jsonl"), "{err}");
+
+    let bad_bbh = write(d, "navigate.json", "{\"examples\": [\n {\"input\": \"Go\", \"target\": \"Yes\"},\n {\"input\": \"x\"}\n]}");
+    let err = load_err(bad_bbh.to_str().unwrap());
+    assert!(err.contains("navigate.json:3:"), "{err}");
+    assert!(err.contains("missing field `target`"), "{err}");
+
+    let err = load_err("object_countin");
+    assert_eq!(
+        err,
+        "unknown task 'object_countin'; did you mean 'object_counting'? (`greater tasks` lists them; a .toml file describes your own)"
+    );
+    let err = format!("{:#}", Task::load("navigate", &TaskOptions::default()).unwrap_err());
+    assert!(err.contains("task 'navigate' reads bbh/navigate.json: pass --data-dir DIR"), "{err}");
+}
