@@ -67,12 +67,14 @@ fn bench(alias: &str) {
     let cfg = GenerateConfig { max_tokens: NEW_TOKENS, stop_ids: vec![], sampling: None };
     let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
         "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
-    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| lm.chat_ids(None, q).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = (0..32)
+        .map(|i| lm.chat_ids(None, &format!("{} ({})", questions[i % 8], i / 8)).unwrap())
+        .collect();
     let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
 
     let base = quantized_baseline_decode(&lm, &prompts[0]);
     println!("baseline: candle-transformers quantised decode, batch 1: {base:.1} tokens/s");
-    for batch in [1usize, 8] {
+    for batch in [1usize, 8, 32] {
         let reqs: Vec<Request> = prompts[..batch].iter().map(req).collect();
         // Prefill is timed separately below; subtract it by timing a 1-token run.
         let one = GenerateConfig { max_tokens: 1, ..cfg.clone() };

@@ -22,11 +22,26 @@ pub enum Pass {
 }
 
 /// Keys and values of the positions a sequence has already seen, per layer.
-/// Cloning is cheap (tensors are reference counted), so a shared prefix can seed many runs.
-#[derive(Debug, Clone, Default)]
+///
+/// Generation appends in place into buffers with spare room, so a step copies only the new
+/// position. Cloning is cheap (tensors are reference counted) and safe: a clone sees only
+/// positions `..len`, which later in-place appends never touch, and a clone copies the
+/// buffers before its own first append.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: keys and values [1, kv_heads, capacity, head_dim], and whether this cache
+    /// may write into their spare room.
+    layers: Vec<(Tensor, Tensor, bool)>,
     len: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        KvCache {
+            layers: self.layers.iter().map(|(k, v, _)| (k.clone(), v.clone(), false)).collect(),
+            len: self.len,
+        }
+    }
 }
 
 impl KvCache {
@@ -37,15 +52,39 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends this layer's new keys/values and returns all of them.
-    fn extend(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends this layer's new keys/values and returns all of them. The differentiable
+    /// pass concatenates (an in-place write would cut the gradient).
+    fn extend(&mut self, layer: usize, k: Tensor, v: Tensor, pass: Pass) -> Result<(Tensor, Tensor)> {
+        let (old, new) = (self.len, k.dim(2)?);
+        let total = old + new;
         if layer == self.layers.len() {
-            self.layers.push((k, v));
-        } else {
-            let (old_k, old_v) = &self.layers[layer];
-            self.layers[layer] = (Tensor::cat(&[old_k, &k], 2)?, Tensor::cat(&[old_v, &v], 2)?);
+            self.layers.push((k.narrow(2, 0, 0)?, v.narrow(2, 0, 0)?, false));
         }
-        Ok(self.layers[layer].clone())
+        let (bk, bv, owned) = &mut self.layers[layer];
+        if pass == Pass::Differentiable {
+            *bk = Tensor::cat(&[&bk.narrow(2, 0, old)?, &k], 2)?;
+            *bv = Tensor::cat(&[&bv.narrow(2, 0, old)?, &v], 2)?;
+            *owned = false;
+        } else {
+            if !*owned || bk.dim(2)? < total {
+                // Grow geometrically so appends stay amortised O(1) per position.
+                let capacity = (2 * total).max(64);
+                let grow = |b: &Tensor, fresh: &Tensor| -> Result<Tensor> {
+                    let (_, h, _, d) = fresh.dims4()?;
+                    let buf = Tensor::zeros((1, h, capacity, d), fresh.dtype(), fresh.device())?;
+                    if old > 0 {
+                        buf.slice_set(&b.narrow(2, 0, old)?.contiguous()?, 2, 0)?;
+                    }
+                    Ok(buf)
+                };
+                *bk = grow(bk, &k)?;
+                *bv = grow(bv, &v)?;
+                *owned = true;
+            }
+            bk.slice_set(&k.contiguous()?, 2, old)?;
+            bv.slice_set(&v.contiguous()?, 2, old)?;
+        }
+        Ok((bk.narrow(2, 0, total)?, bv.narrow(2, 0, total)?))
     }
 }
 
@@ -382,7 +421,7 @@ impl Model {
         // sequence computes the same values alone or inside a batch.
         for b in 0..batch {
             let past = caches[b].len;
-            let (k_all, v_all) = caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?)?;
+            let (k_all, v_all) = caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
             let k_all = k_all.squeeze(0)?;
             let v_all = v_all.squeeze(0)?;
             // Query heads sharing a key/value head are stacked along the row axis.
