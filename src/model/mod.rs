@@ -3,6 +3,7 @@
 pub mod catalog;
 mod causal_softmax;
 pub mod config;
+mod decode_attention;
 mod frozen_matmul;
 pub mod generate;
 pub mod gradient;

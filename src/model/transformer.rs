@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::causal_softmax::causal_softmax;
+use super::decode_attention::DecodeAttention;
 use super::frozen_matmul::frozen_matmul;
 use super::weights::WeightSource;
 
@@ -415,6 +416,25 @@ impl Model {
         let q = rope(&q, cos, sin, cfg.rope_style, pass)?;
         let k = rope(&k, cos, sin, cfg.rope_style, pass)?;
 
+        let window = if layer.sliding { cfg.sliding_window } else { None };
+        if pass == Pass::Fast && len == 1 && q.dtype() == DType::F32 && q.device().is_cpu() {
+            let (mut keys, mut values) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let (k_all, v_all) = cache.extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
+                keys.push(k_all);
+                values.push(v_all);
+            }
+            let op = DecodeAttention {
+                keys,
+                values,
+                n_heads: cfg.n_heads,
+                n_kv_heads: cfg.n_kv_heads,
+                scale: cfg.attn_scale as f32,
+                softcap: cfg.attn_softcap.map(|c| c as f32),
+                window,
+            };
+            return Ok(q.reshape((batch, cfg.n_heads, hd))?.apply_op1(op)?);
+        }
         let n_rep = cfg.n_heads / cfg.n_kv_heads;
         let mut outputs = Vec::with_capacity(batch);
         // Each sequence attends over its own cache, so no padding enters any sum and a
@@ -430,7 +450,6 @@ impl Model {
             if let Some(cap) = cfg.attn_softcap {
                 scores = ((scores / cap)?.tanh()? * cap)?;
             }
-            let window = if layer.sliding { cfg.sliding_window } else { None };
             let probs = causal_softmax(&scores, past, len, window)?;
             let out = probs.matmul(&v_all)?; // [kv_heads, n_rep*len, hd]
             let out = out

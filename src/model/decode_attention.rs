@@ -1,0 +1,82 @@
+//! Attention of one new query per sequence over that sequence's own cache, for batched
+//! decoding. As tensor ops this is a dozen small ops per sequence and layer; one pass over
+//! the caches does the same arithmetic without the per-op overhead, which dominated
+//! decoding at large batches.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+pub struct DecodeAttention {
+    /// Per sequence: all keys and values, [1, kv_heads, len, head_dim] (views of the cache).
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub scale: f32,
+    pub softcap: Option<f32>,
+    pub window: Option<usize>,
+}
+
+/// Where a cache view starts, and its strides between heads and between positions.
+fn view(layout: &Layout) -> Result<(usize, usize, usize)> {
+    let stride = layout.stride();
+    if stride[3] != 1 {
+        candle_core::bail!("decode-attention: head dimension not contiguous");
+    }
+    Ok((layout.start_offset(), stride[1], stride[2]))
+}
+
+impl CustomOp1 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    /// `q`: [batch, heads, head_dim] contiguous f32 -> [batch, heads * head_dim].
+    fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (batch, heads, hd) = q_l.shape().dims3()?;
+        let (Some((qs, qe)), CpuStorage::F32(q)) = (q_l.contiguous_offsets(), q) else {
+            candle_core::bail!("decode-attention needs a contiguous f32 query");
+        };
+        let q = &q[qs..qe];
+        let guards: Vec<_> = self.keys.iter().chain(&self.values).map(|t| t.storage_and_layout()).collect();
+        let mut caches = Vec::with_capacity(guards.len());
+        for (g, layout) in &guards {
+            let Storage::Cpu(CpuStorage::F32(data)) = &**g else {
+                candle_core::bail!("decode-attention needs f32 caches on the CPU");
+            };
+            let (start, head_stride, pos_stride) = view(layout)?;
+            caches.push((data.as_slice(), start, head_stride, pos_stride, layout.dims()[2]));
+        }
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let mut out = vec![0f32; batch * heads * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(row, dst)| {
+            let (b, h) = (row / heads, row % heads);
+            let (k, k0, k_head, k_pos, len) = caches[b];
+            let (v, v0, v_head, v_pos, _) = caches[batch + b];
+            let (k0, v0) = (k0 + (h / n_rep) * k_head, v0 + (h / n_rep) * v_head);
+            let qr = &q[row * hd..(row + 1) * hd];
+            let lo = self.window.map_or(0, |w| len.saturating_sub(w));
+            let mut scores: Vec<f32> = (lo..len)
+                .map(|t| {
+                    let kr = &k[k0 + t * k_pos..k0 + t * k_pos + hd];
+                    let s = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
+                    self.softcap.map_or(s, |c| (s / c).tanh() * c)
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            for (i, p) in scores.iter().enumerate() {
+                let vr = &v[v0 + (lo + i) * v_pos..v0 + (lo + i) * v_pos + hd];
+                let w = p / sum;
+                for (d, x) in dst.iter_mut().zip(vr) {
+                    *d += w * x;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((batch, heads * hd))))
+    }
+}
