@@ -2,10 +2,13 @@
 //!
 //! Pipeline: [`model`] (weights, forward, generation, gradients) and [`tokenizer`]
 //! (tokens, chat template) are joined in [`runtime`]; [`tasks`] holds questions, gold
-//! answers and answer parsing; [`eval`] measures a prompt. The CLI only wires them.
+//! answers and answer parsing; [`eval`] measures a prompt; [`optimize`] is the GReaTer
+//! method, and [`store`] its run folder. The CLI only wires them.
 
 pub mod eval;
 pub mod model;
+pub mod optimize;
 pub mod runtime;
+pub mod store;
 pub mod tasks;
 pub mod tokenizer;

@@ -5,7 +5,13 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use greater::eval::{evaluate, write_records, EvalConfig};
+use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
+use greater::optimize::{Interrupted, OptimizeConfig};
+use greater::store::RunDir;
 use greater::model::catalog;
 use greater::model::generate::Sampling;
 use greater::runtime::{LanguageModel, OpenOptions};
@@ -111,7 +117,7 @@ enum Command {
         #[arg(long, value_enum)]
         baseline: Option<Baseline>,
         /// Questions decoded together.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Token budget of the reasoning.
         #[arg(long, default_value_t = 256)]
@@ -120,10 +126,191 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Find a better prompt with gradients over reasoning (GReaTer). Without arguments:
+    /// a short demo on SmolLM2 and generated arithmetic.
+    Optimize(OptimizeArgs),
     /// List the built-in tasks.
     Tasks,
     /// List the model aliases and whether they are cached.
     Models,
+}
+
+/// Flags of `greater optimize`; each overrides the same key of `--config FILE`.
+#[derive(Args)]
+struct OptimizeArgs {
+    /// A TOML file with any of the settings below (keys as the flags, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in this folder (its settings come from its config.json; only
+    /// --steps may change).
+    #[arg(long, conflicts_with_all = [
+        "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
+        "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
+        "max_reasoning", "eval_batch", "chat_template",
+    ])]
+    resume: Option<PathBuf>,
+    /// Run folder [default: greater-runs/<task>-<time>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    task: Option<String>,
+    #[arg(long, env = "GREATER_DATA")]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    difficulty: Option<usize>,
+    #[arg(long)]
+    train: Option<usize>,
+    #[arg(long)]
+    dev: Option<usize>,
+    #[arg(long)]
+    test: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Stop after this many steps without a better train score (0: never).
+    #[arg(long)]
+    patience: Option<usize>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_q: Option<usize>,
+    #[arg(long)]
+    subset_size: Option<usize>,
+    #[arg(long)]
+    shortlist: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    control_weight: Option<f64>,
+    #[arg(long)]
+    initial_prompt: Option<String>,
+    #[arg(long)]
+    max_reasoning: Option<usize>,
+    #[arg(long)]
+    eval_batch: Option<usize>,
+    #[arg(long)]
+    chat_template: Option<String>,
+}
+
+impl OptimizeArgs {
+    /// Settings: defaults (or the demo when nothing is given), then the config file, then flags.
+    fn settings(&self) -> Result<OptimizeConfig> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None if self.model.is_none() && self.task.is_none() => {
+                eprintln!("no --task or --model given: running the built-in demo (smollm2-135m, generated arithmetic, 4 steps)");
+                OptimizeConfig::demo()
+            }
+            None => OptimizeConfig::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
+        }
+        overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
+        overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch);
+        if let Some(p) = &self.initial_prompt {
+            c.initial_prompt = Some(p.clone());
+        }
+        if let Some(d) = &self.data_dir {
+            c.data_dir = Some(d.display().to_string());
+        }
+        if let Some(t) = &self.chat_template {
+            c.chat_template = Some(t.clone());
+        }
+        Ok(c)
+    }
+}
+
+fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
+    let (start, out) = match &args.resume {
+        Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
+        None => {
+            let s = args.settings()?;
+            let out = args.out.clone().unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from(format!("greater-runs/{}-{secs}", s.task.replace(['/', '.'], "_")))
+            });
+            (Start::New(s), out)
+        }
+    };
+    let mut bar: Option<ProgressBar> = None;
+    let mut report = |event: Event| match event {
+        Event::Info(m) => eprintln!("{m}"),
+        Event::Start { done, total, budget } => {
+            println!("{budget}");
+            let b = ProgressBar::new(total as u64);
+            b.set_style(
+                ProgressStyle::with_template("step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_position(done as u64);
+            b.reset_eta();
+            bar = Some(b);
+        }
+        Event::Step(record, state) => {
+            if let Some(b) = &bar {
+                let chosen = record.chosen.as_ref().map_or("(none)".to_string(), |c| format!("{:?}", c.text));
+                let line = format!(
+                    "step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [gen {:.0} s, grad {:.0} s, score {:.0} s]",
+                    record.step,
+                    record.position,
+                    record.prompt,
+                    state.best_score,
+                    record.seconds.generation,
+                    record.seconds.gradient,
+                    record.seconds.scoring
+                );
+                // A bar that is not drawn (output not a terminal) prints nothing itself.
+                if b.is_hidden() {
+                    println!("{line}");
+                } else {
+                    b.println(line);
+                }
+                b.set_message(format!("pos {} best {:.3} | {}", state.position, state.best_score, record.prompt));
+                b.inc(1);
+            }
+        }
+        Event::EvalStart { label, questions } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            bar = Some(progress_bar(questions, &format!("test: {label}")));
+        }
+        Event::EvalProgress(done) => {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        }
+    };
+    match run_optimize(start, &out, &interrupt, &mut report) {
+        Ok(summary) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
+            println!("{}", summary_table(&summary, &config));
+            println!("best prompt written to {}", out.join("best_prompt.txt").display());
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+            if let Some(b) = bar.take() {
+                b.abandon();
+            }
+            println!("interrupted: the last finished step is saved; continue with greater optimize --resume {}", out.display());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn progress_bar(len: usize, what: &str) -> ProgressBar {
@@ -200,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             run_eval(&model, &task, &prompt, batch, max_reasoning, out.as_deref())?;
         }
+        Command::Optimize(args) => run_optimize_command(&args)?,
         Command::Tasks => {
             println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
             for t in builtin_tasks() {

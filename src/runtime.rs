@@ -45,8 +45,8 @@ impl LanguageModel {
         Ok(LanguageModel { model, tokenizer, chat, path })
     }
 
-    /// Prompt ids for one user turn (with an optional system turn), ready for the reply.
-    pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+    /// The chat text of one user turn (with an optional system turn), ready for the reply.
+    pub fn chat_text(&self, system: Option<&str>, user: &str) -> Result<String> {
         let Some(chat) = &self.chat else {
             bail!(
                 "{} has no chat template; pass one with --chat-template FILE",
@@ -58,8 +58,12 @@ impl LanguageModel {
             messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", user));
-        let text = chat.render(&messages, true)?;
-        let ids = self.tokenizer.encode(&text, false)?;
+        chat.render(&messages, true)
+    }
+
+    /// Prompt ids for one user turn (with an optional system turn), ready for the reply.
+    pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(&self.chat_text(system, user)?, false)?;
         self.check_context(ids.len())?;
         Ok(ids)
     }

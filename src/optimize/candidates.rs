@@ -1,0 +1,81 @@
+//! Which tokens may go at a prompt position: the model's own top-k, agreed on by random
+//! subsets of the train examples, then ranked by the gradient.
+
+use std::collections::BTreeSet;
+
+use rand::seq::index::sample;
+use rand::Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProposalConfig {
+    /// Initial k of each example's top-k (reference: 11).
+    pub top_k: usize,
+    /// Number of random example subsets (reference: 5 to 6).
+    pub subsets: usize,
+    /// Examples per subset (reference: 5).
+    pub subset_size: usize,
+    /// Widen k by 2 until the union holds at least this many tokens (2 x shortlist).
+    pub min_candidates: usize,
+}
+
+/// The candidate set: draw `subsets` random subsets of examples, intersect the examples'
+/// top-k token sets inside each subset, take the union over subsets; while the union has
+/// fewer than `min_candidates` tokens, widen k by 2 (same subsets). `ranked[e]` is example
+/// `e`'s admissible tokens, most likely first. The current token is always included; the
+/// result is sorted by token id.
+pub fn propose(ranked: &[Vec<u32>], current: u32, cfg: &ProposalConfig, rng: &mut impl Rng) -> Vec<u32> {
+    let n = ranked.len();
+    let size = cfg.subset_size.min(n).max(1);
+    let subsets: Vec<Vec<usize>> = (0..cfg.subsets.max(1))
+        .map(|_| {
+            let mut s = sample(rng, n, size).into_vec();
+            s.sort_unstable();
+            s
+        })
+        .collect();
+    let longest = ranked.iter().map(Vec::len).max().unwrap_or(0);
+    let mut k = cfg.top_k.max(1);
+    loop {
+        let mut union: BTreeSet<u32> = BTreeSet::new();
+        for subset in &subsets {
+            let mut members = subset.iter().map(|&e| ranked[e].iter().take(k).copied().collect::<BTreeSet<u32>>());
+            let first = members.next().unwrap_or_default();
+            union.extend(members.fold(first, |acc, s| acc.intersection(&s).copied().collect()));
+        }
+        union.insert(current);
+        if union.len() >= cfg.min_candidates || k >= longest {
+            return union.into_iter().collect();
+        }
+        k += 2;
+    }
+}
+
+/// The `m` candidates (other than `current`) with the most negative gradient, best first;
+/// ties keep the lower token id.
+pub fn shortlist(candidates: &[u32], gradient: &[f32], current: u32, m: usize) -> Vec<(u32, f32)> {
+    let mut pairs: Vec<(u32, f32)> = candidates
+        .iter()
+        .copied()
+        .zip(gradient.iter().copied())
+        .filter(|(t, _)| *t != current)
+        .collect();
+    pairs.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    pairs.truncate(m);
+    pairs
+}
+
+/// Scales each example's gradient to unit L2 norm and sums them, so no single example
+/// dominates the ranking.
+pub fn sum_normalised(gradients: &[Vec<f32>]) -> Vec<f32> {
+    let len = gradients.first().map_or(0, Vec::len);
+    let mut total = vec![0f32; len];
+    for g in gradients {
+        let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for (t, x) in total.iter_mut().zip(g) {
+                *t += x / norm;
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,472 @@
+//! GReaTer: one prompt position per step. The model proposes candidate tokens, the
+//! gradient of the answer loss through the model's own reasoning ranks them, and the best
+//! few are checked for real by regenerating the reasoning.
+
+pub mod candidates;
+pub mod config;
+pub mod run;
+pub mod schedule;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::extractor_ids;
+use crate::model::generate::{generate, prefill, Generated, Request};
+use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
+use crate::model::{KvCache, Pass};
+use crate::runtime::LanguageModel;
+use crate::tasks::{Example, Task};
+
+use candidates::{propose, shortlist, sum_normalised, ProposalConfig};
+pub use config::OptimizeConfig;
+use schedule::{next_position, Next};
+
+/// Returned (as an error) when Ctrl-C asked the run to stop; the last checkpoint stands.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+/// How good a prompt is on the train examples: lower is better.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// mistake rate + control_weight / 10 x prompt NLL
+    pub score: f64,
+    pub mistakes: usize,
+    pub n: usize,
+    /// Mean negative log-likelihood of the prompt tokens.
+    pub nll: f64,
+}
+
+/// Everything a run needs to continue after a kill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Steps finished.
+    pub step: usize,
+    pub position: usize,
+    pub prompt: Vec<u32>,
+    /// Reasoning of the current prompt per train example, when the last check produced it.
+    pub reasoning: Option<Vec<Vec<u32>>>,
+    pub best_prompt: Vec<u32>,
+    pub best_score: f64,
+    pub steps_since_best: usize,
+    /// Scores by prompt text.
+    pub scores: BTreeMap<String, Score>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenText {
+    pub id: u32,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checked {
+    pub id: u32,
+    pub text: String,
+    pub gradient: f32,
+    pub prompt: String,
+    pub score: Score,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Seconds {
+    pub generation: f64,
+    pub gradient: f64,
+    pub scoring: f64,
+}
+
+/// One line of the step log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub position: usize,
+    pub prompt_before: String,
+    pub candidates: Vec<TokenText>,
+    /// The gradient shortlist, best first, with its real scores.
+    pub checked: Vec<Checked>,
+    pub chosen: Option<TokenText>,
+    pub prompt: String,
+    pub next_position: usize,
+    pub best_prompt: String,
+    pub best_score: f64,
+    pub seconds: Seconds,
+}
+
+/// A train example prepared once: the chat text before the prompt (with its KV cache) and
+/// after it, and the gold answer's tokens.
+struct TrainExample {
+    head: Vec<u32>,
+    head_cache: KvCache,
+    /// Log-probabilities of the token after the head (the prompt's first token).
+    head_logprobs: Tensor,
+    tail: Vec<u32>,
+    answer: Vec<u32>,
+}
+
+/// Marks where the prompt goes when the chat template is rendered.
+const SLOT: &str = "\u{1}PROMPT\u{1}";
+
+/// How many admissible tokens of each example's ranking the proposal may use.
+const RANKED: usize = 64;
+
+pub struct Optimizer<'a> {
+    lm: &'a LanguageModel,
+    cfg: &'a OptimizeConfig,
+    examples: Vec<TrainExample>,
+    extractor: Vec<u32>,
+    interrupt: &'a AtomicBool,
+}
+
+fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}
+
+impl<'a> Optimizer<'a> {
+    pub fn new(
+        lm: &'a LanguageModel,
+        task: &Task,
+        train: &[&Example],
+        cfg: &'a OptimizeConfig,
+        interrupt: &'a AtomicBool,
+    ) -> Result<Self> {
+        if train.is_empty() {
+            bail!("the train split is empty: pass --train N");
+        }
+        let mut examples = Vec::with_capacity(train.len());
+        for ex in train {
+            let text = lm.chat_text(None, &format!("{}{SLOT}", ex.question))?;
+            let (head, tail) = text.split_once(SLOT).expect("the template keeps the user text");
+            let head = lm.tokenizer.encode(head, false)?;
+            let (head_cache, logits) = prefill(&lm.model, KvCache::default(), &head)?;
+            examples.push(TrainExample {
+                head,
+                head_cache,
+                head_logprobs: log_softmax(&logits)?,
+                tail: lm.tokenizer.encode(tail, false)?,
+                answer: lm.tokenizer.encode(&ex.answer, false)?,
+            });
+        }
+        Ok(Optimizer { lm, cfg, examples, extractor: extractor_ids(lm, task)?, interrupt })
+    }
+
+    fn check_interrupt(&self) -> Result<()> {
+        if self.interrupt.load(Ordering::Relaxed) {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    }
+
+    /// Prompt ids as they follow the question: the text with its separating space.
+    pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
+        if text.trim().is_empty() {
+            bail!("the initial prompt is empty");
+        }
+        self.lm.tokenizer.encode(&format!(" {text}"), false)
+    }
+
+    /// The prompt's text, without the separating space.
+    pub fn prompt_text(&self, ids: &[u32]) -> Result<String> {
+        let text = self.lm.tokenizer.decode_with_special(ids)?;
+        Ok(text.strip_prefix(' ').unwrap_or(&text).to_string())
+    }
+
+    fn token_text(&self, id: u32) -> Result<TokenText> {
+        Ok(TokenText { id, text: self.lm.tokenizer.decode_with_special(&[id])? })
+    }
+
+    /// May `token` stand at `position` of `prompt`? Not special, printable ASCII and not
+    /// only spaces, not a repeat of the previous token, and the prompt's text must encode back to the same ids
+    /// (so the printed prompt is exactly the optimised one).
+    fn admissible(&self, prompt: &[u32], position: usize, token: u32) -> Result<bool> {
+        let tok = &self.lm.tokenizer;
+        if tok.is_special(token) || (position > 0 && prompt[position - 1] == token) {
+            return Ok(false);
+        }
+        let text = tok.decode_with_special(&[token])?;
+        if text.trim().is_empty() || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Ok(false);
+        }
+        let mut ids = prompt.to_vec();
+        if position == ids.len() {
+            ids.push(token);
+        } else {
+            ids[position] = token;
+        }
+        let full = tok.decode_with_special(&ids)?;
+        Ok(full.starts_with(' ') && tok.encode(&full, false)? == ids)
+    }
+
+    /// Mean prompt NLL over the examples, and (for `row`) each example's admissible tokens
+    /// for that prompt position, most likely first.
+    fn prompt_stats(&self, prompt: &[u32], row: Option<usize>) -> Result<(f64, Vec<Vec<u32>>)> {
+        let mut nll_sum = 0.0;
+        let mut ranked = Vec::new();
+        let mut memo: HashMap<u32, bool> = HashMap::new();
+        for ex in &self.examples {
+            let mut cache = [ex.head_cache.clone()];
+            let x = self.lm.model.embed(prompt)?.unsqueeze(0)?;
+            let hidden = self.lm.model.forward(&x, &mut cache, Pass::Fast)?.squeeze(0)?;
+            // Row j predicts prompt token j; the last row predicts a token after the prompt.
+            let rows = Tensor::cat(&[ex.head_logprobs.unsqueeze(0)?, log_softmax(&self.lm.model.logits(&hidden)?)?], 0)?;
+            let targets = Tensor::new(prompt, rows.device())?.unsqueeze(1)?;
+            let picked = rows.narrow(0, 0, prompt.len())?.gather(&targets, 1)?;
+            nll_sum -= picked.mean_all()?.to_scalar::<f32>()? as f64;
+            if let Some(r) = row {
+                let logprobs = rows.get(r)?.to_vec1::<f32>()?;
+                let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
+                order.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+                let mut keep = Vec::with_capacity(RANKED);
+                for t in order {
+                    let ok = match memo.get(&t) {
+                        Some(&ok) => ok,
+                        None => *memo.entry(t).or_insert(self.admissible(prompt, r, t)?),
+                    };
+                    if ok {
+                        keep.push(t);
+                        if keep.len() == RANKED {
+                            break;
+                        }
+                    }
+                }
+                ranked.push(keep);
+            }
+        }
+        Ok((nll_sum / self.examples.len() as f64, ranked))
+    }
+
+    /// Greedy reasoning of every example under each prompt, decoded in one batch.
+    fn reason(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Generated>>> {
+        self.check_interrupt()?;
+        let requests: Vec<Request> = prompts
+            .iter()
+            .flat_map(|p| {
+                self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.tail].concat() })
+            })
+            .collect();
+        let mut replies = generate(&self.lm.model, requests, &self.lm.generate_config(self.cfg.max_reasoning, None))?.into_iter();
+        Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
+    }
+
+    /// Does greedy decoding, teacher-forced on the gold answer after the reasoning and the
+    /// extractor, pick every gold answer token?
+    fn answers_correctly(&self, reply: &Generated, ex: &TrainExample) -> Result<bool> {
+        let ids = [&reply.ids[reply.fed..], &self.extractor, &ex.answer].concat();
+        let mut cache = [reply.cache.clone()];
+        let hidden = self.lm.model.forward(&self.lm.model.embed(&ids)?.unsqueeze(0)?, &mut cache, Pass::Fast)?;
+        let n = ex.answer.len();
+        let rows = hidden.squeeze(0)?.narrow(0, ids.len() - n - 1, n)?;
+        let picked = self.lm.model.logits(&rows)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        Ok(picked == ex.answer)
+    }
+
+    /// Real scores of prompts whose reasoning is given.
+    fn score(&self, prompt: &[u32], replies: &[Generated]) -> Result<Score> {
+        self.check_interrupt()?;
+        let mut mistakes = 0;
+        for (reply, ex) in replies.iter().zip(&self.examples) {
+            if !self.answers_correctly(reply, ex)? {
+                mistakes += 1;
+            }
+        }
+        let (nll, _) = self.prompt_stats(prompt, None)?;
+        let n = self.examples.len();
+        let score = mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll;
+        Ok(Score { score, mistakes, n, nll })
+    }
+
+    /// d loss / d one-hot over `candidates` at `position`, normalised per example and summed.
+    fn gradient(&self, prompt: &[u32], position: usize, candidates: &[u32], reasoning: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let hot = candidates.iter().position(|&c| c == prompt[position]).expect("current token is a candidate");
+        let mut weights = vec![0f32; candidates.len()];
+        weights[hot] = 1.0;
+        let mut per_example = Vec::with_capacity(self.examples.len());
+        for (ex, r) in self.examples.iter().zip(reasoning) {
+            self.check_interrupt()?;
+            let ids = [&ex.head[..], prompt, &ex.tail, r, &self.extractor, &ex.answer].concat();
+            let start = ex.head.len();
+            let answer_at = ids.len() - ex.answer.len();
+            // Logits at p predict the token at p + 1. Prompt tokens before position + 1 do
+            // not depend on the one-hot, so their NLL terms add nothing to the gradient.
+            let mut loss_positions: Vec<usize> = (answer_at - 1..ids.len() - 1).collect();
+            loss_positions.extend((position + 1..prompt.len()).map(|j| start + j - 1));
+            let prompt_targets = &prompt[position + 1..];
+            let n_answer = ex.answer.len();
+            let input = OneHotInput {
+                prefix: &ex.head_cache,
+                ids: &ids,
+                position: start + position,
+                candidates,
+                weights: &weights,
+                loss_positions: &loss_positions,
+            };
+            let (_, grad) = loss_and_gradient(&self.lm.model, &input, |logits| {
+                let answer = cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
+                if prompt_targets.is_empty() {
+                    return Ok(answer);
+                }
+                let fluency = cross_entropy(&logits.narrow(0, n_answer, prompt_targets.len())?, prompt_targets, 1.0)?;
+                Ok((answer + (fluency * self.cfg.control_weight)?)?)
+            })?;
+            per_example.push(grad);
+        }
+        Ok(sum_normalised(&per_example))
+    }
+
+    /// One gradient pass on the first example at the current position (for timing).
+    pub fn time_one_gradient(&self, state: &State) -> Result<()> {
+        let reasoning = state.reasoning.as_ref().map_or_else(|| vec![Vec::new()], |r| r[..1].to_vec());
+        self.gradient(&state.prompt, state.position, &[state.prompt[state.position]], &reasoning)?;
+        Ok(())
+    }
+
+    /// The state before the first step: the initial prompt, scored.
+    pub fn initial_state(&self, prompt_text: &str) -> Result<State> {
+        let prompt = self.prompt_ids(prompt_text)?;
+        let replies = self.reason(std::slice::from_ref(&prompt))?.remove(0);
+        let score = self.score(&prompt, &replies)?;
+        let text = self.prompt_text(&prompt)?;
+        Ok(State {
+            step: 0,
+            position: 0,
+            reasoning: Some(replies.into_iter().map(|g| g.ids).collect()),
+            best_prompt: prompt.clone(),
+            best_score: score.score,
+            steps_since_best: 0,
+            scores: BTreeMap::from([(text, score)]),
+            prompt,
+        })
+    }
+
+    /// One step of the method at `state.position`; `state` moves on.
+    pub fn step(&self, state: &mut State) -> Result<StepRecord> {
+        let mut secs = Seconds::default();
+        let (prompt, position) = (state.prompt.clone(), state.position);
+        let prompt_before = self.prompt_text(&prompt)?;
+
+        let t = Instant::now();
+        let reasoning = match state.reasoning.clone() {
+            Some(r) => r,
+            None => self.reason(std::slice::from_ref(&prompt))?.remove(0).into_iter().map(|g| g.ids).collect(),
+        };
+        secs.generation += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let (_, ranked) = self.prompt_stats(&prompt, Some(position))?;
+        let proposal = ProposalConfig {
+            top_k: self.cfg.top_k,
+            subsets: self.cfg.top_q,
+            subset_size: self.cfg.subset_size,
+            min_candidates: 2 * self.cfg.shortlist,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
+        let candidates = propose(&ranked, prompt[position], &proposal, &mut rng);
+        secs.scoring += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let grad = self.gradient(&prompt, position, &candidates, &reasoning)?;
+        let short = shortlist(&candidates, &grad, prompt[position], self.cfg.shortlist);
+        secs.gradient += t.elapsed().as_secs_f64();
+
+        let with = |token: u32| {
+            let mut p = prompt.clone();
+            p[position] = token;
+            p
+        };
+        let texts: Vec<String> = short.iter().map(|&(tok, _)| self.prompt_text(&with(tok))).collect::<Result<_>>()?;
+        let unscored: Vec<Vec<u32>> = short
+            .iter()
+            .zip(&texts)
+            .filter(|(_, text)| !state.scores.contains_key(*text))
+            .map(|(&(tok, _), _)| with(tok))
+            .collect();
+        let t = Instant::now();
+        let replies = self.reason(&unscored)?;
+        secs.generation += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut fresh: HashMap<Vec<u32>, Vec<Generated>> = HashMap::new();
+        for (p, r) in unscored.into_iter().zip(replies) {
+            let score = self.score(&p, &r)?;
+            state.scores.insert(self.prompt_text(&p)?, score);
+            fresh.insert(p, r);
+        }
+        secs.scoring += t.elapsed().as_secs_f64();
+
+        let mut checked = Vec::with_capacity(short.len());
+        for (&(id, gradient), text) in short.iter().zip(&texts) {
+            let score = state.scores[text].clone();
+            checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient, prompt: text.clone(), score });
+        }
+        // The lowest real score wins; ties go to the better gradient.
+        let chosen = checked
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.score.score.total_cmp(&b.1.score.score).then(a.0.cmp(&b.0)))
+            .map(|(_, c)| c.clone());
+        let mut improved = false;
+        if let Some(c) = &chosen {
+            state.prompt = with(c.id);
+            state.reasoning = fresh.remove(&state.prompt).map(|r| r.into_iter().map(|g| g.ids).collect());
+            for c in &checked {
+                if c.score.score < state.best_score {
+                    state.best_score = c.score.score;
+                    state.best_prompt = with(c.id);
+                    improved = true;
+                }
+            }
+        }
+        state.steps_since_best = if improved { 0 } else { state.steps_since_best + 1 };
+
+        let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
+        state.position = match next_position(position, state.prompt.len(), &last) {
+            Next::At(p) => p,
+            Next::Grow => {
+                let t = Instant::now();
+                let len = state.prompt.len();
+                let (_, ranked) = self.prompt_stats(&state.prompt, Some(len))?;
+                secs.scoring += t.elapsed().as_secs_f64();
+                state.prompt.push(filler(&ranked).unwrap_or(prompt[position]));
+                state.reasoning = None;
+                len
+            }
+        };
+        state.step += 1;
+        Ok(StepRecord {
+            step: state.step,
+            position,
+            prompt_before,
+            candidates: candidates.iter().map(|&c| self.token_text(c)).collect::<Result<_>>()?,
+            checked,
+            chosen: chosen.map(|c| TokenText { id: c.id, text: c.text }),
+            prompt: self.prompt_text(&state.prompt)?,
+            next_position: state.position,
+            best_prompt: self.prompt_text(&state.best_prompt)?,
+            best_score: state.best_score,
+            seconds: secs,
+        })
+    }
+}
+
+/// The token most examples rank first: a placeholder for a new position, which the next
+/// step then optimises.
+fn filler(ranked: &[Vec<u32>]) -> Option<u32> {
+    let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+    for r in ranked {
+        if let Some(&t) = r.first() {
+            *votes.entry(t).or_default() += 1;
+        }
+    }
+    votes.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(t, _)| t)
+}

@@ -1,0 +1,307 @@
+//! A whole optimisation run: set up (model, task, split, run folder), the steps with a
+//! checkpoint after each, and the held-out evaluation of zero-shot CoT, the initial prompt
+//! and the best prompt.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{Optimizer, OptimizeConfig, State, StepRecord};
+use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
+use crate::model::catalog;
+use crate::runtime::{LanguageModel, OpenOptions};
+use crate::store::RunDir;
+use crate::tasks::{Split, Task, TaskOptions, ZERO_SHOT_COT};
+
+/// What `config.json` records: enough to resume and to reproduce.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub settings: OptimizeConfig,
+    pub initial_prompt: String,
+    pub model_path: String,
+    pub model_sha256: String,
+    pub task: TaskRecord,
+    pub split: Split,
+    pub greater_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub name: String,
+    pub answer_kind: String,
+    pub extractor: String,
+    pub source: String,
+    pub examples: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalSummary {
+    pub label: String,
+    pub prompt: String,
+    pub accuracy: f64,
+    pub correct: usize,
+    pub n: usize,
+    pub interval: (f64, f64),
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub best_prompt: String,
+    pub best_train_score: f64,
+    pub majority_floor: f64,
+    pub evaluations: Vec<EvalSummary>,
+}
+
+/// Decoding speed and reasoning length measured on the initial prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Calibration {
+    tokens_per_second: f64,
+    mean_reasoning: f64,
+}
+
+/// What the run reports as it goes; the CLI draws it.
+pub enum Event<'a> {
+    Info(String),
+    /// Steps to run (from `done`) and the budget line.
+    Start { done: usize, total: usize, budget: String },
+    Step(&'a StepRecord, &'a State),
+    EvalStart { label: &'a str, questions: usize },
+    EvalProgress(usize),
+}
+
+/// sha256 of the model's file, or of its folder's files (names and contents).
+fn model_sha256(path: &Path) -> Result<String> {
+    if let Some(e) = catalog::CATALOG.iter().find(|e| e.path() == path && e.is_cached()) {
+        return Ok(e.sha256.to_string());
+    }
+    if path.is_file() {
+        return catalog::sha256_file(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut listing = String::new();
+    for f in files {
+        listing.push_str(&format!("{} {}\n", f.file_name().unwrap_or_default().to_string_lossy(), catalog::sha256_file(&f)?));
+    }
+    use sha2::Digest;
+    Ok(catalog::hex(&sha2::Sha256::digest(listing.as_bytes())))
+}
+
+fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
+    let count = (s.train + s.dev + s.test).max(300);
+    let opts = TaskOptions { data_dir: s.data_dir.as_ref().map(PathBuf::from), seed: s.seed, difficulty: s.difficulty, count };
+    let task = Task::load(&s.task, &opts)?;
+    let split = Split::new(task.examples.len(), s.train, s.dev, s.test, s.seed)?;
+    Ok((task, split))
+}
+
+fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<LanguageModel> {
+    let chat_template = match &s.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read chat template {p}"))?),
+        None => None,
+    };
+    LanguageModel::open(&s.model, &OpenOptions { chat_template }, &mut |m| report(Event::Info(m.to_string())))
+}
+
+/// How a run begins.
+pub enum Start {
+    New(OptimizeConfig),
+    /// Continue the run in the folder, optionally with a different step count.
+    Resume { steps: Option<usize> },
+}
+
+/// Starts a run in `out`, or continues the one there.
+pub fn run(start: Start, out: &Path, interrupt: &AtomicBool, report: &mut dyn FnMut(Event)) -> Result<Summary> {
+    let (dir, config, lm, task) = match start {
+        Start::New(s) => {
+            let (task, split) = load_task(&s)?;
+            let dir = RunDir::create(out)?;
+            let lm = open_model(&s, report)?;
+            let config = RunConfig {
+                initial_prompt: s.initial_prompt.clone().unwrap_or_else(|| task.initial_prompt.clone()),
+                model_path: lm.path.display().to_string(),
+                model_sha256: model_sha256(&lm.path)?,
+                task: TaskRecord {
+                    name: task.name.clone(),
+                    answer_kind: task.kind.describe(),
+                    extractor: task.extractor.clone(),
+                    source: task.source.clone(),
+                    examples: task.examples.len(),
+                },
+                split,
+                settings: s,
+                greater_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            dir.write_json("config.json", &config)?;
+            (dir, config, lm, task)
+        }
+        Start::Resume { steps } => {
+            let dir = RunDir::open(out)?;
+            let mut config: RunConfig = dir.read_json("config.json")?;
+            if let Some(steps) = steps {
+                config.settings.steps = steps;
+                dir.write_json("config.json", &config)?;
+            }
+            let (task, split) = load_task(&config.settings)?;
+            if split != config.split {
+                bail!("the task's data changed since the run started: the split differs from {}/config.json", out.display());
+            }
+            let lm = open_model(&config.settings, report)?;
+            let sha = model_sha256(&lm.path)?;
+            if sha != config.model_sha256 {
+                bail!("the model file changed since the run started (sha256 {sha}, recorded {})", config.model_sha256);
+            }
+            report(Event::Info(format!("resuming {}", out.display())));
+            (dir, config, lm, task)
+        }
+    };
+    let s = &config.settings;
+    let train = Split::pick(&config.split.train, &task);
+    let optimizer = Optimizer::new(&lm, &task, &train, s, interrupt)?;
+
+    let mut state: State = if dir.exists("checkpoint.json") {
+        dir.read_json("checkpoint.json")?
+    } else {
+        report(Event::Info(format!("scoring the initial prompt on {} train questions", train.len())));
+        let t = Instant::now();
+        let state = optimizer.initial_state(&config.initial_prompt)?;
+        let lengths: Vec<usize> = state.reasoning.iter().flatten().map(Vec::len).collect();
+        let tokens: usize = lengths.iter().sum();
+        let calibration = Calibration {
+            tokens_per_second: tokens as f64 / t.elapsed().as_secs_f64(),
+            mean_reasoning: tokens as f64 / lengths.len().max(1) as f64,
+        };
+        dir.write_json("calibration.json", &calibration)?;
+        dir.write_json("checkpoint.json", &state)?;
+        state
+    };
+    dir.truncate_steps(state.step)?;
+
+    let remaining = s.steps.saturating_sub(state.step);
+    let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
+    if remaining > 0 && !stopped_early {
+        let budget = budget_line(&optimizer, &dir, s, &state, remaining, train.len())?;
+        report(Event::Start { done: state.step, total: s.steps, budget });
+        while state.step < s.steps {
+            let record = optimizer.step(&mut state)?;
+            dir.append_step(&record)?;
+            dir.write_json("checkpoint.json", &state)?;
+            report(Event::Step(&record, &state));
+            if s.patience > 0 && state.steps_since_best >= s.patience {
+                report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
+                break;
+            }
+        }
+    }
+    let best_prompt = optimizer.prompt_text(&state.best_prompt)?;
+    dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
+
+    let test = Split::pick(&config.split.test, &task);
+    let eval_cfg = EvalConfig { batch: s.eval_batch, max_reasoning: s.max_reasoning };
+    let mut evaluations = Vec::new();
+    for (label, prompt) in [("zero-shot CoT", ZERO_SHOT_COT), ("initial", config.initial_prompt.as_str()), ("optimised", &best_prompt)] {
+        let file = format!("eval-{}.json", label.replace([' ', '-'], "_").to_lowercase());
+        let done: Option<EvalSummary> = if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
+        // An earlier evaluation stands only if it measured the same prompt.
+        let summary = if let Some(done) = done.filter(|d| d.prompt == prompt) {
+            done
+        } else {
+            if test.is_empty() {
+                break;
+            }
+            report(Event::EvalStart { label, questions: test.len() });
+            let r: EvalReport = evaluate(&lm, &task, &test, prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
+            write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
+            let summary = EvalSummary {
+                label: label.into(),
+                prompt: prompt.into(),
+                accuracy: r.accuracy,
+                correct: r.correct,
+                n: r.n,
+                interval: r.interval,
+                seconds: r.seconds,
+            };
+            dir.write_json(&file, &summary)?;
+            summary
+        };
+        evaluations.push(summary);
+    }
+    let summary = Summary {
+        steps: state.step,
+        best_prompt,
+        best_train_score: state.best_score,
+        majority_floor: Task::majority_floor(&test),
+        evaluations,
+    };
+    dir.write_json("summary.json", &summary)?;
+    dir.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
+    Ok(summary)
+}
+
+/// Generated tokens and gradient passes still to come, and the time they should take at
+/// the decoding rate measured on the initial prompt and one timed gradient pass.
+fn budget_line(
+    optimizer: &Optimizer,
+    dir: &RunDir,
+    s: &OptimizeConfig,
+    state: &State,
+    steps: usize,
+    n_train: usize,
+) -> Result<String> {
+    let c: Calibration = dir.read_json("calibration.json")?;
+    let t = Instant::now();
+    optimizer.time_one_gradient(state)?;
+    let per_pass = t.elapsed().as_secs_f64();
+    // Reasoning under the shortlisted prompts each step, then the three test evaluations.
+    let sequences = steps * s.shortlist * n_train + 3 * s.test;
+    let tokens = (sequences as f64 * c.mean_reasoning) as usize;
+    let passes = steps * n_train;
+    let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;
+    Ok(format!(
+        "budget: {steps} steps: about {tokens} generated tokens ({} sequences x {:.0} tokens, at {:.0} tokens/s measured) and {passes} forward+backward passes ({per_pass:.1} s each): about {}",
+        sequences,
+        c.mean_reasoning,
+        c.tokens_per_second,
+        human_duration(secs)
+    ))
+}
+
+pub fn human_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
+    let mut out = format!(
+        "# greater run\n\nmodel `{}` (sha256 {}), task `{}` ({}), split seed {}: {} train / {} test questions, {} steps\n\n",
+        config.model_path,
+        &config.model_sha256[..12],
+        config.task.name,
+        config.task.answer_kind,
+        config.split.seed,
+        config.split.train.len(),
+        config.split.test.len(),
+        summary.steps
+    );
+    out.push_str("| prompt | test accuracy | 95% interval | text |\n|---|---|---|---|\n");
+    for e in &summary.evaluations {
+        out.push_str(&format!(
+            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} |\n",
+            e.label, e.accuracy, e.correct, e.n, e.interval.0, e.interval.1, e.prompt.replace('|', "\\|")
+        ));
+    }
+    out.push_str(&format!("\nmajority-class floor {:.3}\n", summary.majority_floor));
+    out
+}

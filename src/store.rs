@@ -1,0 +1,93 @@
+//! The run directory: resolved configuration, one JSON line per step, an atomically
+//! replaced checkpoint, and the final summary.
+//!
+//!     config.json       what was run: settings, model file and sha256, task, split
+//!     steps.jsonl       one line per finished step
+//!     checkpoint.json   the state after the last finished step
+//!     best_prompt.txt   the best prompt, byte for byte
+//!     summary.json / summary.md   held-out accuracies at the end
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// A new run; refuses a folder that already holds one.
+    pub fn create(path: &Path) -> Result<Self> {
+        if path.join("checkpoint.json").exists() || path.join("config.json").exists() {
+            bail!(
+                "{} already holds a run: continue it with --resume {0}, or choose another --out",
+                path.display()
+            );
+        }
+        fs::create_dir_all(path).with_context(|| format!("cannot create run folder {}", path.display()))?;
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.join("config.json").exists() {
+            bail!("{} holds no run (no config.json)", path.display());
+        }
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes `name` so that a reader sees the old or the new content, never a mix.
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let tmp = self.file(&format!(".{name}.tmp"));
+        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.file(name))?;
+        Ok(())
+    }
+
+    pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        self.write_atomic(name, &serde_json::to_vec_pretty(value)?)
+    }
+
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let path = self.file(name);
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.file(name).exists()
+    }
+
+    pub fn append_step<T: Serialize>(&self, record: &T) -> Result<()> {
+        let mut f = OpenOptions::new().create(true).append(true).open(self.file("steps.jsonl"))?;
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Keeps the first `n` step lines: a run killed after logging a step but before its
+    /// checkpoint redoes that step on resume.
+    pub fn truncate_steps(&self, n: usize) -> Result<()> {
+        let path = self.file("steps.jsonl");
+        if !path.exists() {
+            return Ok(());
+        }
+        let lines: Vec<String> = BufReader::new(File::open(&path)?).lines().take(n).collect::<Result<_, _>>()?;
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        self.write_atomic("steps.jsonl", text.as_bytes())
+    }
+}
