@@ -2,11 +2,11 @@
 //! for bad input: truncated or foreign files, missing config, unknown architectures, prompts
 //! longer than the context.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use greater::model::transformer::random_weights;
 use greater::model::weights::hf_name;
@@ -27,50 +27,14 @@ fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
     assert!(d < 1e-5, "max |logit difference| {d}");
 }
 
-/// 40 byte-level tokens: letters, digits, a space, punctuation and one merge.
 fn vocab() -> Vec<String> {
-    let mut v: Vec<String> = ('a'..='z').chain('0'..='9').map(String::from).collect();
-    v.extend(["Ġ", ".", "ab", "<|end|>"].map(String::from));
-    v
+    common::tiny_vocab()
 }
 
-const TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor %}";
+const TEMPLATE: &str = common::TINY_TEMPLATE;
 
-/// A tiny llama GGUF with f32 weights, a byte-level vocabulary and a chat template.
 fn write_gguf(path: &Path, arch: &str, with_template: bool) -> Model {
-    let cfg = Arch::Llama.tiny_config();
-    let device = Device::Cpu;
-    let weights = random_weights(&cfg, 11, DType::F32, &device).unwrap();
-    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
-    let mut md: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        (format!("{arch}.block_count"), Value::U32(cfg.n_layers as u32)),
-        (format!("{arch}.embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (format!("{arch}.feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
-        (format!("{arch}.attention.head_count"), Value::U32(cfg.n_heads as u32)),
-        (format!("{arch}.attention.head_count_kv"), Value::U32(cfg.n_kv_heads as u32)),
-        (format!("{arch}.attention.key_length"), Value::U32(cfg.head_dim as u32)),
-        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
-        (format!("{arch}.context_length"), Value::U32(cfg.max_position as u32)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), strings(vocab())),
-        ("tokenizer.ggml.token_type".into(), Value::Array([vec![1i32; 39], vec![3]].concat().into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), strings(vec!["a b".into()])),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(39)),
-    ];
-    if with_template {
-        md.push(("tokenizer.chat_template".into(), Value::String(TEMPLATE.into())));
-    }
-    let tensors: Vec<(String, QTensor)> = weights
-        .iter()
-        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
-        .collect();
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut file, &md_refs, &t_refs).unwrap();
-    Model::load(&greater::model::weights::WeightSource::Map(weights), cfg, DType::F32, &device).unwrap()
+    common::write_tiny_gguf(path, arch, with_template, vocab(), 64)
 }
 
 fn open(path: &Path) -> anyhow::Result<LanguageModel> {

@@ -24,26 +24,42 @@ pub struct ProposalConfig {
 /// `e`'s admissible tokens, most likely first. The current token is always included; the
 /// result is sorted by token id.
 pub fn propose(ranked: &[Vec<u32>], current: u32, cfg: &ProposalConfig, rng: &mut impl Rng) -> Vec<u32> {
-    let n = ranked.len();
-    let size = cfg.subset_size.min(n).max(1);
-    let subsets: Vec<Vec<usize>> = (0..cfg.subsets.max(1))
+    let subsets = draw_subsets(ranked.len(), cfg.subsets, cfg.subset_size, rng);
+    candidates_from_subsets(ranked, &subsets, current, cfg.top_k, cfg.min_candidates)
+}
+
+/// `count` random subsets of `size` distinct examples out of `n` (all of them when fewer),
+/// each sorted.
+pub fn draw_subsets(n: usize, count: usize, size: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
+    (0..count.max(1))
         .map(|_| {
-            let mut s = sample(rng, n, size).into_vec();
+            let mut s = sample(rng, n, size.min(n).max(1)).into_vec();
             s.sort_unstable();
             s
         })
-        .collect();
+        .collect()
+}
+
+/// The union over `subsets` of the intersection of their members' top-k sets, with k
+/// widened by 2 until it holds `min_candidates` tokens (or k covers every ranking).
+pub fn candidates_from_subsets(
+    ranked: &[Vec<u32>],
+    subsets: &[Vec<usize>],
+    current: u32,
+    top_k: usize,
+    min_candidates: usize,
+) -> Vec<u32> {
     let longest = ranked.iter().map(Vec::len).max().unwrap_or(0);
-    let mut k = cfg.top_k.max(1);
+    let mut k = top_k.max(1);
     loop {
         let mut union: BTreeSet<u32> = BTreeSet::new();
-        for subset in &subsets {
+        for subset in subsets {
             let mut members = subset.iter().map(|&e| ranked[e].iter().take(k).copied().collect::<BTreeSet<u32>>());
             let first = members.next().unwrap_or_default();
             union.extend(members.fold(first, |acc, s| acc.intersection(&s).copied().collect()));
         }
         union.insert(current);
-        if union.len() >= cfg.min_candidates || k >= longest {
+        if union.len() >= min_candidates || k >= longest {
             return union.into_iter().collect();
         }
         k += 2;
