@@ -64,7 +64,7 @@ fn bench(alias: &str) {
     let lm = LanguageModel::open(alias, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
     let model = &lm.model;
     println!("== {alias}");
-    let cfg = GenerateConfig { max_tokens: NEW_TOKENS, stop_ids: vec![], sampling: None };
+    let cfg = GenerateConfig { max_tokens: NEW_TOKENS, ..Default::default() };
     let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
         "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
     let prompts: Vec<Vec<u32>> = (0..32)

@@ -3,12 +3,14 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::model::generate::{generate, Generated, Request};
+use crate::model::generate::{generate, GenerateConfig, Generated, Request};
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
@@ -31,6 +33,8 @@ pub struct EvalConfig {
     pub batch: usize,
     /// Token budget of the reasoning.
     pub max_reasoning: usize,
+    /// Stops the evaluation (see [`GenerateConfig::cancel`]).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// One sequence of greedy reasoning: the chat prompt for `question + prompt` and the reply.
@@ -40,13 +44,14 @@ pub struct Reasoning {
 }
 
 /// Greedy reasoning for every question under `prompt`, all in one batch.
-pub fn reason(lm: &LanguageModel, questions: &[&str], prompt: &str, max_tokens: usize) -> Result<Vec<Reasoning>> {
+pub fn reason(lm: &LanguageModel, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Reasoning>> {
     let prompts: Vec<Vec<u32>> = questions
         .iter()
         .map(|q| lm.chat_ids(None, &user_turn(q, prompt)))
         .collect::<Result<_>>()?;
     let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
-    let replies = generate(&lm.model, requests, &lm.generate_config(max_tokens, None))?;
+    let gen_cfg = GenerateConfig { cancel: cfg.cancel.clone(), ..lm.generate_config(cfg.max_reasoning, None) };
+    let replies = generate(&lm.model, requests, &gen_cfg)?;
     Ok(prompts.into_iter().zip(replies).map(|(prompt_ids, reply)| Reasoning { prompt_ids, reply }).collect())
 }
 
@@ -91,7 +96,7 @@ pub fn evaluate(
     let mut tokens = 0;
     for chunk in examples.chunks(cfg.batch.max(1)) {
         let questions: Vec<&str> = chunk.iter().map(|e| e.question.as_str()).collect();
-        let reasoning = reason(lm, &questions, prompt, cfg.max_reasoning)?;
+        let reasoning = reason(lm, &questions, prompt, cfg)?;
         let requests: Vec<Request> = reasoning
             .iter()
             .map(|r| Request {

@@ -13,7 +13,7 @@ use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfi
 use greater::optimize::{Interrupted, OptimizeConfig};
 use greater::store::RunDir;
 use greater::model::catalog;
-use greater::model::generate::Sampling;
+use greater::model::generate::{Cancelled, Sampling};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::{builtin_tasks, Split, Task, TaskOptions, ZERO_SHOT_COT};
 
@@ -230,6 +230,9 @@ impl OptimizeArgs {
 
 fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
     let interrupt = Arc::new(AtomicBool::new(false));
+    // The first Ctrl-C asks the run to stop at once (the last checkpoint stands); a second
+    // one, while it winds down, kills the process.
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
     let (start, out) = match &args.resume {
         Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
@@ -302,7 +305,7 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
             println!("best prompt written to {}", out.join("best_prompt.txt").display());
             Ok(())
         }
-        Err(e) if e.downcast_ref::<Interrupted>().is_some() => {
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() || e.downcast_ref::<Cancelled>().is_some() => {
             if let Some(b) = bar.take() {
                 b.abandon();
             }
@@ -351,7 +354,7 @@ fn run_eval(
     );
     println!("prompt: {prompt:?}");
     let bar = progress_bar(test.len(), "eval");
-    let cfg = EvalConfig { batch, max_reasoning };
+    let cfg = EvalConfig { batch, max_reasoning, cancel: None };
     let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     println!(

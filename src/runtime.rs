@@ -78,7 +78,7 @@ impl LanguageModel {
 
     /// Generation settings with this model's stop tokens.
     pub fn generate_config(&self, max_tokens: usize, sampling: Option<Sampling>) -> GenerateConfig {
-        GenerateConfig { max_tokens, stop_ids: self.tokenizer.stop_ids.clone(), sampling }
+        GenerateConfig { max_tokens, stop_ids: self.tokenizer.stop_ids.clone(), sampling, cancel: None }
     }
 
     /// Replies to each prompt (ids), decoded to text.

@@ -110,7 +110,7 @@ fn cached_fused_and_differentiable_forwards_agree() {
 fn a_prompt_decodes_the_same_alone_and_in_a_batch() {
     for arch in ARCHS {
         let model = tiny(arch, DType::F32);
-        let cfg = GenerateConfig { max_tokens: 10, stop_ids: vec![], sampling: None };
+        let cfg = GenerateConfig { max_tokens: 10, ..Default::default() };
         let prompts: Vec<Vec<u32>> = vec![IDS[..5].to_vec(), IDS.to_vec(), IDS[3..6].to_vec()];
         let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
         let batched = generate(&model, prompts.iter().map(req).collect(), &cfg).unwrap();
@@ -125,7 +125,7 @@ fn a_prompt_decodes_the_same_alone_and_in_a_batch() {
 #[test]
 fn generation_stops_at_a_stop_token_and_continues_a_prefix() {
     let model = tiny(Arch::Qwen2, DType::F32);
-    let free = GenerateConfig { max_tokens: 6, stop_ids: vec![], sampling: None };
+    let free = GenerateConfig { max_tokens: 6, ..Default::default() };
     let full = generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &free).unwrap();
     // Stopping at the third generated token returns the two before it.
     let stop = GenerateConfig { stop_ids: vec![full[0].ids[2]], ..free.clone() };

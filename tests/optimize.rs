@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use greater::optimize::candidates::{candidates_from_subsets, draw_subsets, propose, shortlist, sum_normalised, ProposalConfig};
 use greater::optimize::run::{run, Start};
@@ -113,7 +114,7 @@ fn steps_without_timings(dir: &Path) -> Vec<StepRecord> {
 }
 
 fn run_quietly(start: Start, out: &Path) {
-    run(start, out, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    run(start, out, &Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap();
 }
 
 #[test]
@@ -151,35 +152,59 @@ fn a_run_killed_mid_step_resumes_from_its_last_checkpoint() {
     let reference = tmp.path().join("reference");
     run_quietly(Start::New(tiny_settings(&model, 8)), &reference);
 
-    let killed = tmp.path().join("killed");
-    let config = tmp.path().join("run.toml");
-    let mut toml = toml::to_string(&tiny_settings(&model, 8)).unwrap();
-    toml.push('\n');
-    std::fs::write(&config, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["optimize", "--config", config.to_str().unwrap(), "--out", killed.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill it as soon as its first step is logged: mid-way through a later step.
-    let log = killed.join("steps.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !log.exists() || std::fs::read_to_string(&log).unwrap().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the child never finished a step");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    let (mut child, killed) = spawn_until_first_step(tmp.path(), &model, "killed", 8);
     child.kill().unwrap();
     child.wait().unwrap();
-    let checkpoint: greater::optimize::State =
-        serde_json::from_str(&std::fs::read_to_string(killed.join("checkpoint.json")).unwrap()).unwrap();
-    assert!(checkpoint.step < 8, "the child finished before it was killed");
+    assert!(checkpoint_step(&killed) < 8, "the child finished before it was killed");
     let out = Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["optimize", "--resume", killed.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(steps_without_timings(&killed), steps_without_timings(&reference));
+}
+
+/// Starts `greater optimize` on the tiny model in a child process and waits for its first
+/// logged step.
+fn spawn_until_first_step(tmp: &Path, model: &Path, name: &str, steps: usize) -> (std::process::Child, PathBuf) {
+    let out = tmp.join(name);
+    let config = tmp.join(format!("{name}.toml"));
+    std::fs::write(&config, toml::to_string(&tiny_settings(model, steps)).unwrap()).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["optimize", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = out.join("steps.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !log.exists() || std::fs::read_to_string(&log).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the child never finished a step");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    (child, out)
+}
+
+fn checkpoint_step(dir: &Path) -> usize {
+    let state: greater::optimize::State =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+    state.step
+}
+
+#[test]
+fn ctrl_c_keeps_the_last_checkpoint_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let (child, out) = spawn_until_first_step(tmp.path(), &model, "interrupted", 200);
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("interrupted: the last finished step is saved; continue with greater optimize --resume"), "{stdout}");
+    let step = checkpoint_step(&out);
+    assert!((1..200).contains(&step));
+    assert_eq!(steps_without_timings(&out).len(), step);
 }
 
 #[test]

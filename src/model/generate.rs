@@ -1,6 +1,9 @@
 //! Batched decoding with a KV cache: greedy by default, seeded temperature / top-p sampling
 //! on request.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -15,14 +18,27 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateConfig {
     pub max_tokens: usize,
     /// Ids that end a sequence (EOS, end of turn); the stop id is not returned.
     pub stop_ids: Vec<u32>,
     /// None decodes greedily.
     pub sampling: Option<Sampling>,
+    /// Checked before every decoding step: when set, generation fails with [`Cancelled`].
+    pub cancel: Option<Arc<AtomicBool>>,
 }
+
+/// The error of a generation stopped through [`GenerateConfig::cancel`].
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation cancelled")
+    }
+}
+impl std::error::Error for Cancelled {}
 
 /// One sequence to continue: an optional already-computed prefix and the ids after it.
 #[derive(Debug, Clone, Default)]
@@ -105,6 +121,9 @@ pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> 
         });
         if running.is_empty() {
             return Ok(out);
+        }
+        if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Cancelled.into());
         }
         let toks: Vec<u32> = running.iter().map(|r| r.2).collect();
         let x = model.embed(&toks)?.unsqueeze(1)?;

@@ -9,6 +9,7 @@ pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -18,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::extractor_ids;
-use crate::model::generate::{generate, prefill, Generated, Request};
+use crate::model::generate::{generate, prefill, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use crate::model::{KvCache, Pass};
 use crate::runtime::LanguageModel;
@@ -127,7 +128,7 @@ pub struct Optimizer<'a> {
     cfg: &'a OptimizeConfig,
     examples: Vec<TrainExample>,
     extractor: Vec<u32>,
-    interrupt: &'a AtomicBool,
+    interrupt: Arc<AtomicBool>,
 }
 
 fn log_softmax(logits: &Tensor) -> Result<Tensor> {
@@ -140,7 +141,7 @@ impl<'a> Optimizer<'a> {
         task: &Task,
         train: &[&Example],
         cfg: &'a OptimizeConfig,
-        interrupt: &'a AtomicBool,
+        interrupt: Arc<AtomicBool>,
     ) -> Result<Self> {
         if train.is_empty() {
             bail!("the train split is empty: pass --train N");
@@ -256,7 +257,8 @@ impl<'a> Optimizer<'a> {
                 self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.tail].concat() })
             })
             .collect();
-        let mut replies = generate(&self.lm.model, requests, &self.lm.generate_config(self.cfg.max_reasoning, None))?.into_iter();
+        let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.cfg.max_reasoning, None) };
+        let mut replies = generate(&self.lm.model, requests, &cfg)?.into_iter();
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
 

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -119,7 +120,7 @@ pub enum Start {
 }
 
 /// Starts a run in `out`, or continues the one there.
-pub fn run(start: Start, out: &Path, interrupt: &AtomicBool, report: &mut dyn FnMut(Event)) -> Result<Summary> {
+pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Summary> {
     let (dir, config, lm, task) = match start {
         Start::New(s) => {
             let (task, split) = load_task(&s)?;
@@ -165,7 +166,7 @@ pub fn run(start: Start, out: &Path, interrupt: &AtomicBool, report: &mut dyn Fn
     };
     let s = &config.settings;
     let train = Split::pick(&config.split.train, &task);
-    let optimizer = Optimizer::new(&lm, &task, &train, s, interrupt)?;
+    let optimizer = Optimizer::new(&lm, &task, &train, s, Arc::clone(interrupt))?;
 
     let mut state: State = if dir.exists("checkpoint.json") {
         dir.read_json("checkpoint.json")?
@@ -205,7 +206,7 @@ pub fn run(start: Start, out: &Path, interrupt: &AtomicBool, report: &mut dyn Fn
     dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
 
     let test = Split::pick(&config.split.test, &task);
-    let eval_cfg = EvalConfig { batch: s.eval_batch, max_reasoning: s.max_reasoning };
+    let eval_cfg = EvalConfig { batch: s.eval_batch, max_reasoning: s.max_reasoning, cancel: Some(Arc::clone(interrupt)) };
     let mut evaluations = Vec::new();
     for (label, prompt) in [("zero-shot CoT", ZERO_SHOT_COT), ("initial", config.initial_prompt.as_str()), ("optimised", &best_prompt)] {
         let file = format!("eval-{}.json", label.replace([' ', '-'], "_").to_lowercase());
