@@ -213,17 +213,23 @@ impl<'a> Optimizer<'a> {
     /// Mean prompt NLL over the examples, and (for `row`) each example's admissible tokens
     /// for that prompt position, most likely first.
     fn prompt_stats(&self, prompt: &[u32], row: Option<usize>) -> Result<(f64, Vec<Vec<u32>>)> {
-        let mut nll_sum = 0.0;
-        let mut ranked = Vec::new();
-        let mut memo: HashMap<u32, bool> = HashMap::new();
+        let len = prompt.len();
+        let mut hidden = Vec::with_capacity(self.examples.len());
         for ex in &self.examples {
             let mut cache = [ex.head_cache.clone()];
             let x = self.lm.model.embed(prompt)?.unsqueeze(0)?;
-            let hidden = self.lm.model.forward(&x, &mut cache, Pass::Fast)?.squeeze(0)?;
+            hidden.push(self.lm.model.forward(&x, &mut cache, Pass::Fast)?.squeeze(0)?);
+        }
+        // One vocabulary projection for all examples: its weight is read once, not per example.
+        let all = log_softmax(&self.lm.model.logits(&Tensor::cat(&hidden, 0)?)?)?;
+        let targets = Tensor::new(prompt, all.device())?.unsqueeze(1)?;
+        let mut nll_sum = 0.0;
+        let mut ranked = Vec::new();
+        let mut memo: HashMap<u32, bool> = HashMap::new();
+        for (e, ex) in self.examples.iter().enumerate() {
             // Row j predicts prompt token j; the last row predicts a token after the prompt.
-            let rows = Tensor::cat(&[ex.head_logprobs.unsqueeze(0)?, log_softmax(&self.lm.model.logits(&hidden)?)?], 0)?;
-            let targets = Tensor::new(prompt, rows.device())?.unsqueeze(1)?;
-            let picked = rows.narrow(0, 0, prompt.len())?.gather(&targets, 1)?;
+            let rows = Tensor::cat(&[ex.head_logprobs.unsqueeze(0)?, all.narrow(0, e * len, len)?], 0)?;
+            let picked = rows.narrow(0, 0, len)?.gather(&targets, 1)?;
             nll_sum -= picked.mean_all()?.to_scalar::<f32>()? as f64;
             if let Some(r) = row {
                 let logprobs = rows.get(r)?.to_vec1::<f32>()?;
@@ -262,26 +268,29 @@ impl<'a> Optimizer<'a> {
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
 
-    /// Does greedy decoding, teacher-forced on the gold answer after the reasoning and the
-    /// extractor, pick every gold answer token?
-    fn answers_correctly(&self, reply: &Generated, ex: &TrainExample) -> Result<bool> {
+    /// Hidden states that predict the gold answer's tokens, teacher-forced after the
+    /// reasoning and the extractor.
+    fn answer_states(&self, reply: &Generated, ex: &TrainExample) -> Result<Tensor> {
         let ids = [&reply.ids[reply.fed..], &self.extractor, &ex.answer].concat();
         let mut cache = [reply.cache.clone()];
         let hidden = self.lm.model.forward(&self.lm.model.embed(&ids)?.unsqueeze(0)?, &mut cache, Pass::Fast)?;
         let n = ex.answer.len();
-        let rows = hidden.squeeze(0)?.narrow(0, ids.len() - n - 1, n)?;
-        let picked = self.lm.model.logits(&rows)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        Ok(picked == ex.answer)
+        Ok(hidden.squeeze(0)?.narrow(0, ids.len() - n - 1, n)?)
     }
 
-    /// Real scores of prompts whose reasoning is given.
+    /// Real score of a prompt whose reasoning is given: an example is right when greedy
+    /// decoding would pick every gold answer token.
     fn score(&self, prompt: &[u32], replies: &[Generated]) -> Result<Score> {
         self.check_interrupt()?;
+        let states: Vec<Tensor> =
+            replies.iter().zip(&self.examples).map(|(r, ex)| self.answer_states(r, ex)).collect::<Result<_>>()?;
+        let picked = self.lm.model.logits(&Tensor::cat(&states, 0)?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let mut rest = picked.as_slice();
         let mut mistakes = 0;
-        for (reply, ex) in replies.iter().zip(&self.examples) {
-            if !self.answers_correctly(reply, ex)? {
-                mistakes += 1;
-            }
+        for ex in &self.examples {
+            let (mine, tail) = rest.split_at(ex.answer.len());
+            mistakes += usize::from(mine != ex.answer.as_slice());
+            rest = tail;
         }
         let (nll, _) = self.prompt_stats(prompt, None)?;
         let n = self.examples.len();
