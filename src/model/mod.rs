@@ -5,6 +5,7 @@ mod causal_softmax;
 pub mod config;
 mod decode_attention;
 mod frozen_matmul;
+mod fused_backward;
 pub mod generate;
 pub mod gradient;
 pub mod transformer;

@@ -12,6 +12,7 @@ use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::causal_softmax::causal_softmax;
 use super::decode_attention::DecodeAttention;
 use super::frozen_matmul::frozen_matmul;
+use super::fused_backward;
 use super::weights::WeightSource;
 
 /// Whether a forward pass must be differentiable. candle's fused softmax, RMSNorm and rotary
@@ -382,9 +383,10 @@ impl Model {
 
     fn norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> Result<Tensor> {
         let eps = self.cfg.rms_eps as f32;
-        Ok(match pass {
-            Pass::Fast if x.dtype() == DType::F32 => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?,
-            _ => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
+        Ok(match (pass, fused_kernels(x)) {
+            (Pass::Fast, true) => fused_backward::rms_norm_value(x, weight, eps)?,
+            (Pass::Differentiable, true) => fused_backward::rms_norm(x, weight, eps)?,
+            (_, false) => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
         })
     }
 
@@ -462,15 +464,25 @@ impl Model {
     }
 }
 
+/// The fused kernels (and the gradient re-attached to them) run on the CPU in f32 / f64;
+/// elsewhere the plain tensor-op forms are used.
+fn fused_kernels(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
 /// Rotary position embedding of `x` [batch, heads, len, head_dim] with cos/sin
 /// [batch, len, head_dim/2]. The fused kernels are used only when no gradient is needed.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle, pass: Pass) -> Result<Tensor> {
-    if pass == Pass::Fast && x.dtype() == DType::F32 {
-        return Ok(match style {
-            RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-        });
+    match (pass, fused_kernels(x)) {
+        (Pass::Fast, true) => Ok(fused_backward::rope_kernel(x, cos, sin, style)?),
+        (Pass::Differentiable, true) => Ok(fused_backward::rope(x, cos, sin, style)?),
+        (_, false) => rope_plain(x, cos, sin, style),
     }
+}
+
+/// The rotary embedding as plain (differentiable) tensor ops, for devices and dtypes
+/// without the fused kernel.
+fn rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
     let (b, h, len, hd) = x.dims4()?;
     let half = hd / 2;
     let cos = cos.unsqueeze(1)?;
@@ -522,6 +534,26 @@ impl Arch {
             final_softcap: (self == Arch::Gemma2).then_some(3.0),
             attn_scale: 1.0 / (8f64).sqrt(),
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain-op rotary embedding (used off the CPU) equals candle's fused kernels.
+    #[test]
+    fn plain_rope_matches_the_fused_kernels() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (2, 5, 4), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (2, 5, 4), &dev).unwrap();
+        for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
+            let fused = rope(&x, &cos, &sin, style, Pass::Fast).unwrap();
+            let plain = rope_plain(&x, &cos, &sin, style).unwrap();
+            let diff = (fused - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "{style:?}: {diff}");
         }
     }
 }
