@@ -1,11 +1,13 @@
 //! The run directory: resolved configuration, one JSON line per step, an atomically
 //! replaced checkpoint, and the final summary.
 //!
-//!     config.json       what was run: settings, model file and sha256, task, split
-//!     steps.jsonl       one line per finished step
-//!     checkpoint.json   the state after the last finished step
-//!     best_prompt.txt   the best prompt, byte for byte
-//!     summary.json / summary.md   held-out accuracies at the end
+//! ```text
+//! config.json       what was run: settings, model file and sha256, task, split
+//! steps.jsonl       one line per finished step
+//! checkpoint.json   the state after the last finished step
+//! best_prompt.txt   the best prompt, byte for byte
+//! summary.json / summary.md   held-out accuracies at the end
+//! ```
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
