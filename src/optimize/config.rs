@@ -3,8 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::tasks::PAPER_INITIAL_PROMPT;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimizeConfig {
@@ -68,7 +66,4 @@ impl OptimizeConfig {
         OptimizeConfig { train: 8, test: 30, steps: 4, max_reasoning: 96, ..Self::default() }
     }
 
-    pub fn default_initial_prompt() -> &'static str {
-        PAPER_INITIAL_PROMPT
-    }
 }

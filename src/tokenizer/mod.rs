@@ -93,15 +93,6 @@ impl Tokenizer {
         self.special_ids.contains(&id)
     }
 
-    /// The vocabulary entry of `id` as stored (byte-level or SentencePiece form).
-    pub fn piece(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     pub fn token_id(&self, piece: &str) -> Option<u32> {
         self.inner.token_to_id(piece)
     }
