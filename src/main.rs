@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
-use greater::optimize::{Interrupted, OptimizeConfig};
+use greater::optimize::OptimizeConfig;
 use greater::store::RunDir;
 use greater::model::catalog;
 use greater::model::generate::{Cancelled, Sampling};
 use greater::runtime::{LanguageModel, OpenOptions};
-use greater::tasks::{builtin_tasks, Split, Task, TaskOptions, ZERO_SHOT_COT};
+use greater::tasks::{builtin_tasks, Split, Task, ZERO_SHOT_COT};
 
 #[derive(Parser)]
 #[command(name = "greater", version, about = "Optimise a local model's task prompt with gradients over reasoning")]
@@ -36,14 +36,8 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn open(&self) -> Result<LanguageModel> {
-        let chat_template = match &self.chat_template {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
-            ),
-            None => None,
-        };
-        LanguageModel::open(&self.model, &OpenOptions { chat_template }, &mut |m| eprintln!("{m}"))
+        let opts = OpenOptions { chat_template: self.chat_template.clone() };
+        LanguageModel::open(&self.model, &opts, &mut |m| eprintln!("{m}"))
     }
 }
 
@@ -71,11 +65,8 @@ struct TaskArgs {
 
 impl TaskArgs {
     fn load(&self) -> Result<(Task, Split)> {
-        let count = (self.train + self.dev + self.test).max(300);
-        let opts = TaskOptions { data_dir: self.data_dir.clone(), seed: self.seed, difficulty: self.difficulty, count };
-        let task = Task::load(&self.task, &opts)?;
-        let split = Split::new(task.examples.len(), self.train, self.dev, self.test, self.seed)?;
-        Ok((task, split))
+        let sizes = (self.train, self.dev, self.test);
+        Task::load_split(&self.task, self.data_dir.clone(), self.seed, self.difficulty, sizes)
     }
 }
 
@@ -305,7 +296,7 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
             println!("best prompt written to {}", out.join("best_prompt.txt").display());
             Ok(())
         }
-        Err(e) if e.downcast_ref::<Interrupted>().is_some() || e.downcast_ref::<Cancelled>().is_some() => {
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
             if let Some(b) = bar.take() {
                 b.abandon();
             }

@@ -23,8 +23,8 @@ pub struct LanguageModel {
 
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// A Jinja chat template that replaces (or supplies) the model's own.
-    pub chat_template: Option<String>,
+    /// A Jinja chat template file that replaces (or supplies) the model's own.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl LanguageModel {
@@ -37,7 +37,12 @@ impl LanguageModel {
         } else {
             open_gguf(&path, &device)?
         };
-        let source = opts.chat_template.clone().or(own_template);
+        let source = match &opts.chat_template {
+            Some(p) => Some(
+                std::fs::read_to_string(p).with_context(|| format!("cannot read chat template {}", p.display()))?,
+            ),
+            None => own_template,
+        };
         let chat = match source {
             Some(src) => Some(ChatTemplate::new(&src, tokenizer.bos.as_deref(), tokenizer.eos.as_deref())?),
             None => None,

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::extractor_ids;
-use crate::model::generate::{generate, prefill, GenerateConfig, Generated, Request};
+use crate::model::generate::{generate, prefill, Cancelled, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use crate::model::{KvCache, Pass};
 use crate::runtime::LanguageModel;
@@ -28,17 +28,6 @@ use crate::tasks::{Example, Task};
 use candidates::{propose, shortlist, sum_normalised, ProposalConfig};
 pub use config::OptimizeConfig;
 use schedule::{next_position, Next};
-
-/// Returned (as an error) when Ctrl-C asked the run to stop; the last checkpoint stands.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted")
-    }
-}
-impl std::error::Error for Interrupted {}
 
 /// How good a prompt is on the train examples: lower is better.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,9 +152,11 @@ impl<'a> Optimizer<'a> {
         Ok(Optimizer { lm, cfg, examples, extractor: extractor_ids(lm, task)?, interrupt })
     }
 
+    /// Ctrl-C stops the run with the same error as a cancelled generation; the last
+    /// checkpoint stands.
     fn check_interrupt(&self) -> Result<()> {
         if self.interrupt.load(Ordering::Relaxed) {
-            return Err(Interrupted.into());
+            return Err(Cancelled.into());
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Optimizer, OptimizeConfig, State, StepRecord};
@@ -15,7 +15,7 @@ use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::model::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
 use crate::store::RunDir;
-use crate::tasks::{Split, Task, TaskOptions, ZERO_SHOT_COT};
+use crate::tasks::{Split, Task, ZERO_SHOT_COT};
 
 /// What `config.json` records: enough to resume and to reproduce.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,19 +97,12 @@ fn model_sha256(path: &Path) -> Result<String> {
 }
 
 fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
-    let count = (s.train + s.dev + s.test).max(300);
-    let opts = TaskOptions { data_dir: s.data_dir.as_ref().map(PathBuf::from), seed: s.seed, difficulty: s.difficulty, count };
-    let task = Task::load(&s.task, &opts)?;
-    let split = Split::new(task.examples.len(), s.train, s.dev, s.test, s.seed)?;
-    Ok((task, split))
+    Task::load_split(&s.task, s.data_dir.as_ref().map(PathBuf::from), s.seed, s.difficulty, (s.train, s.dev, s.test))
 }
 
 fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<LanguageModel> {
-    let chat_template = match &s.chat_template {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read chat template {p}"))?),
-        None => None,
-    };
-    LanguageModel::open(&s.model, &OpenOptions { chat_template }, &mut |m| report(Event::Info(m.to_string())))
+    let opts = OpenOptions { chat_template: s.chat_template.as_ref().map(PathBuf::from) };
+    LanguageModel::open(&s.model, &opts, &mut |m| report(Event::Info(m.to_string())))
 }
 
 /// How a run begins.

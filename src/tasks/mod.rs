@@ -119,6 +119,21 @@ impl Task {
         Ok(Task::new(spec, kind, loader(&path)?, path.display().to_string()))
     }
 
+    /// Loads `spec` and draws its (train, dev, test) split. Generated tasks make at least 300
+    /// questions, and more when the split needs them.
+    pub fn load_split(
+        spec: &str,
+        data_dir: Option<PathBuf>,
+        seed: u64,
+        difficulty: usize,
+        (train, dev, test): (usize, usize, usize),
+    ) -> Result<(Task, Split)> {
+        let count = (train + dev + test).max(300);
+        let task = Task::load(spec, &TaskOptions { data_dir, seed, difficulty, count })?;
+        let split = Split::new(task.examples.len(), train, dev, test, seed)?;
+        Ok((task, split))
+    }
+
     /// The most common gold answer's share: what always answering it would score.
     pub fn majority_floor(examples: &[&Example]) -> f64 {
         let mut counts = std::collections::HashMap::new();
