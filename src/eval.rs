@@ -10,29 +10,18 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request};
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
-
-/// The user turn: the question, one space, the prompt (the method's layout).
-pub fn user_turn(question: &str, prompt: &str) -> String {
-    if prompt.is_empty() {
-        question.to_string()
-    } else {
-        format!("{question} {prompt}")
-    }
-}
-
-/// Ids of the extractor as it follows the reasoning.
-pub fn extractor_ids(lm: &LanguageModel, task: &Task) -> Result<Vec<u32>> {
-    lm.tokenizer.encode(&format!(" {}", task.extractor), false)
-}
 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     pub batch: usize,
     /// Token budget of the reasoning.
     pub max_reasoning: usize,
+    /// Text between the question and the prompt (see [`crate::layout`]).
+    pub connector: String,
     /// Stops the evaluation (see [`GenerateConfig::cancel`]).
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -43,12 +32,14 @@ pub struct Reasoning {
     pub reply: Generated,
 }
 
+/// The ids the model reads for `question` under `prompt`, before its reasoning.
+pub fn user_ids(layout: &Layout, question: &str, prompt: &str) -> Result<Vec<u32>> {
+    layout.user_turn(&layout.question(question)?, &layout.prompt_ids(prompt)?)
+}
+
 /// Greedy reasoning for every question under `prompt`, all in one batch.
-pub fn reason(lm: &LanguageModel, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Reasoning>> {
-    let prompts: Vec<Vec<u32>> = questions
-        .iter()
-        .map(|q| lm.chat_ids(None, &user_turn(q, prompt)))
-        .collect::<Result<_>>()?;
+fn reason(lm: &LanguageModel, layout: &Layout, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Reasoning>> {
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| user_ids(layout, q, prompt)).collect::<Result<_>>()?;
     let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
     let gen_cfg = GenerateConfig { cancel: cfg.cancel.clone(), ..lm.generate_config(cfg.max_reasoning, None) };
     let replies = generate(&lm.model, requests, &gen_cfg)?;
@@ -90,18 +81,19 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport> {
     let start = Instant::now();
-    let extractor = extractor_ids(lm, task)?;
+    let layout = Layout::new(lm, task, &cfg.connector)?;
+    let extractor = layout.extractor();
     let answer_cfg = lm.generate_config(task.kind.answer_budget(), None);
     let mut records = Vec::with_capacity(examples.len());
     let mut tokens = 0;
     for chunk in examples.chunks(cfg.batch.max(1)) {
         let questions: Vec<&str> = chunk.iter().map(|e| e.question.as_str()).collect();
-        let reasoning = reason(lm, &questions, prompt, cfg)?;
+        let reasoning = reason(lm, &layout, &questions, prompt, cfg)?;
         let requests: Vec<Request> = reasoning
             .iter()
             .map(|r| Request {
                 prefix: r.reply.cache.clone(),
-                ids: [&r.reply.ids[r.reply.fed..], &extractor[..]].concat(),
+                ids: [&r.reply.ids[r.reply.fed..], extractor].concat(),
             })
             .collect();
         let answers = generate(&lm.model, requests, &answer_cfg)?;

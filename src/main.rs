@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
-use greater::optimize::OptimizeConfig;
+use greater::layout::REFERENCE_CONNECTOR;
+use greater::optimize::{Accept, Filler, GradientSum, OptimizeConfig, Vocabulary};
+use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
 use greater::model::catalog;
 use greater::model::generate::{Cancelled, Sampling};
@@ -111,8 +113,11 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         batch: usize,
         /// Token budget of the reasoning.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 1024)]
         max_reasoning: usize,
+        /// Text between the question and the prompt (the reference's; as in optimisation).
+        #[arg(long, default_value = REFERENCE_CONNECTOR)]
+        connector: String,
         /// One JSON line per question.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -120,6 +125,9 @@ enum Command {
     /// Find a better prompt with gradients over reasoning (GReaTer). Without arguments:
     /// a short demo on SmolLM2 and generated arithmetic.
     Optimize(OptimizeArgs),
+    /// Run `optimize` with one configuration over a list of tasks (a run folder each, one
+    /// table); resumable as a whole with --resume DIR.
+    Protocol(ProtocolArgs),
     /// List the built-in tasks.
     Tasks,
     /// List the model aliases and whether they are cached.
@@ -137,7 +145,8 @@ struct OptimizeArgs {
     #[arg(long, conflicts_with_all = [
         "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
-        "max_reasoning", "eval_batch", "chat_template",
+        "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
+        "gradient_sum", "vocabulary", "accept", "dev_candidates",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -164,38 +173,73 @@ struct OptimizeArgs {
     /// Stop after this many steps without a better train score (0: never).
     #[arg(long)]
     patience: Option<usize>,
+    /// Each example's top-k tokens at the position [reference: 40].
     #[arg(long)]
     top_k: Option<usize>,
+    /// Random example subsets whose top-k sets are intersected [reference: 6].
     #[arg(long)]
     top_q: Option<usize>,
+    /// Examples per subset [reference: 5].
     #[arg(long)]
     subset_size: Option<usize>,
+    /// Candidates checked for real per step [reference: 3].
     #[arg(long)]
     shortlist: Option<usize>,
+    /// Temperature of the answer loss [reference: 0.2].
     #[arg(long)]
     temperature: Option<f64>,
+    /// Weight of the prompt's fluency (NLL) [reference: 0.2].
     #[arg(long)]
     control_weight: Option<f64>,
+    /// [reference: "proper logical reasoning and think step by step. Finally give the actual correct answer."]
     #[arg(long)]
     initial_prompt: Option<String>,
+    /// Token budget of each reasoning [reference: 1024].
     #[arg(long)]
     max_reasoning: Option<usize>,
+    /// Questions decoded together when evaluating.
     #[arg(long)]
     eval_batch: Option<usize>,
     #[arg(long)]
     chat_template: Option<String>,
+    /// Text between the question and the prompt [reference: ". Use"].
+    #[arg(long)]
+    connector: Option<String>,
+    /// The current token may be shortlisted and kept [reference: true].
+    #[arg(long)]
+    keep_current: Option<bool>,
+    /// Take a shortlisted token holding "." at once in the prompt's second half [reference: true].
+    #[arg(long)]
+    sentence_end_rule: Option<bool>,
+    /// Token appended when the prompt grows [reference: underscore].
+    #[arg(long, value_enum)]
+    filler: Option<Filler>,
+    /// How per-example gradients combine [reference: raw].
+    #[arg(long, value_enum)]
+    gradient_sum: Option<GradientSum>,
+    /// Tokens allowed in the prompt [reference: reference].
+    #[arg(long, value_enum)]
+    vocabulary: Option<Vocabulary>,
+    /// Which checked token a step moves to [reference: always].
+    #[arg(long, value_enum)]
+    accept: Option<Accept>,
+    /// Best prompts by train score rescored on the dev split (reference: none; the paper picks
+    /// on dev) [default: 4].
+    #[arg(long)]
+    dev_candidates: Option<usize>,
 }
 
 impl OptimizeArgs {
-    /// Settings: defaults (or the demo when nothing is given), then the config file, then flags.
-    fn settings(&self) -> Result<OptimizeConfig> {
+    /// Settings: defaults (or the demo when nothing is given and `demo` allows it), then the
+    /// config file, then flags.
+    fn settings(&self, demo: bool) -> Result<OptimizeConfig> {
         let mut c = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
                 toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
-            None if self.model.is_none() && self.task.is_none() => {
+            None if demo && self.model.is_none() && self.task.is_none() => {
                 eprintln!("no --task or --model given: running the built-in demo (smollm2-135m, generated arithmetic, 4 steps)");
                 OptimizeConfig::demo()
             }
@@ -205,7 +249,8 @@ impl OptimizeArgs {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
         }
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
-        overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch);
+        overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
+        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates);
         if let Some(p) = &self.initial_prompt {
             c.initial_prompt = Some(p.clone());
         }
@@ -228,7 +273,7 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
     let (start, out) = match &args.resume {
         Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
         None => {
-            let s = args.settings()?;
+            let s = args.settings(true)?;
             let out = args.out.clone().unwrap_or_else(|| {
                 let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 PathBuf::from(format!("greater-runs/{}-{secs}", s.task.replace(['/', '.'], "_")))
@@ -236,71 +281,152 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
             (Start::New(s), out)
         }
     };
-    let mut bar: Option<ProgressBar> = None;
-    let mut report = |event: Event| match event {
-        Event::Info(m) => eprintln!("{m}"),
-        Event::Start { done, total, budget } => {
-            println!("{budget}");
-            let b = ProgressBar::new(total as u64);
-            b.set_style(
-                ProgressStyle::with_template("step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
-            b.set_position(done as u64);
-            b.reset_eta();
-            bar = Some(b);
-        }
-        Event::Step(record, state) => {
-            if let Some(b) = &bar {
-                let chosen = record.chosen.as_ref().map_or("(none)".to_string(), |c| format!("{:?}", c.text));
-                let line = format!(
-                    "step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [gen {:.0} s, grad {:.0} s, score {:.0} s]",
-                    record.step,
-                    record.position,
-                    record.prompt,
-                    state.best_score,
-                    record.seconds.generation,
-                    record.seconds.gradient,
-                    record.seconds.scoring
-                );
-                // A bar that is not drawn (output not a terminal) prints nothing itself.
-                if b.is_hidden() {
-                    println!("{line}");
-                } else {
-                    b.println(line);
-                }
-                b.set_message(format!("pos {} best {:.3} | {}", state.position, state.best_score, record.prompt));
-                b.inc(1);
-            }
-        }
-        Event::EvalStart { label, questions } => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            bar = Some(progress_bar(questions, &format!("test: {label}")));
-        }
-        Event::EvalProgress(done) => {
-            if let Some(b) = &bar {
-                b.set_position(done as u64);
-            }
-        }
-    };
-    match run_optimize(start, &out, &interrupt, &mut report) {
+    let mut progress = Progress::default();
+    match run_optimize(start, &out, &interrupt, &mut |e| progress.event(e)) {
         Ok(summary) => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
+            progress.finish();
             let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
             println!("{}", summary_table(&summary, &config));
             println!("best prompt written to {}", out.join("best_prompt.txt").display());
             Ok(())
         }
         Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
-            if let Some(b) = bar.take() {
-                b.abandon();
-            }
+            progress.abandon();
             println!("interrupted: the last finished step is saved; continue with greater optimize --resume {}", out.display());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Draws a run's events: the budget line, a step bar with ETA, one line per step, a bar per
+/// evaluation. In a protocol the step bar counts the steps of every task.
+#[derive(Default)]
+struct Progress {
+    bar: Option<ProgressBar>,
+    /// "task 2/5 navigate | " in a protocol.
+    label: String,
+    /// Steps of the tasks before this one, and of all tasks (in a protocol).
+    offset: usize,
+    protocol_steps: Option<usize>,
+}
+
+impl Progress {
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Info(m) => eprintln!("{}{m}", self.label),
+            Event::Start { done, total, budget } => {
+                println!("{}{budget}", self.label);
+                let b = ProgressBar::new(self.protocol_steps.unwrap_or(total) as u64);
+                b.set_style(
+                    ProgressStyle::with_template("step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}")
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                b.set_position((self.offset + done) as u64);
+                b.reset_eta();
+                self.bar = Some(b);
+            }
+            Event::Step(record, state) => {
+                if let Some(b) = &self.bar {
+                    let chosen = record.chosen.as_ref().map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
+                    let line = format!(
+                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [gen {:.0} s, grad {:.0} s, score {:.0} s]",
+                        self.label,
+                        record.step,
+                        record.position,
+                        record.prompt,
+                        state.best_score,
+                        record.seconds.generation,
+                        record.seconds.gradient,
+                        record.seconds.scoring
+                    );
+                    // A bar that is not drawn (output not a terminal) prints nothing itself.
+                    if b.is_hidden() {
+                        println!("{line}");
+                    } else {
+                        b.println(line);
+                    }
+                    b.set_message(format!("{}pos {} best {:.3} | {}", self.label, state.position, state.best_score, record.prompt));
+                    b.inc(1);
+                }
+            }
+            Event::EvalStart { label, questions } => {
+                self.finish();
+                self.bar = Some(progress_bar(questions, &format!("{}{label}", self.label)));
+            }
+            Event::EvalProgress(done) => {
+                if let Some(b) = &self.bar {
+                    b.set_position(done as u64);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+
+    fn abandon(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.abandon();
+        }
+    }
+}
+
+/// Flags of `greater protocol`: the run settings of `greater optimize` and a task list.
+#[derive(Args)]
+struct ProtocolArgs {
+    #[command(flatten)]
+    run: OptimizeArgs,
+    /// Tasks, comma-separated [default: the paper's five transfer tasks].
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+}
+
+fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
+    let (config, out) = match &args.run.resume {
+        Some(dir) => (None, dir.clone()),
+        None => {
+            let settings = args.run.settings(false)?;
+            let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
+            let out = args.run.out.clone().unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from(format!("greater-runs/protocol-{secs}"))
+            });
+            (Some(ProtocolConfig { settings, tasks }), out)
+        }
+    };
+    let steps = config.as_ref().map_or_else(
+        || RunDir::folder(&out)?.read_json::<ProtocolConfig>("protocol-config.json").map(|c| c.settings.steps),
+        |c| Ok(c.settings.steps),
+    )?;
+    let mut progress = Progress::default();
+    let result = run_protocol(config, &out, &interrupt, &mut |event| match event {
+        ProtocolEvent::Task { index, total, name } => {
+            progress.finish();
+            progress.label = format!("task {}/{total} {name} | ", index + 1);
+            progress.offset = index * steps;
+            progress.protocol_steps = Some(total * steps);
+        }
+        ProtocolEvent::Run(e) => progress.event(e),
+    });
+    match result {
+        Ok(table) => {
+            progress.finish();
+            let config: ProtocolConfig = RunDir::folder(&out)?.read_json("protocol-config.json")?;
+            println!("{}", protocol_markdown(&table, &config));
+            println!("table written to {}", out.join("protocol.md").display());
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
+            progress.abandon();
+            println!("interrupted: finished steps and tasks are saved; continue with greater protocol --resume {}", out.display());
             Ok(())
         }
         Err(e) => Err(e),
@@ -322,8 +448,7 @@ fn run_eval(
     model: &ModelArgs,
     task_args: &TaskArgs,
     prompt: &str,
-    batch: usize,
-    max_reasoning: usize,
+    cfg: EvalConfig,
     out: Option<&Path>,
 ) -> Result<()> {
     let (task, split) = task_args.load()?;
@@ -345,7 +470,6 @@ fn run_eval(
     );
     println!("prompt: {prompt:?}");
     let bar = progress_bar(test.len(), "eval");
-    let cfg = EvalConfig { batch, max_reasoning, cancel: None };
     let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     println!(
@@ -374,14 +498,16 @@ fn run(cli: Cli) -> Result<()> {
             let reply = lm.complete(&[ids], &lm.generate_config(max_tokens, sampling))?;
             println!("{}", reply[0].trim());
         }
-        Command::Eval { model, task, prompt, baseline, batch, max_reasoning, out } => {
+        Command::Eval { model, task, prompt, baseline, batch, max_reasoning, connector, out } => {
             let prompt = match (prompt, baseline) {
                 (Some(p), _) => p,
                 (None, Some(Baseline::ZsCot)) | (None, None) => ZERO_SHOT_COT.to_string(),
             };
-            run_eval(&model, &task, &prompt, batch, max_reasoning, out.as_deref())?;
+            let cfg = EvalConfig { batch, max_reasoning, connector, cancel: None };
+            run_eval(&model, &task, &prompt, cfg, out.as_deref())?;
         }
         Command::Optimize(args) => run_optimize_command(&args)?,
+        Command::Protocol(args) => run_protocol_command(&args)?,
         Command::Tasks => {
             println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
             for t in builtin_tasks() {

@@ -34,6 +34,12 @@ impl RunDir {
         Ok(RunDir { path: path.to_path_buf() })
     }
 
+    /// A folder that holds other things than one run (a protocol's parent folder).
+    pub fn folder(path: &Path) -> Result<Self> {
+        fs::create_dir_all(path).with_context(|| format!("cannot create folder {}", path.display()))?;
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         if !path.join("config.json").exists() {
             bail!("{} holds no run (no config.json)", path.display());

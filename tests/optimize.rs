@@ -8,10 +8,19 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::optimize::candidates::{candidates_from_subsets, draw_subsets, propose, shortlist, sum_normalised, ProposalConfig};
+use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
 use greater::optimize::run::{run, Start};
 use greater::optimize::schedule::{next_position, Next};
-use greater::optimize::{OptimizeConfig, StepRecord};
+use greater::optimize::{Accept, GradientSum, OptimizeConfig, StepRecord};
+use greater::eval::user_ids;
+use greater::layout::Layout;
+use greater::model::{KvCache, Pass};
+use greater::optimize::run::{EvalSummary, Summary};
+use greater::optimize::select::{choose_on_dev, Contender};
+use greater::optimize::{Optimizer, Score};
+use greater::protocol::{run_protocol, ProtocolConfig, ProtocolTable};
+use greater::runtime::{LanguageModel, OpenOptions};
+use greater::tasks::{Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -55,29 +64,48 @@ fn subsets_are_seeded_distinct_and_sorted() {
 }
 
 #[test]
-fn shortlist_takes_the_most_negative_gradients_except_the_current_token() {
+fn shortlist_takes_the_most_negative_gradients_and_may_keep_the_current_token() {
     let candidates = [10, 11, 12, 13, 14, 15];
     let gradient = [0.5, -2.0, -0.1, -3.0, -2.0, 1.0];
     // 13 (-3.0), then 11 and 14 tie at -2.0: the lower id first.
-    assert_eq!(shortlist(&candidates, &gradient, 12, 3), vec![(13, -3.0), (11, -2.0), (14, -2.0)]);
-    // The current token is never shortlisted, however good its gradient.
-    assert_eq!(shortlist(&candidates, &gradient, 13, 2), vec![(11, -2.0), (14, -2.0)]);
-    assert_eq!(shortlist(&[12], &[0.0], 12, 3), vec![]);
+    assert_eq!(shortlist(&candidates, &gradient, None, 3), vec![(13, -3.0), (11, -2.0), (14, -2.0)]);
+    // Reference: the current token (13) is a candidate like any other and leads the list.
+    assert_eq!(shortlist(&candidates, &gradient, None, 1), vec![(13, -3.0)]);
+    // With keep_current = false it is left out, however good its gradient.
+    assert_eq!(shortlist(&candidates, &gradient, Some(13), 2), vec![(11, -2.0), (14, -2.0)]);
+    assert_eq!(shortlist(&[12], &[0.0], Some(12), 3), vec![]);
 }
 
 #[test]
-fn gradients_are_normalised_per_example_then_summed() {
-    let total = sum_normalised(&[vec![3.0, 4.0], vec![0.0, -2.0], vec![0.0, 0.0]]);
-    assert_eq!(total, vec![0.6, -0.19999999]);
+fn a_step_takes_the_lowest_score_ties_to_the_later_and_the_sentence_end_at_once() {
+    // Scores in gradient order: the lowest wins.
+    assert_eq!(choose(&[0.5, 0.3, 0.4], false, None, Accept::Always), Some(1));
+    // Ties go to the later (lower-gradient) token, as the reference's `<=`.
+    assert_eq!(choose(&[0.3, 0.5, 0.3], false, None, Accept::Always), Some(2));
+    // The sentence-end rule takes the last checked token although an earlier one scored better.
+    assert_eq!(choose(&[0.1, 0.9], true, None, Accept::Always), Some(1));
+    // Reference: a worse move is taken anyway; not-worse keeps the current prompt instead.
+    assert_eq!(choose(&[0.6, 0.7], false, Some(0.5), Accept::Always), Some(0));
+    assert_eq!(choose(&[0.6, 0.7], false, Some(0.5), Accept::NotWorse), None);
+    assert_eq!(choose(&[0.6, 0.5], false, Some(0.5), Accept::NotWorse), Some(1));
+    assert_eq!(choose(&[], false, None, Accept::Always), None);
+}
+
+#[test]
+fn gradients_sum_raw_under_the_reference_and_normalised_per_example_otherwise() {
+    let grads = [vec![3.0, 4.0], vec![0.0, -2.0], vec![0.0, 0.0]];
+    assert_eq!(combine_gradients(&grads, GradientSum::Raw), vec![3.0, 2.0]);
+    assert_eq!(combine_gradients(&grads, GradientSum::PerExample), vec![0.6, -0.19999999]);
 }
 
 #[test]
 fn schedule_wraps_after_a_sentence_end_and_grows_otherwise() {
     assert_eq!(next_position(2, 5, " step"), Next::At(3));
     assert_eq!(next_position(4, 5, " answer."), Next::At(0));
-    assert_eq!(next_position(4, 5, "!"), Next::At(0));
+    // The reference's sentence end: any token text holding a ".".
+    assert_eq!(next_position(4, 5, ". Then"), Next::At(0));
+    assert_eq!(next_position(4, 5, "!"), Next::Grow);
     assert_eq!(next_position(4, 5, " answer"), Next::Grow);
-    assert_eq!(next_position(4, 5, ". Then"), Next::Grow);
 }
 
 /// A tiny random llama GGUF that can tokenize any text.
@@ -225,7 +253,8 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
     assert_eq!(config["split"]["train"].as_array().unwrap().len(), 4);
-    assert_eq!(config["settings"]["top_k"], 11);
+    assert_eq!(config["settings"]["top_k"], 40);
+    assert_eq!(config["settings"]["connector"], ". Use");
     assert_eq!(steps_without_timings(&out_dir).len(), 2);
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
     let labels: Vec<&str> = summary["evaluations"].as_array().unwrap().iter().map(|e| e["label"].as_str().unwrap()).collect();
@@ -233,4 +262,297 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
     let best = std::fs::read_to_string(out_dir.join("best_prompt.txt")).unwrap();
     assert_eq!(summary["best_prompt"], best.as_str());
     assert!(stdout.contains("| optimised |"), "{stdout}");
+}
+
+// ---- The reference's step on a tiny model, its loss and gradient, the shared layout ----
+
+fn open_quietly(path: &Path) -> LanguageModel {
+    LanguageModel::open(path.to_str().unwrap(), &OpenOptions::default(), &mut |_| {}).unwrap()
+}
+
+fn arithmetic(train: usize) -> (Task, Split) {
+    Task::load_split("arithmetic", None, 0, 1, (train, 2, 2)).unwrap()
+}
+
+fn no_interrupt() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+#[test]
+fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    // Every admissible token is shortlisted, so the current token is always checked and a
+    // "." is among the checked tokens wherever it is admissible.
+    let settings = |rule: bool| OptimizeConfig {
+        top_k: 64,
+        shortlist: 64,
+        sentence_end_rule: rule,
+        initial_prompt: Some("Go on".into()),
+        ..tiny_settings(&model, 7)
+    };
+    let out = tmp.path().join("rule");
+    run_quietly(Start::New(settings(true)), &out);
+    let initial_len = 6; // " ", "G", "o", " ", "o", "n"
+    let mut taken_at_once = 0;
+    for r in steps_without_timings(&out) {
+        assert!(r.checked.iter().any(|c| c.prompt == r.prompt_before), "step {}: the current token is checked", r.step);
+        let period = r.checked.iter().position(|c| c.text.contains('.'));
+        let chosen = r.chosen.as_ref().unwrap();
+        match period {
+            Some(p) if 2 * r.position >= initial_len => {
+                // The check stops at the first "." and takes it, whatever the scores.
+                assert_eq!(p, r.checked.len() - 1, "step {}", r.step);
+                assert!(chosen.text.contains('.'), "step {}", r.step);
+                taken_at_once += 1;
+            }
+            _ => {
+                let best = r.checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
+                let last_best = r.checked.iter().rposition(|c| c.score.score == best).unwrap();
+                assert_eq!(chosen.id, r.checked[last_best].id, "step {}: lowest score, ties to the later", r.step);
+            }
+        }
+    }
+    assert!(taken_at_once > 0);
+
+    // Without the rule, past the last position: wrap after a ".", otherwise grow by "_".
+    let out = tmp.path().join("no-rule");
+    run_quietly(Start::New(settings(false)), &out);
+    let last = steps_without_timings(&out).into_iter().find(|r| r.position == 5).expect("a step at the last position");
+    if last.chosen.as_ref().unwrap().text.contains('.') {
+        assert_eq!(last.next_position, 0);
+    } else {
+        assert_eq!(last.next_position, 6);
+        assert!(last.prompt.ends_with('_') && last.prompt.len() == last.prompt_before.len() + 1, "{last:?}");
+    }
+}
+
+#[test]
+fn the_current_token_is_kept_when_its_check_scores_best() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let cfg = OptimizeConfig { top_k: 64, shortlist: 64, steps: 3, initial_prompt: Some("Go on go on".into()), ..tiny_settings(&model, 3) };
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(cfg), &out);
+    for r in steps_without_timings(&out) {
+        let chosen = r.chosen.unwrap();
+        let kept = r.checked.iter().find(|c| c.prompt == r.prompt_before).expect("the current token is checked");
+        if chosen.id == kept.id {
+            assert_eq!(r.prompt, r.prompt_before, "keeping the token keeps the prompt");
+        } else {
+            let winner = r.checked.iter().find(|c| c.id == chosen.id).unwrap();
+            assert!(winner.score.score <= kept.score.score);
+        }
+    }
+}
+
+#[test]
+fn the_summed_gradient_is_the_raw_sum_of_per_example_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = open_quietly(&tiny_model(tmp.path()));
+    let (task, split) = arithmetic(3);
+    let train = Split::pick(&split.train, &task);
+    let cfg = OptimizeConfig { model: String::new(), ..OptimizeConfig::default() };
+    assert_eq!(cfg.gradient_sum, GradientSum::Raw);
+    let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
+    let prompt = opt.prompt_ids("Go on.").unwrap();
+    let candidates: Vec<u32> = [prompt[2], b'a' as u32, b'x' as u32, b'.' as u32].to_vec();
+    let reasoning: Vec<Vec<u32>> = (0..3).map(|i| lm.tokenizer.encode(&format!(" it is {i}"), false).unwrap()).collect();
+    let per_example = opt.example_gradients(&prompt, 2, &candidates, &reasoning).unwrap();
+    let summed = opt.gradient(&prompt, 2, &candidates, &reasoning).unwrap();
+    let by_hand: Vec<f32> = (0..candidates.len()).map(|c| per_example.iter().map(|(_, g)| g[c]).sum()).collect();
+    assert_eq!(summed, by_hand);
+    // Not normalised: the per-example norms differ, so the normalised sum differs.
+    let grads: Vec<Vec<f32>> = per_example.iter().map(|(_, g)| g.clone()).collect();
+    assert_ne!(combine_gradients(&grads, GradientSum::PerExample), summed);
+}
+
+#[test]
+fn the_loss_averages_the_prompt_nll_over_all_prompt_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = open_quietly(&tiny_model(tmp.path()));
+    let (task, split) = arithmetic(2);
+    let train = Split::pick(&split.train, &task);
+    let cfg = OptimizeConfig::default();
+    let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
+    let layout = Layout::new(&lm, &task, &cfg.connector).unwrap();
+    let prompt = opt.prompt_ids("Go on.").unwrap();
+    let reasoning: Vec<Vec<u32>> = (0..2).map(|_| lm.tokenizer.encode(" so 4", false).unwrap()).collect();
+    for position in [0, 3, prompt.len() - 1] {
+        let losses = opt.example_gradients(&prompt, position, &[prompt[position]], &reasoning).unwrap();
+        for (e, example) in train.iter().enumerate() {
+            let user = opt.user_ids(e, &prompt).unwrap();
+            let answer = layout.answer_ids(&example.target).unwrap();
+            let ids = [&user[..], &reasoning[e], layout.extractor(), &answer].concat();
+            let x = lm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+            let hidden = lm.model.forward(&x, &mut [KvCache::default()], Pass::Fast).unwrap().squeeze(0).unwrap();
+            let logits: Vec<Vec<f32>> = lm.model.logits(&hidden).unwrap().to_vec2().unwrap();
+            let log_softmax = |row: &[f32], t: f32, target: u32| {
+                let m = row.iter().map(|v| v / t).fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = row.iter().map(|v| (v / t - m).exp()).sum();
+                (row[target as usize] / t - m - z.ln()) as f64
+            };
+            let start = layout.question(&example.question).unwrap().head.len();
+            let nll: f64 = (0..prompt.len()).map(|j| -log_softmax(&logits[start + j - 1], 1.0, prompt[j])).sum::<f64>() / prompt.len() as f64;
+            let answer_at = ids.len() - answer.len();
+            let ce: f64 = (0..answer.len()).map(|k| -log_softmax(&logits[answer_at + k - 1], 0.2, answer[k])).sum::<f64>() / answer.len() as f64;
+            let expected = ce + 0.2 * nll;
+            let got = losses[e].0;
+            assert!((got - expected).abs() < 1e-3 * expected.abs().max(1.0), "position {position}, example {e}: {got} vs {expected}");
+        }
+    }
+}
+
+/// The optimiser and the evaluator read the same ids for a question and prompt, and those
+/// ids spell the reference's user turn "{question}. Use {prompt}".
+fn assert_optimiser_and_evaluator_ids_agree(lm: &LanguageModel) {
+    let (task, split) = arithmetic(2);
+    let train = Split::pick(&split.train, &task);
+    let cfg = OptimizeConfig::default();
+    let opt = Optimizer::new(lm, &task, &train, &cfg, no_interrupt()).unwrap();
+    let layout = Layout::new(lm, &task, &cfg.connector).unwrap();
+    for prompt in [PAPER_INITIAL_PROMPT, ZERO_SHOT_COT] {
+        let ids = opt.prompt_ids(prompt).unwrap();
+        assert_eq!(opt.prompt_text(&ids).unwrap(), prompt);
+        for (e, example) in train.iter().enumerate() {
+            let optimised = opt.user_ids(e, &ids).unwrap();
+            assert_eq!(optimised, user_ids(&layout, &example.question, prompt).unwrap());
+            let text = lm.chat_text(None, &format!("{}. Use {prompt}", example.question)).unwrap();
+            assert_eq!(lm.tokenizer.decode_with_special(&optimised).unwrap(), text);
+        }
+    }
+}
+
+#[test]
+fn optimiser_and_evaluator_ids_agree_on_smollm2() {
+    assert_optimiser_and_evaluator_ids_agree(common::smollm2());
+}
+
+#[test]
+fn optimiser_and_evaluator_ids_agree_on_a_sentencepiece_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sp.gguf");
+    common::write_tiny_sentencepiece_gguf(&path);
+    let lm = open_quietly(&path);
+    // The prompt's space is one "▁", not a second space prefix.
+    let ids = lm.tokenizer.encode_continuation(" the").unwrap();
+    assert_eq!(ids, vec![lm.tokenizer.token_id("\u{2581}the").unwrap()]);
+    assert_optimiser_and_evaluator_ids_agree(&lm);
+}
+
+// ---- Choosing the returned prompt on dev ----
+
+fn score(score: f64) -> Score {
+    Score { score, mistakes: 0, n: 1, nll: 0.0 }
+}
+
+#[test]
+fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
+    let (task, split) = arithmetic(3);
+    let dev = Split::pick(&split.dev, &task);
+    let test = Split::pick(&split.test, &task);
+    let contender = |label: &str, train: f64| Contender { label: label.into(), prompt: format!("{label} prompt"), train: score(train), dev: None };
+    let mut contenders = vec![contender("zero-shot CoT", 0.5), contender("initial", 0.6), contender("train #1", 0.1), contender("train #2", 0.2), contender("train #3", 0.3)];
+    let dev_accuracy = |label: &str| match label {
+        "train #2" | "train #3" => 0.75,
+        "train #1" => 0.25,
+        _ => 0.5,
+    };
+    let mut seen = Vec::new();
+    let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| {
+        seen.extend(examples.iter().map(|e| e.question.clone()));
+        Ok(EvalSummary { label: c.label.clone(), prompt: c.prompt.clone(), accuracy: dev_accuracy(&c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0 })
+    })
+    .unwrap();
+    // train #2 and #3 tie on dev; #2 has the better train score. The best train score (#1) loses.
+    assert_eq!(contenders[chosen].label, "train #2");
+    assert!(contenders.iter().all(|c| c.dev.is_some()));
+    assert_eq!(seen.len(), 5 * dev.len());
+    assert!(seen.iter().all(|q| dev.iter().any(|d| &d.question == q)));
+    assert!(seen.iter().all(|q| test.iter().all(|t| &t.question != q)));
+    // Without dev questions the lowest train score is returned.
+    let mut no_dev = contenders.clone();
+    for c in no_dev.iter_mut() {
+        c.dev = None;
+    }
+    let chosen = choose_on_dev(&mut no_dev, &[], &mut |_, _| unreachable!()).unwrap();
+    assert_eq!(no_dev[chosen].label, "train #1");
+}
+
+#[test]
+fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(OptimizeConfig { dev: 3, ..tiny_settings(&model, 3) }), &out);
+    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let chosen = summary.contenders.iter().find(|c| c.label == summary.selected).unwrap();
+    let best_dev = summary.contenders.iter().map(|c| c.dev.as_ref().unwrap().accuracy).fold(0.0, f64::max);
+    assert_eq!(chosen.dev.as_ref().unwrap().accuracy, best_dev);
+    assert_eq!(summary.best_prompt, chosen.prompt);
+    assert_eq!(std::fs::read_to_string(out.join("best_prompt.txt")).unwrap(), chosen.prompt);
+    assert_eq!(summary.contenders[0].prompt, ZERO_SHOT_COT);
+    let labels: Vec<&str> = summary.evaluations.iter().map(|e| e.label.as_str()).collect();
+    assert_eq!(labels, ["zero-shot CoT", "initial", "optimised"]);
+    assert_eq!(summary.evaluations[2].prompt, chosen.prompt);
+}
+
+// ---- greater protocol ----
+
+fn protocol_settings(model: &Path) -> OptimizeConfig {
+    OptimizeConfig { dev: 2, ..tiny_settings(model, 2) }
+}
+
+#[test]
+fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("protocol");
+    let config = ProtocolConfig { settings: protocol_settings(&model), tasks: vec!["arithmetic".into(), "boolean".into()] };
+    let table = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    assert_eq!(table.rows.len(), 2);
+    for row in &table.rows {
+        let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap()).unwrap();
+        assert_eq!([&row.zero_shot_cot, &row.initial, &row.optimised].map(|e| e.clone()).to_vec(), summary.evaluations);
+        assert_eq!(row.steps, summary.steps);
+    }
+    let written: ProtocolTable = serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    assert_eq!(written, table);
+    let gains: Vec<f64> = table.rows.iter().map(|r| r.optimised.accuracy - r.zero_shot_cot.accuracy).collect();
+    assert!((table.mean_gain - (gains[0] + gains[1]) / 2.0).abs() < 1e-12);
+    let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
+    for row in &table.rows {
+        assert!(md.contains(&format!("| {} | {:.3} [", row.task, row.zero_shot_cot.accuracy)), "{md}");
+    }
+}
+
+#[test]
+fn a_protocol_killed_after_its_first_task_resumes_with_the_second() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("protocol");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, toml::to_string(&protocol_settings(&model)).unwrap()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["protocol", "--config", config.to_str().unwrap(), "--tasks", "arithmetic,boolean", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = out.join("arithmetic").join("summary.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !first.exists() {
+        assert!(std::time::Instant::now() < deadline, "the first task never finished");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.join("boolean").join("summary.json").exists(), "the second task finished before the kill");
+    let first_steps = std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_greater")).args(["protocol", "--resume", out.to_str().unwrap()]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap(), first_steps);
+    let table: ProtocolTable = serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    assert_eq!(table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(), ["arithmetic", "boolean"]);
+    assert!(out.join("boolean").join("summary.json").exists());
 }

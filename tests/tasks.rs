@@ -98,8 +98,42 @@ fn extractors_follow_the_paper() {
         AnswerKind::Choice { options: 3 }.default_extractor(),
         "Therefore, the final answer (use exact format: '$A' or '$B' or '$C') is $"
     );
-    assert_eq!(AnswerKind::YesNo.default_extractor(), "Therefore, the final answer (use exact format: '$yes' or '$no') is $");
-    assert_eq!(AnswerKind::Integer.default_extractor(), "Therefore, the final answer (arabic numerals) is $");
+    // Labels: a space after `$`, and the trailing space the reference's texts have.
+    assert_eq!(AnswerKind::YesNo.default_extractor(), "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ ");
+    assert_eq!(
+        AnswerKind::ValidInvalid.default_extractor(),
+        "Therefore, the final answer (use exact format: '$ valid' or '$ invalid') is $ "
+    );
+    assert_eq!(
+        AnswerKind::Integer.default_extractor(),
+        "Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is a positive or negative integer) is $"
+    );
+}
+
+#[test]
+fn bbh_tasks_use_the_reference_extractors_and_the_data_spelling_as_target() {
+    if !data_dir().join("bbh").exists() {
+        eprintln!("SKIPPED: no BBH data");
+        return;
+    }
+    let load = |name: &str| Task::load(name, &opts()).unwrap();
+    let counting = load("object_counting");
+    assert_eq!(
+        counting.extractor,
+        "Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is a positive integer) is $"
+    );
+    let sports = load("sports_understanding");
+    assert_eq!(sports.extractor, "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ");
+    assert!(sports.examples.iter().all(|e| e.target == e.answer));
+    let navigate = load("navigate");
+    assert_eq!(navigate.extractor, "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ ");
+    // The gold stays normalised for evaluation; the target keeps the data's casing.
+    let e = &navigate.examples[0];
+    assert_eq!((e.answer.as_str(), e.target.as_str()), (e.target.to_lowercase().as_str(), e.target.as_str()));
+    assert!(navigate.examples.iter().all(|e| e.target == "Yes" || e.target == "No"));
+    let hyperbaton = load("hyperbaton");
+    assert_eq!(hyperbaton.extractor, "Therefore, the final answer (use exact format: '$A' or '$B') is $");
+    assert!(hyperbaton.examples.iter().all(|e| e.target == e.answer && e.target.len() == 1));
 }
 
 fn data_dir() -> PathBuf {
@@ -232,7 +266,7 @@ fn custom_toml_tasks_read_jsonl_csv_and_json() {
     let task = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
     assert_eq!(task.name, "pets");
     assert_eq!(task.initial_prompt, "Count carefully.");
-    assert_eq!(task.extractor, "Therefore, the final answer (arabic numerals) is $");
+    assert_eq!(task.extractor, AnswerKind::Integer.default_extractor());
     assert_eq!(
         task.examples.iter().map(|e| (e.question.as_str(), e.answer.as_str())).collect::<Vec<_>>(),
         vec![("A cat. How many legs?", "4"), ("A bird. How many legs?", "2")]
@@ -252,7 +286,8 @@ fn custom_toml_tasks_read_jsonl_csv_and_json() {
 
     write(dir.path(), "yn.json", "[{\"q\": \"Is it?\", \"a\": \"Yes\"}]");
     let toml = write(dir.path(), "yn.toml", "data = \"yn.json\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"yes_no\"\n");
-    assert_eq!(Task::load(toml.to_str().unwrap(), &opts()).unwrap().examples[0].answer, "yes");
+    let yn = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
+    assert_eq!((yn.examples[0].answer.as_str(), yn.examples[0].target.as_str()), ("yes", "Yes"));
 }
 
 #[test]

@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use rand::seq::index::sample;
 use rand::Rng;
 
+use super::config::{Accept, GradientSum};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposalConfig {
     /// Initial k of each example's top-k (reference: 11).
@@ -66,32 +68,59 @@ pub fn candidates_from_subsets(
     }
 }
 
-/// The `m` candidates (other than `current`) with the most negative gradient, best first;
-/// ties keep the lower token id.
-pub fn shortlist(candidates: &[u32], gradient: &[f32], current: u32, m: usize) -> Vec<(u32, f32)> {
+/// The `m` candidates with the most negative gradient, best first, leaving out `excluded`
+/// (the current token, when it may not be kept); ties keep the lower token id.
+pub fn shortlist(candidates: &[u32], gradient: &[f32], excluded: Option<u32>, m: usize) -> Vec<(u32, f32)> {
     let mut pairs: Vec<(u32, f32)> = candidates
         .iter()
         .copied()
         .zip(gradient.iter().copied())
-        .filter(|(t, _)| *t != current)
+        .filter(|(t, _)| Some(*t) != excluded)
         .collect();
     pairs.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     pairs.truncate(m);
     pairs
 }
 
-/// Scales each example's gradient to unit L2 norm and sums them, so no single example
-/// dominates the ranking.
-pub fn sum_normalised(gradients: &[Vec<f32>]) -> Vec<f32> {
+/// The per-example gradients combined into one ranking.
+pub fn combine_gradients(gradients: &[Vec<f32>], how: GradientSum) -> Vec<f32> {
     let len = gradients.first().map_or(0, Vec::len);
     let mut total = vec![0f32; len];
     for g in gradients {
-        let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            for (t, x) in total.iter_mut().zip(g) {
-                *t += x / norm;
+        let scale = match how {
+            GradientSum::Raw => 1.0,
+            GradientSum::PerExample => {
+                let norm = g.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if norm == 0.0 {
+                    continue;
+                }
+                1.0 / norm
             }
+        };
+        for (t, x) in total.iter_mut().zip(g) {
+            *t += x * scale;
         }
     }
     total
+}
+
+/// Which checked token a step takes, given their real scores in gradient order: the lowest
+/// score, ties to the later one (the reference's `<=`); the last one when the sentence-end
+/// rule took it (`at_once`). Under [`Accept::NotWorse`] nothing is taken when that score is
+/// worse than the current prompt's.
+pub fn choose(scores: &[f64], at_once: bool, current: Option<f64>, accept: Accept) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if best.is_none_or(|b| s <= scores[b]) {
+            best = Some(i);
+        }
+    }
+    if at_once {
+        best = scores.len().checked_sub(1);
+    }
+    let worse = |i: usize| current.is_some_and(|c| scores[i] > c);
+    match accept {
+        Accept::NotWorse => best.filter(|&i| !worse(i)),
+        Accept::Always => best,
+    }
 }

@@ -1,7 +1,51 @@
-//! Settings of an optimisation run: flags, a TOML file (`--config run.toml`, same keys),
-//! and the reference implementation's defaults.
+//! Settings of an optimisation run: flags, a TOML file (`--config run.toml`, same keys).
+//! The defaults are the reference implementation's shipped settings
+//! (`../shared/docs/greater-method.md`), except where a setting says otherwise.
 
+use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+
+use crate::layout::REFERENCE_CONNECTOR;
+
+/// Which tokens may stand in the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Vocabulary {
+    /// The reference's: text of ASCII letters and spaces only, or exactly `.`, `,` or a space.
+    Reference,
+    /// Any printable ASCII text that is not only spaces (digits, punctuation).
+    Ascii,
+}
+
+/// How the per-example gradients are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientSum {
+    /// The reference's: the raw sum (examples with a larger gradient weigh more).
+    Raw,
+    /// Each example's gradient scaled to unit norm first.
+    PerExample,
+}
+
+/// The token appended when the prompt grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Filler {
+    /// The reference's: the token for `_`.
+    Underscore,
+    /// The admissible token most train examples rank first there.
+    Likely,
+}
+
+/// Which prompt a step moves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Accept {
+    /// The reference's: the best checked token, even when it is worse than the current one.
+    Always,
+    /// The best checked token only when its score is not worse than the current prompt's.
+    NotWorse,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,6 +75,20 @@ pub struct OptimizeConfig {
     /// Questions decoded together when evaluating.
     pub eval_batch: usize,
     pub chat_template: Option<String>,
+    /// Text between the question and the prompt (reference: ". Use").
+    pub connector: String,
+    /// The current token is a candidate that may be shortlisted and kept (reference: true).
+    pub keep_current: bool,
+    /// A shortlisted token with a `.` in the second half of the prompt is taken at once
+    /// (reference: true).
+    pub sentence_end_rule: bool,
+    pub filler: Filler,
+    pub gradient_sum: GradientSum,
+    pub vocabulary: Vocabulary,
+    pub accept: Accept,
+    /// Prompts with the best train scores rescored on the dev split; the returned prompt is
+    /// the best on dev among them, the initial prompt and zero-shot CoT.
+    pub dev_candidates: usize,
 }
 
 impl Default for OptimizeConfig {
@@ -46,16 +104,24 @@ impl Default for OptimizeConfig {
             test: 100,
             steps: 100,
             patience: 0,
-            top_k: 11,
+            top_k: 40,
             top_q: 6,
             subset_size: 5,
             shortlist: 3,
             temperature: 0.2,
             control_weight: 0.2,
             initial_prompt: None,
-            max_reasoning: 256,
+            max_reasoning: 1024,
             eval_batch: 32,
             chat_template: None,
+            connector: REFERENCE_CONNECTOR.into(),
+            keep_current: true,
+            sentence_end_rule: true,
+            filler: Filler::Underscore,
+            gradient_sum: GradientSum::Raw,
+            vocabulary: Vocabulary::Reference,
+            accept: Accept::Always,
+            dev_candidates: 4,
         }
     }
 }
@@ -65,5 +131,4 @@ impl OptimizeConfig {
     pub fn demo() -> Self {
         OptimizeConfig { train: 8, test: 30, steps: 4, max_reasoning: 96, ..Self::default() }
     }
-
 }

@@ -6,6 +6,7 @@ pub mod candidates;
 pub mod config;
 pub mod run;
 pub mod schedule;
+pub mod select;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,16 +19,16 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::extractor_ids;
+use crate::layout::{Layout, QuestionIds};
 use crate::model::generate::{generate, prefill, Cancelled, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use crate::model::{KvCache, Pass};
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
-use candidates::{propose, shortlist, sum_normalised, ProposalConfig};
-pub use config::OptimizeConfig;
-use schedule::{next_position, Next};
+use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
+pub use config::{Accept, Filler, GradientSum, OptimizeConfig, Vocabulary};
+use schedule::{ends_sentence, next_position, Next};
 
 /// How good a prompt is on the train examples: lower is better.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +53,8 @@ pub struct State {
     pub best_prompt: Vec<u32>,
     pub best_score: f64,
     pub steps_since_best: usize,
+    /// Tokens of the initial prompt (the sentence-end rule applies from half of it).
+    pub initial_len: usize,
     /// Scores by prompt text.
     pub scores: BTreeMap<String, Score>,
 }
@@ -95,19 +98,15 @@ pub struct StepRecord {
     pub seconds: Seconds,
 }
 
-/// A train example prepared once: the chat text before the prompt (with its KV cache) and
-/// after it, and the gold answer's tokens.
+/// A train example prepared once: the ids before the prompt (with their KV cache) and after
+/// it, and the gold answer's tokens.
 struct TrainExample {
-    head: Vec<u32>,
+    ids: QuestionIds,
     head_cache: KvCache,
     /// Log-probabilities of the token after the head (the prompt's first token).
     head_logprobs: Tensor,
-    tail: Vec<u32>,
     answer: Vec<u32>,
 }
-
-/// Marks where the prompt goes when the chat template is rendered.
-const SLOT: &str = "\u{1}PROMPT\u{1}";
 
 /// How many admissible tokens of each example's ranking the proposal may use.
 const RANKED: usize = 64;
@@ -115,8 +114,8 @@ const RANKED: usize = 64;
 pub struct Optimizer<'a> {
     lm: &'a LanguageModel,
     cfg: &'a OptimizeConfig,
+    layout: Layout<'a>,
     examples: Vec<TrainExample>,
-    extractor: Vec<u32>,
     interrupt: Arc<AtomicBool>,
 }
 
@@ -135,21 +134,15 @@ impl<'a> Optimizer<'a> {
         if train.is_empty() {
             bail!("the train split is empty: pass --train N");
         }
+        let layout = Layout::new(lm, task, &cfg.connector)?;
         let mut examples = Vec::with_capacity(train.len());
         for ex in train {
-            let text = lm.chat_text(None, &format!("{}{SLOT}", ex.question))?;
-            let (head, tail) = text.split_once(SLOT).expect("the template keeps the user text");
-            let head = lm.tokenizer.encode(head, false)?;
-            let (head_cache, logits) = prefill(&lm.model, KvCache::default(), &head)?;
-            examples.push(TrainExample {
-                head,
-                head_cache,
-                head_logprobs: log_softmax(&logits)?,
-                tail: lm.tokenizer.encode(tail, false)?,
-                answer: lm.tokenizer.encode(&ex.answer, false)?,
-            });
+            let ids = layout.question(&ex.question)?;
+            let (head_cache, logits) = prefill(&lm.model, KvCache::default(), &ids.head)?;
+            let answer = layout.answer_ids(&ex.target)?;
+            examples.push(TrainExample { ids, head_cache, head_logprobs: log_softmax(&logits)?, answer });
         }
-        Ok(Optimizer { lm, cfg, examples, extractor: extractor_ids(lm, task)?, interrupt })
+        Ok(Optimizer { lm, cfg, layout, examples, interrupt })
     }
 
     /// Ctrl-C stops the run with the same error as a cancelled generation; the last
@@ -161,34 +154,38 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
-    /// Prompt ids as they follow the question: the text with its separating space.
+    /// Prompt ids as they follow the connector (see [`Layout::prompt_ids`]).
     pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
         if text.trim().is_empty() {
             bail!("the initial prompt is empty");
         }
-        self.lm.tokenizer.encode(&format!(" {text}"), false)
+        self.layout.prompt_ids(text)
     }
 
-    /// The prompt's text, without the separating space.
     pub fn prompt_text(&self, ids: &[u32]) -> Result<String> {
-        let text = self.lm.tokenizer.decode_with_special(ids)?;
-        Ok(text.strip_prefix(' ').unwrap_or(&text).to_string())
+        self.layout.prompt_text(ids)
+    }
+
+    /// What the model reads for train example `e` under `prompt`, before its reasoning.
+    pub fn user_ids(&self, e: usize, prompt: &[u32]) -> Result<Vec<u32>> {
+        self.layout.user_turn(&self.examples[e].ids, prompt)
     }
 
     fn token_text(&self, id: u32) -> Result<TokenText> {
         Ok(TokenText { id, text: self.lm.tokenizer.decode_with_special(&[id])? })
     }
 
-    /// May `token` stand at `position` of `prompt`? Not special, printable ASCII and not
-    /// only spaces, not a repeat of the previous token, and the prompt's text must encode back to the same ids
-    /// (so the printed prompt is exactly the optimised one).
+    /// May `token` stand at `position` of `prompt`? Not special, its text in the
+    /// vocabulary, not the token before the position (at 0: the prompt's last, as in the
+    /// reference), and the prompt's text must encode back to the same ids (so the printed
+    /// prompt is exactly the optimised one).
     fn admissible(&self, prompt: &[u32], position: usize, token: u32) -> Result<bool> {
         let tok = &self.lm.tokenizer;
-        if tok.is_special(token) || (position > 0 && prompt[position - 1] == token) {
+        let previous = if position == 0 { prompt.last() } else { prompt.get(position - 1) };
+        if tok.is_special(token) || previous == Some(&token) {
             return Ok(false);
         }
-        let text = tok.decode_with_special(&[token])?;
-        if text.trim().is_empty() || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        if !in_vocabulary(self.cfg.vocabulary, &tok.decode_with_special(&[token])?) {
             return Ok(false);
         }
         let mut ids = prompt.to_vec();
@@ -197,8 +194,8 @@ impl<'a> Optimizer<'a> {
         } else {
             ids[position] = token;
         }
-        let full = tok.decode_with_special(&ids)?;
-        Ok(full.starts_with(' ') && tok.encode(&full, false)? == ids)
+        let text = self.layout.prompt_text(&ids)?;
+        Ok(self.layout.prompt_ids(&text)? == ids)
     }
 
     /// Mean prompt NLL over the examples, and (for `row`) each example's admissible tokens
@@ -251,7 +248,7 @@ impl<'a> Optimizer<'a> {
         let requests: Vec<Request> = prompts
             .iter()
             .flat_map(|p| {
-                self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.tail].concat() })
+                self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.ids.tail].concat() })
             })
             .collect();
         let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.cfg.max_reasoning, None) };
@@ -262,7 +259,7 @@ impl<'a> Optimizer<'a> {
     /// Hidden states that predict the gold answer's tokens, teacher-forced after the
     /// reasoning and the extractor.
     fn answer_states(&self, reply: &Generated, ex: &TrainExample) -> Result<Tensor> {
-        let ids = [&reply.ids[reply.fed..], &self.extractor, &ex.answer].concat();
+        let ids = [&reply.ids[reply.fed..], self.layout.extractor(), &ex.answer].concat();
         let mut cache = [reply.cache.clone()];
         let hidden = self.lm.model.forward(&self.lm.model.embed(&ids)?.unsqueeze(0)?, &mut cache, Pass::Fast)?;
         let n = ex.answer.len();
@@ -289,22 +286,31 @@ impl<'a> Optimizer<'a> {
         Ok(Score { score, mistakes, n, nll })
     }
 
-    /// d loss / d one-hot over `candidates` at `position`, normalised per example and summed.
-    fn gradient(&self, prompt: &[u32], position: usize, candidates: &[u32], reasoning: &[Vec<u32>]) -> Result<Vec<f32>> {
+    /// Per train example: the loss (answer CE at temperature T plus control_weight x the mean
+    /// NLL of all prompt tokens) and its gradient with respect to the one-hot over
+    /// `candidates` at `position`, through the example's reasoning.
+    pub fn example_gradients(
+        &self,
+        prompt: &[u32],
+        position: usize,
+        candidates: &[u32],
+        reasoning: &[Vec<u32>],
+    ) -> Result<Vec<(f64, Vec<f32>)>> {
         let hot = candidates.iter().position(|&c| c == prompt[position]).expect("current token is a candidate");
         let mut weights = vec![0f32; candidates.len()];
         weights[hot] = 1.0;
+        let len = prompt.len();
         let mut per_example = Vec::with_capacity(self.examples.len());
         for (ex, r) in self.examples.iter().zip(reasoning) {
             self.check_interrupt()?;
-            let ids = [&ex.head[..], prompt, &ex.tail, r, &self.extractor, &ex.answer].concat();
-            let start = ex.head.len();
+            let ids = [&ex.ids.head[..], prompt, &ex.ids.tail, r, self.layout.extractor(), &ex.answer].concat();
+            let start = ex.ids.head.len();
             let answer_at = ids.len() - ex.answer.len();
-            // Logits at p predict the token at p + 1. Prompt tokens before position + 1 do
-            // not depend on the one-hot, so their NLL terms add nothing to the gradient.
+            // Logits at p predict the token at p + 1. The first prompt token is predicted by
+            // the head (cached, no gradient): its NLL enters the loss as a constant.
             let mut loss_positions: Vec<usize> = (answer_at - 1..ids.len() - 1).collect();
-            loss_positions.extend((position + 1..prompt.len()).map(|j| start + j - 1));
-            let prompt_targets = &prompt[position + 1..];
+            loss_positions.extend((1..len).map(|j| start + j - 1));
+            let first_nll = -(ex.head_logprobs.get(prompt[0] as usize)?.to_scalar::<f32>()? as f64);
             let n_answer = ex.answer.len();
             let input = OneHotInput {
                 prefix: &ex.head_cache,
@@ -314,17 +320,26 @@ impl<'a> Optimizer<'a> {
                 weights: &weights,
                 loss_positions: &loss_positions,
             };
-            let (_, grad) = loss_and_gradient(&self.lm.model, &input, |logits| {
+            let (loss, grad) = loss_and_gradient(&self.lm.model, &input, |logits| {
                 let answer = cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
-                if prompt_targets.is_empty() {
-                    return Ok(answer);
+                let mut nll_sum = (answer.ones_like()? * first_nll)?;
+                if len > 1 {
+                    let rest = cross_entropy(&logits.narrow(0, n_answer, len - 1)?, &prompt[1..], 1.0)?;
+                    nll_sum = (nll_sum + (rest * (len - 1) as f64)?)?;
                 }
-                let fluency = cross_entropy(&logits.narrow(0, n_answer, prompt_targets.len())?, prompt_targets, 1.0)?;
-                Ok((answer + (fluency * self.cfg.control_weight)?)?)
+                Ok((answer + (nll_sum * (self.cfg.control_weight / len as f64))?)?)
             })?;
-            per_example.push(grad);
+            per_example.push((loss, grad));
         }
-        Ok(sum_normalised(&per_example))
+        Ok(per_example)
+    }
+
+    /// d loss / d one-hot over `candidates` at `position`, combined over the train examples
+    /// as the settings say.
+    pub fn gradient(&self, prompt: &[u32], position: usize, candidates: &[u32], reasoning: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let per_example: Vec<Vec<f32>> =
+            self.example_gradients(prompt, position, candidates, reasoning)?.into_iter().map(|(_, g)| g).collect();
+        Ok(combine_gradients(&per_example, self.cfg.gradient_sum))
     }
 
     /// One gradient pass on the first example at the current position (for timing).
@@ -334,11 +349,22 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
+    /// Reasoning and real score of `prompt` on the train examples.
+    pub fn reason_and_score(&self, prompt: &[u32]) -> Result<(Vec<Generated>, Score)> {
+        let replies = self.reason(std::slice::from_ref(&prompt.to_vec()))?.remove(0);
+        let score = self.score(prompt, &replies)?;
+        Ok((replies, score))
+    }
+
+    /// The train score of a prompt given as text.
+    pub fn score_text(&self, text: &str) -> Result<Score> {
+        Ok(self.reason_and_score(&self.prompt_ids(text)?)?.1)
+    }
+
     /// The state before the first step: the initial prompt, scored.
     pub fn initial_state(&self, prompt_text: &str) -> Result<State> {
         let prompt = self.prompt_ids(prompt_text)?;
-        let replies = self.reason(std::slice::from_ref(&prompt))?.remove(0);
-        let score = self.score(&prompt, &replies)?;
+        let (replies, score) = self.reason_and_score(&prompt)?;
         let text = self.prompt_text(&prompt)?;
         Ok(State {
             step: 0,
@@ -347,9 +373,17 @@ impl<'a> Optimizer<'a> {
             best_prompt: prompt.clone(),
             best_score: score.score,
             steps_since_best: 0,
+            initial_len: prompt.len(),
             scores: BTreeMap::from([(text, score)]),
             prompt,
         })
+    }
+
+    /// Does the sentence-end rule take `token` at `position` at once?
+    fn takes_at_once(&self, state: &State, position: usize, token: u32) -> Result<bool> {
+        Ok(self.cfg.sentence_end_rule
+            && 2 * position >= state.initial_len
+            && ends_sentence(&self.lm.tokenizer.decode_with_special(&[token])?))
     }
 
     /// One step of the method at `state.position`; `state` moves on.
@@ -358,13 +392,19 @@ impl<'a> Optimizer<'a> {
         let (prompt, position) = (state.prompt.clone(), state.position);
         let prompt_before = self.prompt_text(&prompt)?;
 
+        // 1. The reasoning of the current prompt (known from the last check unless it grew).
         let t = Instant::now();
         let reasoning = match state.reasoning.clone() {
             Some(r) => r,
-            None => self.reason(std::slice::from_ref(&prompt))?.remove(0).into_iter().map(|g| g.ids).collect(),
+            None => {
+                let (replies, score) = self.reason_and_score(&prompt)?;
+                state.scores.insert(prompt_before.clone(), score);
+                replies.into_iter().map(|g| g.ids).collect()
+            }
         };
         secs.generation += t.elapsed().as_secs_f64();
 
+        // 2. Candidates from the model's own next-token distribution at the position.
         let t = Instant::now();
         let (_, ranked) = self.prompt_stats(&prompt, Some(position))?;
         let proposal = ProposalConfig {
@@ -377,11 +417,18 @@ impl<'a> Optimizer<'a> {
         let candidates = propose(&ranked, prompt[position], &proposal, &mut rng);
         secs.scoring += t.elapsed().as_secs_f64();
 
+        // 3-4. The gradient over reasoning ranks them; the best few are shortlisted.
         let t = Instant::now();
         let grad = self.gradient(&prompt, position, &candidates, &reasoning)?;
-        let short = shortlist(&candidates, &grad, prompt[position], self.cfg.shortlist);
+        let excluded = (!self.cfg.keep_current).then_some(prompt[position]);
+        let mut short = shortlist(&candidates, &grad, excluded, self.cfg.shortlist);
         secs.gradient += t.elapsed().as_secs_f64();
+        // The check stops at the first token the sentence-end rule takes.
+        if let Some(end) = short.iter().map(|&(tok, _)| self.takes_at_once(state, position, tok)).collect::<Result<Vec<_>>>()?.iter().position(|&b| b) {
+            short.truncate(end + 1);
+        }
 
+        // 5. Check the shortlist for real: regenerate the reasoning and score.
         let with = |token: u32| {
             let mut p = prompt.clone();
             p[position] = token;
@@ -411,35 +458,39 @@ impl<'a> Optimizer<'a> {
             let score = state.scores[text].clone();
             checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient, prompt: text.clone(), score });
         }
-        // The lowest real score wins; ties go to the better gradient.
-        let chosen = checked
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.score.score.total_cmp(&b.1.score.score).then(a.0.cmp(&b.0)))
-            .map(|(_, c)| c.clone());
+        let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
+        let at_once = match checked.last() {
+            Some(c) => self.takes_at_once(state, position, c.id)?,
+            None => false,
+        };
+        let current_score = state.scores.get(&prompt_before).map(|s| s.score);
+        let chosen = choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
         let mut improved = false;
-        if let Some(c) = &chosen {
-            state.prompt = with(c.id);
-            state.reasoning = fresh.remove(&state.prompt).map(|r| r.into_iter().map(|g| g.ids).collect());
-            for c in &checked {
-                if c.score.score < state.best_score {
-                    state.best_score = c.score.score;
-                    state.best_prompt = with(c.id);
-                    improved = true;
-                }
+        for c in &checked {
+            if c.score.score < state.best_score {
+                state.best_score = c.score.score;
+                state.best_prompt = with(c.id);
+                improved = true;
             }
         }
         state.steps_since_best = if improved { 0 } else { state.steps_since_best + 1 };
+        if let Some(c) = &chosen {
+            if c.id != prompt[position] {
+                state.prompt = with(c.id);
+                state.reasoning = fresh.remove(&state.prompt).map(|r| r.into_iter().map(|g| g.ids).collect());
+            }
+        }
 
+        // 6. Move on: the next position, wrapping after a sentence end or growing the prompt.
         let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
         state.position = match next_position(position, state.prompt.len(), &last) {
             Next::At(p) => p,
             Next::Grow => {
                 let t = Instant::now();
                 let len = state.prompt.len();
-                let (_, ranked) = self.prompt_stats(&state.prompt, Some(len))?;
+                let token = self.filler(&state.prompt)?;
                 secs.scoring += t.elapsed().as_secs_f64();
-                state.prompt.push(filler(&ranked).unwrap_or(prompt[position]));
+                state.prompt.push(token);
                 state.reasoning = None;
                 len
             }
@@ -459,11 +510,34 @@ impl<'a> Optimizer<'a> {
             seconds: secs,
         })
     }
+
+    /// The token appended when the prompt grows.
+    fn filler(&self, prompt: &[u32]) -> Result<u32> {
+        match self.cfg.filler {
+            Filler::Underscore => {
+                let ids = self.lm.tokenizer.encode_continuation("_")?;
+                Ok(*ids.last().expect("'_' has a token"))
+            }
+            Filler::Likely => {
+                let (_, ranked) = self.prompt_stats(prompt, Some(prompt.len()))?;
+                Ok(most_often_first(&ranked).unwrap_or(prompt[prompt.len() - 1]))
+            }
+        }
+    }
 }
 
-/// The token most examples rank first: a placeholder for a new position, which the next
-/// step then optimises.
-fn filler(ranked: &[Vec<u32>]) -> Option<u32> {
+/// Is a token's text in the vocabulary?
+pub fn in_vocabulary(vocabulary: Vocabulary, text: &str) -> bool {
+    match vocabulary {
+        Vocabulary::Reference => {
+            matches!(text, "." | "," | " ") || (!text.is_empty() && text.chars().all(|c| c.is_ascii_alphabetic() || c == ' '))
+        }
+        Vocabulary::Ascii => !text.trim().is_empty() && text.bytes().all(|b| (0x20..0x7f).contains(&b)),
+    }
+}
+
+/// The token most examples rank first: a likely placeholder for a new position.
+fn most_often_first(ranked: &[Vec<u32>]) -> Option<u32> {
     let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
     for r in ranked {
         if let Some(&t) = r.first() {

@@ -10,12 +10,13 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::select::{best_by_train, choose_on_dev, Contender};
 use super::{Optimizer, OptimizeConfig, State, StepRecord};
 use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::model::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
 use crate::store::RunDir;
-use crate::tasks::{Split, Task, ZERO_SHOT_COT};
+use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
 /// What `config.json` records: enough to resume and to reproduce.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +39,7 @@ pub struct TaskRecord {
     pub examples: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalSummary {
     pub label: String,
     pub prompt: String,
@@ -49,13 +50,55 @@ pub struct EvalSummary {
     pub seconds: f64,
 }
 
+impl EvalSummary {
+    pub fn new(label: &str, prompt: &str, r: &EvalReport) -> Self {
+        EvalSummary {
+            label: label.into(),
+            prompt: prompt.into(),
+            accuracy: r.accuracy,
+            correct: r.correct,
+            n: r.n,
+            interval: r.interval,
+            seconds: r.seconds,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: usize,
+    /// The returned prompt (also in best_prompt.txt).
     pub best_prompt: String,
+    /// The contender it came from, and what chose it.
+    pub selected: String,
+    pub selected_by: String,
     pub best_train_score: f64,
     pub majority_floor: f64,
+    /// Every prompt that could be returned: train score and dev accuracy.
+    pub contenders: Vec<Contender>,
+    /// Test accuracy of zero-shot CoT, the initial and the returned ("optimised") prompt.
     pub evaluations: Vec<EvalSummary>,
+}
+
+/// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
+/// train score (each prompt once). Scores zero-shot CoT on train when the search has not.
+fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, initial: &str) -> Result<Vec<Contender>> {
+    let initial = optimizer.prompt_text(&optimizer.prompt_ids(initial)?)?;
+    if !state.scores.contains_key(ZERO_SHOT_COT) {
+        let score = optimizer.score_text(ZERO_SHOT_COT)?;
+        state.scores.insert(ZERO_SHOT_COT.to_string(), score);
+    }
+    let train = |p: &str| state.scores[p].clone();
+    let mut out = vec![
+        Contender { label: "zero-shot CoT".into(), prompt: ZERO_SHOT_COT.into(), train: train(ZERO_SHOT_COT), dev: None },
+        Contender { label: "initial".into(), prompt: initial.clone(), train: train(&initial), dev: None },
+    ];
+    let searched = state.scores.iter().filter(|(p, _)| **p != initial && p.as_str() != ZERO_SHOT_COT);
+    let searched = best_by_train(&searched.map(|(p, s)| (p.clone(), s.clone())).collect(), s.dev_candidates);
+    for (i, (prompt, train)) in searched.into_iter().enumerate() {
+        out.push(Contender { label: format!("train #{}", i + 1), prompt, train, dev: None });
+    }
+    Ok(out)
 }
 
 /// Decoding speed and reasoning length measured on the initial prompt.
@@ -195,44 +238,56 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             }
         }
     }
-    let best_prompt = optimizer.prompt_text(&state.best_prompt)?;
+    // The returned prompt: the best on dev among the best few by train score, the initial
+    // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
+    let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
+    dir.write_json("checkpoint.json", &state)?;
+    let eval_cfg = EvalConfig {
+        batch: s.eval_batch,
+        max_reasoning: s.max_reasoning,
+        connector: s.connector.clone(),
+        cancel: Some(Arc::clone(interrupt)),
+    };
+    let dev = Split::pick(&config.split.dev, &task);
+    let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
+        let file = format!("{split}-{}.json", c.label.replace([' ', '-', '#'], "_").to_lowercase());
+        let done: Option<EvalSummary> = if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
+        // An earlier evaluation stands only if it measured the same prompt.
+        if let Some(done) = done.filter(|d| d.prompt == c.prompt) {
+            return Ok(done);
+        }
+        report(Event::EvalStart { label: &format!("{split}: {}", c.label), questions: examples.len() });
+        let r = evaluate(&lm, &task, examples, &c.prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
+        write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
+        let summary = EvalSummary::new(&c.label, &c.prompt, &r);
+        dir.write_json(&file, &summary)?;
+        Ok(summary)
+    };
+    let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
+    let best_prompt = contenders[chosen].prompt.clone();
     dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
 
     let test = Split::pick(&config.split.test, &task);
-    let eval_cfg = EvalConfig { batch: s.eval_batch, max_reasoning: s.max_reasoning, cancel: Some(Arc::clone(interrupt)) };
     let mut evaluations = Vec::new();
-    for (label, prompt) in [("zero-shot CoT", ZERO_SHOT_COT), ("initial", config.initial_prompt.as_str()), ("optimised", &best_prompt)] {
-        let file = format!("eval-{}.json", label.replace([' ', '-'], "_").to_lowercase());
-        let done: Option<EvalSummary> = if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
-        // An earlier evaluation stands only if it measured the same prompt.
-        let summary = if let Some(done) = done.filter(|d| d.prompt == prompt) {
-            done
-        } else {
-            if test.is_empty() {
-                break;
-            }
-            report(Event::EvalStart { label, questions: test.len() });
-            let r: EvalReport = evaluate(&lm, &task, &test, prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
-            write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
-            let summary = EvalSummary {
-                label: label.into(),
-                prompt: prompt.into(),
-                accuracy: r.accuracy,
-                correct: r.correct,
-                n: r.n,
-                interval: r.interval,
-                seconds: r.seconds,
+    if !test.is_empty() {
+        let optimised = Contender { label: "optimised".into(), ..contenders[chosen].clone() };
+        for c in [&contenders[0], &contenders[1], &optimised] {
+            let same = evaluations.iter().find(|e: &&EvalSummary| e.prompt == c.prompt).cloned();
+            let e = match same {
+                Some(e) => EvalSummary { label: c.label.clone(), ..e },
+                None => measure(c, &test, "test")?,
             };
-            dir.write_json(&file, &summary)?;
-            summary
-        };
-        evaluations.push(summary);
+            evaluations.push(e);
+        }
     }
     let summary = Summary {
         steps: state.step,
         best_prompt,
+        selected: contenders[chosen].label.clone(),
+        selected_by: if dev.is_empty() { "train score".into() } else { "dev accuracy".into() },
         best_train_score: state.best_score,
         majority_floor: Task::majority_floor(&test),
+        contenders,
         evaluations,
     };
     dir.write_json("summary.json", &summary)?;
@@ -279,13 +334,14 @@ pub fn human_duration(secs: f64) -> String {
 
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     let mut out = format!(
-        "# greater run\n\nmodel `{}` (sha256 {}), task `{}` ({}), split seed {}: {} train / {} test questions, {} steps\n\n",
+        "# greater run\n\nmodel `{}` (sha256 {}), task `{}` ({}), split seed {}: {} train / {} dev / {} test questions, {} steps\n\n",
         config.model_path,
         &config.model_sha256[..12],
         config.task.name,
         config.task.answer_kind,
         config.split.seed,
         config.split.train.len(),
+        config.split.dev.len(),
         config.split.test.len(),
         summary.steps
     );
@@ -296,6 +352,19 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
             e.label, e.accuracy, e.correct, e.n, e.interval.0, e.interval.1, e.prompt.replace('|', "\\|")
         ));
     }
-    out.push_str(&format!("\nmajority-class floor {:.3}\n", summary.majority_floor));
+    out.push_str(&format!(
+        "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
+        summary.majority_floor, summary.selected, summary.selected_by
+    ));
+    out.push_str("| prompt | train score | train mistakes | dev accuracy | 95% interval | text |\n|---|---|---|---|---|---|\n");
+    for c in &summary.contenders {
+        let dev = c.dev.as_ref().map_or(("-".to_string(), "-".to_string()), |d| {
+            (format!("{:.3} ({}/{})", d.accuracy, d.correct, d.n), format!("[{:.3}, {:.3}]", d.interval.0, d.interval.1))
+        });
+        out.push_str(&format!(
+            "| {} | {:.3} | {}/{} | {} | {} | {} |\n",
+            c.label, c.train.score, c.train.mistakes, c.train.n, dev.0, dev.1, c.prompt.replace('|', "\\|")
+        ));
+    }
     out
 }

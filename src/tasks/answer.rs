@@ -29,17 +29,39 @@ impl AnswerKind {
         })
     }
 
-    /// The paper's answer-format hint; it ends with `$` so the answer follows directly.
+    /// The reference's answer-format hint (its `run_llama3_all.sh`). It ends with `$` (letters,
+    /// numbers) or `$ ` (labels), and the answer's tokens follow it directly.
     pub fn default_extractor(self) -> String {
-        let options: Vec<String> = match self {
+        match self {
             AnswerKind::Choice { options } => {
-                (0..options).map(|i| format!("'${}'", (b'A' + i as u8) as char)).collect()
+                let letters: Vec<String> = (0..options).map(|i| format!("'${}'", (b'A' + i as u8) as char)).collect();
+                format!("Therefore, the final answer (use exact format: {}) is $", letters.join(" or "))
             }
-            AnswerKind::Integer => return "Therefore, the final answer (arabic numerals) is $".into(),
-            AnswerKind::Text => return "Therefore, the final answer is $".into(),
-            kind => kind.labels().unwrap().iter().map(|l| format!("'${l}'")).collect(),
-        };
-        format!("Therefore, the final answer (use exact format: {}) is $", options.join(" or "))
+            AnswerKind::Integer => Self::integer_extractor("a positive or negative integer"),
+            AnswerKind::Text => "Therefore, the final answer is $".into(),
+            kind => {
+                let labels: Vec<String> = kind.labels().unwrap().iter().map(|l| format!("'$ {}'", capitalised(l))).collect();
+                format!("Therefore, the final answer (use exact format: {}) is $ ", labels.join(" or "))
+            }
+        }
+    }
+
+    /// The reference's hint for numbers; `what` says which integers.
+    pub fn integer_extractor(what: &str) -> String {
+        format!("Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is {what}) is $")
+    }
+
+    /// The answer as the optimiser targets it: a choice's letter, a number's normal form,
+    /// a label or a text as the data spells it (the reference keeps "Yes" and "yes" apart).
+    pub fn target(self, raw: &str, answer: &str) -> String {
+        let raw = raw.trim();
+        match self {
+            AnswerKind::Choice { .. } | AnswerKind::Integer => answer.to_string(),
+            AnswerKind::Text => raw.to_string(),
+            _ if raw.eq_ignore_ascii_case(answer) => raw.to_string(),
+            // FOLIO's "Unknown" is asked for as "Uncertain".
+            _ => answer.to_string(),
+        }
     }
 
     /// Tokens to generate after the extractor.
@@ -88,6 +110,16 @@ impl AnswerKind {
             }
         }
     }
+}
+
+/// "yes" -> "Yes"; the reference's extractors capitalise labels ("valid" stays lower case
+/// there, as in formal_fallacies' data).
+fn capitalised(label: &str) -> String {
+    if label == "valid" || label == "invalid" {
+        return label.to_string();
+    }
+    let mut chars = label.chars();
+    chars.next().map_or_else(String::new, |c| c.to_uppercase().chain(chars).collect())
 }
 
 /// Drops the decorations small models put around an answer: `$`, `**`, quotes,

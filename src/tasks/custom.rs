@@ -18,8 +18,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::sources::{field, parse_gold, read_jsonl};
-use super::{AnswerKind, Example, Task};
+use super::sources::{example, field, read_jsonl};
+use super::{AnswerKind, Task};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,8 +68,7 @@ pub fn load(path: &Path) -> Result<Task> {
         .map(|(place, row)| {
             let place = || place.clone();
             let question = question_of(row, &place)?;
-            let answer = parse_gold(kind, &field(row, &spec.answer, &place)?, &question, &place)?;
-            Ok(Example { question, answer })
+            example(kind, question, &field(row, &spec.answer, &place)?, &place)
         })
         .collect::<Result<Vec<_>>>()?;
     let name = spec

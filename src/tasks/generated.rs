@@ -74,10 +74,8 @@ pub fn arithmetic(n: usize, difficulty: usize, seed: u64) -> Vec<Example> {
     (0..n)
         .map(|_| {
             let e = random_tree(&mut rng, difficulty.max(1), &["+", "-", "*"], &mut leaf);
-            Example {
-                question: format!("{} =", render(&e, &|v| v.to_string(), true)),
-                answer: eval_int(&e).to_string(),
-            }
+            let answer = eval_int(&e).to_string();
+            Example { question: format!("{} =", render(&e, &|v| v.to_string(), true)), target: answer.clone(), answer }
         })
         .collect()
 }
@@ -94,10 +92,8 @@ pub fn boolean(n: usize, difficulty: usize, seed: u64) -> Vec<Example> {
             }
             // A negated operation keeps its parentheses: "not (A and B)".
             let text = render(&e, &|v: &bool| if *v { "True".into() } else { "False".into() }, true);
-            Example {
-                question: format!("{text} is"),
-                answer: if eval_bool(&e) { "True".into() } else { "False".into() },
-            }
+            let answer = if eval_bool(&e) { "True" } else { "False" };
+            Example { question: format!("{text} is"), answer: answer.into(), target: answer.into() }
         })
         .collect()
 }

@@ -27,6 +27,9 @@ pub struct Example {
     pub question: String,
     /// Gold answer in the normal form of the task's answer kind.
     pub answer: String,
+    /// The gold answer as the data spells it ("Yes", not "yes"; a letter without its
+    /// parentheses): the tokens the optimiser's answer loss targets after the extractor.
+    pub target: String,
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +70,7 @@ impl Task {
         Task {
             name: name.into(),
             kind,
-            extractor: kind.default_extractor(),
+            extractor: sources::bbh_extractor(name).unwrap_or_else(|| kind.default_extractor()),
             initial_prompt: PAPER_INITIAL_PROMPT.into(),
             examples,
             source,

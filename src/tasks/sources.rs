@@ -50,15 +50,28 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-/// A gold answer in normal form, or an error naming where it came from.
-pub fn parse_gold(kind: AnswerKind, raw: &str, input: &str, place: &dyn Fn() -> String) -> Result<String> {
-    if let Some(gold) = kind.parse(raw) {
-        return Ok(gold);
+/// The reference's extractor where it differs from the answer kind's: sports_understanding
+/// asks for lower-case labels (its data is lower case), object_counting for positive numbers.
+pub fn bbh_extractor(name: &str) -> Option<String> {
+    match name {
+        "sports_understanding" => Some("Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ".into()),
+        "object_counting" => Some(AnswerKind::integer_extractor("a positive integer")),
+        _ => None,
     }
-    if let (Choice { .. }, Some(letter)) = (kind, option_by_text(input, raw)) {
-        return Ok(letter);
-    }
-    bail!("{}: gold answer '{raw}' is not a valid {} answer", place(), kind.describe())
+}
+
+/// A question with its gold answer in normal form and as the data spells it, or an error
+/// naming where the gold came from.
+pub fn example(kind: AnswerKind, question: String, raw: &str, place: &dyn Fn() -> String) -> Result<Example> {
+    let answer = match kind.parse(raw) {
+        Some(gold) => gold,
+        None => match (kind, option_by_text(&question, raw)) {
+            (Choice { .. }, Some(letter)) => letter,
+            _ => bail!("{}: gold answer '{raw}' is not a valid {} answer", place(), kind.describe()),
+        },
+    };
+    let target = kind.target(raw, &answer);
+    Ok(Example { question, answer, target })
 }
 
 /// A few BBH golds are an option's text rather than its letter, and their option lists were
@@ -98,7 +111,7 @@ pub fn load_bbh(path: &Path, kind: AnswerKind) -> Result<Vec<Example>> {
         .enumerate()
         .map(|(i, r)| {
             let place = || format!("{}: example {}", path.display(), i + 1);
-            Ok(Example { answer: parse_gold(kind, &r.target, &r.input, &place)?, question: r.input })
+            example(kind, r.input, &r.target, &place)
         })
         .collect()
 }
@@ -142,7 +155,7 @@ pub fn load_gsm8k(path: &Path) -> Result<Vec<Example>> {
             let Some((_, number)) = answer.rsplit_once("####") else {
                 bail!("{}: answer has no '#### <number>'", place());
             };
-            Ok(Example { answer: parse_gold(Integer, number, "", &place)?, question })
+            example(Integer, question, number, &place)
         })
         .collect()
 }
@@ -164,13 +177,11 @@ pub fn load_folio(path: &Path) -> Result<Vec<Example>> {
             };
             let conclusion = field(&row, "conclusion", &place)?;
             let label = field(&row, "label", &place)?;
-            Ok(Example {
-                question: format!(
-                    "Premises:\n{premises}\nConclusion: {}\nGiven the premises, is the conclusion True, False, or Uncertain?",
-                    conclusion.trim()
-                ),
-                answer: parse_gold(TrueFalseUncertain, &label, "", &place)?,
-            })
+            let question = format!(
+                "Premises:\n{premises}\nConclusion: {}\nGiven the premises, is the conclusion True, False, or Uncertain?",
+                conclusion.trim()
+            );
+            example(TrueFalseUncertain, question, &label, &place)
         })
         .collect()
 }

@@ -79,6 +79,27 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Ids of `text` where it continues a longer text: no space prefix of its own (which a
+    /// SentencePiece tokenizer adds at the start of every encoding). The text is encoded after
+    /// a newline, which merges with nothing that follows it, and the newline's ids are dropped.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let anchor = self.encode("\n", false)?;
+        let ids = self.encode(&format!("\n{text}"), false)?;
+        match ids.strip_prefix(anchor.as_slice()) {
+            Some(rest) => Ok(rest.to_vec()),
+            None => self.encode(text, false),
+        }
+    }
+
+    /// Text of `ids` where they continue a longer text (the inverse of
+    /// [`Self::encode_continuation`]: a SentencePiece decoder would drop their leading space).
+    pub fn decode_continuation(&self, ids: &[u32]) -> Result<String> {
+        let anchor = self.encode("\n", false)?;
+        let anchor_text = self.decode_with_special(&anchor)?;
+        let text = self.decode_with_special(&[&anchor[..], ids].concat())?;
+        Ok(text.strip_prefix(anchor_text.as_str()).map_or_else(|| self.decode_with_special(ids), |t| Ok(t.to_string()))?)
+    }
+
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tokenizer_error)

@@ -58,13 +58,60 @@ pub const TINY_TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor
 /// A tiny llama GGUF with f32 random weights, a byte-level vocabulary whose last token is
 /// the end token, and (optionally) a chat template. Returns the same model built in memory.
 pub fn write_tiny_gguf(path: &Path, arch: &str, with_template: bool, vocab: Vec<String>, context: usize) -> Model {
+    let n = vocab.len();
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let tokenizer = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), strings(vocab)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array([vec![1i32; n - 1], vec![3]].concat().into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), strings(vec!["a b".into()])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(n as u32 - 1)),
+    ];
+    write_gguf_with_tokenizer(path, arch, with_template, n, tokenizer, context)
+}
+
+/// A tiny llama GGUF with a SentencePiece vocabulary that adds a space prefix, as Llama 2
+/// and Mistral do: `<unk> <s> </s>`, the 256 byte pieces, `▁`, letters, `.` and `,`, and
+/// a few merged pieces (`▁t`, `he`, `▁the`, `▁Use`).
+pub fn write_tiny_sentencepiece_gguf(path: &Path) -> Model {
+    let mut pieces: Vec<(String, i32)> = vec![("<unk>".into(), 2), ("<s>".into(), 3), ("</s>".into(), 3)];
+    pieces.extend((0..256).map(|b| (format!("<0x{b:02X}>"), 6)));
+    pieces.push(("\u{2581}".into(), 1));
+    pieces.extend(('a'..='z').chain('A'..='Z').chain(".,'".chars()).map(|c| (c.to_string(), 1)));
+    pieces.extend(["\u{2581}t", "he", "\u{2581}the", "\u{2581}U", "se", "\u{2581}Use"].map(|p| (p.to_string(), 1)));
+    let n = pieces.len();
+    // Scores: merged pieces above single ones, so merges happen.
+    let scores: Vec<Value> = pieces.iter().map(|(p, _)| Value::F32(p.chars().count() as f32)).collect();
+    let tokenizer = vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(pieces.iter().map(|(p, _)| Value::String(p.clone())).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(pieces.iter().map(|&(_, t)| Value::I32(t)).collect())),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ];
+    write_gguf_with_tokenizer(path, "llama", true, n, tokenizer, 512)
+}
+
+fn write_gguf_with_tokenizer(
+    path: &Path,
+    arch: &str,
+    with_template: bool,
+    vocab_size: usize,
+    tokenizer: Vec<(String, Value)>,
+    context: usize,
+) -> Model {
     let mut cfg = Arch::Llama.tiny_config();
-    cfg.vocab_size = vocab.len();
+    cfg.vocab_size = vocab_size;
     cfg.max_position = context;
     let device = Device::Cpu;
     let weights = random_weights(&cfg, 11, DType::F32, &device).unwrap();
-    let n = vocab.len();
-    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (format!("{arch}.block_count"), Value::U32(cfg.n_layers as u32)),
@@ -76,15 +123,8 @@ pub fn write_tiny_gguf(path: &Path, arch: &str, with_template: bool, vocab: Vec<
         (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
         (format!("{arch}.context_length"), Value::U32(cfg.max_position as u32)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), strings(vocab)),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array([vec![1i32; n - 1], vec![3]].concat().into_iter().map(Value::I32).collect()),
-        ),
-        ("tokenizer.ggml.merges".into(), strings(vec!["a b".into()])),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(n as u32 - 1)),
     ];
+    md.extend(tokenizer);
     if with_template {
         md.push(("tokenizer.chat_template".into(), Value::String(TINY_TEMPLATE.into())));
     }

@@ -1,0 +1,83 @@
+//! The prompt layout: how every sequence is built, segment by segment, for the optimiser and
+//! the evaluator alike, so that the ids optimised are the ids evaluated.
+//!
+//! ```text
+//! chat header + question + connector | prompt | end of user turn + assistant header
+//!     | reasoning | extractor | answer
+//! ```
+//! The reference writes the user turn as `{question}. Use{prompt}`, the prompt starting with a
+//! space ("... (B) 3/7. Use proper logical reasoning ..."); zero-shot CoT goes in the same slot.
+
+use anyhow::Result;
+
+use crate::runtime::LanguageModel;
+use crate::tasks::Task;
+
+/// The reference's fixed text between the question and the prompt.
+pub const REFERENCE_CONNECTOR: &str = ". Use";
+
+/// Marks where the prompt goes when the chat template is rendered.
+const SLOT: &str = "\u{1}PROMPT\u{1}";
+
+/// The parts of one question's sequence that do not depend on the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuestionIds {
+    /// Chat header, question and connector: the same for every prompt (its KV cache is shared).
+    pub head: Vec<u32>,
+    /// End of the user turn and the assistant header.
+    pub tail: Vec<u32>,
+}
+
+pub struct Layout<'a> {
+    lm: &'a LanguageModel,
+    connector: String,
+    extractor: Vec<u32>,
+}
+
+impl<'a> Layout<'a> {
+    pub fn new(lm: &'a LanguageModel, task: &Task, connector: &str) -> Result<Self> {
+        let extractor = lm.tokenizer.encode_continuation(&format!(" {}", task.extractor))?;
+        Ok(Layout { lm, connector: connector.to_string(), extractor })
+    }
+
+    pub fn question(&self, question: &str) -> Result<QuestionIds> {
+        let text = self.lm.chat_text(None, &format!("{question}{}{SLOT}", self.connector))?;
+        let (head, tail) = text.split_once(SLOT).expect("the chat template keeps the user text");
+        Ok(QuestionIds {
+            head: self.lm.tokenizer.encode(head, false)?,
+            tail: self.lm.tokenizer.encode_continuation(tail)?,
+        })
+    }
+
+    /// Prompt ids as they follow the connector: the text with its separating space (none
+    /// for an empty prompt).
+    pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.lm.tokenizer.encode_continuation(&format!(" {text}"))
+    }
+
+    /// The prompt's text, without the separating space.
+    pub fn prompt_text(&self, ids: &[u32]) -> Result<String> {
+        let text = self.lm.tokenizer.decode_continuation(ids)?;
+        Ok(text.strip_prefix(' ').unwrap_or(&text).to_string())
+    }
+
+    /// The user turn and the assistant header: what the reasoning continues.
+    pub fn user_turn(&self, q: &QuestionIds, prompt: &[u32]) -> Result<Vec<u32>> {
+        let ids = [&q.head[..], prompt, &q.tail].concat();
+        self.lm.check_context(ids.len())?;
+        Ok(ids)
+    }
+
+    /// The extractor as it follows the reasoning.
+    pub fn extractor(&self) -> &[u32] {
+        &self.extractor
+    }
+
+    /// The gold answer's ids as they follow the extractor.
+    pub fn answer_ids(&self, target: &str) -> Result<Vec<u32>> {
+        self.lm.tokenizer.encode_continuation(target)
+    }
+}
