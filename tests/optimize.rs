@@ -296,9 +296,12 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
     let initial_len = 6; // " ", "G", "o", " ", "o", "n"
     let mut taken_at_once = 0;
     for r in steps_without_timings(&out) {
-        assert!(r.checked.iter().any(|c| c.prompt == r.prompt_before), "step {}: the current token is checked", r.step);
         let period = r.checked.iter().position(|c| c.text.contains('.'));
         let chosen = r.chosen.as_ref().unwrap();
+        let truncated = period.is_some() && 2 * r.position >= initial_len;
+        if !truncated {
+            assert!(r.checked.iter().any(|c| c.prompt == r.prompt_before), "step {}: the current token is checked", r.step);
+        }
         match period {
             Some(p) if 2 * r.position >= initial_len => {
                 // The check stops at the first "." and takes it, whatever the scores.
