@@ -11,7 +11,7 @@ use std::sync::Arc;
 use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
 use greater::layout::REFERENCE_CONNECTOR;
-use greater::optimize::{Accept, Filler, GradientSum, OptimizeConfig, Vocabulary};
+use greater::optimize::{Accept, Filler, GradientSum, OptimizeConfig, StartFrom, Vocabulary};
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
 use greater::model::catalog;
@@ -146,7 +146,7 @@ struct OptimizeArgs {
         "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
-        "gradient_sum", "vocabulary", "accept", "dev_candidates",
+        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "start",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -227,6 +227,14 @@ struct OptimizeArgs {
     /// on dev) [default: 4].
     #[arg(long)]
     dev_candidates: Option<usize>,
+    /// Weight of the gold answer's NLL in the real score, a finer tie-break than the
+    /// mistake count [reference: 0].
+    #[arg(long)]
+    answer_weight: Option<f64>,
+    /// Start from the initial prompt or the better of it and zero-shot CoT on train
+    /// [reference: initial].
+    #[arg(long, value_enum)]
+    start: Option<StartFrom>,
 }
 
 impl OptimizeArgs {
@@ -250,7 +258,7 @@ impl OptimizeArgs {
         }
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
-        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates);
+        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight, start);
         if let Some(p) = &self.initial_prompt {
             c.initial_prompt = Some(p.clone());
         }

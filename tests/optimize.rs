@@ -446,7 +446,7 @@ fn optimiser_and_evaluator_ids_agree_on_a_sentencepiece_model() {
 // ---- Choosing the returned prompt on dev ----
 
 fn score(score: f64) -> Score {
-    Score { score, mistakes: 0, n: 1, nll: 0.0 }
+    Score { score, mistakes: 0, n: 1, nll: 0.0, answer_nll: 0.0 }
 }
 
 #[test]

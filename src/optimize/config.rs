@@ -89,6 +89,21 @@ pub struct OptimizeConfig {
     /// Prompts with the best train scores rescored on the dev split; the returned prompt is
     /// the best on dev among them, the initial prompt and zero-shot CoT.
     pub dev_candidates: usize,
+    /// Weight of the gold answer's NLL in the real score: separates prompts with the same
+    /// mistake count (reference: 0).
+    pub answer_weight: f64,
+    /// Start from the initial prompt, or from the better of it and zero-shot CoT on train
+    /// (reference: initial).
+    pub start: StartFrom,
+}
+
+/// Where the search starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    Initial,
+    /// The initial prompt or zero-shot CoT, whichever scores better on train.
+    Better,
 }
 
 impl Default for OptimizeConfig {
@@ -122,6 +137,8 @@ impl Default for OptimizeConfig {
             vocabulary: Vocabulary::Reference,
             accept: Accept::Always,
             dev_candidates: 4,
+            answer_weight: 0.0,
+            start: StartFrom::Initial,
         }
     }
 }

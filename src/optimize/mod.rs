@@ -27,18 +27,22 @@ use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
-pub use config::{Accept, Filler, GradientSum, OptimizeConfig, Vocabulary};
+pub use config::{Accept, Filler, GradientSum, OptimizeConfig, StartFrom, Vocabulary};
 use schedule::{ends_sentence, next_position, Next};
 
 /// How good a prompt is on the train examples: lower is better.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Score {
-    /// mistake rate + control_weight / 10 x prompt NLL
+    /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL
     pub score: f64,
     pub mistakes: usize,
     pub n: usize,
     /// Mean negative log-likelihood of the prompt tokens.
     pub nll: f64,
+    /// Mean over examples of the gold answer's negative log-likelihood (teacher-forced
+    /// after the reasoning and the extractor).
+    #[serde(default)]
+    pub answer_nll: f64,
 }
 
 /// Everything a run needs to continue after a kill.
@@ -272,18 +276,25 @@ impl<'a> Optimizer<'a> {
         self.check_interrupt()?;
         let states: Vec<Tensor> =
             replies.iter().zip(&self.examples).map(|(r, ex)| self.answer_states(r, ex)).collect::<Result<_>>()?;
-        let picked = self.lm.model.logits(&Tensor::cat(&states, 0)?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let mut rest = picked.as_slice();
-        let mut mistakes = 0;
+        let logits = self.lm.model.logits(&Tensor::cat(&states, 0)?)?;
+        let picked = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let gold: Vec<u32> = self.examples.iter().flat_map(|ex| ex.answer.iter().copied()).collect();
+        let gold_logprobs = log_softmax(&logits)?.gather(&Tensor::new(gold.as_slice(), logits.device())?.unsqueeze(1)?, 1)?;
+        let gold_logprobs = gold_logprobs.flatten_all()?.to_vec1::<f32>()?;
+        let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
+        let (mut mistakes, mut answer_nll) = (0, 0.0);
         for ex in &self.examples {
             let (mine, tail) = rest.split_at(ex.answer.len());
+            let (lp, lp_tail) = rest_lp.split_at(ex.answer.len());
             mistakes += usize::from(mine != ex.answer.as_slice());
-            rest = tail;
+            answer_nll -= lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64;
+            (rest, rest_lp) = (tail, lp_tail);
         }
         let (nll, _) = self.prompt_stats(prompt, None)?;
         let n = self.examples.len();
-        let score = mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll;
-        Ok(Score { score, mistakes, n, nll })
+        let answer_nll = answer_nll / n as f64;
+        let score = mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll + self.cfg.answer_weight * answer_nll;
+        Ok(Score { score, mistakes, n, nll, answer_nll })
     }
 
     /// Per train example: the loss (answer CE at temperature T plus control_weight x the mean
@@ -361,20 +372,30 @@ impl<'a> Optimizer<'a> {
         Ok(self.reason_and_score(&self.prompt_ids(text)?)?.1)
     }
 
-    /// The state before the first step: the initial prompt, scored.
-    pub fn initial_state(&self, prompt_text: &str) -> Result<State> {
-        let prompt = self.prompt_ids(prompt_text)?;
-        let (replies, score) = self.reason_and_score(&prompt)?;
-        let text = self.prompt_text(&prompt)?;
+    /// The state before the first step: each starting prompt scored, the search starting
+    /// from the best (the first on ties).
+    pub fn initial_state(&self, starts: &[&str]) -> Result<State> {
+        let mut scores = BTreeMap::new();
+        let mut best: Option<(Vec<u32>, Vec<Generated>, f64)> = None;
+        for text in starts {
+            let prompt = self.prompt_ids(text)?;
+            let (replies, score) = self.reason_and_score(&prompt)?;
+            let value = score.score;
+            scores.insert(self.prompt_text(&prompt)?, score);
+            if best.as_ref().is_none_or(|b| value < b.2) {
+                best = Some((prompt, replies, value));
+            }
+        }
+        let Some((prompt, replies, best_score)) = best else { bail!("no starting prompt") };
         Ok(State {
             step: 0,
             position: 0,
             reasoning: Some(replies.into_iter().map(|g| g.ids).collect()),
             best_prompt: prompt.clone(),
-            best_score: score.score,
+            best_score,
             steps_since_best: 0,
             initial_len: prompt.len(),
-            scores: BTreeMap::from([(text, score)]),
+            scores,
             prompt,
         })
     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::select::{best_by_train, choose_on_dev, Contender};
-use super::{Optimizer, OptimizeConfig, State, StepRecord};
+use super::{Optimizer, OptimizeConfig, StartFrom, State, StepRecord};
 use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::model::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
@@ -209,7 +209,11 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     } else {
         report(Event::Info(format!("scoring the initial prompt on {} train questions", train.len())));
         let t = Instant::now();
-        let state = optimizer.initial_state(&config.initial_prompt)?;
+        let starts = match s.start {
+            StartFrom::Initial => vec![config.initial_prompt.as_str()],
+            StartFrom::Better => vec![config.initial_prompt.as_str(), ZERO_SHOT_COT],
+        };
+        let state = optimizer.initial_state(&starts)?;
         let lengths: Vec<usize> = state.reasoning.iter().flatten().map(Vec::len).collect();
         let tokens: usize = lengths.iter().sum();
         let calibration = Calibration {
@@ -309,8 +313,9 @@ fn budget_line(
     let t = Instant::now();
     optimizer.time_one_gradient(state)?;
     let per_pass = t.elapsed().as_secs_f64();
-    // Reasoning under the shortlisted prompts each step, then the three test evaluations.
-    let sequences = steps * s.shortlist * n_train + 3 * s.test;
+    // Reasoning under the shortlisted prompts each step, the contenders on dev, then the
+    // three test evaluations.
+    let sequences = steps * s.shortlist * n_train + (2 + s.dev_candidates) * s.dev + 3 * s.test;
     let tokens = (sequences as f64 * c.mean_reasoning) as usize;
     let passes = steps * n_train;
     let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;
