@@ -32,12 +32,18 @@ pub struct Layout<'a> {
     lm: &'a LanguageModel,
     connector: String,
     extractor: Vec<u32>,
+    /// The extractor's trailing spaces ("... is $ "), which go with the answer: the answer
+    /// is " Yes" after "$", the tokens the reference's target text "... is $ Yes" has, not a
+    /// lone space token followed by "Yes".
+    answer_prefix: String,
 }
 
 impl<'a> Layout<'a> {
     pub fn new(lm: &'a LanguageModel, task: &Task, connector: &str) -> Result<Self> {
-        let extractor = lm.tokenizer.encode_continuation(&format!(" {}", task.extractor))?;
-        Ok(Layout { lm, connector: connector.to_string(), extractor })
+        let trimmed = task.extractor.trim_end();
+        let extractor = lm.tokenizer.encode_continuation(&format!(" {trimmed}"))?;
+        let answer_prefix = task.extractor[trimmed.len()..].to_string();
+        Ok(Layout { lm, connector: connector.to_string(), extractor, answer_prefix })
     }
 
     pub fn question(&self, question: &str) -> Result<QuestionIds> {
@@ -71,13 +77,13 @@ impl<'a> Layout<'a> {
         Ok(ids)
     }
 
-    /// The extractor as it follows the reasoning.
+    /// The extractor as it follows the reasoning, without its trailing spaces.
     pub fn extractor(&self) -> &[u32] {
         &self.extractor
     }
 
     /// The gold answer's ids as they follow the extractor.
     pub fn answer_ids(&self, target: &str) -> Result<Vec<u32>> {
-        self.lm.tokenizer.encode_continuation(target)
+        self.lm.tokenizer.encode_continuation(&format!("{}{target}", self.answer_prefix))
     }
 }

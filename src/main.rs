@@ -105,10 +105,13 @@ enum Command {
         #[command(flatten)]
         task: TaskArgs,
         /// The prompt appended to every question.
-        #[arg(long, conflicts_with = "baseline", required_unless_present = "baseline")]
+        #[arg(long, conflicts_with_all = ["baseline", "prompt_from"], required_unless_present_any = ["baseline", "prompt_from"])]
         prompt: Option<String>,
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with = "prompt_from")]
         baseline: Option<Baseline>,
+        /// The returned prompt of a run folder (its best_prompt.txt, byte for byte).
+        #[arg(long)]
+        prompt_from: Option<PathBuf>,
         /// Questions decoded together.
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -506,10 +509,14 @@ fn run(cli: Cli) -> Result<()> {
             let reply = lm.complete(&[ids], &lm.generate_config(max_tokens, sampling))?;
             println!("{}", reply[0].trim());
         }
-        Command::Eval { model, task, prompt, baseline, batch, max_reasoning, connector, out } => {
-            let prompt = match (prompt, baseline) {
-                (Some(p), _) => p,
-                (None, Some(Baseline::ZsCot)) | (None, None) => ZERO_SHOT_COT.to_string(),
+        Command::Eval { model, task, prompt, baseline, prompt_from, batch, max_reasoning, connector, out } => {
+            let prompt = match (prompt, prompt_from, baseline) {
+                (Some(p), _, _) => p,
+                (None, Some(dir), _) => {
+                    let path = dir.join("best_prompt.txt");
+                    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+                }
+                (None, None, _) => ZERO_SHOT_COT.to_string(),
             };
             let cfg = EvalConfig { batch, max_reasoning, connector, cancel: None };
             run_eval(&model, &task, &prompt, cfg, out.as_deref())?;
@@ -541,6 +548,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Errors are messages for the user: candle and anyhow would append a backtrace to them
+    // when RUST_BACKTRACE is set. Panics keep theirs.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -186,6 +186,21 @@ fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
     assert_eq!(code, 2);
     assert!(err.contains("model 'no-such-model' is neither a known alias (smollm2-135m"), "{err}");
 
+    // With RUST_BACKTRACE set, a model-file error is still the message alone.
+    let truncated = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["generate", "--model", truncated.to_str().unwrap(), "--prompt", "hi"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("truncated GGUF file: tensor"), "{err}");
+    assert!(!err.contains("backtrace") && !err.contains("candle_core::"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
     let bare = dir.path().join("bare.gguf");
     write_gguf(&bare, "llama", false);
     let (code, err) = greater_cli(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);

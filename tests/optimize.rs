@@ -498,6 +498,20 @@ fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times()
     let labels: Vec<&str> = summary.evaluations.iter().map(|e| e.label.as_str()).collect();
     assert_eq!(labels, ["zero-shot CoT", "initial", "optimised"]);
     assert_eq!(summary.evaluations[2].prompt, chosen.prompt);
+
+    // `greater eval --prompt-from` evaluates exactly the bytes of best_prompt.txt.
+    let records = tmp.path().join("records.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["eval", "--model", model.to_str().unwrap(), "--task", "arithmetic", "--difficulty", "1", "--test", "2"])
+        .args(["--max-reasoning", "4", "--prompt-from", out.to_str().unwrap(), "--out", records.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let best = std::fs::read_to_string(tmp.path().join("run").join("best_prompt.txt")).unwrap();
+    for line in std::fs::read_to_string(&records).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["prompt"].as_str().unwrap(), best);
+    }
 }
 
 // ---- greater protocol ----

@@ -111,6 +111,18 @@ fn extractors_follow_the_paper() {
 }
 
 #[test]
+fn the_data_dir_may_be_the_benchmark_folder_itself() {
+    if !data_dir().join("bbh").exists() {
+        eprintln!("SKIPPED: no BBH data");
+        return;
+    }
+    let inside = TaskOptions { data_dir: Some(data_dir().join("bbh")), ..opts() };
+    assert_eq!(Task::load("navigate", &inside).unwrap().examples, Task::load("navigate", &opts()).unwrap().examples);
+    let gsm = TaskOptions { data_dir: Some(data_dir().join("gsm8k")), ..opts() };
+    assert_eq!(Task::load("gsm8k", &gsm).unwrap().examples.len(), 1319);
+}
+
+#[test]
 fn bbh_tasks_use_the_reference_extractors_and_the_data_spelling_as_target() {
     if !data_dir().join("bbh").exists() {
         eprintln!("SKIPPED: no BBH data");
@@ -302,6 +314,11 @@ fn malformed_input_is_reported_with_file_and_line() {
     let base = "data = \"d.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n";
     let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": \n");
     assert!(err.contains("d.jsonl:2: invalid JSON"), "{err}");
+    // Invalid UTF-8 on line 3 is reported with that line.
+    write(d, "d.jsonl", "");
+    std::fs::write(d.join("d.jsonl"), b"{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": 2}\n{\"q\": \"\xff\", \"a\": 3}\n").unwrap();
+    let err = load_err(write(d, "t.toml", base).to_str().unwrap());
+    assert!(err.contains("d.jsonl:3: invalid UTF-8"), "{err}");
     let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\"}\n");
     assert!(err.contains("d.jsonl:2: missing field 'a'"), "{err}");
     let err = spec(base, "d.jsonl", "");

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::sources::{example, field, read_jsonl};
+use super::sources::{example, field, read, read_jsonl};
 use super::{AnswerKind, Task};
 
 #[derive(Deserialize)]
@@ -90,7 +90,7 @@ fn read_rows(path: &Path) -> Result<Vec<(String, Row)>> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => Ok(read_jsonl(path)?.into_iter().map(|(l, r)| (format!("{shown}:{l}"), r)).collect()),
         Some("json") => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {shown}"))?;
+            let text = read(path)?;
             let value: Value = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{shown}:{}:{}: {e}", e.line(), e.column()))?;
             let Value::Array(items) = value else { bail!("{shown}: expected a JSON array of objects") };

@@ -104,7 +104,7 @@ impl Task {
             let Some(dir) = &opts.data_dir else {
                 bail!("task '{spec}' reads {rel}: pass --data-dir DIR (the folder holding bbh/, gsm8k/, folio/)");
             };
-            Ok(dir.join(rel))
+            Ok(benchmark_file(dir, rel))
         };
         if let Some(kind) = sources::bbh_kind(spec) {
             let path = data_file(&format!("bbh/{spec}.json"))?;
@@ -144,6 +144,16 @@ impl Task {
             *counts.entry(e.answer.as_str()).or_insert(0usize) += 1;
         }
         counts.values().copied().max().unwrap_or(0) as f64 / examples.len().max(1) as f64
+    }
+}
+
+/// `rel` (e.g. `bbh/navigate.json`) under the data folder, which may also be the benchmark's
+/// own folder (`--data-dir .../bbh`).
+fn benchmark_file(dir: &Path, rel: &str) -> PathBuf {
+    let direct = dir.join(rel);
+    match rel.split_once('/') {
+        Some((top, rest)) if !direct.exists() && dir.file_name().is_some_and(|n| n == top) => dir.join(rest),
+        _ => direct,
     }
 }
 

@@ -46,8 +46,14 @@ pub fn bbh_kind(name: &str) -> Option<AnswerKind> {
     BBH.iter().find(|(n, _)| *n == name).map(|&(_, k)| k)
 }
 
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+/// A text file; invalid UTF-8 is reported with its line.
+pub fn read(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!("{}:{line}: invalid UTF-8 (byte {at})", path.display())
+    })
 }
 
 /// The reference's extractor where it differs from the answer kind's: sports_understanding
