@@ -251,7 +251,7 @@ impl OptimizeArgs {
                 toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
             None if demo && self.model.is_none() && self.task.is_none() => {
-                eprintln!("no --task or --model given: running the built-in demo (smollm2-135m, generated arithmetic, 4 steps)");
+                eprintln!("no --task or --model given: running the built-in demo (smollm2-135m, generated arithmetic, 10 train / 20 dev / 50 test questions, 6 steps)");
                 OptimizeConfig::demo()
             }
             None => OptimizeConfig::default(),
@@ -276,11 +276,7 @@ impl OptimizeArgs {
 }
 
 fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
-    let interrupt = Arc::new(AtomicBool::new(false));
-    // The first Ctrl-C asks the run to stop at once (the last checkpoint stands); a second
-    // one, while it winds down, kills the process.
-    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
+    let interrupt = ctrl_c_flag()?;
     let (start, out) = match &args.resume {
         Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
         None => {
@@ -293,17 +289,34 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
         }
     };
     let mut progress = Progress::default();
-    match run_optimize(start, &out, &interrupt, &mut |e| progress.event(e)) {
-        Ok(summary) => {
+    let result = run_optimize(start, &out, &interrupt, &mut |e| progress.event(e));
+    finish(result, &mut progress, "optimize", &out, |summary| {
+        let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
+        println!("{}", summary_table(&summary, &config));
+        println!("best prompt written to {}", out.join("best_prompt.txt").display());
+        Ok(())
+    })
+}
+
+/// The first Ctrl-C asks a run to stop at once (the last checkpoint stands); a second one,
+/// while it winds down, kills the process.
+fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
+    Ok(interrupt)
+}
+
+/// Shows a finished run's result, or how to resume an interrupted one (exit 0).
+fn finish<T>(result: Result<T>, progress: &mut Progress, command: &str, out: &Path, show: impl FnOnce(T) -> Result<()>) -> Result<()> {
+    match result {
+        Ok(value) => {
             progress.finish();
-            let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
-            println!("{}", summary_table(&summary, &config));
-            println!("best prompt written to {}", out.join("best_prompt.txt").display());
-            Ok(())
+            show(value)
         }
         Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
             progress.abandon();
-            println!("interrupted: the last finished step is saved; continue with greater optimize --resume {}", out.display());
+            println!("interrupted: finished steps are saved; continue with greater {command} --resume {}", out.display());
             Ok(())
         }
         Err(e) => Err(e),
@@ -398,9 +411,7 @@ struct ProtocolArgs {
 }
 
 fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
-    let interrupt = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
+    let interrupt = ctrl_c_flag()?;
     let (config, out) = match &args.run.resume {
         Some(dir) => (None, dir.clone()),
         None => {
@@ -427,21 +438,12 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
         }
         ProtocolEvent::Run(e) => progress.event(e),
     });
-    match result {
-        Ok(table) => {
-            progress.finish();
-            let config: ProtocolConfig = RunDir::folder(&out)?.read_json("protocol-config.json")?;
-            println!("{}", protocol_markdown(&table, &config));
-            println!("table written to {}", out.join("protocol.md").display());
-            Ok(())
-        }
-        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
-            progress.abandon();
-            println!("interrupted: finished steps and tasks are saved; continue with greater protocol --resume {}", out.display());
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
+    finish(result, &mut progress, "protocol", &out, |table| {
+        let config: ProtocolConfig = RunDir::folder(&out)?.read_json("protocol-config.json")?;
+        println!("{}", protocol_markdown(&table, &config));
+        println!("table written to {}", out.join("protocol.md").display());
+        Ok(())
+    })
 }
 
 fn progress_bar(len: usize, what: &str) -> ProgressBar {

@@ -144,8 +144,18 @@ impl Default for OptimizeConfig {
 }
 
 impl OptimizeConfig {
-    /// The built-in demo: SmolLM2 on generated arithmetic, a few steps on a few examples.
+    /// The built-in demo: SmolLM2 on generated one-operator arithmetic, six steps on ten
+    /// examples, the returned prompt chosen on 20 dev questions and measured on 50 test ones.
     pub fn demo() -> Self {
-        OptimizeConfig { train: 8, test: 30, steps: 4, max_reasoning: 96, ..Self::default() }
+        OptimizeConfig {
+            difficulty: 1,
+            train: 10,
+            dev: 20,
+            test: 50,
+            steps: 6,
+            max_reasoning: 64,
+            eval_batch: 50,
+            ..Self::default()
+        }
     }
 }

@@ -337,6 +337,27 @@ pub fn human_duration(secs: f64) -> String {
     }
 }
 
+/// One plain sentence: did the returned prompt beat both baselines on the test questions?
+pub fn verdict(summary: &Summary) -> String {
+    let [zs, initial, optimised] = match summary.evaluations.as_slice() {
+        [a, b, c] => [a, b, c],
+        _ => return "No test questions: nothing is claimed.".into(),
+    };
+    let points = |e: &EvalSummary| 100.0 * (optimised.accuracy - e.accuracy);
+    let (over_zs, over_initial) = (points(zs), points(initial));
+    if summary.selected == "zero-shot CoT" || summary.selected == "initial" {
+        return format!(
+            "No gain: no searched prompt did better on dev than the {} prompt, which is returned ({:+.1} points over zero-shot CoT, {:+.1} over the initial prompt on {} test questions).",
+            summary.selected, over_zs, over_initial, optimised.n
+        );
+    }
+    let word = if over_zs > 0.0 && over_initial > 0.0 { "Gain" } else { "No gain" };
+    format!(
+        "{word}: the optimised prompt scores {over_zs:+.1} points over zero-shot CoT and {over_initial:+.1} over the initial prompt on {} test questions.",
+        optimised.n
+    )
+}
+
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     let mut out = format!(
         "# greater run\n\nmodel `{}` (sha256 {}), task `{}` ({}), split seed {}: {} train / {} dev / {} test questions, {} steps\n\n",
@@ -357,6 +378,7 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
             e.label, e.accuracy, e.correct, e.n, e.interval.0, e.interval.1, e.prompt.replace('|', "\\|")
         ));
     }
+    out.push_str(&format!("\n{}\n", verdict(summary)));
     out.push_str(&format!(
         "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
         summary.majority_floor, summary.selected, summary.selected_by
