@@ -26,24 +26,19 @@ pub struct EvalConfig {
     pub cancel: Option<Arc<AtomicBool>>,
 }
 
-/// One sequence of greedy reasoning: the chat prompt for `question + prompt` and the reply.
-pub struct Reasoning {
-    pub prompt_ids: Vec<u32>,
-    pub reply: Generated,
-}
-
 /// The ids the model reads for `question` under `prompt`, before its reasoning.
 pub fn user_ids(layout: &Layout, question: &str, prompt: &str) -> Result<Vec<u32>> {
     layout.user_turn(&layout.question(question)?, &layout.prompt_ids(prompt)?)
 }
 
 /// Greedy reasoning for every question under `prompt`, all in one batch.
-fn reason(lm: &LanguageModel, layout: &Layout, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Reasoning>> {
-    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| user_ids(layout, q, prompt)).collect::<Result<_>>()?;
-    let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
+fn reason(lm: &LanguageModel, layout: &Layout, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Generated>> {
+    let requests = questions
+        .iter()
+        .map(|q| Ok(Request { prefix: Default::default(), ids: user_ids(layout, q, prompt)? }))
+        .collect::<Result<_>>()?;
     let gen_cfg = GenerateConfig { cancel: cfg.cancel.clone(), ..lm.generate_config(cfg.max_reasoning, None) };
-    let replies = generate(&lm.model, requests, &gen_cfg)?;
-    Ok(prompts.into_iter().zip(replies).map(|(prompt_ids, reply)| Reasoning { prompt_ids, reply }).collect())
+    generate(&lm.model, requests, &gen_cfg)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,19 +87,19 @@ pub fn evaluate(
         let requests: Vec<Request> = reasoning
             .iter()
             .map(|r| Request {
-                prefix: r.reply.cache.clone(),
-                ids: [&r.reply.ids[r.reply.fed..], extractor].concat(),
+                prefix: r.cache.clone(),
+                ids: [&r.ids[r.fed..], extractor].concat(),
             })
             .collect();
         let answers = generate(&lm.model, requests, &answer_cfg)?;
         for ((example, r), answer) in chunk.iter().zip(&reasoning).zip(answers) {
-            tokens += r.reply.ids.len() + answer.ids.len();
+            tokens += r.ids.len() + answer.ids.len();
             let raw_answer = lm.tokenizer.decode(&answer.ids)?;
             let parsed_answer = task.kind.parse(&raw_answer);
             records.push(Record {
                 question: example.question.clone(),
                 prompt: prompt.to_string(),
-                reasoning: lm.tokenizer.decode(&r.reply.ids)?,
+                reasoning: lm.tokenizer.decode(&r.ids)?,
                 correct: parsed_answer.as_deref() == Some(example.answer.as_str()),
                 raw_answer,
                 parsed_answer,
