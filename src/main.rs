@@ -266,7 +266,8 @@ impl OptimizeArgs {
             c.initial_prompt = Some(p.clone());
         }
         if let Some(d) = &self.data_dir {
-            c.data_dir = Some(d.display().to_string());
+            // Absolute, so that --resume works from any folder.
+            c.data_dir = Some(d.canonicalize().unwrap_or_else(|_| d.clone()).display().to_string());
         }
         if let Some(t) = &self.chat_template {
             c.chat_template = Some(t.clone());
