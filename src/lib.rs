@@ -2,8 +2,9 @@
 //!
 //! Pipeline: [`model`] (weights, forward, generation, gradients) and [`tokenizer`]
 //! (tokens, chat template) are joined in [`runtime`]; [`tasks`] holds questions, gold
-//! answers and answer parsing; [`layout`] builds every sequence from them; [`eval`] measures a prompt; [`optimize`] is the GReaTer
-//! method, and [`store`] its run folder; [`protocol`] runs it over a list of tasks. The CLI only wires them.
+//! answers and answer parsing; [`layout`] builds every sequence from them; [`eval`]
+//! measures a prompt; [`optimize`] is the GReaTer method, and [`store`] its run folder;
+//! [`protocol`] runs it over a list of tasks. The CLI only wires them.
 
 pub mod eval;
 pub mod layout;

@@ -282,10 +282,7 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
         Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
         None => {
             let s = args.settings(true)?;
-            let out = args.out.clone().unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                PathBuf::from(format!("greater-runs/{}-{secs}", s.task.replace(['/', '.'], "_")))
-            });
+            let out = args.out.clone().unwrap_or_else(|| default_out(&s.task.replace(['/', '.'], "_")));
             (Start::New(s), out)
         }
     };
@@ -297,6 +294,12 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
         println!("best prompt written to {}", out.join("best_prompt.txt").display());
         Ok(())
     })
+}
+
+/// `greater-runs/<name>-<unix seconds>`.
+fn default_out(name: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    PathBuf::from(format!("greater-runs/{name}-{secs}"))
 }
 
 /// The first Ctrl-C asks a run to stop at once (the last checkpoint stands); a second one,
@@ -418,20 +421,13 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
         None => {
             let settings = args.run.settings(false)?;
             let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
-            let out = args.run.out.clone().unwrap_or_else(|| {
-                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                PathBuf::from(format!("greater-runs/protocol-{secs}"))
-            });
+            let out = args.run.out.clone().unwrap_or_else(|| default_out("protocol"));
             (Some(ProtocolConfig { settings, tasks }), out)
         }
     };
-    let steps = config.as_ref().map_or_else(
-        || RunDir::folder(&out)?.read_json::<ProtocolConfig>("protocol-config.json").map(|c| c.settings.steps),
-        |c| Ok(c.settings.steps),
-    )?;
     let mut progress = Progress::default();
     let result = run_protocol(config, &out, &interrupt, &mut |event| match event {
-        ProtocolEvent::Task { index, total, name } => {
+        ProtocolEvent::Task { index, total, name, steps } => {
             progress.finish();
             progress.label = format!("task {}/{total} {name} | ", index + 1);
             progress.offset = index * steps;
@@ -439,8 +435,7 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
         }
         ProtocolEvent::Run(e) => progress.event(e),
     });
-    finish(result, &mut progress, "protocol", &out, |table| {
-        let config: ProtocolConfig = RunDir::folder(&out)?.read_json("protocol-config.json")?;
+    finish(result, &mut progress, "protocol", &out, |(table, config)| {
         println!("{}", protocol_markdown(&table, &config));
         println!("table written to {}", out.join("protocol.md").display());
         Ok(())

@@ -72,19 +72,21 @@ pub struct ProtocolTable {
     pub gain_interval: Option<(f64, f64)>,
 }
 
-/// What the protocol reports as it goes: which task, then that run's own events.
+/// What the protocol reports as it goes: which task (and the steps each task runs), then
+/// that run's own events.
 pub enum ProtocolEvent<'a> {
-    Task { index: usize, total: usize, name: &'a str },
+    Task { index: usize, total: usize, name: &'a str, steps: usize },
     Run(Event<'a>),
 }
 
-/// Starts a protocol in `out` (with `Some(config)`) or continues the one there.
+/// Starts a protocol in `out` (with `Some(config)`) or continues the one there; returns the
+/// table and the protocol's configuration.
 pub fn run_protocol(
     config: Option<ProtocolConfig>,
     out: &Path,
     interrupt: &Arc<AtomicBool>,
     report: &mut dyn FnMut(ProtocolEvent),
-) -> Result<ProtocolTable> {
+) -> Result<(ProtocolTable, ProtocolConfig)> {
     let dir = RunDir::folder(out)?;
     let config: ProtocolConfig = match config {
         Some(c) => {
@@ -102,8 +104,9 @@ pub fn run_protocol(
     let mut progress: BTreeMap<String, f64> =
         if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
     let mut rows = Vec::new();
+    let mut result = table(Vec::new());
     for (index, task) in config.tasks.iter().enumerate() {
-        report(ProtocolEvent::Task { index, total: config.tasks.len(), name: task });
+        report(ProtocolEvent::Task { index, total: config.tasks.len(), name: task, steps: config.settings.steps });
         let task_dir = out.join(task_folder(task));
         let summary: Summary = if task_dir.join("summary.json").exists() {
             RunDir::open(&task_dir)?.read_json("summary.json")?
@@ -120,11 +123,11 @@ pub fn run_protocol(
             result?
         };
         rows.push(task_row(task, &summary, progress.get(task).copied().unwrap_or(0.0))?);
-        let table = table(rows.clone());
-        dir.write_json("protocol.json", &table)?;
-        dir.write_atomic("protocol.md", protocol_markdown(&table, &config).as_bytes())?;
+        result = table(rows.clone());
+        dir.write_json("protocol.json", &result)?;
+        dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
     }
-    Ok(table(rows))
+    Ok((result, config))
 }
 
 /// A task's folder name: its name, or a task file's stem.

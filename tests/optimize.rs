@@ -526,7 +526,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
     let model = tiny_model(tmp.path());
     let out = tmp.path().join("protocol");
     let config = ProtocolConfig { settings: protocol_settings(&model), tasks: vec!["arithmetic".into(), "boolean".into()] };
-    let table = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 2);
     for row in &table.rows {
         let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap()).unwrap();

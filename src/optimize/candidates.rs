@@ -10,7 +10,7 @@ use super::config::{Accept, GradientSum};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposalConfig {
-    /// Initial k of each example's top-k (reference: 11).
+    /// Initial k of each example's top-k (reference: 40).
     pub top_k: usize,
     /// Number of random example subsets (reference: 5 to 6).
     pub subsets: usize,

@@ -445,8 +445,15 @@ impl<'a> Optimizer<'a> {
         let mut short = shortlist(&candidates, &grad, excluded, self.cfg.shortlist);
         secs.gradient += t.elapsed().as_secs_f64();
         // The check stops at the first token the sentence-end rule takes.
-        if let Some(end) = short.iter().map(|&(tok, _)| self.takes_at_once(state, position, tok)).collect::<Result<Vec<_>>>()?.iter().position(|&b| b) {
-            short.truncate(end + 1);
+        let mut at_once = None;
+        for (i, &(tok, _)) in short.iter().enumerate() {
+            if self.takes_at_once(state, position, tok)? {
+                at_once = Some(i);
+                break;
+            }
+        }
+        if let Some(i) = at_once {
+            short.truncate(i + 1);
         }
 
         // 5. Check the shortlist for real: regenerate the reasoning and score.
@@ -480,12 +487,8 @@ impl<'a> Optimizer<'a> {
             checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient, prompt: text.clone(), score });
         }
         let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
-        let at_once = match checked.last() {
-            Some(c) => self.takes_at_once(state, position, c.id)?,
-            None => false,
-        };
         let current_score = state.scores.get(&prompt_before).map(|s| s.score);
-        let chosen = choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
+        let chosen = choose(&scores, at_once.is_some(), current_score, self.cfg.accept).map(|i| checked[i].clone());
         let mut improved = false;
         for c in &checked {
             if c.score.score < state.best_score {

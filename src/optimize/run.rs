@@ -94,7 +94,7 @@ fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, init
         Contender { label: "initial".into(), prompt: initial.clone(), train: train(&initial), dev: None },
     ];
     let searched = state.scores.iter().filter(|(p, _)| **p != initial && p.as_str() != ZERO_SHOT_COT);
-    let searched = best_by_train(&searched.map(|(p, s)| (p.clone(), s.clone())).collect(), s.dev_candidates);
+    let searched = best_by_train(searched, s.dev_candidates);
     for (i, (prompt, train)) in searched.into_iter().enumerate() {
         out.push(Contender { label: format!("train #{}", i + 1), prompt, train, dev: None });
     }
