@@ -359,15 +359,16 @@ impl Progress {
                 if let Some(b) = &self.bar {
                     let chosen = record.chosen.as_ref().map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
                     let line = format!(
-                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [gen {:.0} s, grad {:.0} s, score {:.0} s]",
+                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [reasoning {:.0} s, proposal {:.0} s, gradient {:.0} s, check {:.0} s]",
                         self.label,
                         record.step,
                         record.position,
                         record.prompt,
                         state.best_score,
-                        record.seconds.generation,
+                        record.seconds.reasoning,
+                        record.seconds.proposal,
                         record.seconds.gradient,
-                        record.seconds.scoring
+                        record.seconds.checking
                     );
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {

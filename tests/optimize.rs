@@ -573,3 +573,43 @@ fn a_protocol_killed_after_its_first_task_resumes_with_the_second() {
     assert_eq!(table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(), ["arithmetic", "boolean"]);
     assert!(out.join("boolean").join("summary.json").exists());
 }
+
+/// Each step of a fixed-seed SmolLM2 run as one line: position, the shortlist in gradient
+/// order with each checked prompt's mistakes, the chosen token, the prompt after the step.
+fn decisions(dir: &Path) -> Vec<String> {
+    steps_without_timings(dir)
+        .iter()
+        .map(|r| {
+            let checked: Vec<String> = r.checked.iter().map(|c| format!("{}:{}", c.id, c.score.mistakes)).collect();
+            let chosen = r.chosen.as_ref().map(|c| c.id);
+            format!("{} [{}] {chosen:?} {:?}", r.position, checked.join(" "), r.prompt)
+        })
+        .collect()
+}
+
+/// Recorded with commit fec5889, before the speed work: faster kernels, batching and
+/// reused reasoning must take the same decisions.
+const RECORDED_DECISIONS: [&str; 4] = [
+    "0 [750:3 540:3 354:2] Some(354) \"an logical reasoning and think step by step. Finally give the actual correct answer.\"",
+    "1 [3212:2 26850:2 7964:2] Some(26850) \"an algebraic reasoning and think step by step. Finally give the actual correct answer.\"",
+    "2 [3564:3 1341:3 2424:2] Some(2424) \"an algebraic approach and think step by step. Finally give the actual correct answer.\"",
+    "3 [2489:2 638:2 702:2] Some(702) \"an algebraic approach like think step by step. Finally give the actual correct answer.\"",
+];
+
+#[test]
+fn a_fixed_seed_smollm2_run_takes_the_recorded_decisions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = OptimizeConfig {
+        model: "smollm2-135m".into(),
+        task: "arithmetic".into(),
+        difficulty: 1,
+        train: 3,
+        test: 2,
+        steps: 4,
+        max_reasoning: 24,
+        ..OptimizeConfig::default()
+    };
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(settings), &out);
+    assert_eq!(decisions(&out), RECORDED_DECISIONS);
+}

@@ -71,19 +71,69 @@ impl PartialEq for Generated {
 
 /// Runs `ids` after `prefix` and returns the cache and the logits of the last position.
 pub fn prefill(model: &Model, prefix: KvCache, ids: &[u32]) -> Result<(KvCache, Tensor)> {
-    if ids.is_empty() {
-        bail!("cannot continue an empty prompt");
-    }
-    let mut cache = [prefix];
-    let x = model.embed(ids)?.unsqueeze(0)?;
-    let hidden = model.forward(&x, &mut cache, Pass::Fast)?;
-    let last = hidden.squeeze(0)?.narrow(0, ids.len() - 1, 1)?;
-    let [cache] = cache;
-    Ok((cache, model.logits(&last)?.squeeze(0)?))
+    Ok(prefill_all(model, vec![Request { prefix, ids: ids.to_vec() }])?.remove(0))
 }
 
-/// Continues every request, decoding the still-running ones together in one batch.
-/// Each request is prefilled alone, so its tokens do not depend on its batch-mates.
+/// Padded positions per batched forward of [`run_all`]: bounds the activations' memory.
+const BATCH_TOKENS: usize = 4096;
+
+/// Runs every request's ids after its prefix: the grown caches and each request's
+/// final-normed hidden states [ids.len(), hidden], in request order. Requests of similar
+/// length share one forward (see [`Model::forward_ragged`]), so a weight is read once per
+/// batch rather than once per request.
+pub fn run_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
+    let lens: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| lens[i]);
+    let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
+    let mut out: Vec<Option<(KvCache, Tensor)>> = (0..slots.len()).map(|_| None).collect();
+    let mut rest = order.as_slice();
+    while !rest.is_empty() {
+        // Sorted by length, so the last of a batch is its longest.
+        let mut n = 1;
+        while n < rest.len() && (n + 1) * lens[rest[n]] <= BATCH_TOKENS {
+            n += 1;
+        }
+        let (batch, tail) = rest.split_at(n);
+        let (mut caches, ids): (Vec<KvCache>, Vec<Vec<u32>>) = batch
+            .iter()
+            .map(|&i| slots[i].take().expect("each request runs once"))
+            .map(|r| (r.prefix, r.ids))
+            .unzip();
+        let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let hidden = model.forward_ragged(&mut caches, &ids)?;
+        for ((&i, cache), h) in batch.iter().zip(caches).zip(hidden) {
+            out[i] = Some((cache, h));
+        }
+        rest = tail;
+    }
+    Ok(out.into_iter().map(|o| o.expect("every request ran")).collect())
+}
+
+/// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.
+pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
+    if requests.iter().any(|r| r.ids.is_empty()) {
+        bail!("cannot continue an empty prompt");
+    }
+    let (caches, lasts): (Vec<KvCache>, Vec<Tensor>) = run_all(model, requests)?
+        .into_iter()
+        .map(|(cache, h)| {
+            let n = h.dim(0)?;
+            Ok((cache, h.narrow(0, n - 1, 1)?))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    if caches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let logits = model.logits(&Tensor::cat(&lasts, 0)?)?;
+    caches.into_iter().enumerate().map(|(i, c)| Ok((c, logits.get(i)?))).collect()
+}
+
+/// Continues every request, prefilled in batches and decoded together with the other
+/// still-running ones. Padding and batch-mates never enter a request's sums, so its tokens
+/// are the ones it would get alone.
 pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
     let n = requests.len();
     let mut out: Vec<Generated> = (0..n)
@@ -94,13 +144,12 @@ pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> 
         .collect();
     // (request index, cache, next token) of the sequences still running.
     let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-    for (i, req) in requests.into_iter().enumerate() {
+    for (i, (cache, logits)) in prefill_all(model, requests)?.into_iter().enumerate() {
         if cfg.max_tokens == 0 {
             // Nothing to generate: the prompt is still fed, so the caller can continue it.
-            out[i].cache = prefill(model, req.prefix, &req.ids)?.0;
+            out[i].cache = cache;
             continue;
         }
-        let (cache, logits) = prefill(model, req.prefix, &req.ids)?;
         let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
         running.push((i, cache, next));
     }

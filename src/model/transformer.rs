@@ -372,6 +372,31 @@ impl Model {
         Ok(self.norm(&h, &self.final_norm, pass)?.reshape((batch, len, hidden))?)
     }
 
+    /// Continues sequence `b` of `caches` with `ids[b]`, all in one batched forward: shorter
+    /// sequences are padded at their end and their caches cut back to their real length.
+    /// Attention is causal and per sequence, so padding never reaches a real position.
+    /// Returns each sequence's final-normed hidden states [ids[b].len(), hidden].
+    pub fn forward_ragged(&self, caches: &mut [KvCache], ids: &[&[u32]]) -> Result<Vec<Tensor>> {
+        let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        if longest == 0 {
+            let empty = Tensor::zeros((0, self.cfg.hidden_size), self.dtype(), self.device())?;
+            return Ok(vec![empty; ids.len()]);
+        }
+        let padded: Vec<u32> =
+            ids.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, longest - s.len()))).collect();
+        let x = self.embed(&padded)?.reshape((ids.len(), longest, self.cfg.hidden_size))?;
+        let hidden = self.forward(&x, caches, Pass::Fast)?;
+        // The padding's keys stay in the buffers' spare room, overwritten by the next append.
+        ids.iter()
+            .zip(caches.iter_mut())
+            .enumerate()
+            .map(|(b, (s, cache))| {
+                cache.len -= longest - s.len();
+                Ok(hidden.get(b)?.narrow(0, 0, s.len())?)
+            })
+            .collect()
+    }
+
     /// Next-token logits [n, vocab] for hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = frozen_matmul(hidden, &self.lm_head)?;

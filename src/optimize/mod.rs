@@ -20,9 +20,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, QuestionIds};
-use crate::model::generate::{generate, prefill, Cancelled, GenerateConfig, Generated, Request};
+use crate::model::generate::{generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
-use crate::model::{KvCache, Pass};
+use crate::model::KvCache;
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
@@ -78,11 +78,18 @@ pub struct Checked {
     pub score: Score,
 }
 
+/// Wall time of a step by part, in the reference's terms.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Seconds {
-    pub generation: f64,
+    /// Step 1: the current prompt's reasoning, when the last check did not leave it.
+    pub reasoning: f64,
+    /// Step 2, and the filler token when the prompt grows.
+    pub proposal: f64,
+    /// Steps 3-4.
     pub gradient: f64,
-    pub scoring: f64,
+    /// Step 5: the shortlist's reasoning regenerated and scored.
+    pub checking: f64,
 }
 
 /// One line of the step log.
@@ -100,6 +107,9 @@ pub struct StepRecord {
     pub best_prompt: String,
     pub best_score: f64,
     pub seconds: Seconds,
+    /// Reasoning tokens decoded in this step.
+    #[serde(default)]
+    pub generated_tokens: usize,
 }
 
 /// A train example prepared once: the ids before the prompt (with their KV cache) and after
@@ -202,18 +212,23 @@ impl<'a> Optimizer<'a> {
         Ok(self.layout.prompt_ids(&text)? == ids)
     }
 
+    /// Final-normed hidden states of each prompt after every example's head, one batched
+    /// run for all: per prompt, [examples x len, hidden].
+    fn prompt_hidden(&self, prompts: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+        let requests = prompts
+            .iter()
+            .flat_map(|p| self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: p.clone() }))
+            .collect();
+        let mut hidden = run_all(&self.lm.model, requests)?.into_iter().map(|(_, h)| h);
+        prompts.iter().map(|_| Ok(Tensor::cat(&hidden.by_ref().take(self.examples.len()).collect::<Vec<_>>(), 0)?)).collect()
+    }
+
     /// Mean prompt NLL over the examples, and (for `row`) each example's admissible tokens
-    /// for that prompt position, most likely first.
-    fn prompt_stats(&self, prompt: &[u32], row: Option<usize>) -> Result<(f64, Vec<Vec<u32>>)> {
+    /// for that prompt position, most likely first. `hidden` is the prompt's [`Self::prompt_hidden`].
+    fn prompt_stats(&self, prompt: &[u32], hidden: &Tensor, row: Option<usize>) -> Result<(f64, Vec<Vec<u32>>)> {
         let len = prompt.len();
-        let mut hidden = Vec::with_capacity(self.examples.len());
-        for ex in &self.examples {
-            let mut cache = [ex.head_cache.clone()];
-            let x = self.lm.model.embed(prompt)?.unsqueeze(0)?;
-            hidden.push(self.lm.model.forward(&x, &mut cache, Pass::Fast)?.squeeze(0)?);
-        }
         // One vocabulary projection for all examples: its weight is read once, not per example.
-        let all = log_softmax(&self.lm.model.logits(&Tensor::cat(&hidden, 0)?)?)?;
+        let all = log_softmax(&self.lm.model.logits(hidden)?)?;
         let targets = Tensor::new(prompt, all.device())?.unsqueeze(1)?;
         let mut nll_sum = 0.0;
         let mut ranked = Vec::new();
@@ -246,6 +261,12 @@ impl<'a> Optimizer<'a> {
         Ok((nll_sum / self.examples.len() as f64, ranked))
     }
 
+    /// Mean prompt NLL over the examples of each prompt.
+    fn prompt_nll(&self, prompts: &[Vec<u32>]) -> Result<Vec<f64>> {
+        let hidden = self.prompt_hidden(prompts)?;
+        prompts.iter().zip(&hidden).map(|(p, h)| Ok(self.prompt_stats(p, h, None)?.0)).collect()
+    }
+
     /// Greedy reasoning of every example under each prompt, decoded in one batch.
     fn reason(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Generated>>> {
         self.check_interrupt()?;
@@ -260,41 +281,53 @@ impl<'a> Optimizer<'a> {
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
 
-    /// Hidden states that predict the gold answer's tokens, teacher-forced after the
-    /// reasoning and the extractor.
-    fn answer_states(&self, reply: &Generated, ex: &TrainExample) -> Result<Tensor> {
-        let ids = [&reply.ids[reply.fed..], self.layout.extractor(), &ex.answer].concat();
-        let mut cache = [reply.cache.clone()];
-        let hidden = self.lm.model.forward(&self.lm.model.embed(&ids)?.unsqueeze(0)?, &mut cache, Pass::Fast)?;
-        let n = ex.answer.len();
-        Ok(hidden.squeeze(0)?.narrow(0, ids.len() - n - 1, n)?)
-    }
-
-    /// Real score of a prompt whose reasoning is given: an example is right when greedy
-    /// decoding would pick every gold answer token.
-    fn score(&self, prompt: &[u32], replies: &[Generated]) -> Result<Score> {
+    /// Real scores of prompts given their reasoning (`replies[i]` for `prompts[i]`, whose
+    /// caches are consumed): an example is right when greedy decoding would pick every gold
+    /// answer token, teacher-forced after the reasoning and the extractor.
+    fn score(&self, prompts: &[Vec<u32>], replies: Vec<Vec<Generated>>) -> Result<Vec<Score>> {
         self.check_interrupt()?;
-        let states: Vec<Tensor> =
-            replies.iter().zip(&self.examples).map(|(r, ex)| self.answer_states(r, ex)).collect::<Result<_>>()?;
+        let requests: Vec<Request> = replies
+            .into_iter()
+            .flat_map(|rs| {
+                rs.into_iter().zip(&self.examples).map(|(r, ex)| Request {
+                    ids: [&r.ids[r.fed..], self.layout.extractor(), &ex.answer].concat(),
+                    prefix: r.cache,
+                })
+            })
+            .collect();
+        let examples = || prompts.iter().flat_map(|_| &self.examples);
+        // The rows that predict the answer tokens, for every prompt and example at once.
+        let states: Vec<Tensor> = run_all(&self.lm.model, requests)?
+            .into_iter()
+            .zip(examples())
+            .map(|((_, h), ex)| {
+                let n = ex.answer.len();
+                Ok(h.narrow(0, h.dim(0)? - n - 1, n)?)
+            })
+            .collect::<Result<_>>()?;
         let logits = self.lm.model.logits(&Tensor::cat(&states, 0)?)?;
         let picked = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let gold: Vec<u32> = self.examples.iter().flat_map(|ex| ex.answer.iter().copied()).collect();
+        let gold: Vec<u32> = examples().flat_map(|ex| ex.answer.iter().copied()).collect();
         let gold_logprobs = log_softmax(&logits)?.gather(&Tensor::new(gold.as_slice(), logits.device())?.unsqueeze(1)?, 1)?;
         let gold_logprobs = gold_logprobs.flatten_all()?.to_vec1::<f32>()?;
         let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
-        let (mut mistakes, mut answer_nll) = (0, 0.0);
-        for ex in &self.examples {
-            let (mine, tail) = rest.split_at(ex.answer.len());
-            let (lp, lp_tail) = rest_lp.split_at(ex.answer.len());
-            mistakes += usize::from(mine != ex.answer.as_slice());
-            answer_nll -= lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64;
-            (rest, rest_lp) = (tail, lp_tail);
-        }
-        let (nll, _) = self.prompt_stats(prompt, None)?;
         let n = self.examples.len();
-        let answer_nll = answer_nll / n as f64;
-        let score = mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll + self.cfg.answer_weight * answer_nll;
-        Ok(Score { score, mistakes, n, nll, answer_nll })
+        let mut scores = Vec::with_capacity(prompts.len());
+        for nll in self.prompt_nll(prompts)? {
+            let (mut mistakes, mut answer_nll) = (0, 0.0);
+            for ex in &self.examples {
+                let (mine, tail) = rest.split_at(ex.answer.len());
+                let (lp, lp_tail) = rest_lp.split_at(ex.answer.len());
+                mistakes += usize::from(mine != ex.answer.as_slice());
+                answer_nll -= lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64;
+                (rest, rest_lp) = (tail, lp_tail);
+            }
+            let answer_nll = answer_nll / n as f64;
+            let score =
+                mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll + self.cfg.answer_weight * answer_nll;
+            scores.push(Score { score, mistakes, n, nll, answer_nll });
+        }
+        Ok(scores)
     }
 
     /// Per train example: the loss (answer CE at temperature T plus control_weight x the mean
@@ -360,11 +393,20 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
-    /// Reasoning and real score of `prompt` on the train examples.
-    pub fn reason_and_score(&self, prompt: &[u32]) -> Result<(Vec<Generated>, Score)> {
-        let replies = self.reason(std::slice::from_ref(&prompt.to_vec()))?.remove(0);
-        let score = self.score(prompt, &replies)?;
-        Ok((replies, score))
+    /// Reasoning (per example) and real score of each prompt on the train examples.
+    fn reason_and_score_all(&self, prompts: &[Vec<u32>]) -> Result<Vec<(Vec<Vec<u32>>, Score)>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies = self.reason(prompts)?;
+        let reasoning: Vec<Vec<Vec<u32>>> =
+            replies.iter().map(|rs| rs.iter().map(|g| g.ids.clone()).collect()).collect();
+        Ok(reasoning.into_iter().zip(self.score(prompts, replies)?).collect())
+    }
+
+    /// Reasoning (per example) and real score of `prompt` on the train examples.
+    pub fn reason_and_score(&self, prompt: &[u32]) -> Result<(Vec<Vec<u32>>, Score)> {
+        Ok(self.reason_and_score_all(&[prompt.to_vec()])?.remove(0))
     }
 
     /// The train score of a prompt given as text.
@@ -376,21 +418,21 @@ impl<'a> Optimizer<'a> {
     /// from the best (the first on ties).
     pub fn initial_state(&self, starts: &[&str]) -> Result<State> {
         let mut scores = BTreeMap::new();
-        let mut best: Option<(Vec<u32>, Vec<Generated>, f64)> = None;
+        let mut best: Option<(Vec<u32>, Vec<Vec<u32>>, f64)> = None;
         for text in starts {
             let prompt = self.prompt_ids(text)?;
-            let (replies, score) = self.reason_and_score(&prompt)?;
+            let (reasoning, score) = self.reason_and_score(&prompt)?;
             let value = score.score;
             scores.insert(self.prompt_text(&prompt)?, score);
             if best.as_ref().is_none_or(|b| value < b.2) {
-                best = Some((prompt, replies, value));
+                best = Some((prompt, reasoning, value));
             }
         }
-        let Some((prompt, replies, best_score)) = best else { bail!("no starting prompt") };
+        let Some((prompt, reasoning, best_score)) = best else { bail!("no starting prompt") };
         Ok(State {
             step: 0,
             position: 0,
-            reasoning: Some(replies.into_iter().map(|g| g.ids).collect()),
+            reasoning: Some(reasoning),
             best_prompt: prompt.clone(),
             best_score,
             steps_since_best: 0,
@@ -410,6 +452,7 @@ impl<'a> Optimizer<'a> {
     /// One step of the method at `state.position`; `state` moves on.
     pub fn step(&self, state: &mut State) -> Result<StepRecord> {
         let mut secs = Seconds::default();
+        let mut generated_tokens = 0;
         let (prompt, position) = (state.prompt.clone(), state.position);
         let prompt_before = self.prompt_text(&prompt)?;
 
@@ -418,16 +461,17 @@ impl<'a> Optimizer<'a> {
         let reasoning = match state.reasoning.clone() {
             Some(r) => r,
             None => {
-                let (replies, score) = self.reason_and_score(&prompt)?;
+                let (reasoning, score) = self.reason_and_score(&prompt)?;
                 state.scores.insert(prompt_before.clone(), score);
-                replies.into_iter().map(|g| g.ids).collect()
+                generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
+                reasoning
             }
         };
-        secs.generation += t.elapsed().as_secs_f64();
+        secs.reasoning += t.elapsed().as_secs_f64();
 
         // 2. Candidates from the model's own next-token distribution at the position.
         let t = Instant::now();
-        let (_, ranked) = self.prompt_stats(&prompt, Some(position))?;
+        let (_, ranked) = self.prompt_stats(&prompt, &self.prompt_hidden(&[prompt.clone()])?[0], Some(position))?;
         let proposal = ProposalConfig {
             top_k: self.cfg.top_k,
             subsets: self.cfg.top_q,
@@ -436,7 +480,7 @@ impl<'a> Optimizer<'a> {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
         let candidates = propose(&ranked, prompt[position], &proposal, &mut rng);
-        secs.scoring += t.elapsed().as_secs_f64();
+        secs.proposal += t.elapsed().as_secs_f64();
 
         // 3-4. The gradient over reasoning ranks them; the best few are shortlisted.
         let t = Instant::now();
@@ -470,16 +514,13 @@ impl<'a> Optimizer<'a> {
             .map(|(&(tok, _), _)| with(tok))
             .collect();
         let t = Instant::now();
-        let replies = self.reason(&unscored)?;
-        secs.generation += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let mut fresh: HashMap<Vec<u32>, Vec<Generated>> = HashMap::new();
-        for (p, r) in unscored.into_iter().zip(replies) {
-            let score = self.score(&p, &r)?;
-            state.scores.insert(self.prompt_text(&p)?, score);
-            fresh.insert(p, r);
+        let mut fresh: HashMap<Vec<u32>, Vec<Vec<u32>>> = HashMap::new();
+        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+            generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
+            state.scores.insert(self.prompt_text(p)?, score);
+            fresh.insert(p.clone(), reasoning);
         }
-        secs.scoring += t.elapsed().as_secs_f64();
+        secs.checking += t.elapsed().as_secs_f64();
 
         let mut checked = Vec::with_capacity(short.len());
         for (&(id, gradient), text) in short.iter().zip(&texts) {
@@ -501,7 +542,7 @@ impl<'a> Optimizer<'a> {
         if let Some(c) = &chosen {
             if c.id != prompt[position] {
                 state.prompt = with(c.id);
-                state.reasoning = fresh.remove(&state.prompt).map(|r| r.into_iter().map(|g| g.ids).collect());
+                state.reasoning = fresh.remove(&state.prompt);
             }
         }
 
@@ -513,7 +554,7 @@ impl<'a> Optimizer<'a> {
                 let t = Instant::now();
                 let len = state.prompt.len();
                 let token = self.filler(&state.prompt)?;
-                secs.scoring += t.elapsed().as_secs_f64();
+                secs.proposal += t.elapsed().as_secs_f64();
                 state.prompt.push(token);
                 state.reasoning = None;
                 len
@@ -532,6 +573,7 @@ impl<'a> Optimizer<'a> {
             best_prompt: self.prompt_text(&state.best_prompt)?,
             best_score: state.best_score,
             seconds: secs,
+            generated_tokens,
         })
     }
 
@@ -543,7 +585,7 @@ impl<'a> Optimizer<'a> {
                 Ok(*ids.last().expect("'_' has a token"))
             }
             Filler::Likely => {
-                let (_, ranked) = self.prompt_stats(prompt, Some(prompt.len()))?;
+                let (_, ranked) = self.prompt_stats(prompt, &self.prompt_hidden(&[prompt.to_vec()])?[0], Some(prompt.len()))?;
                 Ok(most_often_first(&ranked).unwrap_or(prompt[prompt.len() - 1]))
             }
         }

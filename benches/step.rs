@@ -1,0 +1,86 @@
+//! One GReaTer step, warm, on the real models and BBH tasks of `../shared/data`: seconds
+//! per step split as the reference splits it (reasoning, proposal, gradient, checking),
+//! reasoning tokens decoded, resident memory after each step and at its peak, and the ratio
+//! against the seconds per step recorded below for an earlier version of this code.
+//!
+//!     cargo bench --bench step                # both setups
+//!     cargo bench --bench step -- smollm2     # setups whose name contains "smollm2"
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use greater::optimize::{OptimizeConfig, Optimizer};
+use greater::runtime::{LanguageModel, OpenOptions};
+use greater::tasks::Task;
+
+struct Setup {
+    name: &'static str,
+    model: &'static str,
+    task: &'static str,
+    train: usize,
+    steps: usize,
+    /// Mean seconds per step of commit fec5889 (before this bench's work), idle machine.
+    recorded: f64,
+}
+
+const SETUPS: [Setup; 3] = [
+    Setup { name: "smollm2 navigate", model: "smollm2-135m", task: "navigate", train: 5, steps: 3, recorded: 12.9 },
+    Setup { name: "smollm2 object_counting", model: "smollm2-135m", task: "object_counting", train: 5, steps: 3, recorded: f64::NAN },
+    Setup { name: "qwen object_counting", model: "qwen2.5-coder-0.5b", task: "object_counting", train: 20, steps: 2, recorded: 409.0 },
+];
+
+/// Resident set size now and at its peak, in MiB (Linux).
+fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn bench(setup: &Setup, data: &PathBuf) {
+    println!("== {} (first {} examples, top-k 40, 256 reasoning tokens)", setup.name, setup.train);
+    let lm = LanguageModel::open(setup.model, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
+    // The first examples of the file, as the reference harness takes them.
+    let (task, _) = Task::load_split(setup.task, Some(data.clone()), 0, 1, (setup.train, 0, 0)).unwrap();
+    let train: Vec<_> = task.examples[..setup.train].iter().collect();
+    let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
+    let optimizer = Optimizer::new(&lm, &task, &train, &cfg, Arc::new(AtomicBool::new(false))).unwrap();
+    let t = Instant::now();
+    let mut state = optimizer.initial_state(&[task.initial_prompt.as_str()]).unwrap();
+    println!("initial reasoning and score: {:.1} s", t.elapsed().as_secs_f64());
+    let mut total = 0.0;
+    for _ in 0..setup.steps {
+        let t = Instant::now();
+        let r = optimizer.step(&mut state).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        total += secs;
+        let s = &r.seconds;
+        let (rss, peak) = memory_mib();
+        println!(
+            "step {}: {secs:.1} s = reasoning {:.1} + proposal {:.1} + gradient {:.1} + checking {:.1}; \
+             {} tokens decoded; resident {rss:.0} MiB, peak {peak:.0} MiB",
+            r.step, s.reasoning, s.proposal, s.gradient, s.checking, r.generated_tokens
+        );
+    }
+    let mean = total / setup.steps as f64;
+    println!("mean: {mean:.1} s per step; recorded {:.1} s: {:.2}x faster", setup.recorded, setup.recorded / mean);
+}
+
+fn main() {
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !data.join("bbh").is_dir() {
+        eprintln!("the step bench reads BBH from {}: not found", data.display());
+        std::process::exit(1);
+    }
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    for setup in SETUPS.iter().filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str()))) {
+        bench(setup, &data);
+    }
+}
