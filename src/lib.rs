@@ -11,6 +11,7 @@ pub mod layout;
 pub mod model;
 pub mod optimize;
 pub mod protocol;
+pub mod report;
 pub mod runtime;
 pub mod store;
 pub mod tasks;

@@ -131,6 +131,15 @@ enum Command {
     /// Run `optimize` with one configuration over a list of tasks (a run folder each, one
     /// table); resumable as a whole with --resume DIR.
     Protocol(ProtocolArgs),
+    /// Write a run's or a protocol's report.html: charts and tables in one self-contained
+    /// page (also written at the end of every run and protocol).
+    Report {
+        /// A run folder or a protocol folder.
+        dir: PathBuf,
+        /// Where to write [default: DIR/report.html].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// List the built-in tasks.
     Tasks,
     /// List the model aliases and whether they are cached.
@@ -522,6 +531,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Optimize(args) => run_optimize_command(&args)?,
         Command::Protocol(args) => run_protocol_command(&args)?,
+        Command::Report { dir, out } => {
+            let path = greater::report::write_report(&dir, out.as_deref())?;
+            println!("wrote {}", path.display());
+        }
         Command::Tasks => {
             println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
             for t in builtin_tasks() {

@@ -126,12 +126,13 @@ pub fn run_protocol(
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
         dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
+        crate::report::write_report(out, None)?;
     }
     Ok((result, config))
 }
 
 /// A task's folder name: its name, or a task file's stem.
-fn task_folder(task: &str) -> String {
+pub fn task_folder(task: &str) -> String {
     let p = Path::new(task);
     let stem = if p.extension().is_some() { p.file_stem().and_then(|s| s.to_str()).unwrap_or(task) } else { task };
     stem.replace(['/', '\\'], "_")

@@ -7,6 +7,7 @@
 //! checkpoint.json   the state after the last finished step
 //! best_prompt.txt   the best prompt, byte for byte
 //! summary.json / summary.md   held-out accuracies at the end
+//! report.html       the charts and tables of the run (`greater report`)
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -82,6 +83,19 @@ impl RunDir {
         f.write_all(&line)?;
         f.sync_all()?;
         Ok(())
+    }
+
+    /// The step lines written so far.
+    pub fn read_steps<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
+        let path = self.file("steps.jsonl");
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: unreadable step", path.display(), i + 1)))
+            .collect()
     }
 
     /// Keeps the first `n` step lines: a run killed after logging a step but before its

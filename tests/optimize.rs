@@ -541,6 +541,56 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
     for row in &table.rows {
         assert!(md.contains(&format!("| {} | {:.3} [", row.task, row.zero_shot_cot.accuracy)), "{md}");
     }
+    // The protocol's report: every task's three accuracies with intervals, a link to its
+    // run's report, the pooled accuracies.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_no_url(&html);
+    for row in &table.rows {
+        for e in [&row.zero_shot_cot, &row.initial, &row.optimised] {
+            assert!(html.contains(&accuracy_text(e)), "{}: {}", row.task, accuracy_text(e));
+        }
+        // (minijinja escapes "/" as "&#x2f;" in HTML; the browser reads both alike)
+        let link = ["/", "&#x2f;"].map(|slash| format!("href=\"{}{slash}report.html\"", row.task));
+        assert!(link.iter().any(|l| html.contains(l)), "no link to {}'s report", row.task);
+        assert!(out.join(&row.task).join("report.html").exists());
+    }
+    let pooled = &table.optimised;
+    assert!(html.contains(&format!("{:.3} [{:.3}, {:.3}]", pooled.accuracy, pooled.interval.0, pooled.interval.1)));
+}
+
+fn accuracy_text(e: &EvalSummary) -> String {
+    format!("{:.3} [{:.3}, {:.3}] ({} of {})", e.accuracy, e.interval.0, e.interval.1, e.correct, e.n)
+}
+
+/// A report opens from disk: no address of any kind, inline SVG without a namespace URL.
+fn assert_no_url(html: &str) {
+    assert!(!html.contains("http:") && !html.contains("https:") && !html.contains("//"), "the report holds a URL");
+}
+
+#[test]
+fn the_report_shows_the_summary_accuracies_and_one_point_per_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(OptimizeConfig { dev: 3, ..tiny_settings(&model, 4) }), &out);
+    let written = tmp.path().join("elsewhere.html");
+    let status = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["report", out.to_str().unwrap(), "--out", written.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let html = std::fs::read_to_string(&written).unwrap();
+    // The run wrote the same report itself.
+    assert_eq!(html, std::fs::read_to_string(out.join("report.html")).unwrap());
+    assert_no_url(&html);
+    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for e in summary.evaluations.iter().chain(summary.contenders.iter().filter_map(|c| c.dev.as_ref())) {
+        assert!(html.contains(&accuracy_text(e)), "missing {}: {}", e.label, accuracy_text(e));
+    }
+    // The optimisation curve: one dot per step.
+    let curve = &html[html.find("id=\"figure-1\"").unwrap()..html.find("id=\"figure-2\"").unwrap()];
+    assert_eq!(curve.matches("<circle").count(), 4);
+    assert_eq!(html.matches("<mark>").count(), 4);
 }
 
 #[test]

@@ -59,7 +59,7 @@ impl CustomOp1 for DecodeAttention {
             let mut scores: Vec<f32> = (lo..len)
                 .map(|t| {
                     let kr = &k[k0 + t * k_pos..k0 + t * k_pos + hd];
-                    let s = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale;
+                    let s = dot(qr, kr) * self.scale;
                     self.softcap.map_or(s, |c| (s / c).tanh() * c)
                 })
                 .collect();
@@ -79,4 +79,19 @@ impl CustomOp1 for DecodeAttention {
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, heads * hd))))
     }
+}
+
+/// Dot product summed in 16 independent lanes, which the compiler turns into vector
+/// instructions (one running sum must stay scalar to keep its order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [0f32; LANES];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

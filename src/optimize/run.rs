@@ -296,6 +296,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     };
     dir.write_json("summary.json", &summary)?;
     dir.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
+    crate::report::write_report(&dir.path, None)?;
     Ok(summary)
 }
 

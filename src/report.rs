@@ -1,0 +1,398 @@
+//! `report.html`: one self-contained page showing what a run or a protocol did. The charts
+//! are inline SVG drawn with plotters, the page is a minijinja template (HTML-escaped); it
+//! loads nothing and holds no URL, so it opens from disk anywhere.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use minijinja::value::{Serde, Value};
+use serde::Serialize;
+
+use crate::optimize::run::{verdict, EvalSummary, RunConfig, Summary};
+use crate::optimize::StepRecord;
+use crate::protocol::{ProtocolConfig, ProtocolTable};
+use crate::store::RunDir;
+
+const TEMPLATE: &str = include_str!("report.html");
+const SIZE: (u32, u32) = (780, 300);
+const FONT: (&str, u32) = ("sans-serif", 14);
+
+/// The report of the run or protocol in `dir`, as HTML.
+pub fn report_html(dir: &Path) -> Result<String> {
+    if dir.join("protocol-config.json").exists() {
+        protocol_page(&RunDir::folder(dir)?)
+    } else {
+        run_page(&RunDir::open(dir)?)
+    }
+}
+
+/// Writes `report.html` into `dir` (or to `out`) and returns where.
+pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf> {
+    let html = report_html(dir)?;
+    let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
+    let folder = RunDir::folder(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
+    folder.write_atomic(name, html.as_bytes())?;
+    Ok(path)
+}
+
+// ---- Pages ----
+
+#[derive(Serialize)]
+struct StepRow {
+    step: usize,
+    position: usize,
+    /// The prompt after the step, split around the changed text.
+    before: String,
+    changed: String,
+    after: String,
+    checked: Vec<CheckedRow>,
+    seconds: String,
+}
+
+#[derive(Serialize)]
+struct CheckedRow {
+    token: String,
+    gradient: String,
+    score: String,
+    mistakes: String,
+    chosen: bool,
+}
+
+#[derive(Serialize)]
+struct AccuracyRow {
+    label: String,
+    prompt: String,
+    train: String,
+    dev: String,
+    test: String,
+}
+
+fn run_page(dir: &RunDir) -> Result<String> {
+    let config: RunConfig = dir.read_json("config.json")?;
+    let steps: Vec<StepRecord> = dir.read_steps()?;
+    let summary: Option<Summary> = if dir.exists("summary.json") { Some(dir.read_json("summary.json")?) } else { None };
+    let s = &config.settings;
+    let title = format!("greater run: {} on {}", config.task.name, s.model);
+    let setup = format!(
+        "model {} (sha256 {}), task {} ({}), split seed {}: {} train / {} dev / {} test questions, {} of {} steps",
+        config.model_path,
+        &config.model_sha256[..12.min(config.model_sha256.len())],
+        config.task.name,
+        config.task.answer_kind,
+        config.split.seed,
+        config.split.train.len(),
+        config.split.dev.len(),
+        config.split.test.len(),
+        steps.len(),
+        s.steps
+    );
+    let dev_points: Vec<(usize, f64)> = summary
+        .iter()
+        .flat_map(|sm| &sm.contenders)
+        .filter_map(|c| Some((step_of(&steps, &c.prompt), c.dev.as_ref()?.accuracy)))
+        .collect();
+    let mut figures = vec![("Optimisation", curve_svg(&steps, &dev_points)?)];
+    let mut rows = Vec::new();
+    let mut verdict_line = "The run has not finished: no held-out accuracy yet.".to_string();
+    let mut returned = String::new();
+    if let Some(sm) = &summary {
+        let mut bars = Vec::new();
+        for e in &sm.evaluations {
+            bars.push(Bar { group: e.label.clone(), series: 0, value: e.accuracy, interval: e.interval });
+            let dev = sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
+            if let Some(d) = dev {
+                bars.push(Bar { group: e.label.clone(), series: 1, value: d.accuracy, interval: d.interval });
+            }
+        }
+        figures.push(("Accuracy with 95% intervals", bars_svg(&bars, &["test", "dev"])?));
+        for c in &sm.contenders {
+            let test = sm.evaluations.iter().find(|e| e.prompt == c.prompt);
+            rows.push(AccuracyRow {
+                label: c.label.clone(),
+                prompt: c.prompt.clone(),
+                train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
+                dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
+                test: test.map_or("-".into(), accuracy_cell),
+            });
+        }
+        verdict_line = verdict(sm);
+        returned = format!("{} (chosen by {}): {}", sm.selected, sm.selected_by, sm.best_prompt);
+    }
+    figures.push(("Seconds per step", seconds_svg(&steps)?));
+    let env = environment()?;
+    let html = env.get_template("report.html")?.render(minijinja::context! {
+        title, setup, verdict => verdict_line, returned, figures, accuracy => Value::from(Serde(&rows)),
+        steps => Value::from(Serde(steps.iter().map(step_row).collect::<Vec<_>>())),
+    })?;
+    Ok(html)
+}
+
+#[derive(Serialize)]
+struct TaskLine {
+    task: String,
+    zero_shot_cot: String,
+    initial: String,
+    optimised: String,
+    dev: String,
+    selected: String,
+    steps: usize,
+    prompt: String,
+    report: Option<String>,
+}
+
+fn protocol_page(dir: &RunDir) -> Result<String> {
+    let config: ProtocolConfig = dir.read_json("protocol-config.json")?;
+    if !dir.exists("protocol.json") {
+        bail!("{}: the protocol has finished no task yet", dir.path.display());
+    }
+    let table: ProtocolTable = dir.read_json("protocol.json")?;
+    let s = &config.settings;
+    let setup = format!(
+        "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}; {} of {} tasks done",
+        s.model,
+        s.train,
+        s.dev,
+        s.test,
+        s.steps,
+        s.seed,
+        table.rows.len(),
+        config.tasks.len()
+    );
+    let mut bars = Vec::new();
+    let mut lines = Vec::new();
+    for r in &table.rows {
+        for (series, e) in [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().enumerate() {
+            bars.push(Bar { group: r.task.clone(), series, value: e.accuracy, interval: e.interval });
+        }
+        let folder = crate::protocol::task_folder(&r.task);
+        lines.push(TaskLine {
+            task: r.task.clone(),
+            zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
+            initial: accuracy_cell(&r.initial),
+            optimised: accuracy_cell(&r.optimised),
+            dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+            selected: r.selected.clone(),
+            steps: r.steps,
+            prompt: r.optimised.prompt.clone(),
+            report: dir.path.join(&folder).join("report.html").exists().then(|| format!("{folder}/report.html")),
+        });
+    }
+    let pooled = |p: &crate::protocol::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
+    let gain = match table.gain_interval {
+        Some((lo, hi)) => format!("{:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])", table.mean_gain),
+        None => format!("{:+.3}", table.mean_gain),
+    };
+    let figures = vec![("Test accuracy per task with 95% intervals", bars_svg(&bars, &["zero-shot CoT", "initial", "optimised"])?)];
+    let env = environment()?;
+    let html = env.get_template("report.html")?.render(minijinja::context! {
+        title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
+        pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
+        gain,
+    })?;
+    Ok(html)
+}
+
+fn environment() -> Result<minijinja::Environment<'static>> {
+    let mut env = minijinja::Environment::new();
+    env.add_template("report.html", TEMPLATE)?;
+    Ok(env)
+}
+
+fn accuracy_cell(e: &EvalSummary) -> String {
+    format!("{:.3} [{:.3}, {:.3}] ({} of {})", e.accuracy, e.interval.0, e.interval.1, e.correct, e.n)
+}
+
+/// The first step that produced `prompt` (0: it was there before the search).
+fn step_of(steps: &[StepRecord], prompt: &str) -> usize {
+    steps.iter().find(|r| r.checked.iter().any(|c| c.prompt == prompt)).map_or(0, |r| r.step)
+}
+
+/// The train score the curve shows for a step: its chosen prompt's, or when the step kept
+/// its prompt, the best it checked.
+fn step_score(r: &StepRecord) -> f64 {
+    let chosen = r.chosen.as_ref().and_then(|c| r.checked.iter().find(|k| k.id == c.id));
+    chosen
+        .map(|c| c.score.score)
+        .or_else(|| r.checked.iter().map(|c| c.score.score).min_by(f64::total_cmp))
+        .unwrap_or(r.best_score)
+}
+
+fn step_row(r: &StepRecord) -> StepRow {
+    let (before, changed, after) = split_change(&r.prompt_before, &r.prompt);
+    let chosen = r.chosen.as_ref().map(|c| c.id);
+    StepRow {
+        step: r.step,
+        position: r.position,
+        before,
+        changed,
+        after,
+        checked: r
+            .checked
+            .iter()
+            .map(|c| CheckedRow {
+                token: format!("{:?}", c.text),
+                gradient: format!("{:.4}", c.gradient),
+                score: format!("{:.3}", c.score.score),
+                mistakes: format!("{}/{}", c.score.mistakes, c.score.n),
+                chosen: Some(c.id) == chosen,
+            })
+            .collect(),
+        seconds: format!(
+            "{:.1} s: reasoning {:.1}, proposal {:.1}, gradient {:.1}, checking {:.1}",
+            r.seconds.reasoning + r.seconds.proposal + r.seconds.gradient + r.seconds.checking,
+            r.seconds.reasoning,
+            r.seconds.proposal,
+            r.seconds.gradient,
+            r.seconds.checking
+        ),
+    }
+}
+
+/// `new` split into the text it shares with `old` at the start, the changed middle, and the
+/// shared end.
+pub fn split_change(old: &str, new: &str) -> (String, String, String) {
+    let prefix: usize = old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let (old_rest, new_rest) = (&old[prefix..], &new[prefix..]);
+    let suffix: usize =
+        old_rest.chars().rev().zip(new_rest.chars().rev()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let middle_end = new.len() - suffix;
+    (new[..prefix].to_string(), new[prefix..middle_end].to_string(), new[middle_end..].to_string())
+}
+
+// ---- Charts ----
+
+/// Draws into an SVG string. Inline SVG in HTML needs no namespace; without it the page
+/// holds no URL at all.
+fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Result<String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        draw(&root)?;
+        root.present()?;
+    }
+    Ok(out.replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1))
+}
+
+const SERIES: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+
+/// Train score per step (a dot per step), best so far, and the dev accuracy of the prompts
+/// measured on dev, at the step that found them.
+fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
+    let points: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, step_score(r))).collect();
+    let best: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, r.best_score)).collect();
+    let top = points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max) * 1.05;
+    let last = steps.len().max(1) as f64 + 0.5;
+    svg(|root| {
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(-0.5..last, 0.0..top)?;
+        chart.configure_mesh().x_desc("step").y_desc("train score / dev accuracy").label_style(FONT).draw()?;
+        let (train, best_color, dev_color) = (SERIES[0], SERIES[3], SERIES[2]);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), train.stroke_width(2)))?
+            .label("train score of the step's prompt (lower is better)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], train.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, train.filled())))?;
+        chart
+            .draw_series(LineSeries::new(best.iter().copied(), best_color.stroke_width(2)))?
+            .label("best train score so far")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], best_color.stroke_width(2)));
+        chart
+            .draw_series(dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, dev_color.filled())))?
+            .label("dev accuracy (higher is better)")
+            .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, dev_color.filled()));
+        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        Ok(())
+    })
+}
+
+struct Bar {
+    group: String,
+    series: usize,
+    value: f64,
+    interval: (f64, f64),
+}
+
+/// Bars grouped by `group`, one colour per series, each with its interval as an error bar.
+fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
+    let mut groups: Vec<&str> = Vec::new();
+    for b in bars {
+        if !groups.contains(&b.group.as_str()) {
+            groups.push(&b.group);
+        }
+    }
+    let width = 0.8 / series.len() as f64;
+    let x_of = |b: &Bar| {
+        let g = groups.iter().position(|g| *g == b.group).unwrap_or(0) as f64;
+        g - 0.4 + width * (b.series as f64 + 0.5)
+    };
+    svg(|root| {
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(-0.5..groups.len() as f64 - 0.5, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(groups.len().max(1) * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 { groups.get(i as usize).map_or(String::new(), |g| g.to_string()) } else { String::new() }
+            })
+            .y_desc("accuracy")
+            .label_style(FONT)
+            .draw()?;
+        for (s, name) in series.iter().enumerate() {
+            let color = SERIES[s % SERIES.len()];
+            let mine: Vec<&Bar> = bars.iter().filter(|b| b.series == s).collect();
+            chart
+                .draw_series(mine.iter().map(|b| {
+                    let x = x_of(b);
+                    Rectangle::new([(x - width * 0.45, 0.0), (x + width * 0.45, b.value)], color.filled())
+                }))?
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+            chart.draw_series(
+                mine.iter().map(|b| ErrorBar::new_vertical(x_of(b), b.interval.0, b.value, b.interval.1, BLACK.stroke_width(1), 8)),
+            )?;
+        }
+        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        Ok(())
+    })
+}
+
+/// Seconds of each step, stacked: reasoning, proposal, gradient, checking.
+fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
+    let parts = |r: &StepRecord| [r.seconds.reasoning, r.seconds.proposal, r.seconds.gradient, r.seconds.checking];
+    let top = steps.iter().map(|r| parts(r).iter().sum::<f64>()).fold(1.0, f64::max) * 1.1;
+    let last = steps.len().max(1) as f64 + 0.5;
+    svg(|root| {
+        let mut chart = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0.5..last, 0.0..top)?;
+        chart.configure_mesh().disable_x_mesh().x_desc("step").y_desc("seconds").label_style(FONT).draw()?;
+        for (k, name) in ["reasoning", "proposal", "gradient", "checking"].into_iter().enumerate() {
+            let color = SERIES[k];
+            chart
+                .draw_series(steps.iter().map(|r| {
+                    let p = parts(r);
+                    let (lo, hi) = (p[..k].iter().sum::<f64>(), p[..=k].iter().sum::<f64>());
+                    let x = r.step as f64;
+                    Rectangle::new([(x - 0.35, lo), (x + 0.35, hi)], color.filled())
+                }))?
+                .label(name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        }
+        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        Ok(())
+    })
+}
