@@ -22,14 +22,49 @@ struct Setup {
     train: usize,
     steps: usize,
     /// Mean seconds per step of commit fec5889 (before this bench's work), idle machine.
-    recorded: f64,
+    recorded: Option<f64>,
+    /// Mean seconds per step of the reference harness (`../shared/reference/run.sh TASK 5 2
+    /// smollm2`, GREATER_MAX_NEW_TOKENS=256, 2 threads), measured next to this bench.
+    reference: Option<f64>,
 }
 
 const SETUPS: [Setup; 3] = [
-    Setup { name: "smollm2 navigate", model: "smollm2-135m", task: "navigate", train: 5, steps: 3, recorded: 12.9 },
-    Setup { name: "smollm2 object_counting", model: "smollm2-135m", task: "object_counting", train: 5, steps: 3, recorded: f64::NAN },
-    Setup { name: "qwen object_counting", model: "qwen2.5-coder-0.5b", task: "object_counting", train: 20, steps: 2, recorded: 409.0 },
+    Setup {
+        name: "smollm2 navigate",
+        model: "smollm2-135m",
+        task: "navigate",
+        train: 5,
+        steps: 3,
+        recorded: Some(12.9),
+        reference: Some(25.2),
+    },
+    Setup {
+        name: "smollm2 object_counting",
+        model: "smollm2-135m",
+        task: "object_counting",
+        train: 5,
+        steps: 3,
+        recorded: None,
+        reference: Some(142.0),
+    },
+    Setup {
+        name: "qwen object_counting",
+        model: "qwen2.5-coder-0.5b",
+        task: "object_counting",
+        train: 20,
+        steps: 2,
+        recorded: Some(409.0),
+        reference: None,
+    },
 ];
+
+/// "recorded 12.9 s: 1.96x faster", or that nothing was recorded.
+fn against(what: &str, recorded: Option<f64>, mean: f64) -> String {
+    match recorded {
+        Some(r) => format!("{what} {r:.1} s: {:.2}x faster", r / mean),
+        None => format!("{what}: not measured"),
+    }
+}
 
 /// Resident set size now and at its peak, in MiB (Linux).
 fn memory_mib() -> (f64, f64) {
@@ -65,12 +100,16 @@ fn bench(setup: &Setup, data: &PathBuf) {
         let (rss, peak) = memory_mib();
         println!(
             "step {}: {secs:.1} s = reasoning {:.1} + proposal {:.1} + gradient {:.1} + checking {:.1}; \
-             {} tokens decoded; resident {rss:.0} MiB, peak {peak:.0} MiB",
-            r.step, s.reasoning, s.proposal, s.gradient, s.checking, r.generated_tokens
+             {} tokens decoded; resident {rss:.0} MiB, peak {peak:.0} MiB; prompt {:?}",
+            r.step, s.reasoning, s.proposal, s.gradient, s.checking, r.generated_tokens, r.prompt
         );
     }
     let mean = total / setup.steps as f64;
-    println!("mean: {mean:.1} s per step; recorded {:.1} s: {:.2}x faster", setup.recorded, setup.recorded / mean);
+    println!(
+        "mean: {mean:.1} s per step; {}; {}",
+        against("recorded for fec5889", setup.recorded, mean),
+        against("reference", setup.reference, mean)
+    );
 }
 
 fn main() {
