@@ -252,14 +252,20 @@ fn step_row(r: &StepRecord) -> StepRow {
 }
 
 /// `new` split into the text it shares with `old` at the start, the changed middle, and the
-/// shared end.
+/// shared end; the middle is widened to whole words, so a changed token is marked with the
+/// word it belongs to.
 pub fn split_change(old: &str, new: &str) -> (String, String, String) {
-    let prefix: usize = old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let mut prefix: usize = old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
     let (old_rest, new_rest) = (&old[prefix..], &new[prefix..]);
     let suffix: usize =
         old_rest.chars().rev().zip(new_rest.chars().rev()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
-    let middle_end = new.len() - suffix;
-    (new[..prefix].to_string(), new[prefix..middle_end].to_string(), new[middle_end..].to_string())
+    let mut end = new.len() - suffix;
+    if old == new {
+        return (new.to_string(), String::new(), String::new());
+    }
+    prefix = new[..prefix].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+    end = new[end..].find(char::is_whitespace).map_or(new.len(), |i| end + i);
+    (new[..prefix].to_string(), new[prefix..end].to_string(), new[end..].to_string())
 }
 
 // ---- Charts ----
@@ -284,7 +290,8 @@ const SERIES: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), R
 fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
     let points: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, step_score(r))).collect();
     let best: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, r.best_score)).collect();
-    let top = points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max) * 1.05;
+    // Headroom above the data for the legend.
+    let top = points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max) * 1.4;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
         let mut chart = ChartBuilder::on(root)
@@ -292,7 +299,13 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
             .x_label_area_size(36)
             .y_label_area_size(48)
             .build_cartesian_2d(-0.5..last, 0.0..top)?;
-        chart.configure_mesh().x_desc("step").y_desc("train score / dev accuracy").label_style(FONT).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("train score / dev accuracy")
+            .x_label_formatter(&step_label)
+            .label_style(FONT)
+            .draw()?;
         let (train, best_color, dev_color) = (SERIES[0], SERIES[3], SERIES[2]);
         chart
             .draw_series(LineSeries::new(points.iter().copied(), train.stroke_width(2)))?
@@ -307,9 +320,26 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
             .draw_series(dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, dev_color.filled())))?
             .label("dev accuracy (higher is better)")
             .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, dev_color.filled()));
-        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
+}
+
+/// Step ticks at whole numbers only.
+fn step_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
+}
+
+/// The legend in the top right corner, above the data (each chart leaves room there).
+fn legend<'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, SVGBackend<'a>, CT>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(FONT)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }
 
 struct Bar {
@@ -337,7 +367,7 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(-0.5..groups.len() as f64 - 0.5, 0.0..1.0)?;
+            .build_cartesian_2d(-0.5..groups.len() as f64 - 0.5, 0.0..1.3)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -363,7 +393,7 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
                 mine.iter().map(|b| ErrorBar::new_vertical(x_of(b), b.interval.0, b.value, b.interval.1, BLACK.stroke_width(1), 8)),
             )?;
         }
-        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
 }
@@ -371,7 +401,7 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
 /// Seconds of each step, stacked: reasoning, proposal, gradient, checking.
 fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
     let parts = |r: &StepRecord| [r.seconds.reasoning, r.seconds.proposal, r.seconds.gradient, r.seconds.checking];
-    let top = steps.iter().map(|r| parts(r).iter().sum::<f64>()).fold(1.0, f64::max) * 1.1;
+    let top = steps.iter().map(|r| parts(r).iter().sum::<f64>()).fold(1.0, f64::max) * 1.5;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
         let mut chart = ChartBuilder::on(root)
@@ -379,7 +409,14 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
             .x_label_area_size(36)
             .y_label_area_size(48)
             .build_cartesian_2d(0.5..last, 0.0..top)?;
-        chart.configure_mesh().disable_x_mesh().x_desc("step").y_desc("seconds").label_style(FONT).draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc("step")
+            .y_desc("seconds")
+            .x_label_formatter(&step_label)
+            .label_style(FONT)
+            .draw()?;
         for (k, name) in ["reasoning", "proposal", "gradient", "checking"].into_iter().enumerate() {
             let color = SERIES[k];
             chart
@@ -392,7 +429,24 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
                 .label(name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
         }
-        chart.configure_series_labels().label_font(FONT).background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        legend(&mut chart)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_change;
+
+    #[test]
+    fn the_changed_text_is_marked_as_whole_words() {
+        let split = |a, b| {
+            let (x, y, z) = split_change(a, b);
+            [x, y, z]
+        };
+        assert_eq!(split("more impactful reasoning and", "more impactful wording and"), ["more impactful ", "wording", " and"]);
+        assert_eq!(split("proper logical", "more logical"), ["", "more", " logical"]);
+        assert_eq!(split("think step by step.", "think step by step._"), ["think step by ", "step._", ""]);
+        assert_eq!(split("same", "same"), ["same", "", ""]);
+    }
 }
