@@ -422,6 +422,10 @@ struct ProtocolArgs {
     /// Tasks, comma-separated [default: the paper's five transfer tasks].
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
+    /// A second model (alias, GGUF file or folder) on which each task's returned prompt
+    /// and zero-shot CoT are also evaluated, on the same test questions (transfer).
+    #[arg(long)]
+    transfer_to: Option<String>,
 }
 
 fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
@@ -432,7 +436,7 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
             let settings = args.run.settings(false)?;
             let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
             let out = args.run.out.clone().unwrap_or_else(|| default_out("protocol"));
-            (Some(ProtocolConfig { settings, tasks }), out)
+            (Some(ProtocolConfig { settings, tasks, transfer_to: args.transfer_to.clone() }), out)
         }
     };
     let mut progress = Progress::default();

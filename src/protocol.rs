@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::wilson_interval;
-use crate::optimize::run::{run, Event, EvalSummary, Start, Summary};
+use crate::optimize::run::{run, transfer, Event, EvalSummary, Start, Summary, Transfer};
 use crate::optimize::OptimizeConfig;
 use crate::store::RunDir;
 
@@ -35,6 +35,9 @@ pub const PAPER_TASKS: &[&str] = &[
 pub struct ProtocolConfig {
     pub settings: OptimizeConfig,
     pub tasks: Vec<String>,
+    /// A second model on which each task's returned prompt and zero-shot CoT are evaluated.
+    #[serde(default)]
+    pub transfer_to: Option<String>,
 }
 
 /// One task's line of the table.
@@ -49,6 +52,9 @@ pub struct TaskRow {
     pub selected: String,
     pub steps: usize,
     pub wall_seconds: f64,
+    /// The returned prompt and zero-shot CoT on the `transfer_to` model.
+    #[serde(default)]
+    pub transfer: Option<Transfer>,
 }
 
 /// Accuracy pooled over every task's test questions.
@@ -70,6 +76,9 @@ pub struct ProtocolTable {
     /// per-task differences (None with fewer than two tasks).
     pub mean_gain: f64,
     pub gain_interval: Option<(f64, f64)>,
+    /// Pooled zero-shot CoT and returned-prompt accuracy on the transfer model.
+    #[serde(default)]
+    pub transfer: Option<(Pooled, Pooled)>,
 }
 
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
@@ -122,7 +131,11 @@ pub fn run_protocol(
             dir.write_json("progress.json", &progress)?;
             result?
         };
-        rows.push(task_row(task, &summary, progress.get(task).copied().unwrap_or(0.0))?);
+        let transfer = match &config.transfer_to {
+            Some(model) => Some(transfer(&task_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?),
+            None => None,
+        };
+        rows.push(TaskRow { transfer, ..task_row(task, &summary, progress.get(task).copied().unwrap_or(0.0))? });
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
         dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
@@ -155,6 +168,7 @@ fn task_row(task: &str, s: &Summary, wall_seconds: f64) -> Result<TaskRow> {
         selected: s.selected.clone(),
         steps: s.steps,
         wall_seconds,
+        transfer: None,
     })
 }
 
@@ -173,7 +187,14 @@ pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
         (mean_gain - half, mean_gain + half)
     });
     let column = |f: fn(&TaskRow) -> &EvalSummary| pooled(&rows.iter().map(f).collect::<Vec<_>>());
+    let transferred: Vec<&Transfer> = rows.iter().filter_map(|r| r.transfer.as_ref()).collect();
+    let transfer = (!transferred.is_empty()).then(|| {
+        let zs: Vec<&EvalSummary> = transferred.iter().map(|t| &t.zero_shot_cot).collect();
+        let optimised: Vec<&EvalSummary> = transferred.iter().map(|t| &t.optimised).collect();
+        (pooled(&zs), pooled(&optimised))
+    });
     ProtocolTable {
+        transfer,
         zero_shot_cot: column(|r| &r.zero_shot_cot),
         initial: column(|r| &r.initial),
         optimised: column(|r| &r.optimised),
@@ -193,11 +214,23 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         "# greater protocol\n\nmodel `{}`, {} train / {} dev / {} test questions per task, {} steps, split seed {}\n\n",
         s.model, s.train, s.dev, s.test, s.steps, s.seed
     );
-    out.push_str("| task | zero-shot CoT | initial | optimised | dev (optimised) | returned | steps | wall time | optimised prompt |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    let target = config.transfer_to.as_deref();
+    let (transfer_head, transfer_rule) = match target {
+        Some(m) => (format!(" zero-shot CoT on `{m}` | optimised on `{m}` |"), "---|---|"),
+        None => (String::new(), ""),
+    };
+    out.push_str(&format!(
+        "| task | zero-shot CoT | initial | optimised | dev (optimised) | returned | steps | wall time |{transfer_head} optimised prompt |\n"
+    ));
+    out.push_str(&format!("|---|---|---|---|---|---|---|---|{transfer_rule}---|\n"));
     for r in &t.rows {
+        let transfer_cells = match (&r.transfer, target) {
+            (Some(tr), _) => format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised)),
+            (None, Some(_)) => " - | - |".to_string(),
+            (None, None) => String::new(),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |{transfer_cells} {} |\n",
             r.task,
             cell(&r.zero_shot_cot),
             cell(&r.initial),
@@ -210,8 +243,13 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         ));
     }
     let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
+    let pooled_transfer = match (&t.transfer, target) {
+        (Some((zs, opt)), _) => format!(" {} | {} |", p(zs), p(opt)),
+        (None, Some(_)) => " | |".to_string(),
+        (None, None) => String::new(),
+    };
     out.push_str(&format!(
-        "| all tasks (pooled) | {} | {} | {} | | | | | |\n\nmean gain over zero-shot CoT: {:+.3}",
+        "| all tasks (pooled) | {} | {} | {} | | | | |{pooled_transfer} |\n\nmean gain over zero-shot CoT: {:+.3}",
         p(&t.zero_shot_cot),
         p(&t.initial),
         p(&t.optimised),

@@ -141,6 +141,8 @@ struct TaskLine {
     steps: usize,
     prompt: String,
     report: Option<String>,
+    /// Zero-shot CoT and the returned prompt on the transfer model.
+    transfer: Option<[String; 2]>,
 }
 
 fn protocol_page(dir: &RunDir) -> Result<String> {
@@ -178,6 +180,7 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
             steps: r.steps,
             prompt: r.optimised.prompt.clone(),
             report: dir.path.join(&folder).join("report.html").exists().then(|| format!("{folder}/report.html")),
+            transfer: r.transfer.as_ref().map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
         });
     }
     let pooled = |p: &crate::protocol::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
@@ -190,7 +193,8 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
-        gain,
+        gain, transfer_to => config.transfer_to,
+        pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
     })?;
     Ok(html)
 }

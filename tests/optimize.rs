@@ -525,9 +525,27 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let out = tmp.path().join("protocol");
-    let config = ProtocolConfig { settings: protocol_settings(&model), tasks: vec!["arithmetic".into(), "boolean".into()] };
+    // The transfer target: a second model file.
+    let target = tmp.path().join("target.gguf");
+    common::write_tiny_gguf(&target, "llama", true, common::byte_vocab(), 256);
+    let target = target.display().to_string();
+    let config = ProtocolConfig {
+        settings: protocol_settings(&model),
+        tasks: vec!["arithmetic".into(), "boolean".into()],
+        transfer_to: Some(target.clone()),
+    };
     let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 2);
+    // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
+    // second model, kept in the task's folder.
+    for row in &table.rows {
+        let t = row.transfer.as_ref().unwrap();
+        assert_eq!(t.model, target);
+        assert_eq!(t.optimised.prompt, row.optimised.prompt);
+        assert_eq!(t.zero_shot_cot.prompt, ZERO_SHOT_COT);
+        assert_eq!((t.optimised.n, t.zero_shot_cot.n), (row.optimised.n, row.optimised.n));
+        assert!(out.join(&row.task).join("transfer-target.json").exists());
+    }
     for row in &table.rows {
         let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap()).unwrap();
         assert_eq!([&row.zero_shot_cot, &row.initial, &row.optimised].map(|e| e.clone()).to_vec(), summary.evaluations);
@@ -540,6 +558,9 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
     let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
     for row in &table.rows {
         assert!(md.contains(&format!("| {} | {:.3} [", row.task, row.zero_shot_cot.accuracy)), "{md}");
+        let t = row.transfer.as_ref().unwrap();
+        let cells = |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
+        assert!(md.contains(&format!("| {} | {} |", cells(&t.zero_shot_cot), cells(&t.optimised))), "{md}");
     }
     // The protocol's report: every task's three accuracies with intervals, a link to its
     // run's report, the pooled accuracies.
@@ -553,6 +574,8 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         let link = ["/", "&#x2f;"].map(|slash| format!("href=\"{}{slash}report.html\"", row.task));
         assert!(link.iter().any(|l| html.contains(l)), "no link to {}'s report", row.task);
         assert!(out.join(&row.task).join("report.html").exists());
+        let t = row.transfer.as_ref().unwrap();
+        assert!(html.contains(&accuracy_text(&t.optimised)) && html.contains(&accuracy_text(&t.zero_shot_cot)));
     }
     let pooled = &table.optimised;
     assert!(html.contains(&format!("{:.3} [{:.3}, {:.3}]", pooled.accuracy, pooled.interval.0, pooled.interval.1)));

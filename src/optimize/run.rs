@@ -148,6 +148,65 @@ fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<Langu
     LanguageModel::open(&s.model, &opts, &mut |m| report(Event::Info(m.to_string())))
 }
 
+/// How held-out questions are evaluated: the run's layout and reasoning budget.
+fn eval_config(s: &OptimizeConfig, interrupt: &Arc<AtomicBool>) -> EvalConfig {
+    EvalConfig {
+        batch: s.eval_batch,
+        max_reasoning: s.max_reasoning,
+        connector: s.connector.clone(),
+        cancel: Some(Arc::clone(interrupt)),
+    }
+}
+
+/// A finished run's returned prompt and zero-shot CoT on another model (the paper's
+/// transfer setting): the run's test questions, layout and reasoning budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub model: String,
+    pub zero_shot_cot: EvalSummary,
+    pub optimised: EvalSummary,
+}
+
+/// Evaluates the transfer of the finished run in `out` to `model`; kept in
+/// `transfer-<model>.json` and read from there when it measured the same prompt.
+pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Transfer> {
+    let dir = RunDir::open(out)?;
+    if !dir.exists("summary.json") {
+        bail!("{} holds no finished run (no summary.json) to transfer", out.display());
+    }
+    let summary: Summary = dir.read_json("summary.json")?;
+    let name = Path::new(model).file_stem().and_then(|n| n.to_str()).unwrap_or(model);
+    let file = format!("transfer-{}.json", name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_"));
+    if dir.exists(&file) {
+        let done: Transfer = dir.read_json(&file)?;
+        if done.model == model && done.optimised.prompt == summary.best_prompt {
+            return Ok(done);
+        }
+    }
+    let config: RunConfig = dir.read_json("config.json")?;
+    let (task, split) = load_task(&config.settings)?;
+    if split != config.split {
+        bail!("the task's data changed since the run: the split differs from {}/config.json", out.display());
+    }
+    // The target model's own chat template, not a file given for the source model.
+    let target = OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
+    let lm = open_model(&target, report)?;
+    let test = Split::pick(&config.split.test, &task);
+    let eval_cfg = eval_config(&config.settings, interrupt);
+    let mut measure = |label: &str, prompt: &str| -> Result<EvalSummary> {
+        report(Event::EvalStart { label: &format!("transfer to {model}: {label}"), questions: test.len() });
+        let r = evaluate(&lm, &task, &test, prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
+        Ok(EvalSummary::new(label, prompt, &r))
+    };
+    let result = Transfer {
+        model: model.to_string(),
+        zero_shot_cot: measure("zero-shot CoT", ZERO_SHOT_COT)?,
+        optimised: measure("optimised", &summary.best_prompt)?,
+    };
+    dir.write_json(&file, &result)?;
+    Ok(result)
+}
+
 /// How a run begins.
 pub enum Start {
     New(OptimizeConfig),
@@ -246,12 +305,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
     let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
     dir.write_json("checkpoint.json", &state)?;
-    let eval_cfg = EvalConfig {
-        batch: s.eval_batch,
-        max_reasoning: s.max_reasoning,
-        connector: s.connector.clone(),
-        cancel: Some(Arc::clone(interrupt)),
-    };
+    let eval_cfg = eval_config(s, interrupt);
     let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         let file = format!("{split}-{}.json", c.label.replace([' ', '-', '#'], "_").to_lowercase());
