@@ -11,7 +11,7 @@ use std::sync::Arc;
 use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
 use greater::layout::REFERENCE_CONNECTOR;
-use greater::optimize::{Accept, Filler, GradientSum, OptimizeConfig, StartFrom, Vocabulary};
+use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
 use greater::model::catalog;
@@ -158,7 +158,8 @@ struct OptimizeArgs {
         "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
-        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "start",
+        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "start", "method",
+        "budget_tokens",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -247,6 +248,14 @@ struct OptimizeArgs {
     /// [reference: initial].
     #[arg(long, value_enum)]
     start: Option<StartFrom>,
+    /// greater, or a baseline: ape (instructions the model writes from train examples, at
+    /// equal generated tokens) or gcg (the token search with no reasoning before the
+    /// answer) [default: greater].
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// Tokens ape may decode [default: what greater decodes in --steps steps].
+    #[arg(long)]
+    budget_tokens: Option<usize>,
 }
 
 impl OptimizeArgs {
@@ -270,7 +279,10 @@ impl OptimizeArgs {
         }
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
-        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight, start);
+        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight, start, method);
+        if let Some(b) = self.budget_tokens {
+            c.budget_tokens = Some(b);
+        }
         if let Some(p) = &self.initial_prompt {
             c.initial_prompt = Some(p.clone());
         }
@@ -367,7 +379,19 @@ impl Progress {
             Event::Step(record, state) => {
                 if let Some(b) = &self.bar {
                     let chosen = record.chosen.as_ref().map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
-                    let line = format!(
+                    let line = if record.candidates.is_empty() {
+                        format!(
+                            "{}round {}: {} instructions, best {:.3}: {:?} [{} tokens so far; proposal {:.0} s, check {:.0} s]",
+                            self.label,
+                            record.step,
+                            record.checked.len(),
+                            state.best_score,
+                            record.best_prompt,
+                            state.generated_tokens,
+                            record.seconds.proposal,
+                            record.seconds.checking
+                        )
+                    } else { format!(
                         "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [reasoning {:.0} s, proposal {:.0} s, gradient {:.0} s, check {:.0} s]",
                         self.label,
                         record.step,
@@ -378,7 +402,7 @@ impl Progress {
                         record.seconds.proposal,
                         record.seconds.gradient,
                         record.seconds.checking
-                    );
+                    ) };
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {
                         println!("{line}");
@@ -426,6 +450,11 @@ struct ProtocolArgs {
     /// and zero-shot CoT are also evaluated, on the same test questions (transfer).
     #[arg(long)]
     transfer_to: Option<String>,
+    /// Methods run on every task, comma-separated, e.g. greater,ape,gcg: the first fills the
+    /// "optimised" column, each other adds one; ape spends the tokens greater spent on the
+    /// task [default: --method].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Vec<Method>,
 }
 
 fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
@@ -436,7 +465,8 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
             let settings = args.run.settings(false)?;
             let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
             let out = args.run.out.clone().unwrap_or_else(|| default_out("protocol"));
-            (Some(ProtocolConfig { settings, tasks, transfer_to: args.transfer_to.clone() }), out)
+            let config = ProtocolConfig { settings, tasks, transfer_to: args.transfer_to.clone(), methods: args.methods.clone() };
+            (Some(config), out)
         }
     };
     let mut progress = Progress::default();

@@ -4,7 +4,8 @@
 //! ```text
 //! protocol-config.json   the settings and the task list
 //! progress.json          wall seconds spent on each task so far
-//! <task>/                an ordinary run folder
+//! <task>/                an ordinary run folder (the first method's)
+//! <task>-<method>/       the other methods' runs on the same questions
 //! protocol.json / protocol.md   the table, rewritten after every task
 //! ```
 
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::wilson_interval;
 use crate::optimize::run::{run, transfer, Event, EvalSummary, Start, Summary, Transfer};
-use crate::optimize::OptimizeConfig;
+use crate::optimize::{Method, OptimizeConfig};
 use crate::store::RunDir;
 
 /// The paper's five transfer tasks.
@@ -38,6 +39,41 @@ pub struct ProtocolConfig {
     /// A second model on which each task's returned prompt and zero-shot CoT are evaluated.
     #[serde(default)]
     pub transfer_to: Option<String>,
+    /// The methods run on every task, the first filling the "optimised" column; empty: the
+    /// settings' method alone.
+    #[serde(default)]
+    pub methods: Vec<Method>,
+}
+
+impl ProtocolConfig {
+    pub fn methods(&self) -> Vec<Method> {
+        if self.methods.is_empty() {
+            vec![self.settings.method]
+        } else {
+            self.methods.clone()
+        }
+    }
+}
+
+/// Another method's result on a task (a baseline beside the first method).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodRow {
+    pub method: Method,
+    pub optimised: EvalSummary,
+    pub dev_accuracy: Option<f64>,
+    pub selected: String,
+    pub steps: usize,
+    pub generated_tokens: usize,
+    pub wall_seconds: f64,
+}
+
+/// A method's pooled test accuracy and its mean gain over zero-shot CoT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodPooled {
+    pub method: Method,
+    pub optimised: Pooled,
+    pub mean_gain: f64,
+    pub gain_interval: Option<(f64, f64)>,
 }
 
 /// One task's line of the table.
@@ -52,6 +88,12 @@ pub struct TaskRow {
     pub selected: String,
     pub steps: usize,
     pub wall_seconds: f64,
+    /// Tokens the search decoded.
+    #[serde(default)]
+    pub generated_tokens: usize,
+    /// The other methods of the protocol, in its order.
+    #[serde(default)]
+    pub baselines: Vec<MethodRow>,
     /// The returned prompt and zero-shot CoT on the `transfer_to` model.
     #[serde(default)]
     pub transfer: Option<Transfer>,
@@ -79,6 +121,9 @@ pub struct ProtocolTable {
     /// Pooled zero-shot CoT and returned-prompt accuracy on the transfer model.
     #[serde(default)]
     pub transfer: Option<(Pooled, Pooled)>,
+    /// The other methods, pooled, in the protocol's order.
+    #[serde(default)]
+    pub baselines: Vec<MethodPooled>,
 }
 
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
@@ -114,34 +159,84 @@ pub fn run_protocol(
         if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
     let mut rows = Vec::new();
     let mut result = table(Vec::new());
-    for (index, task) in config.tasks.iter().enumerate() {
-        report(ProtocolEvent::Task { index, total: config.tasks.len(), name: task, steps: config.settings.steps });
-        let task_dir = out.join(task_folder(task));
-        let summary: Summary = if task_dir.join("summary.json").exists() {
-            RunDir::open(&task_dir)?.read_json("summary.json")?
-        } else {
-            let start = if task_dir.join("config.json").exists() {
-                Start::Resume { steps: None }
+    let methods = config.methods();
+    let total = config.tasks.len() * methods.len();
+    for (t_index, task) in config.tasks.iter().enumerate() {
+        let first_dir = out.join(task_folder(task));
+        let mut summaries = Vec::with_capacity(methods.len());
+        let mut greater_tokens = None;
+        for (m_index, &method) in methods.iter().enumerate() {
+            let index = t_index * methods.len() + m_index;
+            let folder = method_folder(task, &methods, m_index);
+            let name = if methods.len() > 1 { format!("{task} ({})", method.name()) } else { task.clone() };
+            report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
+            let run_dir = out.join(&folder);
+            let summary: Summary = if run_dir.join("summary.json").exists() {
+                RunDir::open(&run_dir)?.read_json("summary.json")?
             } else {
-                Start::New(OptimizeConfig { task: task.clone(), ..config.settings.clone() })
+                let start = if run_dir.join("config.json").exists() {
+                    Start::Resume { steps: None }
+                } else {
+                    // `ape` spends what GReaTer spent on the same task.
+                    let budget_tokens = match method {
+                        Method::Ape => config.settings.budget_tokens.or(greater_tokens),
+                        _ => config.settings.budget_tokens,
+                    };
+                    if m_index > 0 {
+                        share_baselines(&first_dir, &run_dir)?;
+                    }
+                    Start::New(OptimizeConfig { task: task.clone(), method, budget_tokens, ..config.settings.clone() })
+                };
+                let t = Instant::now();
+                let result = run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
+                *progress.entry(folder.clone()).or_default() += t.elapsed().as_secs_f64();
+                dir.write_json("progress.json", &progress)?;
+                result?
             };
-            let t = Instant::now();
-            let result = run(start, &task_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
-            *progress.entry(task.clone()).or_default() += t.elapsed().as_secs_f64();
-            dir.write_json("progress.json", &progress)?;
-            result?
-        };
+            if method == Method::Greater {
+                greater_tokens = Some(summary.generated_tokens);
+            }
+            summaries.push((summary, progress.get(&folder).copied().unwrap_or(0.0)));
+        }
         let transfer = match &config.transfer_to {
-            Some(model) => Some(transfer(&task_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?),
+            Some(model) => Some(transfer(&first_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?),
             None => None,
         };
-        rows.push(TaskRow { transfer, ..task_row(task, &summary, progress.get(task).copied().unwrap_or(0.0))? });
+        let (first, wall) = &summaries[0];
+        let baselines = methods.iter().zip(&summaries).skip(1).map(|(&m, (s, w))| method_row(task, m, s, *w)).collect::<Result<_>>()?;
+        rows.push(TaskRow { transfer, baselines, ..task_row(task, methods[0], first, *wall)? });
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
         dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
         crate::report::write_report(out, None)?;
     }
     Ok((result, config))
+}
+
+/// The run folder of the `m_index`-th method on `task`: the task's folder for the first.
+pub fn method_folder(task: &str, methods: &[Method], m_index: usize) -> String {
+    match m_index {
+        0 => task_folder(task),
+        _ => format!("{}-{}", task_folder(task), methods[m_index].name()),
+    }
+}
+
+/// Zero-shot CoT and the initial prompt are the same prompts on the same questions for every
+/// method: their dev and test evaluations in the first method's folder are copied to the
+/// new run's (a run reuses an evaluation only when it measured the same prompt).
+fn share_baselines(first: &Path, run_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(run_dir)?;
+    for split in ["dev", "test"] {
+        for label in ["zero_shot_cot", "initial"] {
+            for ext in ["json", "jsonl"] {
+                let name = format!("{split}-{label}.{ext}");
+                if first.join(&name).exists() {
+                    std::fs::copy(first.join(&name), run_dir.join(&name))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A task's folder name: its name, or a task file's stem.
@@ -151,23 +246,38 @@ pub fn task_folder(task: &str) -> String {
     stem.replace(['/', '\\'], "_")
 }
 
-fn task_row(task: &str, s: &Summary, wall_seconds: f64) -> Result<TaskRow> {
-    let find = |label: &str| -> Result<EvalSummary> {
-        match s.evaluations.iter().find(|e| e.label == label) {
-            Some(e) => Ok(e.clone()),
-            None => bail!("the run of {task} has no test evaluation '{label}' (is --test 0?)"),
-        }
-    };
-    let dev_accuracy = s.contenders.iter().find(|c| c.label == s.selected).and_then(|c| c.dev.as_ref()).map(|d| d.accuracy);
-    Ok(TaskRow {
-        task: task.to_string(),
-        zero_shot_cot: find("zero-shot CoT")?,
-        initial: find("initial")?,
-        optimised: find("optimised")?,
-        dev_accuracy,
+fn test_evaluation(task: &str, s: &Summary, label: &str) -> Result<EvalSummary> {
+    match s.evaluations.iter().find(|e| e.label == label) {
+        Some(e) => Ok(e.clone()),
+        None => bail!("the run of {task} has no test evaluation '{label}' (is --test 0?)"),
+    }
+}
+
+fn method_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Result<MethodRow> {
+    Ok(MethodRow {
+        method,
+        optimised: test_evaluation(task, s, "optimised")?,
+        dev_accuracy: s.contenders.iter().find(|c| c.label == s.selected).and_then(|c| c.dev.as_ref()).map(|d| d.accuracy),
         selected: s.selected.clone(),
         steps: s.steps,
+        generated_tokens: s.generated_tokens,
         wall_seconds,
+    })
+}
+
+fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Result<TaskRow> {
+    let main = method_row(task, method, s, wall_seconds)?;
+    Ok(TaskRow {
+        task: task.to_string(),
+        zero_shot_cot: test_evaluation(task, s, "zero-shot CoT")?,
+        initial: test_evaluation(task, s, "initial")?,
+        optimised: main.optimised,
+        dev_accuracy: main.dev_accuracy,
+        selected: main.selected,
+        steps: main.steps,
+        wall_seconds,
+        generated_tokens: main.generated_tokens,
+        baselines: Vec::new(),
         transfer: None,
     })
 }
@@ -177,15 +287,32 @@ fn pooled(evals: &[&EvalSummary]) -> Pooled {
     Pooled { accuracy: correct as f64 / n.max(1) as f64, correct, n, interval: wilson_interval(correct, n) }
 }
 
-pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
-    let gains: Vec<f64> = rows.iter().map(|r| r.optimised.accuracy - r.zero_shot_cot.accuracy).collect();
+/// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
+/// per-task differences (None with fewer than two tasks).
+fn gain_over_zero_shot<'r>(pairs: impl Iterator<Item = (&'r EvalSummary, &'r EvalSummary)>) -> (f64, Option<(f64, f64)>) {
+    let gains: Vec<f64> = pairs.map(|(opt, zs)| opt.accuracy - zs.accuracy).collect();
     let k = gains.len() as f64;
-    let mean_gain = gains.iter().sum::<f64>() / k.max(1.0);
-    let gain_interval = (gains.len() >= 2).then(|| {
-        let var = gains.iter().map(|g| (g - mean_gain).powi(2)).sum::<f64>() / (k - 1.0);
+    let mean = gains.iter().sum::<f64>() / k.max(1.0);
+    let interval = (gains.len() >= 2).then(|| {
+        let var = gains.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (k - 1.0);
         let half = 1.959_963_984_540_054 * (var / k).sqrt();
-        (mean_gain - half, mean_gain + half)
+        (mean - half, mean + half)
     });
+    (mean, interval)
+}
+
+pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
+    let (mean_gain, gain_interval) = gain_over_zero_shot(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));
+    let methods: Vec<Method> = rows.first().map(|r| r.baselines.iter().map(|b| b.method).collect()).unwrap_or_default();
+    let baselines = methods
+        .iter()
+        .enumerate()
+        .map(|(i, &method)| {
+            let (mean_gain, gain_interval) = gain_over_zero_shot(rows.iter().map(|r| (&r.baselines[i].optimised, &r.zero_shot_cot)));
+            let optimised = pooled(&rows.iter().map(|r| &r.baselines[i].optimised).collect::<Vec<_>>());
+            MethodPooled { method, optimised, mean_gain, gain_interval }
+        })
+        .collect();
     let column = |f: fn(&TaskRow) -> &EvalSummary| pooled(&rows.iter().map(f).collect::<Vec<_>>());
     let transferred: Vec<&Transfer> = rows.iter().filter_map(|r| r.transfer.as_ref()).collect();
     let transfer = (!transferred.is_empty()).then(|| {
@@ -195,6 +322,7 @@ pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
     });
     ProtocolTable {
         transfer,
+        baselines,
         zero_shot_cot: column(|r| &r.zero_shot_cot),
         initial: column(|r| &r.initial),
         optimised: column(|r| &r.optimised),
@@ -210,54 +338,68 @@ fn cell(e: &EvalSummary) -> String {
 
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     let s = &config.settings;
+    let methods = config.methods();
     let mut out = format!(
-        "# greater protocol\n\nmodel `{}`, {} train / {} dev / {} test questions per task, {} steps, split seed {}\n\n",
-        s.model, s.train, s.dev, s.test, s.steps, s.seed
+        "# greater protocol\n\nmodel `{}`, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}\n\n",
+        s.model,
+        s.train,
+        s.dev,
+        s.test,
+        s.steps,
+        s.seed,
+        if methods.len() > 1 { "s" } else { "" },
+        methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
     );
     let target = config.transfer_to.as_deref();
-    let (transfer_head, transfer_rule) = match target {
-        Some(m) => (format!(" zero-shot CoT on `{m}` | optimised on `{m}` |"), "---|---|"),
-        None => (String::new(), ""),
-    };
-    out.push_str(&format!(
-        "| task | zero-shot CoT | initial | optimised | dev (optimised) | returned | steps | wall time |{transfer_head} optimised prompt |\n"
-    ));
-    out.push_str(&format!("|---|---|---|---|---|---|---|---|{transfer_rule}---|\n"));
+    let mut head = format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
+    for m in &methods[1..] {
+        head.push_str(&format!(" {} |", m.name()));
+    }
+    head.push_str(" dev (optimised) | returned | steps | wall time |");
+    if let Some(m) = target {
+        head.push_str(&format!(" zero-shot CoT on `{m}` | optimised on `{m}` |"));
+    }
+    head.push_str(" optimised prompt |");
+    let columns = head.matches('|').count() - 1;
+    out.push_str(&format!("{head}\n|{}\n", "---|".repeat(columns)));
     for r in &t.rows {
-        let transfer_cells = match (&r.transfer, target) {
-            (Some(tr), _) => format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised)),
-            (None, Some(_)) => " - | - |".to_string(),
-            (None, None) => String::new(),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |{transfer_cells} {} |\n",
-            r.task,
-            cell(&r.zero_shot_cot),
-            cell(&r.initial),
-            cell(&r.optimised),
+        let mut line = format!("| {} | {} | {} | {} |", r.task, cell(&r.zero_shot_cot), cell(&r.initial), cell(&r.optimised));
+        for b in &r.baselines {
+            line.push_str(&format!(" {} |", cell(&b.optimised)));
+        }
+        line.push_str(&format!(
+            " {} | {} | {} | {} |",
             r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
             r.selected,
             r.steps,
-            crate::optimize::run::human_duration(r.wall_seconds),
-            r.optimised.prompt.replace('|', "\\|"),
+            crate::optimize::run::human_duration(r.wall_seconds)
         ));
+        match (&r.transfer, target) {
+            (Some(tr), _) => line.push_str(&format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised))),
+            (None, Some(_)) => line.push_str(" - | - |"),
+            (None, None) => {}
+        }
+        out.push_str(&format!("{line} {} |\n", r.optimised.prompt.replace('|', "\\|")));
     }
     let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
-    let pooled_transfer = match (&t.transfer, target) {
-        (Some((zs, opt)), _) => format!(" {} | {} |", p(zs), p(opt)),
-        (None, Some(_)) => " | |".to_string(),
-        (None, None) => String::new(),
+    let mut line = format!("| all tasks (pooled) | {} | {} | {} |", p(&t.zero_shot_cot), p(&t.initial), p(&t.optimised));
+    for b in &t.baselines {
+        line.push_str(&format!(" {} |", p(&b.optimised)));
+    }
+    line.push_str(" | | | |");
+    match (&t.transfer, target) {
+        (Some((zs, opt)), _) => line.push_str(&format!(" {} | {} |", p(zs), p(opt))),
+        (None, Some(_)) => line.push_str(" | |"),
+        (None, None) => {}
+    }
+    out.push_str(&format!("{line} |\n\n"));
+    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
+        Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
+        None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),
     };
-    out.push_str(&format!(
-        "| all tasks (pooled) | {} | {} | {} | | | | |{pooled_transfer} |\n\nmean gain over zero-shot CoT: {:+.3}",
-        p(&t.zero_shot_cot),
-        p(&t.initial),
-        p(&t.optimised),
-        t.mean_gain
-    ));
-    match t.gain_interval {
-        Some((lo, hi)) => out.push_str(&format!(" (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n")),
-        None => out.push('\n'),
+    out.push_str(&gain(methods[0].name(), t.mean_gain, t.gain_interval));
+    for b in &t.baselines {
+        out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
     }
     out
 }

@@ -136,6 +136,8 @@ struct TaskLine {
     zero_shot_cot: String,
     initial: String,
     optimised: String,
+    /// The other methods' returned prompts on test, in the protocol's order.
+    baselines: Vec<String>,
     dev: String,
     selected: String,
     steps: usize,
@@ -166,7 +168,8 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     let mut bars = Vec::new();
     let mut lines = Vec::new();
     for r in &table.rows {
-        for (series, e) in [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().enumerate() {
+        let baselines = r.baselines.iter().map(|b| &b.optimised);
+        for (series, e) in [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate() {
             bars.push(Bar { group: r.task.clone(), series, value: e.accuracy, interval: e.interval });
         }
         let folder = crate::protocol::task_folder(&r.task);
@@ -175,6 +178,7 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
             zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
             initial: accuracy_cell(&r.initial),
             optimised: accuracy_cell(&r.optimised),
+            baselines: r.baselines.iter().map(|b| accuracy_cell(&b.optimised)).collect(),
             dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
             selected: r.selected.clone(),
             steps: r.steps,
@@ -188,11 +192,16 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
         Some((lo, hi)) => format!("{:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])", table.mean_gain),
         None => format!("{:+.3}", table.mean_gain),
     };
-    let figures = vec![("Test accuracy per task with 95% intervals", bars_svg(&bars, &["zero-shot CoT", "initial", "optimised"])?)];
+    let methods: Vec<&str> = config.methods().iter().map(|m| m.name()).collect();
+    let mut series = vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
+    series.extend(methods[1..].iter().map(|m| m.to_string()));
+    let series: Vec<&str> = series.iter().map(String::as_str).collect();
+    let figures = vec![("Test accuracy per task with 95% intervals", bars_svg(&bars, &series)?)];
     let env = environment()?;
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
+        methods => methods[1..].to_vec(), pooled_baselines => table.baselines.iter().map(|b| pooled(&b.optimised)).collect::<Vec<_>>(),
         gain, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
     })?;
@@ -237,8 +246,9 @@ fn step_row(r: &StepRecord) -> StepRow {
             .checked
             .iter()
             .map(|c| CheckedRow {
-                token: format!("{:?}", c.text),
-                gradient: format!("{:.4}", c.gradient),
+                // An `ape` proposal changes no single token: the whole instruction shows.
+                token: c.gradient.map_or_else(|| format!("{:?}", c.prompt), |_| format!("{:?}", c.text)),
+                gradient: c.gradient.map_or(String::new(), |g| format!("{g:.4}")),
                 score: format!("{:.3}", c.score.score),
                 mistakes: format!("{}/{}", c.score.mistakes, c.score.n),
                 chosen: Some(c.id) == chosen,
@@ -287,7 +297,8 @@ fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Resu
     Ok(out.replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1))
 }
 
-const SERIES: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+const SERIES: [RGBColor; 5] =
+    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
 
 /// Train score per step (a dot per step), best so far, and the dev accuracy of the prompts
 /// measured on dev, at the step that found them.

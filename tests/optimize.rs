@@ -11,7 +11,8 @@ use std::sync::Arc;
 use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
 use greater::optimize::run::{run, Start};
 use greater::optimize::schedule::{next_position, Next};
-use greater::optimize::{Accept, GradientSum, OptimizeConfig, StepRecord};
+use greater::optimize::ape::{instruction_from_reply, proposal_request, PROPOSALS_PER_ROUND};
+use greater::optimize::{Accept, GradientSum, Method, OptimizeConfig, StepRecord};
 use greater::eval::user_ids;
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass};
@@ -533,6 +534,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         settings: protocol_settings(&model),
         tasks: vec!["arithmetic".into(), "boolean".into()],
         transfer_to: Some(target.clone()),
+        methods: Vec::new(),
     };
     let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 2);
@@ -685,4 +687,121 @@ fn a_fixed_seed_smollm2_run_takes_the_recorded_decisions() {
     let out = tmp.path().join("run");
     run_quietly(Start::New(settings), &out);
     assert_eq!(decisions(&out), RECORDED_DECISIONS);
+}
+
+// ---- Baselines: ape and gcg ----
+
+#[test]
+fn ape_reads_the_instruction_from_the_first_line_of_the_reply() {
+    assert_eq!(instruction_from_reply(" careful counting of every item.\nThen more"), "careful counting of every item.");
+    assert_eq!(instruction_from_reply("\n\n\"Think it through.\" "), "Think it through.");
+    assert_eq!(instruction_from_reply("  \n"), "");
+    assert_eq!(
+        proposal_request(&[("1 + 2 = ?", "3"), ("Is 4 even?", "Yes")]),
+        "Each question below was answered correctly by someone who followed one and the same instruction.\n\n\
+         Question: 1 + 2 = ?\nAnswer: 3\n\nQuestion: Is 4 even?\nAnswer: Yes\n\n\
+         Write that instruction in one sentence."
+    );
+}
+
+fn ape_settings(model: &Path, seed: u64, budget: usize) -> OptimizeConfig {
+    OptimizeConfig { method: Method::Ape, seed, budget_tokens: Some(budget), ..tiny_settings(model, 2) }
+}
+
+/// The instructions proposed in each round, in order.
+fn proposals(dir: &Path) -> Vec<Vec<String>> {
+    steps_without_timings(dir).iter().map(|r| r.checked.iter().map(|c| c.prompt.clone()).collect()).collect()
+}
+
+#[test]
+fn ape_with_a_fixed_seed_proposes_the_same_instructions_and_stops_at_its_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let budget = 300;
+    let [a, b, c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
+    run_quietly(Start::New(ape_settings(&model, 7, budget)), &a);
+    run_quietly(Start::New(ape_settings(&model, 7, budget)), &b);
+    run_quietly(Start::New(ape_settings(&model, 8, budget)), &c);
+    assert_eq!(steps_without_timings(&a), steps_without_timings(&b));
+    assert_ne!(proposals(&a), proposals(&c), "the seed draws the demonstrations and the samples");
+    let rounds = steps_without_timings(&a);
+    assert!(rounds.len() >= 2, "a 300-token budget takes more than one round");
+    // Every proposal is a scored prompt, without a token or gradient of its own.
+    for r in &rounds {
+        assert!(r.checked.len() <= PROPOSALS_PER_ROUND && r.candidates.is_empty());
+        assert!(r.checked.iter().all(|c| c.gradient.is_none() && !c.prompt.is_empty() && c.score.n == 3));
+    }
+    // It stops at the first round that reaches the budget: the tokens before it were below.
+    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let last = rounds.last().unwrap().generated_tokens;
+    assert!(summary.generated_tokens >= budget && summary.generated_tokens - last < budget, "{} {last}", summary.generated_tokens);
+    assert_eq!(summary.budget_tokens, Some(budget));
+    let initial: usize = summary.generated_tokens - rounds.iter().map(|r| r.generated_tokens).sum::<usize>();
+    assert!(initial > 0 && initial <= 3 * 5, "the initial prompt's reasoning on 3 questions counts too");
+}
+
+#[test]
+fn gcg_scores_the_answer_right_after_the_prompt_with_no_reasoning_span() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = open_quietly(&tiny_model(tmp.path()));
+    let (task, split) = arithmetic(3);
+    let train = Split::pick(&split.train, &task);
+    let layout = Layout::new(&lm, &task, ". Use").unwrap();
+    for method in [Method::Greater, Method::Gcg] {
+        let cfg = OptimizeConfig { model: String::new(), method, max_reasoning: 5, ..OptimizeConfig::default() };
+        let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
+        let prompt = opt.prompt_ids("Go on.").unwrap();
+        let (reasoning, _) = opt.reason_and_score(&prompt).unwrap();
+        for (e, ex) in train.iter().enumerate() {
+            let answer = [layout.extractor(), &layout.answer_ids(&ex.target).unwrap()].concat();
+            let ids = opt.scored_ids(e, &prompt, &reasoning[e]);
+            let user = opt.user_ids(e, &prompt).unwrap();
+            assert_eq!(&ids[..user.len()], user.as_slice());
+            let between = &ids[user.len()..ids.len() - answer.len()];
+            assert_eq!(&ids[ids.len() - answer.len()..], answer.as_slice());
+            if method == Method::Gcg {
+                assert!(between.is_empty(), "gcg: the answer follows the user turn");
+            } else {
+                assert!(!between.is_empty(), "greater reasons before the answer");
+                assert_eq!(between, reasoning[e].as_slice());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("protocol");
+    let config = ProtocolConfig {
+        settings: protocol_settings(&model),
+        tasks: vec!["arithmetic".into()],
+        transfer_to: None,
+        methods: vec![Method::Greater, Method::Ape, Method::Gcg],
+    };
+    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let row = &table.rows[0];
+    assert_eq!(row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(), [Method::Ape, Method::Gcg]);
+    let read = |folder: &str| -> Summary {
+        serde_json::from_str(&std::fs::read_to_string(out.join(folder).join("summary.json")).unwrap()).unwrap()
+    };
+    let (greater, ape, gcg) = (read("arithmetic"), read("arithmetic-ape"), read("arithmetic-gcg"));
+    assert_eq!(ape.budget_tokens, Some(greater.generated_tokens));
+    assert!(ape.generated_tokens >= greater.generated_tokens);
+    assert_eq!(gcg.generated_tokens, 0, "gcg decodes no reasoning in its search");
+    for (b, s) in row.baselines.iter().zip([&ape, &gcg]) {
+        assert_eq!(&b.optimised, &s.evaluations[2]);
+        // Zero-shot CoT and the initial prompt: the same measurement in every method's run.
+        assert_eq!(s.evaluations[..2], greater.evaluations[..2]);
+    }
+    let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
+    let cells = |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
+    let columns = format!("| {} | {} | {} |", cells(&row.optimised), cells(&row.baselines[0].optimised), cells(&row.baselines[1].optimised));
+    assert!(md.contains("| optimised (greater) | ape | gcg |") && md.contains(&columns), "{md}");
+    assert!(md.contains("mean gain of ape over zero-shot CoT"), "{md}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for b in &row.baselines {
+        assert!(html.contains(&accuracy_text(&b.optimised)));
+    }
 }

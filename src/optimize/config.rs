@@ -7,6 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::REFERENCE_CONNECTOR;
 
+/// How the prompt is searched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// GReaTer: token search ranked by the gradient of the answer loss through the
+    /// model's own reasoning.
+    #[default]
+    Greater,
+    /// APE-style baseline: the model writes instructions from a few train questions and
+    /// their answers; each is scored on train, until the token budget is spent.
+    Ape,
+    /// GCG-style ablation: the same token search, the answer right after the question and
+    /// prompt, no reasoning in the loss or the train score.
+    Gcg,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Greater => "greater",
+            Method::Ape => "ape",
+            Method::Gcg => "gcg",
+        }
+    }
+}
+
 /// Which tokens may stand in the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -95,6 +121,11 @@ pub struct OptimizeConfig {
     /// Start from the initial prompt, or from the better of it and zero-shot CoT on train
     /// (reference: initial).
     pub start: StartFrom,
+    pub method: Method,
+    /// Tokens `ape` may decode (its proposals and their train reasoning). None: what a
+    /// GReaTer run of `steps` steps decodes, estimated from the initial prompt's reasoning
+    /// (a protocol passes the task's real GReaTer count).
+    pub budget_tokens: Option<usize>,
 }
 
 /// Where the search starts.
@@ -139,6 +170,8 @@ impl Default for OptimizeConfig {
             dev_candidates: 4,
             answer_weight: 0.0,
             start: StartFrom::Initial,
+            method: Method::Greater,
+            budget_tokens: None,
         }
     }
 }

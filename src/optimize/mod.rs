@@ -2,6 +2,7 @@
 //! gradient of the answer loss through the model's own reasoning ranks them, and the best
 //! few are checked for real by regenerating the reasoning.
 
+pub mod ape;
 pub mod candidates;
 pub mod config;
 pub mod run;
@@ -27,7 +28,7 @@ use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
-pub use config::{Accept, Filler, GradientSum, OptimizeConfig, StartFrom, Vocabulary};
+pub use config::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
 use schedule::{ends_sentence, next_position, Next};
 
 /// How good a prompt is on the train examples: lower is better.
@@ -61,6 +62,9 @@ pub struct State {
     pub initial_len: usize,
     /// Scores by prompt text.
     pub scores: BTreeMap<String, Score>,
+    /// Tokens the search decoded so far (reasoning, and `ape`'s proposals): its budget.
+    #[serde(default)]
+    pub generated_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,11 +73,13 @@ pub struct TokenText {
     pub text: String,
 }
 
+/// A prompt checked for real. `ape`'s proposals change no single token: id 0, empty text,
+/// no gradient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checked {
     pub id: u32,
     pub text: String,
-    pub gradient: f32,
+    pub gradient: Option<f32>,
     pub prompt: String,
     pub score: Score,
 }
@@ -115,6 +121,8 @@ pub struct StepRecord {
 /// A train example prepared once: the ids before the prompt (with their KV cache) and after
 /// it, and the gold answer's tokens.
 struct TrainExample {
+    question: String,
+    target: String,
     ids: QuestionIds,
     head_cache: KvCache,
     /// Log-probabilities of the token after the head (the prompt's first token).
@@ -154,7 +162,14 @@ impl<'a> Optimizer<'a> {
             let ids = layout.question(&ex.question)?;
             let (head_cache, logits) = prefill(&lm.model, KvCache::default(), &ids.head)?;
             let answer = layout.answer_ids(&ex.target)?;
-            examples.push(TrainExample { ids, head_cache, head_logprobs: log_softmax(&logits)?, answer });
+            examples.push(TrainExample {
+                question: ex.question.clone(),
+                target: ex.target.clone(),
+                ids,
+                head_cache,
+                head_logprobs: log_softmax(&logits)?,
+                answer,
+            });
         }
         Ok(Optimizer { lm, cfg, layout, examples, interrupt })
     }
@@ -267,6 +282,22 @@ impl<'a> Optimizer<'a> {
         prompts.iter().zip(&hidden).map(|(p, h)| Ok(self.prompt_stats(p, h, None)?.0)).collect()
     }
 
+    /// Tokens of reasoning the search lets the model write: none for `gcg`, whose answer
+    /// follows the prompt directly.
+    fn search_reasoning(&self) -> usize {
+        match self.cfg.method {
+            Method::Gcg => 0,
+            Method::Greater | Method::Ape => self.cfg.max_reasoning,
+        }
+    }
+
+    /// The whole sequence whose answer the search scores: the user turn under `prompt`,
+    /// the reasoning, the extractor and the gold answer of train example `e`.
+    pub fn scored_ids(&self, e: usize, prompt: &[u32], reasoning: &[u32]) -> Vec<u32> {
+        let ex = &self.examples[e];
+        [&ex.ids.head[..], prompt, &ex.ids.tail, reasoning, self.layout.extractor(), &ex.answer].concat()
+    }
+
     /// Greedy reasoning of every example under each prompt, decoded in one batch.
     fn reason(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Generated>>> {
         self.check_interrupt()?;
@@ -276,7 +307,7 @@ impl<'a> Optimizer<'a> {
                 self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.ids.tail].concat() })
             })
             .collect();
-        let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.cfg.max_reasoning, None) };
+        let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.search_reasoning(), None) };
         let mut replies = generate(&self.lm.model, requests, &cfg)?.into_iter();
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
@@ -345,9 +376,9 @@ impl<'a> Optimizer<'a> {
         weights[hot] = 1.0;
         let len = prompt.len();
         let mut per_example = Vec::with_capacity(self.examples.len());
-        for (ex, r) in self.examples.iter().zip(reasoning) {
+        for (e, (ex, r)) in self.examples.iter().zip(reasoning).enumerate() {
             self.check_interrupt()?;
-            let ids = [&ex.ids.head[..], prompt, &ex.ids.tail, r, self.layout.extractor(), &ex.answer].concat();
+            let ids = self.scored_ids(e, prompt, r);
             let start = ex.ids.head.len();
             let answer_at = ids.len() - ex.answer.len();
             // Logits at p predict the token at p + 1. The first prompt token is predicted by
@@ -419,9 +450,11 @@ impl<'a> Optimizer<'a> {
     pub fn initial_state(&self, starts: &[&str]) -> Result<State> {
         let mut scores = BTreeMap::new();
         let mut best: Option<(Vec<u32>, Vec<Vec<u32>>, f64)> = None;
+        let mut generated_tokens = 0;
         for text in starts {
             let prompt = self.prompt_ids(text)?;
             let (reasoning, score) = self.reason_and_score(&prompt)?;
+            generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
             let value = score.score;
             scores.insert(self.prompt_text(&prompt)?, score);
             if best.as_ref().is_none_or(|b| value < b.2) {
@@ -430,6 +463,7 @@ impl<'a> Optimizer<'a> {
         }
         let Some((prompt, reasoning, best_score)) = best else { bail!("no starting prompt") };
         Ok(State {
+            generated_tokens,
             step: 0,
             position: 0,
             reasoning: Some(reasoning),
@@ -525,7 +559,13 @@ impl<'a> Optimizer<'a> {
         let mut checked = Vec::with_capacity(short.len());
         for (&(id, gradient), text) in short.iter().zip(&texts) {
             let score = state.scores[text].clone();
-            checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient, prompt: text.clone(), score });
+            checked.push(Checked {
+                id,
+                text: self.lm.tokenizer.decode_with_special(&[id])?,
+                gradient: Some(gradient),
+                prompt: text.clone(),
+                score,
+            });
         }
         let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
         let current_score = state.scores.get(&prompt_before).map(|s| s.score);
@@ -561,6 +601,7 @@ impl<'a> Optimizer<'a> {
             }
         };
         state.step += 1;
+        state.generated_tokens += generated_tokens;
         Ok(StepRecord {
             step: state.step,
             position,

@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::ape::PROPOSALS_PER_ROUND;
 use super::select::{best_by_train, choose_on_dev, Contender};
-use super::{Optimizer, OptimizeConfig, StartFrom, State, StepRecord};
+use super::{Method, Optimizer, OptimizeConfig, StartFrom, State, StepRecord};
 use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::model::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
@@ -73,6 +74,12 @@ pub struct Summary {
     pub selected: String,
     pub selected_by: String,
     pub best_train_score: f64,
+    /// Tokens the search decoded (reasoning on train, `ape`'s proposals).
+    #[serde(default)]
+    pub generated_tokens: usize,
+    /// `ape`'s budget in generated tokens.
+    #[serde(default)]
+    pub budget_tokens: Option<usize>,
     pub majority_floor: f64,
     /// Every prompt that could be returned: train score and dev accuracy.
     pub contenders: Vec<Contender>,
@@ -285,19 +292,36 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     };
     dir.truncate_steps(state.step)?;
 
-    let remaining = s.steps.saturating_sub(state.step);
-    let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
-    if remaining > 0 && !stopped_early {
-        let budget = budget_line(&optimizer, &dir, s, &state, remaining, train.len())?;
-        report(Event::Start { done: state.step, total: s.steps, budget });
-        while state.step < s.steps {
-            let record = optimizer.step(&mut state)?;
-            dir.append_step(&record)?;
-            dir.write_json("checkpoint.json", &state)?;
-            report(Event::Step(&record, &state));
-            if s.patience > 0 && state.steps_since_best >= s.patience {
-                report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
-                break;
+    let calibration: Calibration = dir.read_json("calibration.json")?;
+    let log_step = |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
+        dir.append_step(&record)?;
+        dir.write_json("checkpoint.json", state)?;
+        report(Event::Step(&record, state));
+        Ok(())
+    };
+    let budget_tokens = (s.method == Method::Ape).then(|| ape_budget(s, &calibration, train.len()));
+    if let Some(budget) = budget_tokens {
+        if state.generated_tokens < budget {
+            let (total, line) = ape_budget_line(&calibration, &state, budget, train.len());
+            report(Event::Start { done: state.step, total, budget: line });
+            while state.generated_tokens < budget {
+                let record = optimizer.ape_round(&mut state)?;
+                log_step(record, &state, report)?;
+            }
+        }
+    } else {
+        let remaining = s.steps.saturating_sub(state.step);
+        let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
+        if remaining > 0 && !stopped_early {
+            let budget = budget_line(&optimizer, &calibration, s, &state, remaining, train.len())?;
+            report(Event::Start { done: state.step, total: s.steps, budget });
+            while state.step < s.steps {
+                let record = optimizer.step(&mut state)?;
+                log_step(record, &state, report)?;
+                if s.patience > 0 && state.steps_since_best >= s.patience {
+                    report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
+                    break;
+                }
             }
         }
     }
@@ -344,6 +368,8 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         selected: contenders[chosen].label.clone(),
         selected_by: if dev.is_empty() { "train score".into() } else { "dev accuracy".into() },
         best_train_score: state.best_score,
+        generated_tokens: state.generated_tokens,
+        budget_tokens,
         majority_floor: Task::majority_floor(&test),
         contenders,
         evaluations,
@@ -358,13 +384,12 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
 /// the decoding rate measured on the initial prompt and one timed gradient pass.
 fn budget_line(
     optimizer: &Optimizer,
-    dir: &RunDir,
+    c: &Calibration,
     s: &OptimizeConfig,
     state: &State,
     steps: usize,
     n_train: usize,
 ) -> Result<String> {
-    let c: Calibration = dir.read_json("calibration.json")?;
     let t = Instant::now();
     optimizer.time_one_gradient(state)?;
     let per_pass = t.elapsed().as_secs_f64();
@@ -381,6 +406,29 @@ fn budget_line(
         c.tokens_per_second,
         human_duration(secs)
     ))
+}
+
+/// `ape`'s token budget: the setting, or what a GReaTer run of `steps` steps decodes: the
+/// starting prompt's reasoning, then the shortlist's on every train question each step, at
+/// the starting prompt's mean reasoning length.
+fn ape_budget(s: &OptimizeConfig, c: &Calibration, n_train: usize) -> usize {
+    s.budget_tokens.unwrap_or((((1 + s.steps * s.shortlist) * n_train) as f64 * c.mean_reasoning) as usize)
+}
+
+/// The rounds `ape` should need for the rest of its budget (each: the proposals and their
+/// reasoning on every train question), and the budget line.
+fn ape_budget_line(c: &Calibration, state: &State, budget: usize, n_train: usize) -> (usize, String) {
+    let per_round = PROPOSALS_PER_ROUND as f64 * (n_train as f64 * c.mean_reasoning + 16.0);
+    let left = budget - state.generated_tokens;
+    let rounds = (left as f64 / per_round).ceil().max(1.0) as usize;
+    let secs = left as f64 / c.tokens_per_second.max(1e-6);
+    let line = format!(
+        "budget: {budget} generated tokens ({} spent): about {rounds} rounds of {PROPOSALS_PER_ROUND} proposed instructions scored on {n_train} train questions, at {:.0} tokens/s measured: about {}",
+        state.generated_tokens,
+        c.tokens_per_second,
+        human_duration(secs)
+    );
+    (state.step + rounds, line)
 }
 
 pub fn human_duration(secs: f64) -> String {

@@ -1,0 +1,123 @@
+//! The APE baseline (Zhou et al. 2023, forward generation): the task model reads a few
+//! train questions with their gold answers and writes the instruction they were solved
+//! with; every instruction is scored on the train questions exactly as a GReaTer candidate
+//! is, round after round until the token budget is spent. The best few by train score then
+//! meet the dev split like any other run's prompts.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{Checked, Optimizer, Seconds, State, StepRecord};
+use crate::model::generate::{generate, Request, Sampling};
+
+/// Instructions sampled (and then scored) together in one round.
+pub const PROPOSALS_PER_ROUND: usize = 4;
+/// Train question/answer pairs shown for one proposal.
+pub const DEMOS: usize = 5;
+/// APE samples its proposals at temperature 0.9.
+const TEMPERATURE: f64 = 0.9;
+/// An instruction is one sentence: the proposal stops here at the latest.
+const MAX_INSTRUCTION_TOKENS: usize = 48;
+
+/// The user turn asking for the instruction behind `demos` (question, answer).
+pub fn proposal_request(demos: &[(&str, &str)]) -> String {
+    let mut text =
+        String::from("Each question below was answered correctly by someone who followed one and the same instruction.\n\n");
+    for (question, answer) in demos {
+        text.push_str(&format!("Question: {question}\nAnswer: {answer}\n\n"));
+    }
+    text.push_str("Write that instruction in one sentence.");
+    text
+}
+
+/// The instruction in a sampled reply: its first line, without quotes or a trailing space.
+pub fn instruction_from_reply(reply: &str) -> String {
+    let line = reply.trim_start().lines().next().unwrap_or("");
+    line.trim().trim_matches(|c| c == '"' || c == '\'').trim().to_string()
+}
+
+/// The reply is written after the connector's last word, so an instruction reads as the
+/// layout will place it ("... Use" + " step-by-step reasoning ...").
+fn reply_start(connector: &str) -> &str {
+    connector.trim_start_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
+}
+
+impl Optimizer<'_> {
+    /// One APE round: `PROPOSALS_PER_ROUND` instructions sampled from random train
+    /// demonstrations, the new ones scored on train. A round is a step of the log; its
+    /// checked prompts are the round's proposals.
+    pub fn ape_round(&self, state: &mut State) -> Result<StepRecord> {
+        let prompt_before = self.prompt_text(&state.best_prompt)?;
+        let mut secs = Seconds::default();
+        let t = Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
+        let start = reply_start(&self.cfg.connector);
+        let mut requests = Vec::with_capacity(PROPOSALS_PER_ROUND);
+        for _ in 0..PROPOSALS_PER_ROUND {
+            let picked = sample(&mut rng, self.examples.len(), DEMOS.min(self.examples.len()));
+            let demos: Vec<(&str, &str)> =
+                picked.iter().map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str())).collect();
+            let text = format!("{}{start}", self.lm.chat_text(None, &proposal_request(&demos))?);
+            requests.push(Request { prefix: Default::default(), ids: self.lm.tokenizer.encode(&text, false)? });
+        }
+        let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rand::Rng::random(&mut rng) };
+        let cfg = self.lm.generate_config(MAX_INSTRUCTION_TOKENS, Some(sampling));
+        let replies = generate(&self.lm.model, requests, &cfg)?;
+        // A reply that stops at once still decoded its stop token.
+        let mut generated_tokens: usize = replies.iter().map(|g| g.ids.len().max(1)).sum();
+        let mut proposals: Vec<(String, Vec<u32>)> = Vec::new();
+        for g in &replies {
+            let text = instruction_from_reply(&self.lm.tokenizer.decode(&g.ids)?);
+            if text.is_empty() {
+                continue;
+            }
+            let ids = self.layout.prompt_ids(&text)?;
+            // The text as it reads back from its ids: the key the scores are kept under.
+            let text = self.prompt_text(&ids)?;
+            if !proposals.iter().any(|(t, _)| *t == text) {
+                proposals.push((text, ids));
+            }
+        }
+        secs.proposal = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let unscored: Vec<Vec<u32>> =
+            proposals.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
+        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+            generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
+            state.scores.insert(self.prompt_text(p)?, score);
+        }
+        secs.checking = t.elapsed().as_secs_f64();
+
+        let mut checked = Vec::with_capacity(proposals.len());
+        for (text, ids) in &proposals {
+            let score = state.scores[text].clone();
+            if score.score < state.best_score {
+                state.best_score = score.score;
+                state.best_prompt = ids.clone();
+            }
+            checked.push(Checked { id: 0, text: String::new(), gradient: None, prompt: text.clone(), score });
+        }
+        state.step += 1;
+        state.generated_tokens += generated_tokens;
+        let best_prompt = self.prompt_text(&state.best_prompt)?;
+        Ok(StepRecord {
+            step: state.step,
+            position: 0,
+            prompt_before,
+            candidates: Vec::new(),
+            checked,
+            chosen: None,
+            prompt: best_prompt.clone(),
+            next_position: 0,
+            best_prompt,
+            best_score: state.best_score,
+            seconds: secs,
+            generated_tokens,
+        })
+    }
+}
