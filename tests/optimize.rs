@@ -11,7 +11,7 @@ use std::sync::Arc;
 use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
 use greater::optimize::run::{run, Start};
 use greater::optimize::schedule::{next_position, Next};
-use greater::optimize::ape::{instruction_from_reply, proposal_request, PROPOSALS_PER_ROUND};
+use greater::optimize::ape::{instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND};
 use greater::optimize::{Accept, GradientSum, Method, OptimizeConfig, StepRecord};
 use greater::eval::user_ids;
 use greater::layout::Layout;
@@ -697,11 +697,12 @@ fn ape_reads_the_instruction_from_the_first_line_of_the_reply() {
     assert_eq!(instruction_from_reply("\n\n\"Think it through.\" "), "Think it through.");
     assert_eq!(instruction_from_reply("  \n"), "");
     assert_eq!(
-        proposal_request(&[("1 + 2 = ?", "3"), ("Is 4 even?", "Yes")]),
-        "Each question below was answered correctly by someone who followed one and the same instruction.\n\n\
+        proposal_request(&[("1 + 2 = ?", "3"), ("Is 4 even?", "Yes")], reply_start(". Use")),
+        "Here are some questions, each with its correct answer.\n\n\
          Question: 1 + 2 = ?\nAnswer: 3\n\nQuestion: Is 4 even?\nAnswer: Yes\n\n\
-         Write that instruction in one sentence."
+         Write one sentence of advice for solving questions like these. Start it with \"Use\"."
     );
+    assert!(proposal_request(&[], reply_start("")).ends_with("like these."));
 }
 
 fn ape_settings(model: &Path, seed: u64, budget: usize) -> OptimizeConfig {

@@ -23,14 +23,17 @@ const TEMPERATURE: f64 = 0.9;
 /// An instruction is one sentence: the proposal stops here at the latest.
 const MAX_INSTRUCTION_TOKENS: usize = 48;
 
-/// The user turn asking for the instruction behind `demos` (question, answer).
-pub fn proposal_request(demos: &[(&str, &str)]) -> String {
-    let mut text =
-        String::from("Each question below was answered correctly by someone who followed one and the same instruction.\n\n");
+/// The user turn asking for the instruction behind `demos` (question, answer), to be
+/// written after `start` (the connector's last word, see [`reply_start`]).
+pub fn proposal_request(demos: &[(&str, &str)], start: &str) -> String {
+    let mut text = String::from("Here are some questions, each with its correct answer.\n\n");
     for (question, answer) in demos {
         text.push_str(&format!("Question: {question}\nAnswer: {answer}\n\n"));
     }
-    text.push_str("Write that instruction in one sentence.");
+    text.push_str("Write one sentence of advice for solving questions like these.");
+    if !start.is_empty() {
+        text.push_str(&format!(" Start it with \"{start}\"."));
+    }
     text
 }
 
@@ -42,26 +45,26 @@ pub fn instruction_from_reply(reply: &str) -> String {
 
 /// The reply is written after the connector's last word, so an instruction reads as the
 /// layout will place it ("... Use" + " step-by-step reasoning ...").
-fn reply_start(connector: &str) -> &str {
+pub fn reply_start(connector: &str) -> &str {
     connector.trim_start_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
 }
 
 impl Optimizer<'_> {
-    /// One APE round: `PROPOSALS_PER_ROUND` instructions sampled from random train
-    /// demonstrations, the new ones scored on train. A round is a step of the log; its
-    /// checked prompts are the round's proposals.
-    pub fn ape_round(&self, state: &mut State) -> Result<StepRecord> {
+    /// One APE round: `proposals` instructions sampled from random train demonstrations,
+    /// the new ones scored on train. A round is a step of the log; its checked prompts are
+    /// the round's proposals.
+    pub fn ape_round(&self, state: &mut State, proposals: usize) -> Result<StepRecord> {
         let prompt_before = self.prompt_text(&state.best_prompt)?;
         let mut secs = Seconds::default();
         let t = Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
         let start = reply_start(&self.cfg.connector);
-        let mut requests = Vec::with_capacity(PROPOSALS_PER_ROUND);
-        for _ in 0..PROPOSALS_PER_ROUND {
+        let mut requests = Vec::with_capacity(proposals);
+        for _ in 0..proposals {
             let picked = sample(&mut rng, self.examples.len(), DEMOS.min(self.examples.len()));
             let demos: Vec<(&str, &str)> =
                 picked.iter().map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str())).collect();
-            let text = format!("{}{start}", self.lm.chat_text(None, &proposal_request(&demos))?);
+            let text = format!("{}{start}", self.lm.chat_text(None, &proposal_request(&demos, start))?);
             requests.push(Request { prefix: Default::default(), ids: self.lm.tokenizer.encode(&text, false)? });
         }
         let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rand::Rng::random(&mut rng) };
@@ -69,7 +72,7 @@ impl Optimizer<'_> {
         let replies = generate(&self.lm.model, requests, &cfg)?;
         // A reply that stops at once still decoded its stop token.
         let mut generated_tokens: usize = replies.iter().map(|g| g.ids.len().max(1)).sum();
-        let mut proposals: Vec<(String, Vec<u32>)> = Vec::new();
+        let mut instructions: Vec<(String, Vec<u32>)> = Vec::new();
         for g in &replies {
             let text = instruction_from_reply(&self.lm.tokenizer.decode(&g.ids)?);
             if text.is_empty() {
@@ -78,23 +81,23 @@ impl Optimizer<'_> {
             let ids = self.layout.prompt_ids(&text)?;
             // The text as it reads back from its ids: the key the scores are kept under.
             let text = self.prompt_text(&ids)?;
-            if !proposals.iter().any(|(t, _)| *t == text) {
-                proposals.push((text, ids));
+            if !instructions.iter().any(|(t, _)| *t == text) {
+                instructions.push((text, ids));
             }
         }
         secs.proposal = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
         let unscored: Vec<Vec<u32>> =
-            proposals.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
+            instructions.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
         for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
             state.scores.insert(self.prompt_text(p)?, score);
         }
         secs.checking = t.elapsed().as_secs_f64();
 
-        let mut checked = Vec::with_capacity(proposals.len());
-        for (text, ids) in &proposals {
+        let mut checked = Vec::with_capacity(instructions.len());
+        for (text, ids) in &instructions {
             let score = state.scores[text].clone();
             if score.score < state.best_score {
                 state.best_score = score.score;

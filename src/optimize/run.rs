@@ -304,8 +304,12 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         if state.generated_tokens < budget {
             let (total, line) = ape_budget_line(&calibration, &state, budget, train.len());
             report(Event::Start { done: state.step, total, budget: line });
+            let cost = proposal_cost(&calibration, train.len());
             while state.generated_tokens < budget {
-                let record = optimizer.ape_round(&mut state)?;
+                // The last round proposes only what the rest of the budget should pay for.
+                let left = (budget - state.generated_tokens) as f64;
+                let proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
+                let record = optimizer.ape_round(&mut state, proposals)?;
                 log_step(record, &state, report)?;
             }
         }
@@ -415,13 +419,18 @@ fn ape_budget(s: &OptimizeConfig, c: &Calibration, n_train: usize) -> usize {
     s.budget_tokens.unwrap_or((((1 + s.steps * s.shortlist) * n_train) as f64 * c.mean_reasoning) as usize)
 }
 
-/// The rounds `ape` should need for the rest of its budget (each: the proposals and their
-/// reasoning on every train question), and the budget line.
+/// Tokens one `ape` proposal should cost: a short instruction, then its reasoning on every
+/// train question at the starting prompt's mean length.
+fn proposal_cost(c: &Calibration, n_train: usize) -> f64 {
+    16.0 + n_train as f64 * c.mean_reasoning
+}
+
+/// The rounds `ape` should need for the rest of its budget, and the budget line.
 fn ape_budget_line(c: &Calibration, state: &State, budget: usize, n_train: usize) -> (usize, String) {
-    let per_round = PROPOSALS_PER_ROUND as f64 * (n_train as f64 * c.mean_reasoning + 16.0);
+    let per_round = PROPOSALS_PER_ROUND as f64 * proposal_cost(c, n_train);
     let left = budget - state.generated_tokens;
     let rounds = (left as f64 / per_round).ceil().max(1.0) as usize;
-    let secs = left as f64 / c.tokens_per_second.max(1e-6);
+    let secs = rounds as f64 * per_round / c.tokens_per_second.max(1e-6);
     let line = format!(
         "budget: {budget} generated tokens ({} spent): about {rounds} rounds of {PROPOSALS_PER_ROUND} proposed instructions scored on {n_train} train questions, at {:.0} tokens/s measured: about {}",
         state.generated_tokens,
