@@ -381,27 +381,23 @@ impl Progress {
                     let chosen = record.chosen.as_ref().map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
                     let line = if record.candidates.is_empty() {
                         format!(
-                            "{}round {}: {} instructions, best {:.3}: {:?} [{} tokens so far; proposal {:.0} s, check {:.0} s]",
+                            "{}round {}: {} instructions, best {:.3}: {:?} [{} tokens so far; {}]",
                             self.label,
                             record.step,
                             record.checked.len(),
                             state.best_score,
                             record.best_prompt,
                             state.generated_tokens,
-                            record.seconds.proposal,
-                            record.seconds.checking
+                            record.seconds
                         )
                     } else { format!(
-                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [reasoning {:.0} s, proposal {:.0} s, gradient {:.0} s, check {:.0} s]",
+                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [{}]",
                         self.label,
                         record.step,
                         record.position,
                         record.prompt,
                         state.best_score,
-                        record.seconds.reasoning,
-                        record.seconds.proposal,
-                        record.seconds.gradient,
-                        record.seconds.checking
+                        record.seconds
                     ) };
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {

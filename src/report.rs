@@ -2,16 +2,18 @@
 //! are inline SVG drawn with plotters, the page is a minijinja template (HTML-escaped); it
 //! loads nothing and holds no URL, so it opens from disk anywhere.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use minijinja::value::{Serde, Value};
 use serde::Serialize;
 
 use crate::optimize::run::{verdict, EvalSummary, RunConfig, Summary};
-use crate::optimize::StepRecord;
+use crate::optimize::{Method, Seconds, StepRecord};
 use crate::protocol::{ProtocolConfig, ProtocolTable};
 use crate::store::RunDir;
 
@@ -76,19 +78,10 @@ fn run_page(dir: &RunDir) -> Result<String> {
     let summary: Option<Summary> = if dir.exists("summary.json") { Some(dir.read_json("summary.json")?) } else { None };
     let s = &config.settings;
     let title = format!("greater run: {} on {}", config.task.name, s.model);
-    let setup = format!(
-        "model {} (sha256 {}), task {} ({}), split seed {}: {} train / {} dev / {} test questions, {} of {} steps",
-        config.model_path,
-        &config.model_sha256[..12.min(config.model_sha256.len())],
-        config.task.name,
-        config.task.answer_kind,
-        config.split.seed,
-        config.split.train.len(),
-        config.split.dev.len(),
-        config.split.test.len(),
-        steps.len(),
-        s.steps
-    );
+    let setup = match s.method {
+        Method::Ape => format!("{}, {} rounds of proposals", config.setup(), steps.len()),
+        _ => format!("{}, {} of {} steps", config.setup(), steps.len(), s.steps),
+    };
     let dev_points: Vec<(usize, f64)> = summary
         .iter()
         .flat_map(|sm| &sm.contenders)
@@ -254,14 +247,7 @@ fn step_row(r: &StepRecord) -> StepRow {
                 chosen: Some(c.id) == chosen,
             })
             .collect(),
-        seconds: format!(
-            "{:.1} s: reasoning {:.1}, proposal {:.1}, gradient {:.1}, checking {:.1}",
-            r.seconds.reasoning + r.seconds.proposal + r.seconds.gradient + r.seconds.checking,
-            r.seconds.reasoning,
-            r.seconds.proposal,
-            r.seconds.gradient,
-            r.seconds.checking
-        ),
+        seconds: format!("{:.1} s: {}", r.seconds.total(), r.seconds),
     }
 }
 
@@ -309,11 +295,7 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
     let top = points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max) * 1.4;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(-0.5..last, 0.0..top)?;
+        let mut chart = cartesian(root, -0.5..last, 0.0..top)?;
         chart
             .configure_mesh()
             .x_desc("step")
@@ -340,13 +322,20 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
     })
 }
 
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A chart over `x` and `y` with room for the axis labels.
+fn cartesian<'a, 'b: 'a>(root: &'a DrawingArea<SVGBackend<'b>, Shift>, x: Range<f64>, y: Range<f64>) -> Result<Chart<'a, 'b>> {
+    Ok(ChartBuilder::on(root).margin(12).x_label_area_size(36).y_label_area_size(48).build_cartesian_2d(x, y)?)
+}
+
 /// Step ticks at whole numbers only.
 fn step_label(x: &f64) -> String {
     if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
 }
 
 /// The legend in the top right corner, above the data (each chart leaves room there).
-fn legend<'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, SVGBackend<'a>, CT>) -> Result<()> {
+fn legend<'a, 'b: 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, SVGBackend<'b>, CT>) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -378,11 +367,7 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
         g - 0.4 + width * (b.series as f64 + 0.5)
     };
     svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(-0.5..groups.len() as f64 - 0.5, 0.0..1.3)?;
+        let mut chart = cartesian(root, -0.5..groups.len() as f64 - 0.5, 0.0..1.3)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -415,15 +400,10 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
 
 /// Seconds of each step, stacked: reasoning, proposal, gradient, checking.
 fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
-    let parts = |r: &StepRecord| [r.seconds.reasoning, r.seconds.proposal, r.seconds.gradient, r.seconds.checking];
-    let top = steps.iter().map(|r| parts(r).iter().sum::<f64>()).fold(1.0, f64::max) * 1.5;
+    let top = steps.iter().map(|r| r.seconds.total()).fold(1.0, f64::max) * 1.5;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(0.5..last, 0.0..top)?;
+        let mut chart = cartesian(root, 0.5..last, 0.0..top)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -432,11 +412,11 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
             .x_label_formatter(&step_label)
             .label_style(FONT)
             .draw()?;
-        for (k, name) in ["reasoning", "proposal", "gradient", "checking"].into_iter().enumerate() {
+        for (k, name) in Seconds::PARTS.into_iter().enumerate() {
             let color = SERIES[k];
             chart
                 .draw_series(steps.iter().map(|r| {
-                    let p = parts(r);
+                    let p = r.seconds.parts();
                     let (lo, hi) = (p[..k].iter().sum::<f64>(), p[..=k].iter().sum::<f64>());
                     let x = r.step as f64;
                     Rectangle::new([(x - 0.35, lo), (x + 0.35, hi)], color.filled())

@@ -98,6 +98,27 @@ pub struct Seconds {
     pub checking: f64,
 }
 
+impl Seconds {
+    pub const PARTS: [&'static str; 4] = ["reasoning", "proposal", "gradient", "checking"];
+
+    /// The parts in the order of [`Self::PARTS`].
+    pub fn parts(&self) -> [f64; 4] {
+        [self.reasoning, self.proposal, self.gradient, self.checking]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.parts().iter().sum()
+    }
+}
+
+impl std::fmt::Display for Seconds {
+    /// "reasoning 0.0 s, proposal 1.2 s, gradient 3.4 s, checking 5.6 s"
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = Self::PARTS.iter().zip(self.parts()).map(|(name, s)| format!("{name} {s:.1} s")).collect();
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
 /// One line of the step log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {

@@ -31,6 +31,25 @@ pub struct RunConfig {
     pub greater_version: String,
 }
 
+impl RunConfig {
+    /// "method greater, model M (sha256 ...), task T (kind), split seed S: a train / b dev /
+    /// c test questions"
+    pub fn setup(&self) -> String {
+        format!(
+            "method {}, model {} (sha256 {}), task {} ({}), split seed {}: {} train / {} dev / {} test questions",
+            self.settings.method.name(),
+            self.model_path,
+            &self.model_sha256[..12.min(self.model_sha256.len())],
+            self.task.name,
+            self.task.answer_kind,
+            self.split.seed,
+            self.split.train.len(),
+            self.split.dev.len(),
+            self.split.test.len()
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub name: String,
@@ -165,6 +184,20 @@ fn eval_config(s: &OptimizeConfig, interrupt: &Arc<AtomicBool>) -> EvalConfig {
     }
 }
 
+/// [`evaluate`], its progress reported under `label`.
+fn evaluate_reported(
+    lm: &LanguageModel,
+    task: &Task,
+    examples: &[&Example],
+    prompt: &str,
+    cfg: &EvalConfig,
+    label: &str,
+    report: &mut dyn FnMut(Event),
+) -> Result<EvalReport> {
+    report(Event::EvalStart { label, questions: examples.len() });
+    evaluate(lm, task, examples, prompt, cfg, &mut |done| report(Event::EvalProgress(done)))
+}
+
 /// A finished run's returned prompt and zero-shot CoT on another model (the paper's
 /// transfer setting): the run's test questions, layout and reasoning budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,8 +234,7 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
     let test = Split::pick(&config.split.test, &task);
     let eval_cfg = eval_config(&config.settings, interrupt);
     let mut measure = |label: &str, prompt: &str| -> Result<EvalSummary> {
-        report(Event::EvalStart { label: &format!("transfer to {model}: {label}"), questions: test.len() });
-        let r = evaluate(&lm, &task, &test, prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
+        let r = evaluate_reported(&lm, &task, &test, prompt, &eval_cfg, &format!("transfer to {model}: {label}"), report)?;
         Ok(EvalSummary::new(label, prompt, &r))
     };
     let result = Transfer {
@@ -342,8 +374,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         if let Some(done) = done.filter(|d| d.prompt == c.prompt) {
             return Ok(done);
         }
-        report(Event::EvalStart { label: &format!("{split}: {}", c.label), questions: examples.len() });
-        let r = evaluate(&lm, &task, examples, &c.prompt, &eval_cfg, &mut |done| report(Event::EvalProgress(done)))?;
+        let r = evaluate_reported(&lm, &task, examples, &c.prompt, &eval_cfg, &format!("{split}: {}", c.label), report)?;
         write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
         let summary = EvalSummary::new(&c.label, &c.prompt, &r);
         dir.write_json(&file, &summary)?;
@@ -471,18 +502,7 @@ pub fn verdict(summary: &Summary) -> String {
 }
 
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
-    let mut out = format!(
-        "# greater run\n\nmodel `{}` (sha256 {}), task `{}` ({}), split seed {}: {} train / {} dev / {} test questions, {} steps\n\n",
-        config.model_path,
-        &config.model_sha256[..12],
-        config.task.name,
-        config.task.answer_kind,
-        config.split.seed,
-        config.split.train.len(),
-        config.split.dev.len(),
-        config.split.test.len(),
-        summary.steps
-    );
+    let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
     out.push_str("| prompt | test accuracy | 95% interval | text |\n|---|---|---|---|\n");
     for e in &summary.evaluations {
         out.push_str(&format!(
