@@ -54,6 +54,12 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets the positions from `len` on; their keys stay in the spare room, overwritten
+    /// by the next append.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Appends this layer's new keys/values and returns all of them. The differentiable
     /// pass concatenates (an in-place write would cut the gradient).
     fn extend(&mut self, layer: usize, k: Tensor, v: Tensor, pass: Pass) -> Result<(Tensor, Tensor)> {
@@ -391,7 +397,7 @@ impl Model {
             .zip(caches.iter_mut())
             .enumerate()
             .map(|(b, (s, cache))| {
-                cache.len -= longest - s.len();
+                cache.truncate(cache.len - (longest - s.len()));
                 Ok(hidden.get(b)?.narrow(0, 0, s.len())?)
             })
             .collect()

@@ -4,15 +4,16 @@
 //! is, round after round until the token budget is spent. The best few by train score then
 //! meet the dev split like any other run's prompts.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use rand::seq::index::sample;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Checked, Optimizer, Seconds, State, StepRecord};
-use crate::model::generate::{generate, Request, Sampling};
+use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
 
 /// Instructions sampled (and then scored) together in one round.
 pub const PROPOSALS_PER_ROUND: usize = 4;
@@ -67,8 +68,11 @@ impl Optimizer<'_> {
             let text = format!("{}{start}", self.lm.chat_text(None, &proposal_request(&demos, start))?);
             requests.push(Request { prefix: Default::default(), ids: self.lm.tokenizer.encode(&text, false)? });
         }
-        let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rand::Rng::random(&mut rng) };
-        let cfg = self.lm.generate_config(MAX_INSTRUCTION_TOKENS, Some(sampling));
+        let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rng.random() };
+        let cfg = GenerateConfig {
+            cancel: Some(Arc::clone(&self.interrupt)),
+            ..self.lm.generate_config(MAX_INSTRUCTION_TOKENS, Some(sampling))
+        };
         let replies = generate(&self.lm.model, requests, &cfg)?;
         // A reply that stops at once still decoded its stop token.
         let mut generated_tokens: usize = replies.iter().map(|g| g.ids.len().max(1)).sum();
@@ -90,7 +94,7 @@ impl Optimizer<'_> {
         let t = Instant::now();
         let unscored: Vec<Vec<u32>> =
             instructions.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
-        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored, None)?) {
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
             state.scores.insert(self.prompt_text(p)?, score);
         }
@@ -121,6 +125,7 @@ impl Optimizer<'_> {
             best_score: state.best_score,
             seconds: secs,
             generated_tokens,
+            drafted_tokens: 0,
         })
     }
 }
