@@ -324,43 +324,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     };
     dir.truncate_steps(state.step)?;
 
-    let calibration: Calibration = dir.read_json("calibration.json")?;
-    let log_step = |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
-        dir.append_step(&record)?;
-        dir.write_json("checkpoint.json", state)?;
-        report(Event::Step(&record, state));
-        Ok(())
-    };
-    let budget_tokens = (s.method == Method::Ape).then(|| ape_budget(s, &calibration, train.len()));
-    if let Some(budget) = budget_tokens {
-        if state.generated_tokens < budget {
-            let (total, line) = ape_budget_line(&calibration, &state, budget, train.len());
-            report(Event::Start { done: state.step, total, budget: line });
-            let cost = proposal_cost(&calibration, train.len());
-            while state.generated_tokens < budget {
-                // The last round proposes only what the rest of the budget should pay for.
-                let left = (budget - state.generated_tokens) as f64;
-                let proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
-                let record = optimizer.ape_round(&mut state, proposals)?;
-                log_step(record, &state, report)?;
-            }
-        }
-    } else {
-        let remaining = s.steps.saturating_sub(state.step);
-        let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
-        if remaining > 0 && !stopped_early {
-            let budget = budget_line(&optimizer, &calibration, s, &state, remaining, train.len())?;
-            report(Event::Start { done: state.step, total: s.steps, budget });
-            while state.step < s.steps {
-                let record = optimizer.step(&mut state)?;
-                log_step(record, &state, report)?;
-                if s.patience > 0 && state.steps_since_best >= s.patience {
-                    report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
-                    break;
-                }
-            }
-        }
-    }
+    let budget_tokens = search(&optimizer, &dir, s, &mut state, train.len(), report)?;
     // The returned prompt: the best on dev among the best few by train score, the initial
     // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
     let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
@@ -413,6 +377,56 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     dir.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
     crate::report::write_report(&dir.path, None)?;
     Ok(summary)
+}
+
+/// The search until its end: `steps` GReaTer (or gcg) steps, or `ape` rounds until the
+/// token budget is spent; each logged and checkpointed. Returns `ape`'s budget.
+fn search(
+    optimizer: &Optimizer,
+    dir: &RunDir,
+    s: &OptimizeConfig,
+    state: &mut State,
+    n_train: usize,
+    report: &mut dyn FnMut(Event),
+) -> Result<Option<usize>> {
+    let calibration: Calibration = dir.read_json("calibration.json")?;
+    let log_step = |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
+        dir.append_step(&record)?;
+        dir.write_json("checkpoint.json", state)?;
+        report(Event::Step(&record, state));
+        Ok(())
+    };
+    if s.method == Method::Ape {
+        let budget = ape_budget(s, &calibration, n_train);
+        if state.generated_tokens < budget {
+            let (total, line) = ape_budget_line(&calibration, state, budget, n_train);
+            report(Event::Start { done: state.step, total, budget: line });
+            let cost = proposal_cost(&calibration, n_train);
+            while state.generated_tokens < budget {
+                // The last round proposes only what the rest of the budget should pay for.
+                let left = (budget - state.generated_tokens) as f64;
+                let proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
+                let record = optimizer.ape_round(state, proposals)?;
+                log_step(record, state, report)?;
+            }
+        }
+        return Ok(Some(budget));
+    }
+    let remaining = s.steps.saturating_sub(state.step);
+    let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
+    if remaining > 0 && !stopped_early {
+        let budget = budget_line(optimizer, &calibration, s, state, remaining, n_train)?;
+        report(Event::Start { done: state.step, total: s.steps, budget });
+        while state.step < s.steps {
+            let record = optimizer.step(state)?;
+            log_step(record, state, report)?;
+            if s.patience > 0 && state.steps_since_best >= s.patience {
+                report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
+                break;
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Generated tokens and gradient passes still to come, and the time they should take at
