@@ -240,7 +240,7 @@ fn step_row(r: &StepRecord) -> StepRow {
             .iter()
             .map(|c| CheckedRow {
                 // An `ape` proposal changes no single token: the whole instruction shows.
-                token: c.gradient.map_or_else(|| format!("{:?}", c.prompt), |_| format!("{:?}", c.text)),
+                token: c.gradient.map_or_else(|| c.prompt.clone(), |_| format!("{:?}", c.text)),
                 gradient: c.gradient.map_or(String::new(), |g| format!("{g:.4}")),
                 score: format!("{:.3}", c.score.score),
                 mistakes: format!("{}/{}", c.score.mistakes, c.score.n),
@@ -331,7 +331,8 @@ fn cartesian<'a, 'b: 'a>(root: &'a DrawingArea<SVGBackend<'b>, Shift>, x: Range<
 
 /// Step ticks at whole numbers only.
 fn step_label(x: &f64) -> String {
-    if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() }
+    // As an integer: the tick at 0 of an axis from -0.5 reads "0", not "-0".
+    if (x - x.round()).abs() < 1e-6 { format!("{}", x.round() as i64) } else { String::new() }
 }
 
 /// The legend in the top right corner, above the data (each chart leaves room there).
