@@ -448,6 +448,13 @@ fn budget_line(
     let tokens = (sequences as f64 * c.mean_reasoning) as usize;
     let passes = steps * n_train;
     let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;
+    if s.method == Method::Gcg {
+        // Its search writes no reasoning, so nothing measured the evaluations' rate.
+        return Ok(format!(
+            "budget: {steps} steps: {passes} forward+backward passes ({per_pass:.1} s each), about {} before the evaluations (not estimated: gcg's search writes no reasoning)",
+            human_duration(passes as f64 * per_pass)
+        ));
+    }
     Ok(format!(
         "budget: {steps} steps: about {tokens} generated tokens ({} sequences x {:.0} tokens, at {:.0} tokens/s measured) and {passes} forward+backward passes ({per_pass:.1} s each): about {}",
         sequences,
