@@ -181,10 +181,13 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
         });
     }
     let pooled = |p: &crate::protocol::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
-    let gain = match table.gain_interval {
-        Some((lo, hi)) => format!("{:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])", table.mean_gain),
-        None => format!("{:+.3}", table.mean_gain),
+    let gain_text = |mean: f64, interval: Option<(f64, f64)>| match interval {
+        Some((lo, hi)) => format!("{mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])"),
+        None => format!("{mean:+.3}"),
     };
+    let gain = gain_text(table.mean_gain, table.gain_interval);
+    let baseline_gains: Vec<[String; 2]> =
+        table.baselines.iter().map(|b| [b.method.name().to_string(), gain_text(b.mean_gain, b.gain_interval)]).collect();
     let methods: Vec<&str> = config.methods().iter().map(|m| m.name()).collect();
     let mut series = vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
     series.extend(methods[1..].iter().map(|m| m.to_string()));
@@ -195,7 +198,7 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
         methods => methods[1..].to_vec(), pooled_baselines => table.baselines.iter().map(|b| pooled(&b.optimised)).collect::<Vec<_>>(),
-        gain, transfer_to => config.transfer_to,
+        gain, baseline_gains, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
     })?;
     Ok(html)

@@ -805,4 +805,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
     for b in &row.baselines {
         assert!(html.contains(&accuracy_text(&b.optimised)));
     }
+    for b in &table.baselines {
+        assert!(html.contains(&format!("Mean gain of {} over zero-shot CoT: {:+.3}", b.method.name(), b.mean_gain)));
+    }
 }
