@@ -46,6 +46,23 @@ pub struct ProtocolConfig {
 }
 
 impl ProtocolConfig {
+    /// "model M, a train / b dev / c test questions per task, n steps, split seed s,
+    /// methods greater, ape"
+    pub fn setup(&self) -> String {
+        let (s, methods) = (&self.settings, self.methods());
+        format!(
+            "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}",
+            s.model,
+            s.train,
+            s.dev,
+            s.test,
+            s.steps,
+            s.seed,
+            if methods.len() > 1 { "s" } else { "" },
+            methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
+        )
+    }
+
     pub fn methods(&self) -> Vec<Method> {
         if self.methods.is_empty() {
             vec![self.settings.method]
@@ -337,19 +354,8 @@ fn cell(e: &EvalSummary) -> String {
 }
 
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
-    let s = &config.settings;
     let methods = config.methods();
-    let mut out = format!(
-        "# greater protocol\n\nmodel `{}`, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}\n\n",
-        s.model,
-        s.train,
-        s.dev,
-        s.test,
-        s.steps,
-        s.seed,
-        if methods.len() > 1 { "s" } else { "" },
-        methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
-    );
+    let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
     let target = config.transfer_to.as_deref();
     let mut head = format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
     for m in &methods[1..] {

@@ -147,17 +147,7 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     }
     let table: ProtocolTable = dir.read_json("protocol.json")?;
     let s = &config.settings;
-    let setup = format!(
-        "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}; {} of {} tasks done",
-        s.model,
-        s.train,
-        s.dev,
-        s.test,
-        s.steps,
-        s.seed,
-        table.rows.len(),
-        config.tasks.len()
-    );
+    let setup = format!("{}; {} of {} tasks done", config.setup(), table.rows.len(), config.tasks.len());
     let mut bars = Vec::new();
     let mut lines = Vec::new();
     for r in &table.rows {

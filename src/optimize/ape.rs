@@ -9,8 +9,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 use super::{Checked, Optimizer, Seconds, State, StepRecord};
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
@@ -58,7 +57,7 @@ impl Optimizer<'_> {
         let prompt_before = self.prompt_text(&state.best_prompt)?;
         let mut secs = Seconds::default();
         let t = Instant::now();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
+        let mut rng = self.step_rng(state.step);
         let start = reply_start(&self.cfg.connector);
         let mut requests = Vec::with_capacity(proposals);
         for _ in 0..proposals {

@@ -229,6 +229,12 @@ impl<'a> Optimizer<'a> {
         Ok(TokenText { id, text: self.lm.tokenizer.decode_with_special(&[id])? })
     }
 
+    /// The random draws of step (or `ape` round) `step`: the run seed's, independent of
+    /// every other step's, so a resumed run draws what an uninterrupted one does.
+    fn step_rng(&self, step: usize) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)
+    }
+
     /// May `token` stand at `position` of `prompt`? Not special, its text in the
     /// vocabulary, not the token before the position (at 0: the prompt's last, as in the
     /// reference), and the prompt's text must encode back to the same ids (so the printed
@@ -541,7 +547,7 @@ impl<'a> Optimizer<'a> {
             subset_size: self.cfg.subset_size,
             min_candidates: 2 * self.cfg.shortlist,
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step as u64);
+        let mut rng = self.step_rng(state.step);
         let candidates = propose(&ranked, prompt[position], &proposal, &mut rng);
         secs.proposal += t.elapsed().as_secs_f64();
 
