@@ -98,8 +98,8 @@ fn bench(setup: &Setup, data: &PathBuf) {
         total += secs;
         let (rss, peak) = memory_mib();
         println!(
-            "step {}: {secs:.1} s = {}; {} reasoning tokens ({} confirmed from drafts); resident {rss:.0} MiB, peak {peak:.0} MiB; prompt {:?}",
-            r.step, r.seconds, r.generated_tokens, r.drafted_tokens, r.prompt
+            "step {}: {secs:.1} s = {}; {} tokens decoded; resident {rss:.0} MiB, peak {peak:.0} MiB; prompt {:?}",
+            r.step, r.seconds, r.generated_tokens, r.prompt
         );
     }
     let mean = total / setup.steps as f64;

@@ -123,34 +123,6 @@ fn a_prompt_decodes_the_same_alone_and_in_a_batch() {
 }
 
 #[test]
-fn a_draft_changes_no_greedy_token_whatever_its_quality() {
-    use greater::model::generate::generate_from_drafts;
-    for arch in ARCHS {
-        let model = tiny(arch, DType::F32);
-        let cfg = GenerateConfig { max_tokens: 10, ..Default::default() };
-        let prompts: Vec<Vec<u32>> = vec![IDS[..5].to_vec(), IDS.to_vec(), IDS[3..6].to_vec()];
-        let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
-        let plain = generate(&model, prompts.iter().map(req).collect(), &cfg).unwrap();
-        let each = |f: &dyn Fn(&[u32]) -> Vec<u32>| plain.iter().map(|g| f(&g.ids)).collect::<Vec<_>>();
-        let kinds = [
-            each(&|ids| ids.to_vec()),
-            each(&|ids| [&ids[..4], &[1, 2, 3][..]].concat()),
-            each(&|ids| [ids, &[5; 8][..]].concat()),
-            each(&|_| vec![7, 7, 7]),
-            each(&|_| Vec::new()),
-        ];
-        for drafts in kinds {
-            let drafted = generate_from_drafts(&model, prompts.iter().map(req).collect(), &drafts, &cfg).unwrap();
-            assert_eq!(drafted, plain, "{arch:?} drafts {drafts:?}");
-            // The cache holds the prompt and the tokens fed, nothing of a rejected draft.
-            for ((d, p), prompt) in drafted.iter().zip(&plain).zip(&prompts) {
-                assert_eq!((d.cache.len(), p.cache.len()), (prompt.len() + p.fed, prompt.len() + p.fed));
-            }
-        }
-    }
-}
-
-#[test]
 fn generation_stops_at_a_stop_token_and_continues_a_prefix() {
     let model = tiny(Arch::Qwen2, DType::F32);
     let free = GenerateConfig { max_tokens: 6, ..Default::default() };

@@ -135,47 +135,6 @@ pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache
 /// still-running ones. Padding and batch-mates never enter a request's sums, so its tokens
 /// are the ones it would get alone.
 pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
-    generate_from_drafts(model, requests, &[], cfg)
-}
-
-/// Each request's first tokens from a greedy draft: its ids and the draft run in one
-/// teacher-forced pass; the draft's longest prefix that greedy decoding picks is accepted,
-/// the cache is cut back to it, and the token greedy decoding picks after it comes next.
-/// Returns (cache, accepted tokens, next token) per request.
-fn start_from_drafts(model: &Model, requests: Vec<Request>, drafts: &[Vec<u32>], max_tokens: usize) -> Result<Vec<(KvCache, Vec<u32>, u32)>> {
-    if requests.iter().any(|r| r.ids.is_empty()) {
-        bail!("cannot continue an empty prompt");
-    }
-    let fed: Vec<(usize, Vec<u32>)> = requests
-        .iter()
-        .zip(drafts)
-        .map(|(r, d)| (r.ids.len(), d[..d.len().min(max_tokens - 1)].to_vec()))
-        .collect();
-    let requests = requests
-        .into_iter()
-        .zip(&fed)
-        .map(|(r, (_, draft))| Request { prefix: r.prefix, ids: [&r.ids[..], draft].concat() })
-        .collect();
-    run_all(model, requests)?
-        .into_iter()
-        .zip(fed)
-        .map(|((mut cache, hidden), (n_ids, draft))| {
-            // Row n_ids - 1 + j predicts draft token j; the last row, the token after it.
-            let rows = hidden.narrow(0, n_ids - 1, draft.len() + 1)?;
-            let greedy = model.logits(&rows)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let accepted = draft.iter().zip(&greedy).take_while(|(d, g)| d == g).count();
-            cache.truncate(cache.len() - (draft.len() - accepted));
-            Ok((cache, draft[..accepted].to_vec(), greedy[accepted]))
-        })
-        .collect()
-}
-
-/// [`generate`], greedy, each request starting from `drafts[i]` (a guess at its tokens,
-/// such as a similar prompt's reasoning): the tokens are the ones greedy decoding picks, up
-/// to the rounding of a batched pass against a step-by-step one, and the accepted part of
-/// a draft costs one teacher-forced pass instead of a decoding step per token. No drafts
-/// (`&[]`): plain [`generate`].
-pub fn generate_from_drafts(model: &Model, requests: Vec<Request>, drafts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<Generated>> {
     let n = requests.len();
     let mut out: Vec<Generated> = (0..n)
         .map(|_| Generated { ids: Vec::new(), stop: StopReason::Budget, cache: KvCache::default(), fed: 0 })
@@ -185,24 +144,14 @@ pub fn generate_from_drafts(model: &Model, requests: Vec<Request>, drafts: &[Vec
         .collect();
     // (request index, cache, next token) of the sequences still running.
     let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-    if !drafts.is_empty() && cfg.max_tokens > 0 {
-        if drafts.len() != n || cfg.sampling.is_some() {
-            bail!("drafts need one per request and greedy decoding");
+    for (i, (cache, logits)) in prefill_all(model, requests)?.into_iter().enumerate() {
+        if cfg.max_tokens == 0 {
+            // Nothing to generate: the prompt is still fed, so the caller can continue it.
+            out[i].cache = cache;
+            continue;
         }
-        for (i, (cache, accepted, next)) in start_from_drafts(model, requests, drafts, cfg.max_tokens)?.into_iter().enumerate() {
-            out[i].ids = accepted;
-            running.push((i, cache, next));
-        }
-    } else {
-        for (i, (cache, logits)) in prefill_all(model, requests)?.into_iter().enumerate() {
-            if cfg.max_tokens == 0 {
-                // Nothing to generate: the prompt is still fed, so the caller can continue it.
-                out[i].cache = cache;
-                continue;
-            }
-            let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
-            running.push((i, cache, next));
-        }
+        let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
+        running.push((i, cache, next));
     }
     loop {
         running.retain_mut(|(i, cache, tok)| {

@@ -93,7 +93,7 @@ impl Optimizer<'_> {
         let t = Instant::now();
         let unscored: Vec<Vec<u32>> =
             instructions.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
-        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored, None)?) {
+        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
             state.scores.insert(self.prompt_text(p)?, score);
         }
@@ -124,7 +124,6 @@ impl Optimizer<'_> {
             best_score: state.best_score,
             seconds: secs,
             generated_tokens,
-            drafted_tokens: 0,
         })
     }
 }

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, QuestionIds};
-use crate::model::generate::{generate_from_drafts, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
+use crate::model::generate::{generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use crate::model::KvCache;
 use crate::runtime::LanguageModel;
@@ -134,13 +134,9 @@ pub struct StepRecord {
     pub best_prompt: String,
     pub best_score: f64,
     pub seconds: Seconds,
-    /// Reasoning tokens written in this step.
+    /// Reasoning tokens decoded in this step.
     #[serde(default)]
     pub generated_tokens: usize,
-    /// Of those, the tokens confirmed from the current prompt's reasoning (the draft)
-    /// rather than decoded one by one.
-    #[serde(default)]
-    pub drafted_tokens: usize,
 }
 
 /// A train example prepared once: the ids before the prompt (with their KV cache) and after
@@ -329,10 +325,8 @@ impl<'a> Optimizer<'a> {
         [&ex.ids.head[..], prompt, &ex.ids.tail, reasoning, self.layout.extractor(), &ex.answer].concat()
     }
 
-    /// Greedy reasoning of every example under each prompt, decoded in one batch; with
-    /// `drafts` (per example, such as the reasoning under a prompt one token away), each
-    /// starts from the draft's prefix that greedy decoding confirms.
-    fn reason(&self, prompts: &[Vec<u32>], drafts: Option<&[Vec<u32>]>) -> Result<Vec<Vec<Generated>>> {
+    /// Greedy reasoning of every example under each prompt, decoded in one batch.
+    fn reason(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Generated>>> {
         self.check_interrupt()?;
         let requests: Vec<Request> = prompts
             .iter()
@@ -341,8 +335,7 @@ impl<'a> Optimizer<'a> {
             })
             .collect();
         let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.search_reasoning(), None) };
-        let drafts: Vec<Vec<u32>> = drafts.map_or_else(Vec::new, |d| prompts.iter().flat_map(|_| d.iter().cloned()).collect());
-        let mut replies = generate_from_drafts(&self.lm.model, requests, &drafts, &cfg)?.into_iter();
+        let mut replies = generate(&self.lm.model, requests, &cfg)?.into_iter();
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
 
@@ -458,13 +451,12 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
-    /// Reasoning (per example) and real score of each prompt on the train examples (see
-    /// [`Self::reason`] for `drafts`).
-    fn reason_and_score_all(&self, prompts: &[Vec<u32>], drafts: Option<&[Vec<u32>]>) -> Result<Vec<(Vec<Vec<u32>>, Score)>> {
+    /// Reasoning (per example) and real score of each prompt on the train examples.
+    fn reason_and_score_all(&self, prompts: &[Vec<u32>]) -> Result<Vec<(Vec<Vec<u32>>, Score)>> {
         if prompts.is_empty() {
             return Ok(Vec::new());
         }
-        let replies = self.reason(prompts, drafts)?;
+        let replies = self.reason(prompts)?;
         let reasoning: Vec<Vec<Vec<u32>>> =
             replies.iter().map(|rs| rs.iter().map(|g| g.ids.clone()).collect()).collect();
         Ok(reasoning.into_iter().zip(self.score(prompts, replies)?).collect())
@@ -472,7 +464,7 @@ impl<'a> Optimizer<'a> {
 
     /// Reasoning (per example) and real score of `prompt` on the train examples.
     pub fn reason_and_score(&self, prompt: &[u32]) -> Result<(Vec<Vec<u32>>, Score)> {
-        Ok(self.reason_and_score_all(&[prompt.to_vec()], None)?.remove(0))
+        Ok(self.reason_and_score_all(&[prompt.to_vec()])?.remove(0))
     }
 
     /// The train score of a prompt given as text.
@@ -584,12 +576,8 @@ impl<'a> Optimizer<'a> {
             .collect();
         let t = Instant::now();
         let mut fresh: HashMap<Vec<u32>, Vec<Vec<u32>>> = HashMap::new();
-        // The current prompt's reasoning is the draft: a one-token change often keeps a long
-        // prefix of it.
-        let mut drafted_tokens = 0;
-        for (p, (new, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored, Some(&reasoning))?) {
+        for (p, (new, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
             generated_tokens += new.iter().map(Vec::len).sum::<usize>();
-            drafted_tokens += new.iter().zip(&reasoning).map(|(n, old)| common_prefix(n, old)).sum::<usize>();
             state.scores.insert(self.prompt_text(p)?, score);
             fresh.insert(p.clone(), new);
         }
@@ -654,7 +642,6 @@ impl<'a> Optimizer<'a> {
             best_score: state.best_score,
             seconds: secs,
             generated_tokens,
-            drafted_tokens,
         })
     }
 
@@ -681,11 +668,6 @@ pub fn in_vocabulary(vocabulary: Vocabulary, text: &str) -> bool {
         }
         Vocabulary::Ascii => !text.trim().is_empty() && text.bytes().all(|b| (0x20..0x7f).contains(&b)),
     }
-}
-
-/// Length of the common start of `a` and `b`.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The token most examples rank first: a likely placeholder for a new position.
