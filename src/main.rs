@@ -158,8 +158,8 @@ struct OptimizeArgs {
         "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
-        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "start", "method",
-        "budget_tokens",
+        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
+        "method", "budget_tokens",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -244,6 +244,10 @@ struct OptimizeArgs {
     /// mistake count [reference: 0].
     #[arg(long)]
     answer_weight: Option<f64>,
+    /// A step whose chosen prompt scores below this restarts at position 0 (0: never)
+    /// [reference: 0.12].
+    #[arg(long)]
+    restart_below: Option<f64>,
     /// Start from the initial prompt or the better of it and zero-shot CoT on train
     /// [reference: initial].
     #[arg(long, value_enum)]
@@ -279,7 +283,8 @@ impl OptimizeArgs {
         }
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
-        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight, start, method);
+        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight);
+        overlay!(restart_below, start, method);
         if let Some(b) = self.budget_tokens {
             c.budget_tokens = Some(b);
         }

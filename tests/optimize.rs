@@ -351,6 +351,26 @@ fn the_current_token_is_kept_when_its_check_scores_best() {
 }
 
 #[test]
+fn a_step_scoring_below_the_restart_threshold_goes_back_to_position_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let steps = |restart_below: f64, name: &str| {
+        let out = tmp.path().join(name);
+        let cfg = OptimizeConfig { initial_prompt: Some("Go on go on".into()), restart_below, ..tiny_settings(&model, 3) };
+        run_quietly(Start::New(cfg), &out);
+        steps_without_timings(&out)
+    };
+    let never = steps(0.0, "never");
+    assert_eq!(never.iter().map(|r| r.next_position).collect::<Vec<_>>(), [1, 2, 3]);
+    // The threshold compares with the chosen prompt's score, strictly.
+    let first = never[0].checked.iter().find(|c| Some(c.id) == never[0].chosen.as_ref().map(|t| t.id)).unwrap().score.score;
+    assert_eq!(steps(first, "equal")[0].next_position, 1);
+    assert_eq!(steps(first + 1e-9, "above")[0].next_position, 0);
+    let always = steps(1e9, "always");
+    assert_eq!(always.iter().map(|r| (r.position, r.next_position)).collect::<Vec<_>>(), [(0, 0); 3]);
+}
+
+#[test]
 fn the_summed_gradient_is_the_raw_sum_of_per_example_gradients() {
     let tmp = tempfile::tempdir().unwrap();
     let lm = open_quietly(&tiny_model(tmp.path()));

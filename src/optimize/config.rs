@@ -118,6 +118,9 @@ pub struct OptimizeConfig {
     /// Weight of the gold answer's NLL in the real score: separates prompts with the same
     /// mistake count (reference: 0).
     pub answer_weight: f64,
+    /// A step whose chosen prompt scores below this goes back to position 0 (reference:
+    /// 0.12; 0: never).
+    pub restart_below: f64,
     /// Start from the initial prompt, or from the better of it and zero-shot CoT on train
     /// (reference: initial).
     pub start: StartFrom,
@@ -169,6 +172,7 @@ impl Default for OptimizeConfig {
             accept: Accept::Always,
             dev_candidates: 4,
             answer_weight: 0.0,
+            restart_below: 0.12,
             start: StartFrom::Initial,
             method: Method::Greater,
             budget_tokens: None,

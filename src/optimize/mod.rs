@@ -613,9 +613,14 @@ impl<'a> Optimizer<'a> {
             }
         }
 
-        // 6. Move on: the next position, wrapping after a sentence end or growing the prompt.
+        // 6. Move on: the next position, wrapping after a sentence end or growing the prompt;
+        // a prompt scoring below the restart threshold goes back to position 0 (where the
+        // reference ends its run and starts the next one), without growing.
         let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
+        let score_after = chosen.as_ref().map(|c| c.score.score).or(current_score);
+        let restart = score_after.is_some_and(|s| s < self.cfg.restart_below);
         state.position = match next_position(position, state.prompt.len(), &last) {
+            _ if restart => 0,
             Next::At(p) => p,
             Next::Grow => {
                 let t = Instant::now();
