@@ -1,7 +1,9 @@
 //! Runtime speed on the real models: greedy decoding at batch 1 and 8, prefill of a
 //! 300-token prompt, and forward+backward of the one-hot gradient over 400 tokens.
 //! Baselines measured in the same run: candle-transformers' quantised model decoding the
-//! same prompt, and our own forward pass without the backward.
+//! same prompt, our own forward pass without the backward, and the machine's ceiling: the
+//! GFLOP/s of one large f32 matrix product of the model's FFN shape, against which the
+//! forward and the gradient pass's matrix products are put.
 //!
 //!     cargo bench --bench runtime                 # smollm2-135m and qwen2.5-coder-0.5b
 //!     cargo bench --bench runtime -- smollm2-135m
@@ -12,7 +14,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use greater::model::generate::{generate, prefill, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
-use greater::model::{KvCache, Pass};
+use greater::model::{KvCache, ModelConfig, Pass};
 use greater::runtime::{LanguageModel, OpenOptions};
 
 const NEW_TOKENS: usize = 64;
@@ -58,6 +60,24 @@ fn quantized_baseline_decode(lm: &LanguageModel, prompt: &[u32]) -> f64 {
         }
     });
     NEW_TOKENS as f64 / secs
+}
+
+/// Multiply-adds x 2 of one token through every layer's matrix products (no logits).
+fn flops_per_token(cfg: &ModelConfig) -> f64 {
+    let (d, q, kv) = (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    let per_layer = 2 * d * q + 2 * d * kv + 3 * d * cfg.intermediate_size;
+    2.0 * (cfg.n_layers * per_layer) as f64
+}
+
+/// GFLOP/s of `x` [400, hidden] times the up projection's transpose [hidden, intermediate],
+/// the best of three: what gemm reaches on this machine at the gradient pass's shape.
+fn gemm_ceiling(cfg: &ModelConfig) -> f64 {
+    let (n, d, f) = (400, cfg.hidden_size, cfg.intermediate_size);
+    let x = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
+    x.matmul(&w.t().unwrap()).unwrap(); // warm-up
+    let best = (0..3).map(|_| seconds(|| x.matmul(&w.t().unwrap()).unwrap()).0).fold(f64::INFINITY, f64::min);
+    2.0 * (n * d * f) as f64 / best / 1e9
 }
 
 fn bench(alias: &str) {
@@ -115,6 +135,14 @@ fn bench(alias: &str) {
     println!(
         "forward+backward, 400 tokens: {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s)",
         t_bwd / t_fwd
+    );
+    let (ceiling, work) = (gemm_ceiling(&model.cfg), 400.0 * flops_per_token(&model.cfg) / 1e9);
+    println!(
+        "matrix products: ceiling {ceiling:.0} GFLOP/s (400 x {} x {}); forward {:.0} GFLOP/s, forward+backward {:.0} GFLOP/s (input gradient only: twice the forward's products)",
+        model.cfg.hidden_size,
+        model.cfg.intermediate_size,
+        work / t_fwd,
+        2.0 * work / t_bwd
     );
 }
 

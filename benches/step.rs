@@ -1,17 +1,18 @@
 //! One GReaTer step, warm, on the real models and BBH tasks of `../shared/data`: seconds
 //! per step split as the reference splits it (reasoning, proposal, gradient, checking),
-//! reasoning tokens decoded, resident memory after each step and at its peak, and the ratio
-//! against the seconds per step recorded below for an earlier version of this code.
+//! reasoning tokens decoded, the cores each part kept busy (of the machine's), resident
+//! memory after each step and at its peak, and the ratio against the seconds per step
+//! recorded below for an earlier version of this code.
 //!
 //!     cargo bench --bench step                # both setups
 //!     cargo bench --bench step -- smollm2     # setups whose name contains "smollm2"
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use greater::optimize::{OptimizeConfig, Optimizer};
+use greater::optimize::{OptimizeConfig, Optimizer, Seconds};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::Task;
 
@@ -79,6 +80,70 @@ fn memory_mib() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU seconds (user + system, all threads) this process has used: fields 14 and 15 of
+/// /proc/self/stat, in the kernel's fixed 100 ticks per second.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after it start at field 3.
+    let fields: Vec<f64> =
+        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().map(|f| f.parse().unwrap_or(f64::NAN)).collect();
+    match fields.get(11..13) {
+        Some([user, system]) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// (seconds since start, CPU seconds) every 50 ms, recorded by a thread of its own.
+struct CpuSampler {
+    start: Instant,
+    samples: Arc<Mutex<Vec<(f64, f64)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CpuSampler {
+    fn start() -> Self {
+        let (start, samples, stop) = (Instant::now(), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (s, halt) = (Arc::clone(&samples), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                s.lock().unwrap().push((start.elapsed().as_secs_f64(), cpu_seconds()));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        CpuSampler { start, samples, stop }
+    }
+
+    /// Mean cores busy between two moments (seconds since start), from the nearest samples.
+    fn cores(&self, from: f64, to: f64) -> f64 {
+        let samples = self.samples.lock().unwrap();
+        let at = |t: f64| samples.iter().min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs())).copied();
+        match (at(from), at(to)) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) / (b.0 - a.0),
+            _ => f64::NAN,
+        }
+    }
+
+    /// "proposal 1.1, gradient 1.9, checking 1.6": cores busy in each part of a step that
+    /// began at `began` (the parts run one after the other in the order of Seconds::PARTS).
+    fn per_part(&self, began: f64, seconds: &Seconds) -> String {
+        let mut t = began;
+        let mut out = Vec::new();
+        for (name, s) in Seconds::PARTS.iter().zip(seconds.parts()) {
+            if s >= 0.5 {
+                out.push(format!("{name} {:.2}", self.cores(t, t + s)));
+            }
+            t += s;
+        }
+        out.join(", ")
+    }
+}
+
+impl Drop for CpuSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn bench(setup: &Setup, data: &PathBuf) {
     println!("== {} (first {} examples, top-k 40, 256 reasoning tokens)", setup.name, setup.train);
     let lm = LanguageModel::open(setup.model, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
@@ -91,15 +156,22 @@ fn bench(setup: &Setup, data: &PathBuf) {
     let mut state = optimizer.initial_state(&[task.initial_prompt.as_str()]).unwrap();
     println!("initial reasoning and score: {:.1} s", t.elapsed().as_secs_f64());
     let mut total = 0.0;
+    let sampler = CpuSampler::start();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     for _ in 0..setup.steps {
-        let t = Instant::now();
+        let began = sampler.start.elapsed().as_secs_f64();
         let r = optimizer.step(&mut state).unwrap();
-        let secs = t.elapsed().as_secs_f64();
+        let secs = sampler.start.elapsed().as_secs_f64() - began;
         total += secs;
         let (rss, peak) = memory_mib();
         println!(
             "step {}: {secs:.1} s = {}; {} tokens decoded; resident {rss:.0} MiB, peak {peak:.0} MiB; prompt {:?}",
             r.step, r.seconds, r.generated_tokens, r.prompt
+        );
+        println!(
+            "  cores busy (of {cores}): step {:.2}; {}",
+            sampler.cores(began, began + secs),
+            sampler.per_part(began, &r.seconds)
         );
     }
     let mean = total / setup.steps as f64;
