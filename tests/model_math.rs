@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use greater::model::generate::{generate, GenerateConfig, Request};
-use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_value, OneHotInput};
+use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput};
 use greater::model::{Arch, KvCache, Model, Pass};
 
 const ARCHS: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2, Arch::Gemma3];
@@ -70,6 +70,50 @@ fn onehot_gradient_matches_finite_differences_for_every_architecture() {
         eprintln!("{arch:?}: |fd| {norm:.3e}, relative error {:.2e}", diff / norm);
         // The weights are f32, so the perturbation h is exact and truncation error is O(h^2).
         assert!(diff / norm < 1e-4, "{arch:?}: relative error {} (grad {grad:?}, fd {fd:?})", diff / norm);
+    }
+}
+
+#[test]
+fn batched_gradients_equal_per_example_gradients_for_every_architecture() {
+    for arch in ARCHS {
+        let model = tiny(arch, DType::F64);
+        // Three sequences of different cached and uncached lengths, one-hot positions and
+        // candidate sets: one padded pass must give each what it gets alone.
+        let prefix_of = |n: usize| {
+            let mut cache = [KvCache::default()];
+            if n > 0 {
+                let x = model.embed(&IDS[..n]).unwrap().unsqueeze(0).unwrap();
+                model.forward(&x, &mut cache, Pass::Fast).unwrap();
+            }
+            cache.into_iter().next().unwrap()
+        };
+        let prefixes = [prefix_of(2), prefix_of(0), prefix_of(3)];
+        let ids: [&[u32]; 3] = [&IDS, &IDS[..7], &IDS[..10]];
+        let positions = [4usize, 1, 3];
+        let candidates: [&[u32]; 3] = [&[4, 9, 13, 21, 30], &[17, 2], &[22, 5, 8]];
+        let weights: [&[f32]; 3] = [&[0.0, 1.0, 0.0, 0.0, 0.0], &[1.0, 0.0], &[0.2, 0.5, 0.3]];
+        let loss_positions: [&[usize]; 3] = [&[8, 9, 10, 3, 4], &[4, 5, 6, 0, 1], &[7, 8, 9, 5, 6]];
+        let inputs: Vec<OneHotInput> = (0..3)
+            .map(|i| OneHotInput {
+                prefix: &prefixes[i],
+                ids: ids[i],
+                position: positions[i],
+                candidates: candidates[i],
+                weights: weights[i],
+                loss_positions: loss_positions[i],
+            })
+            .collect();
+        let batched = loss_and_gradients(&model, &inputs, |_, logits| greater_loss(logits)).unwrap();
+        for (i, input) in inputs.iter().enumerate() {
+            let (loss, grad) = loss_and_gradient(&model, input, greater_loss).unwrap();
+            assert!((batched[i].0 - loss).abs() < 1e-12, "{arch:?} input {i}: loss {} alone, {} batched", loss, batched[i].0);
+            assert_eq!(batched[i].1.len(), grad.len());
+            let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
+            assert!(norm > 1e-4, "{arch:?} input {i}: gradient too small to compare ({norm})");
+            for (b, a) in batched[i].1.iter().zip(&grad) {
+                assert!((b - a).abs() <= 1e-6 * norm, "{arch:?} input {i}: {:?} batched, {grad:?} alone", batched[i].1);
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
 use greater::optimize::run::{run, Start};
-use greater::optimize::schedule::{next_position, Next};
+use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::ape::{instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND};
 use greater::optimize::{Accept, GradientSum, Method, OptimizeConfig, StepRecord};
 use greater::eval::user_ids;
@@ -101,12 +101,26 @@ fn gradients_sum_raw_under_the_reference_and_normalised_per_example_otherwise() 
 
 #[test]
 fn schedule_wraps_after_a_sentence_end_and_grows_otherwise() {
-    assert_eq!(next_position(2, 5, " step"), Next::At(3));
-    assert_eq!(next_position(4, 5, " answer."), Next::At(0));
+    assert_eq!(next_position(2, 5, " step", false), Next::At(3));
+    assert_eq!(next_position(4, 5, " answer.", false), Next::At(0));
     // The reference's sentence end: any token text holding a ".".
-    assert_eq!(next_position(4, 5, ". Then"), Next::At(0));
-    assert_eq!(next_position(4, 5, "!"), Next::Grow);
-    assert_eq!(next_position(4, 5, " answer"), Next::Grow);
+    assert_eq!(next_position(4, 5, ". Then", false), Next::At(0));
+    assert_eq!(next_position(4, 5, "!", false), Next::Grow);
+    assert_eq!(next_position(4, 5, " answer", false), Next::Grow);
+    // A restart goes back to 0 from anywhere, without growing.
+    assert_eq!(next_position(2, 5, " step", true), Next::At(0));
+    assert_eq!(next_position(4, 5, " answer", true), Next::At(0));
+}
+
+#[test]
+fn a_step_restarts_only_when_its_score_is_strictly_below_the_threshold() {
+    assert!(restarts(Some(0.1), 0.12));
+    assert!(!restarts(Some(0.12), 0.12));
+    assert!(!restarts(Some(0.5), 0.12));
+    // Nothing chosen and no current score: nothing to compare.
+    assert!(!restarts(None, 0.12));
+    // Threshold 0 never restarts (scores are never negative).
+    assert!(!restarts(Some(0.0), 0.0));
 }
 
 /// A tiny random llama GGUF that can tokenize any text.

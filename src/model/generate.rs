@@ -83,18 +83,9 @@ const BATCH_TOKENS: usize = 4096;
 /// batch rather than once per request.
 pub fn run_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
     let lens: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| lens[i]);
     let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
     let mut out: Vec<Option<(KvCache, Tensor)>> = (0..slots.len()).map(|_| None).collect();
-    let mut rest = order.as_slice();
-    while !rest.is_empty() {
-        // Sorted by length, so the last of a batch is its longest.
-        let mut n = 1;
-        while n < rest.len() && (n + 1) * lens[rest[n]] <= BATCH_TOKENS {
-            n += 1;
-        }
-        let (batch, tail) = rest.split_at(n);
+    for batch in length_batches(&lens, BATCH_TOKENS) {
         let (mut caches, ids): (Vec<KvCache>, Vec<Vec<u32>>) = batch
             .iter()
             .map(|&i| slots[i].take().expect("each request runs once"))
@@ -105,9 +96,28 @@ pub fn run_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Te
         for ((&i, cache), h) in batch.iter().zip(caches).zip(hidden) {
             out[i] = Some((cache, h));
         }
-        rest = tail;
     }
     Ok(out.into_iter().map(|o| o.expect("every request ran")).collect())
+}
+
+/// Indices of sequences of lengths `lens` grouped for padded batches: shortest first, each
+/// batch as many as fit `budget` padded positions (at least one).
+pub fn length_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| lens[i]);
+    let mut batches = Vec::new();
+    let mut rest = order.as_slice();
+    while !rest.is_empty() {
+        // Sorted by length, so the last of a batch is its longest.
+        let mut n = 1;
+        while n < rest.len() && (n + 1) * lens[rest[n]] <= budget {
+            n += 1;
+        }
+        let (batch, tail) = rest.split_at(n);
+        batches.push(batch.to_vec());
+        rest = tail;
+    }
+    batches
 }
 
 /// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.

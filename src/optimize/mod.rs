@@ -22,14 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, QuestionIds};
 use crate::model::generate::{generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
-use crate::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
+use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
 pub use config::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
-use schedule::{ends_sentence, next_position, Next};
+use schedule::{ends_sentence, next_position, restarts, Next};
 
 /// How good a prompt is on the train examples: lower is better.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,38 +402,45 @@ impl<'a> Optimizer<'a> {
         let mut weights = vec![0f32; candidates.len()];
         weights[hot] = 1.0;
         let len = prompt.len();
-        let mut per_example = Vec::with_capacity(self.examples.len());
-        for (e, (ex, r)) in self.examples.iter().zip(reasoning).enumerate() {
-            self.check_interrupt()?;
-            let ids = self.scored_ids(e, prompt, r);
-            let start = ex.ids.head.len();
-            let answer_at = ids.len() - ex.answer.len();
-            // Logits at p predict the token at p + 1. The first prompt token is predicted by
-            // the head (cached, no gradient): its NLL enters the loss as a constant.
-            let mut loss_positions: Vec<usize> = (answer_at - 1..ids.len() - 1).collect();
-            loss_positions.extend((1..len).map(|j| start + j - 1));
-            let first_nll = -(ex.head_logprobs.get(prompt[0] as usize)?.to_scalar::<f32>()? as f64);
-            let n_answer = ex.answer.len();
-            let input = OneHotInput {
+        self.check_interrupt()?;
+        // As many examples as there are reasonings (the first alone, for timing).
+        let ids: Vec<Vec<u32>> = reasoning.iter().enumerate().map(|(e, r)| self.scored_ids(e, prompt, r)).collect();
+        // Logits at p predict the token at p + 1. The first prompt token is predicted by the
+        // head (cached, no gradient): its NLL enters the loss as a constant.
+        let loss_positions: Vec<Vec<usize>> = self
+            .examples
+            .iter()
+            .zip(&ids)
+            .map(|(ex, ids)| {
+                let (start, answer_at) = (ex.ids.head.len(), ids.len() - ex.answer.len());
+                (answer_at - 1..ids.len() - 1).chain((1..len).map(|j| start + j - 1)).collect()
+            })
+            .collect();
+        let inputs: Vec<OneHotInput> = self
+            .examples
+            .iter()
+            .zip(ids.iter().zip(&loss_positions))
+            .map(|(ex, (ids, loss_positions))| OneHotInput {
                 prefix: &ex.head_cache,
-                ids: &ids,
-                position: start + position,
+                ids,
+                position: ex.ids.head.len() + position,
                 candidates,
                 weights: &weights,
-                loss_positions: &loss_positions,
-            };
-            let (loss, grad) = loss_and_gradient(&self.lm.model, &input, |logits| {
-                let answer = cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
-                let mut nll_sum = (answer.ones_like()? * first_nll)?;
-                if len > 1 {
-                    let rest = cross_entropy(&logits.narrow(0, n_answer, len - 1)?, &prompt[1..], 1.0)?;
-                    nll_sum = (nll_sum + (rest * (len - 1) as f64)?)?;
-                }
-                Ok((answer + (nll_sum * (self.cfg.control_weight / len as f64))?)?)
-            })?;
-            per_example.push((loss, grad));
-        }
-        Ok(per_example)
+                loss_positions,
+            })
+            .collect();
+        loss_and_gradients(&self.lm.model, &inputs, |e, logits| {
+            let ex = &self.examples[e];
+            let first_nll = -(ex.head_logprobs.get(prompt[0] as usize)?.to_scalar::<f32>()? as f64);
+            let n_answer = ex.answer.len();
+            let answer = cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
+            let mut nll_sum = (answer.ones_like()? * first_nll)?;
+            if len > 1 {
+                let rest = cross_entropy(&logits.narrow(0, n_answer, len - 1)?, &prompt[1..], 1.0)?;
+                nll_sum = (nll_sum + (rest * (len - 1) as f64)?)?;
+            }
+            Ok((answer + (nll_sum * (self.cfg.control_weight / len as f64))?)?)
+        })
     }
 
     /// d loss / d one-hot over `candidates` at `position`, combined over the train examples
@@ -613,14 +620,11 @@ impl<'a> Optimizer<'a> {
             }
         }
 
-        // 6. Move on: the next position, wrapping after a sentence end or growing the prompt;
-        // a prompt scoring below the restart threshold goes back to position 0 (where the
-        // reference ends its run and starts the next one), without growing.
+        // 6. Move on: the next position, wrapping after a sentence end, growing the prompt, or
+        // restarting at 0.
         let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
-        let score_after = chosen.as_ref().map(|c| c.score.score).or(current_score);
-        let restart = score_after.is_some_and(|s| s < self.cfg.restart_below);
-        state.position = match next_position(position, state.prompt.len(), &last) {
-            _ if restart => 0,
+        let restart = restarts(chosen.as_ref().map(|c| c.score.score).or(current_score), self.cfg.restart_below);
+        state.position = match next_position(position, state.prompt.len(), &last, restart) {
             Next::At(p) => p,
             Next::Grow => {
                 let t = Instant::now();
