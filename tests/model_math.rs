@@ -1,11 +1,12 @@
 //! The maths of the forward pass on tiny random models of every architecture: the one-hot
 //! gradient against central finite differences, cached against uncached forwards, the fused
-//! generation kernels against the differentiable ones, and batch independence.
+//! generation kernels against the differentiable ones, the few-rows product against plain
+//! sums, and batch independence.
 
 use candle_core::{DType, Device, Tensor};
 use greater::model::generate::{generate, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput};
-use greater::model::{Arch, KvCache, Model, Pass};
+use greater::model::{few_rows, Arch, KvCache, Model, Pass};
 
 const ARCHS: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2, Arch::Gemma3];
 
@@ -195,4 +196,28 @@ fn top_p_sampling_keeps_the_smallest_nucleus() {
     assert_eq!(sample_top_p(&probs, 0.7, 0.63), 2);
     assert_eq!(sample_top_p(&probs, 0.7, 0.999), 2);
     assert_eq!(sample_top_p(&probs, 1.0, 0.95), 3);
+}
+
+#[test]
+fn few_rows_product_equals_plain_sums_and_each_row_alone() {
+    if !few_rows::available() {
+        eprintln!("no AVX-512 here: the few-rows product is not used");
+        return;
+    }
+    // Shapes around the tile sizes (4 x rows, 4 weight rows, 16 lanes, 32-row tasks).
+    for (m, k, n) in [(1, 1, 1), (5, 15, 3), (7, 16, 33), (4, 17, 70), (13, 100, 5), (64, 576, 131)] {
+        let value = |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 1000) as f32 / 500.0) - 1.0;
+        let x: Vec<f32> = (0..m * k).map(|i| value(i, 1)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| value(i, 2)).collect();
+        let y = few_rows::matmul(&x, &w, m, k, n);
+        for i in 0..m {
+            let alone = few_rows::matmul(&x[i * k..(i + 1) * k], &w, 1, k, n);
+            assert_eq!(alone, y[i * n..(i + 1) * n], "row {i} of {m}x{k}x{n} differs alone");
+            for j in 0..n {
+                let exact: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
+                let got = y[i * n + j] as f64;
+                assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "{m}x{k}x{n} at ({i},{j}): {got} vs {exact}");
+            }
+        }
+    }
 }

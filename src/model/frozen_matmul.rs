@@ -2,13 +2,19 @@
 //! gradient of both operands, so every linear layer of the gradient pass would also build
 //! (and allocate) a weight-sized gradient nobody reads; this op returns only d/dx.
 //!
-//! Without a gradient and with few rows (decoding, scoring), `(W @ x^T)^T` is computed
-//! instead: on this machine's gemm that orientation was 1.2x to 7x faster for every layer
-//! shape of SmolLM2 and Qwen 0.5B at 15 to 60 rows (`m15 k1536 n576`: 0.28 ms against
-//! 1.94 ms); from a few hundred rows on both run alike and the transposing copy costs more.
+//! With few rows (decoding, scoring) on a CPU with AVX-512 the product runs in
+//! [`few_rows`], which reads each weight row once instead of packing the weight first
+//! (SmolLM2 and Qwen 0.5B layer shapes: 1.4x to 6x faster than
+//! gemm at 1 to 16 rows, mixed at 24, slower from 32 on). Without a gradient and with a few
+//! dozen rows, `(W @ x^T)^T` is computed instead: on this machine's gemm that orientation
+//! was 1.2x to 7x faster for every layer shape of SmolLM2 and Qwen 0.5B at 15 to 60 rows
+//! (`m15 k1536 n576`: 0.28 ms against 1.94 ms); from a few hundred rows on both run alike
+//! and the transposing copy costs more.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::few_rows;
 
 struct FrozenMatmul {
     /// [out, in]
@@ -30,8 +36,16 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (w, w_l) = self.weight.storage_and_layout();
-        match &*w {
-            Storage::Cpu(w) => forward(x, x_l, w, w_l),
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.shape().dims2()?.0;
+        match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
+                if m <= FEW_ROWS && few_rows::available() =>
+            {
+                let y = few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n);
+                Ok((CpuStorage::F32(y), Shape::from((m, n))))
+            }
+            (Storage::Cpu(w), ..) => forward(x, x_l, w, w_l),
             _ => candle_core::bail!("frozen-matmul: input on the CPU but weight elsewhere"),
         }
     }
@@ -54,13 +68,18 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// Rows up to which the transposed orientation is used (measured: 64 beat 0 and unbounded
-/// in decoding at batch 8 and 32 and in a 300-token prefill).
+/// Rows up to which [`few_rows`] is used.
+const FEW_ROWS: usize = 16;
+
+/// Rows up to which the transposed orientation is used when [`few_rows`] is not (measured:
+/// 64 beat 0 and unbounded in decoding at batch 8 and 32 and in a 300-token prefill).
 const TRANSPOSED_ROWS: usize = 64;
 
 /// `x` [m, in] @ `weight`^T [in, out].
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !x.track_op() && x.dim(0)? <= TRANSPOSED_ROWS {
+    let m = x.dim(0)?;
+    let few = m <= FEW_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && few_rows::available();
+    if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }
     x.apply_op1(FrozenMatmul { weight: weight.clone() })

@@ -4,6 +4,7 @@ pub mod catalog;
 mod causal_softmax;
 pub mod config;
 mod decode_attention;
+pub mod few_rows;
 mod frozen_matmul;
 mod fused_backward;
 pub mod generate;
