@@ -4,8 +4,9 @@
 //!
 //! With few rows (decoding, scoring) on a CPU with AVX-512 the product runs in
 //! [`few_rows`], which reads each weight row once instead of packing the weight first
-//! (SmolLM2 and Qwen 0.5B layer shapes: 1.4x to 6x faster than
-//! gemm at 1 to 16 rows, mixed at 24, slower from 32 on). Without a gradient and with a few
+//! (against gemm's faster orientation below, SmolLM2 and Qwen 0.5B shapes at 1 to 16 rows:
+//! 1.3x to 2.8x on the vocabulary heads, 0.8x to 3.4x on the layers, whose sub-millisecond
+//! timings were noisy; from 24 rows on mixed or slower). Without a gradient and with a few
 //! dozen rows, `(W @ x^T)^T` is computed instead: on this machine's gemm that orientation
 //! was 1.2x to 7x faster for every layer shape of SmolLM2 and Qwen 0.5B at 15 to 60 rows
 //! (`m15 k1536 n576`: 0.28 ms against 1.94 ms); from a few hundred rows on both run alike
@@ -40,7 +41,7 @@ impl CustomOp1 for FrozenMatmul {
         let n = w_l.shape().dims2()?.0;
         match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
-                if m <= FEW_ROWS && few_rows::available() =>
+                if takes_few_rows(m, DType::F32) =>
             {
                 let y = few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n);
                 Ok((CpuStorage::F32(y), Shape::from((m, n))))
@@ -75,10 +76,15 @@ const FEW_ROWS: usize = 16;
 /// 64 beat 0 and unbounded in decoding at batch 8 and 32 and in a 300-token prefill).
 const TRANSPOSED_ROWS: usize = 64;
 
+/// Whether a CPU product of `m` rows in `dtype` runs in [`few_rows`].
+fn takes_few_rows(m: usize, dtype: DType) -> bool {
+    m <= FEW_ROWS && dtype == DType::F32 && few_rows::available()
+}
+
 /// `x` [m, in] @ `weight`^T [in, out].
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let m = x.dim(0)?;
-    let few = m <= FEW_ROWS && x.dtype() == DType::F32 && x.device().is_cpu() && few_rows::available();
+    let few = x.device().is_cpu() && takes_few_rows(m, x.dtype());
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }
