@@ -6,6 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use greater::model::generate::{generate, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput};
+use greater::model::packed::PackedWeight;
 use greater::model::{few_rows, Arch, KvCache, Model, Pass};
 
 const ARCHS: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2, Arch::Gemma3];
@@ -220,4 +221,31 @@ fn few_rows_product_equals_plain_sums_and_each_row_alone() {
             }
         }
     }
+}
+
+#[test]
+fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bit_for_bit() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (n, k) = (37, 96);
+    let value = |i: usize| (((i * 7919) % 1000) as f32 / 250.0) - 2.0;
+    let w = Tensor::from_vec((0..n * k).map(value).collect::<Vec<f32>>(), (n, k), &Device::Cpu).unwrap();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let candle: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().expect("format kept packed");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&packed.to_f32()), bits(&candle), "{dtype:?}: weights differ from candle's");
+        if !few_rows::available() {
+            continue;
+        }
+        for m in [1, 3, 4, 9, 16] {
+            let x: Vec<f32> = (0..m * k).map(|i| value(i + 13)).collect();
+            let plain = few_rows::matmul(&x, &candle, m, k, n);
+            assert_eq!(bits(&few_rows::matmul_packed(&x, &packed, m)), bits(&plain), "{dtype:?}, {m} rows");
+        }
+    }
+    let f32_weight = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+    assert!(PackedWeight::from_ggml(GgmlDType::F32, n, k, &f32_weight.data().unwrap()).unwrap().is_none());
+    let err = PackedWeight::from_ggml(GgmlDType::Q8_0, n, k, &[0u8; 10]).err().expect("short data is an error");
+    assert!(err.to_string().contains("do not hold its blocks"), "{err}");
 }

@@ -15,11 +15,16 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
+use std::sync::Arc;
+
 use super::few_rows;
+use super::packed::PackedWeight;
 
 struct FrozenMatmul {
     /// [out, in]
     weight: Tensor,
+    /// The same weight as integers, read instead of `weight` by the few-row product.
+    packed: Option<Arc<PackedWeight>>,
 }
 
 /// `x` [m, k] times the transpose of `w` [n, k], on any backend.
@@ -43,7 +48,10 @@ impl CustomOp1 for FrozenMatmul {
             (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
                 if takes_few_rows(m, DType::F32) =>
             {
-                let y = few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n);
+                let y = match &self.packed {
+                    Some(p) => few_rows::matmul_packed(&xd[xs..xe], p, m),
+                    None => few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n),
+                };
                 Ok((CpuStorage::F32(y), Shape::from((m, n))))
             }
             (Storage::Cpu(w), ..) => forward(x, x_l, w, w_l),
@@ -81,12 +89,12 @@ fn takes_few_rows(m: usize, dtype: DType) -> bool {
     m <= FEW_ROWS && dtype == DType::F32 && few_rows::available()
 }
 
-/// `x` [m, in] @ `weight`^T [in, out].
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `x` [m, in] @ `weight`^T [in, out]; `packed`, when given, holds the same weight.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedWeight>>) -> Result<Tensor> {
     let m = x.dim(0)?;
     let few = x.device().is_cpu() && takes_few_rows(m, x.dtype());
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }
-    x.apply_op1(FrozenMatmul { weight: weight.clone() })
+    x.apply_op1(FrozenMatmul { weight: weight.clone(), packed: packed.cloned() })
 }

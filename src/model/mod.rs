@@ -9,6 +9,7 @@ mod frozen_matmul;
 mod fused_backward;
 pub mod generate;
 pub mod gradient;
+pub mod packed;
 pub mod transformer;
 pub mod weights;
 

@@ -2,6 +2,7 @@
 //! gradient pass (plain differentiable tensor ops), for every supported architecture.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -11,8 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::causal_softmax::causal_softmax;
 use super::decode_attention::DecodeAttention;
+use super::few_rows;
 use super::frozen_matmul::frozen_matmul;
 use super::fused_backward;
+use super::packed::PackedWeight;
 use super::weights::WeightSource;
 
 /// Whether a forward pass must be differentiable. candle's fused softmax, RMSNorm and rotary
@@ -98,13 +101,15 @@ impl KvCache {
 
 struct Linear {
     weight: Tensor,
+    /// The weight's GGUF integers, for products with few rows (see [`PackedWeight`]).
+    packed: Option<Arc<PackedWeight>>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// `x`: [N, in] -> [N, out].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight)?;
+        let y = frozen_matmul(x, &self.weight, self.packed.as_ref())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -183,7 +188,7 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Block>,
     final_norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     rope_global: RopeTable,
     rope_local: Option<RopeTable>,
 }
@@ -267,16 +272,26 @@ impl Model {
         if let Some(f) = source.get("rope_freqs.weight", DType::F32, device)? {
             cfg.rope_freq_factors = f.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         }
+        // Integer copies only where the few-row product can read them.
+        let keep_packed = dtype == DType::F32 && device.is_cpu() && few_rows::available();
+        let packed = |name: &str| -> Result<Option<Arc<PackedWeight>>> {
+            Ok(if keep_packed { source.packed(name)?.map(Arc::new) } else { None })
+        };
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
-        let lm_head = take("output.weight".into()).unwrap_or_else(|| embed.clone());
+        let lm_head = match take("output.weight".into()) {
+            Some(weight) => Linear { weight, packed: packed("output.weight")?, bias: None },
+            None => Linear { weight: embed.clone(), packed: packed("token_embd.weight")?, bias: None },
+        };
         let final_norm = take("output_norm.weight".into()).context("final norm")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let mut t = |n: &str| take(format!("blk.{i}.{n}"));
             let mut lin = |n: &str| -> Result<Linear> {
+                let name = format!("{n}.weight");
                 Ok(Linear {
-                    weight: t(&format!("{n}.weight")).with_context(|| format!("blk.{i}.{n}.weight"))?,
+                    weight: t(&name).with_context(|| format!("blk.{i}.{name}"))?,
+                    packed: packed(&format!("blk.{i}.{name}"))?,
                     bias: t(&format!("{n}.bias")),
                 })
             };
@@ -405,7 +420,7 @@ impl Model {
 
     /// Next-token logits [n, vocab] for hidden states [n, hidden].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = frozen_matmul(hidden, &self.lm_head)?;
+        let logits = self.lm_head.forward(hidden)?;
         Ok(match self.cfg.final_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

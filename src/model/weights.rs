@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Arch;
+use super::packed::PackedWeight;
 
 pub enum WeightSource {
     Gguf {
@@ -98,6 +99,22 @@ impl WeightSource {
             },
         };
         Ok(Some(tensor.to_dtype(dtype)?))
+    }
+
+    /// The GGUF tensor `name` [n, k] as packed integers, when its format is one
+    /// [`PackedWeight`] keeps; None otherwise (and for other sources).
+    pub fn packed(&self, name: &str) -> Result<Option<PackedWeight>> {
+        let WeightSource::Gguf { path, content, file } = self else { return Ok(None) };
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let mut file = file.lock().expect("GGUF file lock poisoned");
+        let q = content
+            .tensor(&mut *file, name, &Device::Cpu)
+            .with_context(|| format!("{}: cannot read tensor '{name}'", path.display()))?;
+        let Ok((n, k)) = q.shape().dims2() else { return Ok(None) };
+        PackedWeight::from_ggml(q.dtype(), n, k, &q.data()?)
+            .with_context(|| format!("{}: tensor '{name}'", path.display()))
     }
 
     pub fn require(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
