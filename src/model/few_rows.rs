@@ -19,7 +19,7 @@ mod avx512 {
 
     use super::PackedWeight;
 
-    /// Rows of `x` per tile (x rows are padded to a multiple of it).
+    /// Rows of `x` per group (the last group of a product may have fewer).
     const X_ROWS: usize = 4;
     /// Weight rows per tile: 4 x 4 accumulators, 4 x loads and a weight load fit the 32
     /// vector registers.
@@ -31,15 +31,12 @@ mod avx512 {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// A weight [n, k] the tiles read 16 columns at a time.
+    /// A weight [n, k] the tiles read as f32 rows.
     pub trait Rows: Sync {
         fn n(&self) -> usize;
         fn k(&self) -> usize;
-        /// Columns `o..o + 16` of row `r` as f32, lanes outside `lanes` zero.
-        ///
-        /// # Safety
-        /// avx512f is available, `r < n` and the lanes in `lanes` lie inside the row.
-        unsafe fn load(&self, r: usize, o: usize, lanes: __mmask16) -> __m512;
+        /// Rows `rows` as row-major f32, from storage or written into `scratch`.
+        fn f32_rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32];
         /// The bytes that hold rows `rows`, for prefetching.
         fn bytes(&self, rows: std::ops::Range<usize>) -> &[u8];
     }
@@ -56,10 +53,8 @@ mod avx512 {
         fn k(&self) -> usize {
             self.k
         }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load(&self, r: usize, o: usize, lanes: __mmask16) -> __m512 {
-            _mm512_maskz_loadu_ps(lanes, self.w.as_ptr().add(r * self.k + o))
+        fn f32_rows<'a>(&'a self, rows: std::ops::Range<usize>, _: &'a mut Vec<f32>) -> &'a [f32] {
+            &self.w[rows.start * self.k..rows.end * self.k]
         }
         fn bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
             let w = &self.w[rows.start * self.k..rows.end * self.k];
@@ -68,6 +63,9 @@ mod avx512 {
         }
     }
 
+    /// Packed rows are widened once per tile into a few KB that stay in the cache, and every
+    /// row of x reads them from there: a tile's integers are turned into floats once, not
+    /// once per group of x rows.
     impl Rows for PackedWeight {
         fn n(&self) -> usize {
             self.n
@@ -75,24 +73,33 @@ mod avx512 {
         fn k(&self) -> usize {
             self.k
         }
-        /// `k` is a multiple of the block (16 or 32), so 16 columns share one scale and no
-        /// lane is ever masked.
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load(&self, r: usize, o: usize, _lanes: __mmask16) -> __m512 {
-            let at = r * self.k + o;
-            let b = at / self.block;
-            let q = _mm_loadu_si128(self.q.as_ptr().add(at) as *const __m128i);
-            let w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(*self.scale.get_unchecked(b)));
-            match &self.offset {
-                Some(off) => _mm512_add_ps(w, _mm512_set1_ps(*off.get_unchecked(b))),
-                None => w,
-            }
+        fn f32_rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+            let (lo, hi) = (rows.start * self.k, rows.end * self.k);
+            scratch.resize(hi - lo, 0.0);
+            // SAFETY: avx512f is available wherever a tile runs ([`matmul`] asserts it).
+            unsafe { widen(self, lo, scratch) };
+            scratch
         }
         fn bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
             let q = &self.q[rows.start * self.k..rows.end * self.k];
             // SAFETY: i8 and u8 have the same layout.
             unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) }
+        }
+    }
+
+    /// `out[i]` = weight `lo + i` of `w` as f32: q * scale, then + offset, 16 at a time (the
+    /// block is 16 or 32 and `lo` a multiple of k, so 16 weights share one scale).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen(w: &PackedWeight, lo: usize, out: &mut [f32]) {
+        let q = w.q[lo..lo + out.len()].as_ptr();
+        for (c, dst) in out.chunks_exact_mut(16).enumerate() {
+            let at = lo + 16 * c;
+            let ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16 * c) as *const __m128i));
+            let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), _mm512_set1_ps(w.scale[at / w.block]));
+            if let Some(off) = &w.offset {
+                v = _mm512_add_ps(v, _mm512_set1_ps(off[at / w.block]));
+            }
+            _mm512_storeu_ps(dst.as_mut_ptr(), v);
         }
     }
 
@@ -110,27 +117,25 @@ mod avx512 {
     pub fn matmul<R: Rows>(x: &[f32], w: &R, m: usize) -> Vec<f32> {
         let (n, k) = (w.n(), w.k());
         assert!(available() && x.len() == m * k);
-        let mp = m.div_ceil(X_ROWS) * X_ROWS;
-        let mut xp = vec![0f32; mp * k];
-        xp[..m * k].copy_from_slice(x);
         let mut y = vec![0f32; m * n];
         let out = Out(y.as_mut_ptr());
-        (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|t| {
+        (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each_init(Vec::new, |scratch, t| {
             let end = n.min((t + 1) * TASK_ROWS);
             let mut j = t * TASK_ROWS;
             while j < end {
                 let c = W_ROWS.min(end - j);
                 // The next tile of this task, fetched into the cache while this one computes.
                 let next = w.bytes(j + c..end.min(j + 2 * c));
-                // SAFETY: avx512f was detected; rows j..j + c of w exist and `xp` holds mp
-                // rows of k; columns j..j + c of y belong to this task alone.
+                let ws = w.f32_rows(j..j + c, scratch);
+                // SAFETY: avx512f was detected; `ws` holds c rows of k and `x` m rows of k;
+                // columns j..j + c of y belong to this task alone and exist (j + c <= n).
                 unsafe {
                     let dst = out.column(j);
                     match c {
-                        4 => tile::<4, R>(&xp, m, mp, w, j, next, dst, n),
-                        3 => tile::<3, R>(&xp, m, mp, w, j, next, dst, n),
-                        2 => tile::<2, R>(&xp, m, mp, w, j, next, dst, n),
-                        _ => tile::<1, R>(&xp, m, mp, w, j, next, dst, n),
+                        4 => tile::<4>(x, m, k, ws, next, dst, n),
+                        3 => tile::<3>(x, m, k, ws, next, dst, n),
+                        2 => tile::<2>(x, m, k, ws, next, dst, n),
+                        _ => tile::<1>(x, m, k, ws, next, dst, n),
                     }
                 }
                 j += c;
@@ -139,50 +144,60 @@ mod avx512 {
         y
     }
 
-    /// `dst[i * n + c]` = row i of `xp` · row j0 + c of `w`, for C weight rows and the
-    /// first m of the mp rows.
+    /// `dst[i * n + c]` = row i of `x` · row c of `ws`, for C weight rows and m rows of x,
+    /// taken X_ROWS at a time.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const C: usize, R: Rows>(
-        xp: &[f32],
-        m: usize,
-        mp: usize,
-        w: &R,
-        j0: usize,
+    unsafe fn tile<const C: usize>(x: &[f32], m: usize, k: usize, ws: &[f32], next: &[u8], dst: *mut f32, n: usize) {
+        for i0 in (0..m).step_by(X_ROWS) {
+            // The first group fetches the next tile, which the others then find in the cache.
+            let next = if i0 == 0 { next } else { &[] };
+            let (xr, dst) = (x[i0 * k..].as_ptr(), dst.add(i0 * n));
+            match (m - i0).min(X_ROWS) {
+                4 => group::<C, 4>(xr, k, ws, next, dst, n),
+                3 => group::<C, 3>(xr, k, ws, next, dst, n),
+                2 => group::<C, 2>(xr, k, ws, next, dst, n),
+                _ => group::<C, 1>(xr, k, ws, next, dst, n),
+            }
+        }
+    }
+
+    /// `dst[r * n + c]` = row r of `xr` · row c of `ws`, for R rows of x and C of the weight,
+    /// prefetching `next` along the way.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group<const C: usize, const R: usize>(
+        xr: *const f32,
+        k: usize,
+        ws: &[f32],
         next: &[u8],
         dst: *mut f32,
         n: usize,
     ) {
-        let k = w.k();
-        // Spread the prefetch of `next` (64-byte lines) over the first block's chunks.
+        // Spread the prefetch of `next` (64-byte lines) over the chunks.
         let lines = next.len().div_ceil(64);
         let per_chunk = lines.div_ceil(k.div_ceil(16)).max(1);
-        for i0 in (0..mp).step_by(X_ROWS) {
-            let mut acc = [[_mm512_setzero_ps(); C]; X_ROWS];
-            let xr = xp[i0 * k..].as_ptr();
-            for (q, o) in (0..k).step_by(16).enumerate() {
-                if i0 == 0 {
-                    for l in q * per_chunk..lines.min((q + 1) * per_chunk) {
-                        _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(64 * l) as *const i8);
-                    }
-                }
-                // The last chunk of a row not a multiple of 16 long reads only its own lanes.
-                let lanes: __mmask16 = if k - o >= 16 { u16::MAX } else { ((1u32 << (k - o)) - 1) as u16 };
-                let mut xv = [_mm512_setzero_ps(); X_ROWS];
-                for (r, v) in xv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_ps(lanes, xr.add(r * k + o));
-                }
-                for c in 0..C {
-                    let wv = w.load(j0 + c, o, lanes);
-                    for r in 0..X_ROWS {
-                        acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
-                    }
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let wr = ws.as_ptr();
+        for (q, o) in (0..k).step_by(16).enumerate() {
+            for l in q * per_chunk..lines.min((q + 1) * per_chunk) {
+                _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(64 * l) as *const i8);
+            }
+            // The last chunk of a row not a multiple of 16 long reads only its own lanes.
+            let lanes: __mmask16 = if k - o >= 16 { u16::MAX } else { ((1u32 << (k - o)) - 1) as u16 };
+            let mut xv = [_mm512_setzero_ps(); R];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(lanes, xr.add(r * k + o));
+            }
+            for c in 0..C {
+                let wv = _mm512_maskz_loadu_ps(lanes, wr.add(c * k + o));
+                for r in 0..R {
+                    acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
                 }
             }
-            for (r, row) in acc.iter().enumerate().take(m.saturating_sub(i0)) {
-                for (c, a) in row.iter().enumerate() {
-                    *dst.add((i0 + r) * n + c) = _mm512_reduce_add_ps(*a);
-                }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, a) in row.iter().enumerate() {
+                *dst.add(r * n + c) = _mm512_reduce_add_ps(*a);
             }
         }
     }
