@@ -226,10 +226,10 @@ fn few_rows_product_equals_plain_sums_and_each_row_alone() {
 #[test]
 fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bit_for_bit() {
     use candle_core::quantized::{GgmlDType, QTensor};
-    let (n, k) = (37, 96);
+    let (n, k) = (37, 512);
     let value = |i: usize| (((i * 7919) % 1000) as f32 / 250.0) - 2.0;
     let w = Tensor::from_vec((0..n * k).map(value).collect::<Vec<f32>>(), (n, k), &Device::Cpu).unwrap();
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let candle: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().expect("format kept packed");
