@@ -266,16 +266,14 @@ impl OptimizeArgs {
     /// Settings: defaults (or the demo when nothing is given and `demo` allows it), then the
     /// config file, then flags.
     fn settings(&self, demo: bool) -> Result<OptimizeConfig> {
+        let demo = demo && self.config.is_none() && self.model.is_none() && self.task.is_none();
         let mut c = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
                 toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
-            None if demo && self.model.is_none() && self.task.is_none() => {
-                eprintln!("no --task or --model given: running the built-in demo (smollm2-135m, generated arithmetic, 10 train / 20 dev / 50 test questions, 6 steps)");
-                OptimizeConfig::demo()
-            }
+            None if demo => OptimizeConfig::demo(),
             None => OptimizeConfig::default(),
         };
         macro_rules! overlay {
@@ -297,6 +295,12 @@ impl OptimizeArgs {
         }
         if let Some(t) = &self.chat_template {
             c.chat_template = Some(t.clone());
+        }
+        if demo {
+            eprintln!(
+                "no --task or --model given: running the built-in demo ({}, generated arithmetic, {} train / {} dev / {} test questions, {} steps)",
+                c.model, c.train, c.dev, c.test, c.steps
+            );
         }
         Ok(c)
     }

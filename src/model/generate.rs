@@ -60,6 +60,9 @@ pub struct Generated {
     /// The request's prefix and ids, then `ids[..fed]`: continue from here with `ids[fed..]`.
     pub cache: KvCache,
     pub fed: usize,
+    /// Final-normed hidden states of the request's ids, [ids.len(), hidden], from the
+    /// prefill: what a caller needs of the request's own tokens without another forward.
+    pub prefill: Tensor,
 }
 
 impl PartialEq for Generated {
@@ -120,25 +123,24 @@ pub fn length_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
     batches
 }
 
-/// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.
-pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
+/// [`run_all`] for requests with ids: each request's cache, hidden states and the
+/// next-token logits [vocab] after it.
+fn run_all_with_logits(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor, Tensor)>> {
     if requests.iter().any(|r| r.ids.is_empty()) {
         bail!("cannot continue an empty prompt");
     }
-    let (caches, lasts): (Vec<KvCache>, Vec<Tensor>) = run_all(model, requests)?
-        .into_iter()
-        .map(|(cache, h)| {
-            let n = h.dim(0)?;
-            Ok((cache, h.narrow(0, n - 1, 1)?))
-        })
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
-    if caches.is_empty() {
+    let ran = run_all(model, requests)?;
+    if ran.is_empty() {
         return Ok(Vec::new());
     }
+    let lasts = ran.iter().map(|(_, h)| h.narrow(0, h.dim(0)? - 1, 1)).collect::<candle_core::Result<Vec<_>>>()?;
     let logits = model.logits(&Tensor::cat(&lasts, 0)?)?;
-    caches.into_iter().enumerate().map(|(i, c)| Ok((c, logits.get(i)?))).collect()
+    ran.into_iter().enumerate().map(|(i, (cache, h))| Ok((cache, h, logits.get(i)?))).collect()
+}
+
+/// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.
+pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
+    Ok(run_all_with_logits(model, requests)?.into_iter().map(|(cache, _, logits)| (cache, logits)).collect())
 }
 
 /// Continues every request, prefilled in batches and decoded together with the other
@@ -146,15 +148,14 @@ pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache
 /// are the ones it would get alone.
 pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
     let n = requests.len();
-    let mut out: Vec<Generated> = (0..n)
-        .map(|_| Generated { ids: Vec::new(), stop: StopReason::Budget, cache: KvCache::default(), fed: 0 })
-        .collect();
     let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
         .map(|i| cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64))))
         .collect();
+    let mut out: Vec<Generated> = Vec::with_capacity(n);
     // (request index, cache, next token) of the sequences still running.
     let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-    for (i, (cache, logits)) in prefill_all(model, requests)?.into_iter().enumerate() {
+    for (i, (cache, prefill, logits)) in run_all_with_logits(model, requests)?.into_iter().enumerate() {
+        out.push(Generated { ids: Vec::new(), stop: StopReason::Budget, cache: KvCache::default(), fed: 0, prefill });
         if cfg.max_tokens == 0 {
             // Nothing to generate: the prompt is still fed, so the caller can continue it.
             out[i].cache = cache;

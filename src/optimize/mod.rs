@@ -303,10 +303,18 @@ impl<'a> Optimizer<'a> {
         Ok((nll_sum / self.examples.len() as f64, ranked))
     }
 
-    /// Mean prompt NLL over the examples of each prompt.
-    fn prompt_nll(&self, prompts: &[Vec<u32>]) -> Result<Vec<f64>> {
-        let hidden = self.prompt_hidden(prompts)?;
-        prompts.iter().zip(&hidden).map(|(p, h)| Ok(self.prompt_stats(p, h, None)?.0)).collect()
+    /// Mean prompt NLL over the examples of each prompt, from the prompt rows of its
+    /// reasoning's prefill (`replies[i]` for `prompts[i]`, which [`Self::reason`] began with
+    /// the prompt): no second forward over the prompts.
+    fn prompt_nll(&self, prompts: &[Vec<u32>], replies: &[Vec<Generated>]) -> Result<Vec<f64>> {
+        prompts
+            .iter()
+            .zip(replies)
+            .map(|(p, rs)| {
+                let rows = rs.iter().map(|r| r.prefill.narrow(0, 0, p.len())).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(self.prompt_stats(p, &Tensor::cat(&rows, 0)?, None)?.0)
+            })
+            .collect()
     }
 
     /// Tokens of reasoning the search lets the model write: none for `gcg`, whose answer
@@ -344,6 +352,7 @@ impl<'a> Optimizer<'a> {
     /// answer token, teacher-forced after the reasoning and the extractor.
     fn score(&self, prompts: &[Vec<u32>], replies: Vec<Vec<Generated>>) -> Result<Vec<Score>> {
         self.check_interrupt()?;
+        let nlls = self.prompt_nll(prompts, &replies)?;
         let requests: Vec<Request> = replies
             .into_iter()
             .flat_map(|rs| {
@@ -371,7 +380,7 @@ impl<'a> Optimizer<'a> {
         let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
         let n = self.examples.len();
         let mut scores = Vec::with_capacity(prompts.len());
-        for nll in self.prompt_nll(prompts)? {
+        for nll in nlls {
             let (mut mistakes, mut answer_nll) = (0, 0.0);
             for ex in &self.examples {
                 let (mine, tail) = rest.split_at(ex.answer.len());
