@@ -46,7 +46,7 @@ impl CustomOp1 for FrozenMatmul {
         let n = w_l.shape().dims2()?.0;
         match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
-                if takes_few_rows(m, DType::F32) =>
+                if takes_few_rows(m, DType::F32, self.packed.is_some()) =>
             {
                 let y = match &self.packed {
                     Some(p) => few_rows::matmul_packed(&xd[xs..xe], p, m),
@@ -77,22 +77,24 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// Rows up to which [`few_rows`] is used.
+/// Rows up to which [`few_rows`] is used: with f32 weights, and with packed weights, whose
+/// integers it reads at under a third of the f32 bytes.
 const FEW_ROWS: usize = 16;
+const FEW_ROWS_PACKED: usize = 64;
 
 /// Rows up to which the transposed orientation is used when [`few_rows`] is not (measured:
 /// 64 beat 0 and unbounded in decoding at batch 8 and 32 and in a 300-token prefill).
 const TRANSPOSED_ROWS: usize = 64;
 
 /// Whether a CPU product of `m` rows in `dtype` runs in [`few_rows`].
-fn takes_few_rows(m: usize, dtype: DType) -> bool {
-    m <= FEW_ROWS && dtype == DType::F32 && few_rows::available()
+fn takes_few_rows(m: usize, dtype: DType, packed: bool) -> bool {
+    m <= if packed { FEW_ROWS_PACKED } else { FEW_ROWS } && dtype == DType::F32 && few_rows::available()
 }
 
 /// `x` [m, in] @ `weight`^T [in, out]; `packed`, when given, holds the same weight.
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedWeight>>) -> Result<Tensor> {
     let m = x.dim(0)?;
-    let few = x.device().is_cpu() && takes_few_rows(m, x.dtype());
+    let few = x.device().is_cpu() && takes_few_rows(m, x.dtype(), packed.is_some());
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }

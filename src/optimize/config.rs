@@ -181,15 +181,16 @@ impl Default for OptimizeConfig {
 }
 
 impl OptimizeConfig {
-    /// The built-in demo: SmolLM2 on generated one-operator arithmetic, six steps on ten
-    /// examples, the returned prompt chosen on 20 dev questions and measured on 50 test ones.
+    /// The built-in demo: SmolLM2 on generated one-operator arithmetic, twelve steps on 20
+    /// examples, the returned prompt chosen on 40 dev questions and measured on 50 test ones
+    /// (the smallest of the settings tried whose gain held on split seeds 0, 1 and 2).
     pub fn demo() -> Self {
         OptimizeConfig {
             difficulty: 1,
-            train: 10,
-            dev: 20,
+            train: 20,
+            dev: 40,
             test: 50,
-            steps: 6,
+            steps: 12,
             max_reasoning: 64,
             eval_batch: 50,
             ..Self::default()
