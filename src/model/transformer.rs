@@ -250,19 +250,20 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Devic
 
 impl Model {
     pub fn load(source: &WeightSource, mut cfg: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let get = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
-            let Some(t) = source.get(name, dtype, device)? else { return Ok(None) };
-            if t.dims() != shape {
-                bail!("tensor '{name}' has shape {:?}, expected {:?} from the model config", t.dims(), shape);
-            }
-            Ok(Some(t))
-        };
+        // Integer copies only where the few-row product can read them.
+        let keep_packed = dtype == DType::F32 && device.is_cpu() && few_rows::available();
         let layout = tensor_layout(&cfg);
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut packs) = (HashMap::new(), HashMap::new());
         for (name, shape, required) in &layout {
-            match get(name, shape)? {
-                Some(t) => {
+            match source.get_packed(name, dtype, device, keep_packed)? {
+                Some((t, _)) if t.dims() != shape => {
+                    bail!("tensor '{name}' has shape {:?}, expected {:?} from the model config", t.dims(), shape)
+                }
+                Some((t, packed)) => {
                     tensors.insert(name.clone(), t);
+                    if let Some(p) = packed {
+                        packs.insert(name.clone(), Arc::new(p));
+                    }
                 }
                 None if *required => bail!("model file lacks tensor '{name}'"),
                 None => {}
@@ -272,16 +273,13 @@ impl Model {
         if let Some(f) = source.get("rope_freqs.weight", DType::F32, device)? {
             cfg.rope_freq_factors = f.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         }
-        // Integer copies only where the few-row product can read them.
-        let keep_packed = dtype == DType::F32 && device.is_cpu() && few_rows::available();
-        let packed = |name: &str| -> Result<Option<Arc<PackedWeight>>> {
-            Ok(if keep_packed { source.packed(name)?.map(Arc::new) } else { None })
-        };
+        // The embedding's integers serve only a tied vocabulary head; unused ones go with `packs`.
+        let mut packed = |name: &str| packs.remove(name);
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
         let lm_head = match take("output.weight".into()) {
-            Some(weight) => Linear { weight, packed: packed("output.weight")?, bias: None },
-            None => Linear { weight: embed.clone(), packed: packed("token_embd.weight")?, bias: None },
+            Some(weight) => Linear { weight, packed: packed("output.weight"), bias: None },
+            None => Linear { weight: embed.clone(), packed: packed("token_embd.weight"), bias: None },
         };
         let final_norm = take("output_norm.weight".into()).context("final norm")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -291,7 +289,7 @@ impl Model {
                 let name = format!("{n}.weight");
                 Ok(Linear {
                     weight: t(&name).with_context(|| format!("blk.{i}.{name}"))?,
-                    packed: packed(&format!("blk.{i}.{name}"))?,
+                    packed: packed(&format!("blk.{i}.{name}")),
                     bias: t(&format!("{n}.bias")),
                 })
             };

@@ -68,7 +68,19 @@ impl WeightSource {
 
     /// The tensor stored under a GGUF name, as `dtype`, or None when the file lacks it.
     pub fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
-        let tensor = match self {
+        Ok(self.get_packed(name, dtype, device, false)?.map(|(t, _)| t))
+    }
+
+    /// [`Self::get`], and with `pack` also the tensor's packed integers when it is a GGUF
+    /// matrix in a format [`PackedWeight`] keeps, both from one read of the file.
+    pub fn get_packed(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+        pack: bool,
+    ) -> Result<Option<(Tensor, Option<PackedWeight>)>> {
+        let (tensor, packed) = match self {
             WeightSource::Gguf { path, content, file } => {
                 if !content.tensor_infos.contains_key(name) {
                     return Ok(None);
@@ -77,7 +89,12 @@ impl WeightSource {
                 let q = content
                     .tensor(&mut *file, name, device)
                     .with_context(|| format!("{}: cannot read tensor '{name}'", path.display()))?;
-                q.dequantize(device)?
+                let packed = match q.shape().dims2() {
+                    Ok((n, k)) if pack => PackedWeight::from_ggml(q.dtype(), n, k, &q.data()?)
+                        .with_context(|| format!("{}: tensor '{name}'", path.display()))?,
+                    _ => None,
+                };
+                (q.dequantize(device)?, packed)
             }
             WeightSource::Safetensors { arch, tensors } => {
                 let hf = hf_name(name, *arch);
@@ -88,33 +105,17 @@ impl WeightSource {
                 let t = tensors.load(found, device)?;
                 if arch.is_gemma() && name.ends_with("norm.weight") {
                     // Gemma's RMSNorm multiplies by (1 + w); GGUF files store 1 + w already.
-                    (t.to_dtype(DType::F32)? + 1.0)?
+                    ((t.to_dtype(DType::F32)? + 1.0)?, None)
                 } else {
-                    t
+                    (t, None)
                 }
             }
             WeightSource::Map(map) => match map.get(name) {
-                Some(t) => t.clone(),
+                Some(t) => (t.clone(), None),
                 None => return Ok(None),
             },
         };
-        Ok(Some(tensor.to_dtype(dtype)?))
-    }
-
-    /// The GGUF tensor `name` [n, k] as packed integers, when its format is one
-    /// [`PackedWeight`] keeps; None otherwise (and for other sources).
-    pub fn packed(&self, name: &str) -> Result<Option<PackedWeight>> {
-        let WeightSource::Gguf { path, content, file } = self else { return Ok(None) };
-        if !content.tensor_infos.contains_key(name) {
-            return Ok(None);
-        }
-        let mut file = file.lock().expect("GGUF file lock poisoned");
-        let q = content
-            .tensor(&mut *file, name, &Device::Cpu)
-            .with_context(|| format!("{}: cannot read tensor '{name}'", path.display()))?;
-        let Ok((n, k)) = q.shape().dims2() else { return Ok(None) };
-        PackedWeight::from_ggml(q.dtype(), n, k, &q.data()?)
-            .with_context(|| format!("{}: tensor '{name}'", path.display()))
+        Ok(Some((tensor.to_dtype(dtype)?, packed)))
     }
 
     pub fn require(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
