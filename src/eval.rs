@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::layout::Layout;
-use crate::model::generate::{generate, GenerateConfig, Generated, Request};
+use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
@@ -46,6 +46,10 @@ pub struct Record {
     pub question: String,
     pub prompt: String,
     pub reasoning: String,
+    /// Tokens of the reasoning, and whether it ran into the budget: then the extractor
+    /// forced an answer before the model had ended its turn.
+    pub reasoning_tokens: usize,
+    pub cut_by_budget: bool,
     pub raw_answer: String,
     pub parsed_answer: Option<String>,
     pub gold: String,
@@ -60,6 +64,8 @@ pub struct EvalReport {
     /// 95% Wilson score interval.
     pub interval: (f64, f64),
     pub majority_floor: f64,
+    /// Reasonings that ran into the budget (see [`Record::cut_by_budget`]).
+    pub cut_by_budget: usize,
     pub tokens_generated: usize,
     pub seconds: f64,
     #[serde(skip)]
@@ -100,6 +106,8 @@ pub fn evaluate(
                 question: example.question.clone(),
                 prompt: prompt.to_string(),
                 reasoning: lm.tokenizer.decode(&r.ids)?,
+                reasoning_tokens: r.ids.len(),
+                cut_by_budget: r.stop == StopReason::Budget,
                 correct: parsed_answer.as_deref() == Some(example.answer.as_str()),
                 raw_answer,
                 parsed_answer,
@@ -116,6 +124,7 @@ pub fn evaluate(
         accuracy: correct as f64 / n.max(1) as f64,
         interval: wilson_interval(correct, n),
         majority_floor: Task::majority_floor(examples),
+        cut_by_budget: records.iter().filter(|r| r.cut_by_budget).count(),
         tokens_generated: tokens,
         seconds: start.elapsed().as_secs_f64(),
         records,

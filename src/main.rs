@@ -534,6 +534,7 @@ fn run_eval(
         "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}",
         report.accuracy, report.correct, report.n, report.interval.0, report.interval.1, report.majority_floor
     );
+    println!("reasoning cut at the {}-token budget: {}/{}", cfg.max_reasoning, report.cut_by_budget, report.n);
     println!(
         "generated {} tokens in {:.1} s ({:.1} tokens/s)",
         report.tokens_generated,

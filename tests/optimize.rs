@@ -16,7 +16,7 @@ use greater::optimize::{Accept, GradientSum, Method, OptimizeConfig, StepRecord}
 use greater::eval::user_ids;
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass};
-use greater::optimize::run::{EvalSummary, Summary};
+use greater::optimize::run::{budget_warning, EvalSummary, Summary};
 use greater::optimize::select::{choose_on_dev, Contender};
 use greater::optimize::{Optimizer, Score};
 use greater::protocol::{run_protocol, ProtocolConfig, ProtocolTable};
@@ -277,6 +277,44 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
     let best = std::fs::read_to_string(out_dir.join("best_prompt.txt")).unwrap();
     assert_eq!(summary["best_prompt"], best.as_str());
     assert!(stdout.contains("| optimised |"), "{stdout}");
+    // Cut reasonings: each evaluation's count is its records' count, and the summary says so.
+    // An evaluation of a prompt measured before under another label shares that one's records.
+    let evaluations = summary["evaluations"].as_array().unwrap();
+    let (mut cut, mut n) = (0, 0);
+    for e in evaluations {
+        let first = evaluations.iter().position(|f| f["prompt"] == e["prompt"]).unwrap();
+        let file = ["zero_shot_cot", "initial", "optimised"][first];
+        let text = std::fs::read_to_string(out_dir.join(format!("test-{file}.jsonl"))).unwrap();
+        let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let cut_here = records.iter().filter(|r| r["cut_by_budget"].as_bool().unwrap()).count();
+        assert_eq!(e["cut_by_budget"].as_u64().unwrap() as usize, cut_here, "{file}");
+        (cut, n) = (cut + cut_here, n + records.len());
+    }
+    let summary_md = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
+    assert!(summary_md.contains("| reasoning cut at 32 tokens |"), "{summary_md}");
+    assert_eq!(summary_md.contains("ran into the 32-token reasoning budget"), 10 * cut > n, "{cut} of {n} cut: {summary_md}");
+}
+
+#[test]
+fn the_summary_warns_when_more_than_a_tenth_of_test_reasonings_ran_into_the_budget() {
+    let eval = |cut: usize, n: usize| EvalSummary {
+        label: "x".into(),
+        prompt: "p".into(),
+        accuracy: 0.0,
+        correct: 0,
+        n,
+        interval: (0.0, 1.0),
+        seconds: 0.0,
+        cut_by_budget: Some(cut),
+    };
+    assert_eq!(budget_warning(&[eval(10, 100), eval(20, 200)], 256), None, "exactly a tenth");
+    assert_eq!(budget_warning(&[], 256), None);
+    let uncounted = EvalSummary { cut_by_budget: None, ..eval(0, 100) };
+    assert_eq!(budget_warning(&[uncounted.clone(), eval(10, 100)], 256), None, "a run of before the count");
+    assert_eq!(
+        budget_warning(&[eval(11, 100), eval(20, 200)], 256).as_deref(),
+        Some("31 of 300 test reasonings ran into the 256-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ.")
+    );
 }
 
 // ---- The reference's step on a tiny model, its loss and gradient, the shared layout ----
@@ -499,7 +537,7 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     let mut seen = Vec::new();
     let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| {
         seen.extend(examples.iter().map(|e| e.question.clone()));
-        Ok(EvalSummary { label: c.label.clone(), prompt: c.prompt.clone(), accuracy: dev_accuracy(&c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0 })
+        Ok(EvalSummary { label: c.label.clone(), prompt: c.prompt.clone(), accuracy: dev_accuracy(&c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0) })
     })
     .unwrap();
     // train #2 and #3 tie on dev; #2 has the better train score. The best train score (#1) loses.

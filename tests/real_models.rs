@@ -203,8 +203,13 @@ fn cli_eval_writes_one_record_per_question_matching_the_accuracy() {
     let correct = records.iter().filter(|r| r["correct"].as_bool().unwrap()).count();
     assert!(stdout.contains(&format!("({correct}/5)")), "{stdout}");
     assert!(stdout.contains(&format!("accuracy {:.3}", correct as f64 / 5.0)), "{stdout}");
+    let cut = records.iter().filter(|r| r["cut_by_budget"].as_bool().unwrap()).count();
+    assert!(stdout.contains(&format!("reasoning cut at the 48-token budget: {cut}/5")), "{stdout}");
     for r in &records {
         assert_eq!(r["prompt"], "Let's think step by step.");
+        let tokens = r["reasoning_tokens"].as_u64().unwrap();
+        assert!(tokens <= 48, "{tokens} reasoning tokens over a budget of 48");
+        assert_eq!(r["cut_by_budget"].as_bool().unwrap(), tokens == 48, "{r}");
         let parsed = r["parsed_answer"].as_str();
         assert_eq!(r["correct"].as_bool().unwrap(), parsed == r["gold"].as_str());
         assert!(r["question"].as_str().unwrap().ends_with(" ="));

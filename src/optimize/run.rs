@@ -68,6 +68,9 @@ pub struct EvalSummary {
     pub n: usize,
     pub interval: (f64, f64),
     pub seconds: f64,
+    /// Reasonings that ran into the reasoning budget (not counted before 2026-12-03).
+    #[serde(default)]
+    pub cut_by_budget: Option<usize>,
 }
 
 impl EvalSummary {
@@ -80,6 +83,7 @@ impl EvalSummary {
             n: r.n,
             interval: r.interval,
             seconds: r.seconds,
+            cut_by_budget: Some(r.cut_by_budget),
         }
     }
 }
@@ -522,16 +526,44 @@ pub fn verdict(summary: &Summary) -> String {
     )
 }
 
+/// Share of cut reasonings above which the summary says that the budget shaped the result.
+const CUT_WARNING_SHARE: f64 = 0.1;
+
+/// A sentence when many test reasonings ran into the budget: their answers were forced
+/// mid-reasoning, so the accuracies measure the budget as much as the prompts.
+pub fn budget_warning(evaluations: &[EvalSummary], budget: usize) -> Option<String> {
+    let counted = evaluations.iter().filter_map(|e| Some((e.cut_by_budget?, e.n)));
+    let (cut, n) = counted.fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
+    (n > 0 && cut as f64 > CUT_WARNING_SHARE * n as f64).then(|| {
+        format!(
+            "{cut} of {n} test reasonings ran into the {budget}-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ."
+        )
+    })
+}
+
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
-    out.push_str("| prompt | test accuracy | 95% interval | text |\n|---|---|---|---|\n");
+    let budget = config.settings.max_reasoning;
+    out.push_str(&format!(
+        "| prompt | test accuracy | 95% interval | reasoning cut at {budget} tokens | text |\n|---|---|---|---|---|\n"
+    ));
     for e in &summary.evaluations {
         out.push_str(&format!(
-            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} |\n",
-            e.label, e.accuracy, e.correct, e.n, e.interval.0, e.interval.1, e.prompt.replace('|', "\\|")
+            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} | {} |\n",
+            e.label,
+            e.accuracy,
+            e.correct,
+            e.n,
+            e.interval.0,
+            e.interval.1,
+            e.cut_by_budget.map_or("-".into(), |c| format!("{c}/{}", e.n)),
+            e.prompt.replace('|', "\\|")
         ));
     }
     out.push_str(&format!("\n{}\n", verdict(summary)));
+    if let Some(line) = budget_warning(&summary.evaluations, budget) {
+        out.push_str(&format!("\n{line}\n"));
+    }
     out.push_str(&format!(
         "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
         summary.majority_floor, summary.selected, summary.selected_by
