@@ -353,6 +353,26 @@ fn cell(e: &EvalSummary) -> String {
     format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1)
 }
 
+/// Per task, the test reasonings of zero-shot CoT, the initial and the optimised prompt that
+/// ran into the reasoning budget (tasks of before the count are left out).
+fn cut_line(t: &ProtocolTable, budget: usize) -> Option<String> {
+    let tasks: Vec<String> = t
+        .rows
+        .iter()
+        .filter_map(|r| {
+            let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
+            let cut: usize = evals.iter().map(|e| e.cut_by_budget).sum::<Option<usize>>()?;
+            Some(format!("{} {cut}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
+        })
+        .collect();
+    (!tasks.is_empty()).then(|| {
+        format!(
+            "test reasonings cut at the {budget}-token budget (zero-shot CoT, initial and optimised together): {}\n\n",
+            tasks.join(", ")
+        )
+    })
+}
+
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     let methods = config.methods();
     let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
@@ -399,6 +419,9 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         (None, None) => {}
     }
     out.push_str(&format!("{line} |\n\n"));
+    if let Some(line) = cut_line(t, config.settings.max_reasoning) {
+        out.push_str(&line);
+    }
     let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
         Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
         None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),

@@ -635,6 +635,8 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         let t = row.transfer.as_ref().unwrap();
         let cells = |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
         assert!(md.contains(&format!("| {} | {} |", cells(&t.zero_shot_cot), cells(&t.optimised))), "{md}");
+        let cut: usize = [&row.zero_shot_cot, &row.initial, &row.optimised].iter().map(|e| e.cut_by_budget.unwrap()).sum();
+        assert!(md.contains(&format!(" {} {cut}/{}", row.task, 3 * row.optimised.n)), "{md}");
     }
     // The protocol's report: every task's three accuracies with intervals, a link to its
     // run's report, the pooled accuracies.
