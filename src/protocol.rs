@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::wilson_interval;
 use crate::optimize::run::{run, transfer, Event, EvalSummary, Start, Summary, Transfer};
-use crate::optimize::{Method, OptimizeConfig};
+use crate::optimize::select::Contender;
+use crate::optimize::{Method, OptimizeConfig, StepRecord};
 use crate::store::RunDir;
 
 /// The paper's five transfer tasks.
@@ -114,6 +115,69 @@ pub struct TaskRow {
     /// The returned prompt and zero-shot CoT on the `transfer_to` model.
     #[serde(default)]
     pub transfer: Option<Transfer>,
+    /// What the first method's step log says of its search.
+    #[serde(default)]
+    pub search: Option<SearchTrace>,
+}
+
+/// Where a search gained or lost, read from its step log: train mistakes, the steps that
+/// helped and those that hurt, and whether the gradient ever ranked the current token high.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchTrace {
+    pub train_n: usize,
+    /// Train mistakes of the prompt the search started from.
+    pub start_mistakes: usize,
+    /// The fewest train mistakes of any prompt it checked (or the start's).
+    pub fewest_mistakes: usize,
+    /// Steps that lowered the best train score.
+    pub improving_steps: usize,
+    /// Steps that moved to a prompt with a higher train score than the one they began with.
+    pub worse_moves: usize,
+    /// Steps whose checked shortlist held the current prompt, and those that kept it.
+    pub current_shortlisted: usize,
+    pub current_kept: usize,
+    /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
+    pub dev_baseline: Option<f64>,
+}
+
+/// The trace of a search from its steps and the run's contenders (whose train scores cover
+/// the starting prompts); None before the first step.
+pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<SearchTrace> {
+    let mut train: BTreeMap<&str, f64> = contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
+    for c in steps.iter().flat_map(|r| &r.checked) {
+        train.insert(&c.prompt, c.score.score);
+    }
+    let first = &steps.first()?.prompt_before;
+    let start = contenders.iter().find(|c| &c.prompt == first)?;
+    let mut best = start.train.score;
+    let mut trace = SearchTrace {
+        train_n: start.train.n,
+        start_mistakes: start.train.mistakes,
+        fewest_mistakes: steps.iter().flat_map(|r| &r.checked).map(|c| c.score.mistakes).fold(start.train.mistakes, usize::min),
+        improving_steps: 0,
+        worse_moves: 0,
+        current_shortlisted: 0,
+        current_kept: 0,
+        dev_baseline: contenders
+            .iter()
+            .filter(|c| c.label == "zero-shot CoT" || c.label == "initial")
+            .filter_map(|c| c.dev.as_ref().map(|d| d.accuracy))
+            .reduce(f64::max),
+    };
+    for r in steps {
+        if r.best_score < best {
+            trace.improving_steps += 1;
+            best = r.best_score;
+        }
+        trace.current_shortlisted += usize::from(r.checked.iter().any(|c| c.prompt == r.prompt_before));
+        let chosen = r.chosen.as_ref().and_then(|t| r.checked.iter().find(|c| c.id == t.id));
+        if let Some(c) = chosen {
+            trace.current_kept += usize::from(c.prompt == r.prompt_before);
+            let before = train.get(r.prompt_before.as_str());
+            trace.worse_moves += usize::from(before.is_some_and(|&b| c.score.score > b));
+        }
+    }
+    Some(trace)
 }
 
 /// Accuracy pooled over every task's test questions.
@@ -221,7 +285,8 @@ pub fn run_protocol(
         };
         let (first, wall) = &summaries[0];
         let baselines = methods.iter().zip(&summaries).skip(1).map(|(&m, (s, w))| method_row(task, m, s, *w)).collect::<Result<_>>()?;
-        rows.push(TaskRow { transfer, baselines, ..task_row(task, methods[0], first, *wall)? });
+        let search = search_trace(&RunDir::open(&first_dir)?.read_steps()?, &first.contenders);
+        rows.push(TaskRow { transfer, baselines, search, ..task_row(task, methods[0], first, *wall)? });
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
         dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
@@ -296,6 +361,7 @@ fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Resul
         generated_tokens: main.generated_tokens,
         baselines: Vec::new(),
         transfer: None,
+        search: None,
     })
 }
 
@@ -430,5 +496,100 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     for b in &t.baselines {
         out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
     }
+    out.push_str(&search_markdown(t, methods[0]));
     out
+}
+
+/// The search traces as a table: a gain is made on train, kept through dev selection and
+/// confirmed on test, and each column shows one of those stages.
+fn search_markdown(t: &ProtocolTable, method: Method) -> String {
+    let traced: Vec<(&TaskRow, &SearchTrace)> = t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
+    if traced.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n## Where {} gained or lost\n\nFrom each task's `steps.jsonl` and its dev evaluations.\n\n\
+         | task | train mistakes: start -> fewest checked | steps lowering the best train score | \
+         steps moving to a worse prompt | current prompt shortlisted / kept | \
+         dev: better of zero-shot CoT and initial -> returned | test: zero-shot CoT -> optimised |\n\
+         |---|---|---|---|---|---|---|\n",
+        method.name()
+    );
+    let dev = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.3}"));
+    for (r, s) in traced {
+        out.push_str(&format!(
+            "| {} | {} -> {} of {} | {} of {} | {} | {} / {} | {} -> {} | {:.3} -> {:.3} |\n",
+            r.task,
+            s.start_mistakes,
+            s.fewest_mistakes,
+            s.train_n,
+            s.improving_steps,
+            r.steps,
+            s.worse_moves,
+            s.current_shortlisted,
+            s.current_kept,
+            dev(s.dev_baseline),
+            dev(r.dev_accuracy),
+            r.zero_shot_cot.accuracy,
+            r.optimised.accuracy
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn score(score: f64, mistakes: usize) -> Value {
+        json!({ "score": score, "mistakes": mistakes, "n": 20, "nll": 1.0, "answer_nll": 0.0 })
+    }
+
+    fn contender(label: &str, prompt: &str, train: Value, dev: f64) -> Contender {
+        let dev = json!({ "label": label, "prompt": prompt, "accuracy": dev, "correct": 0, "n": 50, "interval": [0.0, 1.0], "seconds": 0.0 });
+        serde_json::from_value(json!({ "label": label, "prompt": prompt, "train": train, "dev": dev })).unwrap()
+    }
+
+    /// A step from `before` that checked (id, prompt, score) and chose `chosen`.
+    fn step(n: usize, before: &str, checked: &[(u32, &str, Value)], chosen: u32, best_score: f64) -> StepRecord {
+        let checked: Vec<Value> =
+            checked.iter().map(|(id, p, s)| json!({ "id": id, "text": "", "gradient": -1.0, "prompt": p, "score": s })).collect();
+        let after = checked.iter().find(|c| c["id"] == chosen).unwrap()["prompt"].clone();
+        serde_json::from_value(json!({
+            "step": n, "position": 0, "prompt_before": before, "candidates": [], "checked": checked,
+            "chosen": { "id": chosen, "text": "" }, "prompt": after, "next_position": 1,
+            "best_prompt": "", "best_score": best_score, "seconds": {},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_search_trace_counts_what_each_step_did() {
+        let contenders = [contender("zero-shot CoT", "Z", score(0.7, 14), 0.30), contender("initial", "A", score(0.6, 12), 0.32)];
+        let steps = [
+            // Better than the start: the best train score falls; the current prompt was checked.
+            step(1, "A", &[(5, "B", score(0.55, 11)), (1, "A", score(0.6, 12))], 5, 0.55),
+            // Always-accept moves to a prompt worse than the one it began with.
+            step(2, "B", &[(7, "C", score(0.65, 13))], 7, 0.55),
+            // The current prompt is checked and kept; another made fewer mistakes at a higher score.
+            step(3, "C", &[(8, "C", score(0.65, 13)), (9, "D", score(0.7, 9))], 8, 0.55),
+        ];
+        let trace = search_trace(&steps, &contenders).unwrap();
+        assert_eq!(
+            trace,
+            SearchTrace {
+                train_n: 20,
+                start_mistakes: 12,
+                fewest_mistakes: 9,
+                improving_steps: 1,
+                worse_moves: 1,
+                current_shortlisted: 2,
+                current_kept: 1,
+                dev_baseline: Some(0.32),
+            }
+        );
+        assert_eq!(search_trace(&[], &contenders), None);
+    }
 }

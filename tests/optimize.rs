@@ -624,6 +624,11 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap()).unwrap();
         assert_eq!([&row.zero_shot_cot, &row.initial, &row.optimised].map(|e| e.clone()).to_vec(), summary.evaluations);
         assert_eq!(row.steps, summary.steps);
+        // The search trace starts from the initial prompt's train mistakes.
+        let search = row.search.as_ref().unwrap();
+        let initial = summary.contenders.iter().find(|c| c.label == "initial").unwrap();
+        assert_eq!((search.start_mistakes, search.train_n), (initial.train.mistakes, initial.train.n));
+        assert!(search.fewest_mistakes <= search.start_mistakes && search.improving_steps <= row.steps);
     }
     let written: ProtocolTable = serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
     assert_eq!(written, table);
@@ -637,6 +642,9 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         assert!(md.contains(&format!("| {} | {} |", cells(&t.zero_shot_cot), cells(&t.optimised))), "{md}");
         let cut: usize = [&row.zero_shot_cot, &row.initial, &row.optimised].iter().map(|e| e.cut_by_budget.unwrap()).sum();
         assert!(md.contains(&format!(" {} {cut}/{}", row.task, 3 * row.optimised.n)), "{md}");
+        let s = row.search.as_ref().unwrap();
+        let trace = format!("| {} | {} -> {} of {} | {} of {} |", row.task, s.start_mistakes, s.fewest_mistakes, s.train_n, s.improving_steps, row.steps);
+        assert!(md.contains(&trace), "{md}");
     }
     // The protocol's report: every task's three accuracies with intervals, a link to its
     // run's report, the pooled accuracies.
