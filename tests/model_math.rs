@@ -238,7 +238,7 @@ fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bi
         if !few_rows::available() {
             continue;
         }
-        for m in [1, 3, 4, 9, 16] {
+        for m in [1, 3, 4, 9, 16, 60] {
             let x: Vec<f32> = (0..m * k).map(|i| value(i + 13)).collect();
             let plain = few_rows::matmul(&x, &candle, m, k, n);
             assert_eq!(bits(&few_rows::matmul_packed(&x, &packed, m)), bits(&plain), "{dtype:?}, {m} rows");
