@@ -69,16 +69,41 @@ impl CustomOp1 for DecodeAttention {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            for (i, p) in scores.iter().enumerate() {
-                let vr = &v[v0 + (lo + i) * v_pos..v0 + (lo + i) * v_pos + hd];
-                let w = p / sum;
-                for (d, x) in dst.iter_mut().zip(vr) {
+            for s in &mut scores {
+                *s /= sum;
+            }
+            let value = |i: usize, at: usize| &v[v0 + (lo + i) * v_pos + at..v0 + (lo + i) * v_pos + hd];
+            let mut blocks = dst.chunks_exact_mut(VALUE_BLOCK);
+            for (c, block) in blocks.by_ref().enumerate() {
+                block.copy_from_slice(&weighted_sum::<VALUE_BLOCK>(&scores, |i| value(i, c * VALUE_BLOCK)));
+            }
+            let tail = blocks.into_remainder();
+            let at = hd - tail.len();
+            for (i, w) in scores.iter().enumerate() {
+                for (d, x) in tail.iter_mut().zip(value(i, at)) {
                     *d += w * x;
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, heads * hd))))
     }
+}
+
+/// Value elements per block of [`weighted_sum`]: 4 vector registers of accumulators.
+const VALUE_BLOCK: usize = 64;
+
+/// Σ_i `weights[i]` · `row(i)[..N]`, each element a product then a sum over i in order (as
+/// the plain loop rounds), the N sums kept in registers across the rows instead of stored
+/// and reloaded for every row.
+fn weighted_sum<'a, const N: usize>(weights: &[f32], row: impl Fn(usize) -> &'a [f32]) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for (i, &w) in weights.iter().enumerate() {
+        let r: &[f32; N] = row(i)[..N].try_into().expect("a row holds a block");
+        for (a, x) in acc.iter_mut().zip(r) {
+            *a += w * x;
+        }
+    }
+    acc
 }
 
 /// Dot product summed in 16 independent lanes, which the compiler turns into vector
