@@ -3,7 +3,8 @@
 //! Baselines measured in the same run: candle-transformers' quantised model decoding the
 //! same prompt, our own forward pass without the backward, and the machine's ceiling: the
 //! GFLOP/s of one large f32 matrix product of the model's FFN shape, against which the
-//! forward and the gradient pass's matrix products are put.
+//! forward and the gradient pass's matrix products are put, and the few-row product of
+//! decoding at a checking batch.
 //!
 //!     cargo bench --bench runtime                 # smollm2-135m and qwen2.5-coder-0.5b
 //!     cargo bench --bench runtime -- smollm2-135m
@@ -80,6 +81,23 @@ fn gemm_ceiling(cfg: &ModelConfig) -> f64 {
     2.0 * (n * d * f) as f64 / best / 1e9
 }
 
+/// GFLOP/s of the few-row product that decoding runs, at a checking batch of 60 sequences
+/// (3 prompts x 20 examples) over a Q8_0 weight of the up projection's shape, kept packed,
+/// the best of three rounds of 20.
+fn few_rows_rate(cfg: &ModelConfig) -> f64 {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use greater::model::{few_rows, packed::PackedWeight};
+    let (m, d, f) = (60, cfg.hidden_size, cfg.intermediate_size);
+    let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    let packed = PackedWeight::from_ggml(GgmlDType::Q8_0, f, d, &q.data().unwrap()).unwrap().unwrap();
+    let x: Vec<f32> = (0..m * d).map(|i| (i % 97) as f32 / 97.0).collect();
+    few_rows::matmul_packed(&x, &packed, m); // warm-up
+    let round = || seconds(|| (0..20).for_each(|_| drop(few_rows::matmul_packed(&x, &packed, m)))).0 / 20.0;
+    let best = (0..3).map(|_| round()).fold(f64::INFINITY, f64::min);
+    2.0 * (m * d * f) as f64 / best / 1e9
+}
+
 fn bench(alias: &str) {
     let lm = LanguageModel::open(alias, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
     let model = &lm.model;
@@ -150,6 +168,10 @@ fn bench(alias: &str) {
         work / t_fwd,
         2.0 * work / t_bwd
     );
+    if greater::model::few_rows::available() {
+        let (d, f) = (model.cfg.hidden_size, model.cfg.intermediate_size);
+        println!("few-row product (decoding), 60 rows x {d} x {f} over packed Q8_0: {:.0} GFLOP/s", few_rows_rate(&model.cfg));
+    }
 }
 
 fn main() {
