@@ -186,6 +186,7 @@ fn bench(setup: &Setup, data: &PathBuf) {
 }
 
 fn main() {
+    greater::runtime::stop_candle_spinning();
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     if !data.join("bbh").is_dir() {
         eprintln!("the step bench reads BBH from {}: not found", data.display());
