@@ -14,7 +14,7 @@ use greater::layout::REFERENCE_CONNECTOR;
 use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
-use greater::model::catalog;
+use greater::model::{catalog, Precision};
 use greater::model::generate::{Cancelled, Sampling};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::{builtin_tasks, Split, Task, ZERO_SHOT_COT};
@@ -34,11 +34,14 @@ struct ModelArgs {
     /// A Jinja chat template file to use instead of the model's own.
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// Arithmetic of decoding and prefill: f32, or mixed (8-bit integer dot products).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 impl ModelArgs {
     fn open(&self) -> Result<LanguageModel> {
-        let opts = OpenOptions { chat_template: self.chat_template.clone() };
+        let opts = OpenOptions { chat_template: self.chat_template.clone(), precision: self.precision };
         LanguageModel::open(&self.model, &opts, &mut |m| eprintln!("{m}"))
     }
 }
@@ -159,7 +162,7 @@ struct OptimizeArgs {
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
         "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
-        "method", "budget_tokens",
+        "method", "budget_tokens", "precision",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -260,6 +263,10 @@ struct OptimizeArgs {
     /// Tokens ape may decode [default: what greater decodes in --steps steps].
     #[arg(long)]
     budget_tokens: Option<usize>,
+    /// Arithmetic of decoding, prefill and scoring: f32, or mixed (8-bit integer dot
+    /// products; the gradient pass stays f32) [reference: f32] [default: f32].
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 impl OptimizeArgs {
@@ -282,7 +289,7 @@ impl OptimizeArgs {
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
         overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight);
-        overlay!(restart_below, start, method);
+        overlay!(restart_below, start, method, precision);
         if let Some(b) = self.budget_tokens {
             c.budget_tokens = Some(b);
         }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::model::catalog;
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
 use crate::model::weights::WeightSource;
-use crate::model::{Model, ModelConfig};
+use crate::model::{Model, ModelConfig, Precision};
 use crate::tokenizer::{read_json, ChatTemplate, Message, Tokenizer};
 
 pub struct LanguageModel {
@@ -25,6 +25,8 @@ pub struct LanguageModel {
 pub struct OpenOptions {
     /// A Jinja chat template file that replaces (or supplies) the model's own.
     pub chat_template: Option<PathBuf>,
+    /// The arithmetic of decoding, prefill and scoring.
+    pub precision: Precision,
 }
 
 impl LanguageModel {
@@ -34,9 +36,9 @@ impl LanguageModel {
         let device = Device::Cpu;
         let path = resolve(spec, log)?;
         let (model, tokenizer, own_template) = if path.is_dir() {
-            open_hf_dir(&path, &device)?
+            open_hf_dir(&path, &device, opts.precision)?
         } else {
-            open_gguf(&path, &device)?
+            open_gguf(&path, &device, opts.precision)?
         };
         let source = match &opts.chat_template {
             Some(p) => Some(
@@ -112,7 +114,7 @@ fn resolve(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     )
 }
 
-fn open_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<String>)> {
+fn open_gguf(path: &Path, device: &Device, precision: Precision) -> Result<(Model, Tokenizer, Option<String>)> {
     let source = WeightSource::open_gguf(path)?;
     let WeightSource::Gguf { content, .. } = &source else { unreachable!() };
     let cfg = ModelConfig::from_gguf(content).with_context(|| format!("{}", path.display()))?;
@@ -121,11 +123,11 @@ fn open_gguf(path: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<S
         .metadata
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned());
-    let model = Model::load(&source, cfg, DType::F32, device).with_context(|| format!("{}", path.display()))?;
+    let model = Model::load(&source, cfg, DType::F32, device, precision).with_context(|| format!("{}", path.display()))?;
     Ok((model, tokenizer, template))
 }
 
-fn open_hf_dir(dir: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<String>)> {
+fn open_hf_dir(dir: &Path, device: &Device, precision: Precision) -> Result<(Model, Tokenizer, Option<String>)> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         bail!("{}: model folder has no config.json", dir.display());
@@ -145,7 +147,7 @@ fn open_hf_dir(dir: &Path, device: &Device) -> Result<(Model, Tokenizer, Option<
         _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
     };
     let source = WeightSource::open_safetensors(dir, cfg.arch)?;
-    let model = Model::load(&source, cfg, DType::F32, device).with_context(|| format!("{}", dir.display()))?;
+    let model = Model::load(&source, cfg, DType::F32, device, precision).with_context(|| format!("{}", dir.display()))?;
     Ok((model, tokenizer, template))
 }
 

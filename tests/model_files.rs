@@ -149,7 +149,7 @@ fn write_hf_folder(dir: &Path) -> Model {
             (n.clone(), if is_norm(n) { (t + 1.0).unwrap() } else { t })
         })
         .collect();
-    Model::load(&greater::model::weights::WeightSource::Map(rounded), cfg, DType::F32, &device).unwrap()
+    Model::load(&greater::model::weights::WeightSource::Map(rounded), cfg, DType::F32, &device, greater::model::Precision::F32).unwrap()
 }
 
 #[test]

@@ -21,13 +21,25 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 use std::sync::Arc;
 
 use super::few_rows;
+use super::int8::{self, Int8Weight};
 use super::packed::PackedWeight;
+
+/// A weight's block integers, which products without a gradient read instead of its f32
+/// copy.
+#[derive(Clone)]
+pub enum FastWeight {
+    /// Precision `f32`: integers that give back the f32 weights bit for bit, for the
+    /// few-row product.
+    Exact(Arc<PackedWeight>),
+    /// Precision `mixed`: integer dot products with the input quantised per block.
+    Int8(Arc<Int8Weight>),
+}
 
 struct FrozenMatmul {
     /// [out, in]
     weight: Tensor,
-    /// The same weight as integers, read instead of `weight` by the few-row product.
-    packed: Option<Arc<PackedWeight>>,
+    /// The same weight as integers, read instead of `weight` when given.
+    fast: Option<FastWeight>,
 }
 
 /// `x` [m, k] times the transpose of `w` [n, k], on any backend.
@@ -47,11 +59,19 @@ impl CustomOp1 for FrozenMatmul {
         let (w, w_l) = self.weight.storage_and_layout();
         let (m, k) = x_l.shape().dims2()?;
         let n = w_l.shape().dims2()?.0;
+        let exact = match &self.fast {
+            Some(FastWeight::Exact(p)) => Some(p),
+            _ => None,
+        };
         match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
+            (_, CpuStorage::F32(xd), Some((xs, xe)), _) if matches!(self.fast, Some(FastWeight::Int8(_))) => {
+                let Some(FastWeight::Int8(q)) = &self.fast else { unreachable!() };
+                Ok((CpuStorage::F32(int8::matmul(&xd[xs..xe], q)), Shape::from((m, n))))
+            }
             (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
-                if takes_few_rows(m, DType::F32, self.packed.is_some()) =>
+                if takes_few_rows(m, DType::F32, exact.is_some()) =>
             {
-                let y = match &self.packed {
+                let y = match exact {
                     Some(p) => few_rows::matmul_packed(&xd[xs..xe], p, m),
                     None => few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n),
                 };
@@ -94,12 +114,22 @@ fn takes_few_rows(m: usize, dtype: DType, packed: bool) -> bool {
     m <= if packed { FEW_ROWS_PACKED } else { FEW_ROWS } && dtype == DType::F32 && few_rows::available()
 }
 
-/// `x` [m, in] @ `weight`^T [in, out]; `packed`, when given, holds the same weight.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor, packed: Option<&Arc<PackedWeight>>) -> Result<Tensor> {
+/// `x` [m, in] @ `weight`^T [in, out]; `fast`, when given, holds the same weight. Integer
+/// dot products (`FastWeight::Int8`) serve only passes without a gradient; the gradient
+/// pass multiplies by the f32 weight.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor, fast: Option<&FastWeight>) -> Result<Tensor> {
     let m = x.dim(0)?;
-    let few = x.device().is_cpu() && takes_few_rows(m, x.dtype(), packed.is_some());
+    let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+    let fast = match fast {
+        Some(FastWeight::Int8(_)) if !on_cpu || x.track_op() => None,
+        other => other.cloned(),
+    };
+    let few = match &fast {
+        Some(FastWeight::Int8(_)) => true,
+        other => on_cpu && takes_few_rows(m, x.dtype(), other.is_some()),
+    };
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }
-    x.apply_op1(FrozenMatmul { weight: weight.clone(), packed: packed.cloned() })
+    x.apply_op1(FrozenMatmul { weight: weight.clone(), fast })
 }

@@ -13,10 +13,11 @@ use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::causal_softmax::causal_softmax;
 use super::decode_attention::DecodeAttention;
 use super::few_rows;
-use super::frozen_matmul::frozen_matmul;
+use super::frozen_matmul::{frozen_matmul, FastWeight};
 use super::fused_backward;
-use super::packed::PackedWeight;
+use super::int8::Int8Weight;
 use super::weights::WeightSource;
+use super::Precision;
 
 /// Whether a forward pass must be differentiable. candle's fused softmax, RMSNorm and rotary
 /// kernels are faster but record no backward op, so they silently cut the gradient.
@@ -101,15 +102,15 @@ impl KvCache {
 
 struct Linear {
     weight: Tensor,
-    /// The weight's GGUF integers, for products with few rows (see [`PackedWeight`]).
-    packed: Option<Arc<PackedWeight>>,
+    /// The weight's block integers, for products without a gradient (see [`FastWeight`]).
+    fast: Option<FastWeight>,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// `x`: [N, in] -> [N, out].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight, self.packed.as_ref())?;
+        let y = frozen_matmul(x, &self.weight, self.fast.as_ref())?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -233,6 +234,17 @@ pub fn tensor_layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
     out
 }
 
+/// An f32 weight [n, k] without block integers in its file, quantised to 8-bit blocks for
+/// the `mixed` precision (None when k is not a multiple of the block).
+fn quantized(weight: &Tensor) -> Result<Option<Int8Weight>> {
+    let (n, k) = weight.dims2()?;
+    if !Int8Weight::fits(k) {
+        return Ok(None);
+    }
+    let values = weight.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Some(Int8Weight::quantize(&values, n, k)))
+}
+
 /// Uniformly random weights (GGUF names) drawn from `seed`: norms near 1, the rest small.
 pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -249,9 +261,16 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Devic
 }
 
 impl Model {
-    pub fn load(source: &WeightSource, mut cfg: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        // Integer copies only where the few-row product can read them.
-        let keep_packed = dtype == DType::F32 && device.is_cpu() && few_rows::available();
+    pub fn load(
+        source: &WeightSource,
+        mut cfg: ModelConfig,
+        dtype: DType,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        // Integer copies only where a product can read them.
+        let on_cpu = dtype == DType::F32 && device.is_cpu();
+        let keep_packed = on_cpu && (few_rows::available() || precision == Precision::Mixed);
         let layout = tensor_layout(&cfg);
         let (mut tensors, mut packs) = (HashMap::new(), HashMap::new());
         for (name, shape, required) in &layout {
@@ -262,7 +281,7 @@ impl Model {
                 Some((t, packed)) => {
                     tensors.insert(name.clone(), t);
                     if let Some(p) = packed {
-                        packs.insert(name.clone(), Arc::new(p));
+                        packs.insert(name.clone(), p);
                     }
                 }
                 None if *required => bail!("model file lacks tensor '{name}'"),
@@ -274,12 +293,23 @@ impl Model {
             cfg.rope_freq_factors = f.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         }
         // The embedding's integers serve only a tied vocabulary head; unused ones go with `packs`.
-        let mut packed = |name: &str| packs.remove(name);
+        let mut linear = |name: &str, weight: Tensor, bias: Option<Tensor>| -> Result<Linear> {
+            let packed = packs.remove(name);
+            let fast = match precision {
+                Precision::F32 => packed.map(|p| FastWeight::Exact(Arc::new(p))),
+                Precision::Mixed if !on_cpu => None,
+                Precision::Mixed => match packed {
+                    Some(p) => Some(FastWeight::Int8(Arc::new(Int8Weight::from_packed(&p)))),
+                    None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w))),
+                },
+            };
+            Ok(Linear { weight, fast, bias })
+        };
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
         let lm_head = match take("output.weight".into()) {
-            Some(weight) => Linear { weight, packed: packed("output.weight"), bias: None },
-            None => Linear { weight: embed.clone(), packed: packed("token_embd.weight"), bias: None },
+            Some(weight) => linear("output.weight", weight, None)?,
+            None => linear("token_embd.weight", embed.clone(), None)?,
         };
         let final_norm = take("output_norm.weight".into()).context("final norm")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -287,11 +317,8 @@ impl Model {
             let mut t = |n: &str| take(format!("blk.{i}.{n}"));
             let mut lin = |n: &str| -> Result<Linear> {
                 let name = format!("{n}.weight");
-                Ok(Linear {
-                    weight: t(&name).with_context(|| format!("blk.{i}.{name}"))?,
-                    packed: packed(&format!("blk.{i}.{name}")),
-                    bias: t(&format!("{n}.bias")),
-                })
+                let weight = t(&name).with_context(|| format!("blk.{i}.{name}"))?;
+                linear(&format!("blk.{i}.{name}"), weight, t(&format!("{n}.bias")))
             };
             let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
@@ -324,7 +351,7 @@ impl Model {
     /// A model with the weights of [`random_weights`], for tests of the maths.
     pub fn random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let weights = random_weights(&cfg, seed, dtype, device)?;
-        Model::load(&WeightSource::Map(weights), cfg, dtype, device)
+        Model::load(&WeightSource::Map(weights), cfg, dtype, device, Precision::F32)
     }
 
     pub fn device(&self) -> &Device {

@@ -6,6 +6,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::REFERENCE_CONNECTOR;
+use crate::model::Precision;
 
 /// How the prompt is searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
@@ -129,6 +130,10 @@ pub struct OptimizeConfig {
     /// GReaTer run of `steps` steps decodes, estimated from the initial prompt's reasoning
     /// (a protocol passes the task's real GReaTer count).
     pub budget_tokens: Option<usize>,
+    /// Arithmetic of decoding, prefill and scoring (the gradient pass stays in f32). A run
+    /// folder from before this setting resumes in the f32 it ran with.
+    #[serde(default = "Precision::before_setting")]
+    pub precision: Precision,
 }
 
 /// Where the search starts.
@@ -176,6 +181,7 @@ impl Default for OptimizeConfig {
             start: StartFrom::Initial,
             method: Method::Greater,
             budget_tokens: None,
+            precision: Precision::F32,
         }
     }
 }

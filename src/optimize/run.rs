@@ -174,7 +174,7 @@ fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
 }
 
 fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<LanguageModel> {
-    let opts = OpenOptions { chat_template: s.chat_template.as_ref().map(PathBuf::from) };
+    let opts = OpenOptions { chat_template: s.chat_template.as_ref().map(PathBuf::from), precision: s.precision };
     LanguageModel::open(&s.model, &opts, &mut |m| report(Event::Info(m.to_string())))
 }
 

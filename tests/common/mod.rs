@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use greater::model::transformer::random_weights;
 use greater::model::weights::WeightSource;
-use greater::model::{Arch, Model};
+use greater::model::{Arch, Model, Precision};
 use greater::runtime::{LanguageModel, OpenOptions};
 
 /// SmolLM2-135M-Instruct, fetched into the cache on first use.
@@ -136,5 +136,5 @@ fn write_gguf_with_tokenizer(
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut file, &md_refs, &t_refs).unwrap();
-    Model::load(&WeightSource::Map(weights), cfg, DType::F32, &device).unwrap()
+    Model::load(&WeightSource::Map(weights), cfg, DType::F32, &device, Precision::F32).unwrap()
 }

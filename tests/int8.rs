@@ -1,0 +1,144 @@
+//! The `mixed` precision's integer product: every kernel the CPU has (and the scalar one)
+//! against a plain scalar computation of the same quantised arithmetic, bit for bit, on the
+//! block integers of every GGUF format kept packed; the dispatch; the error against f32.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use greater::model::int8::{self, Features, Int8Weight, Kernel};
+use greater::model::packed::PackedWeight;
+
+/// y = x · w^T the obvious way: each row of x quantised per block (round(x / d), d = max|x|
+/// / 127), each block's integer products summed exactly, then scaled and summed over blocks.
+fn reference(x: &[f32], w: &PackedWeight) -> Vec<f32> {
+    let (n, k, b) = (w.n, w.k, w.block);
+    let (m, blocks) = (x.len() / k, k / b);
+    let mut y = vec![0f32; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            let mut acc = 0f32;
+            for blk in 0..blocks {
+                let xs = &x[r * k + blk * b..][..b];
+                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let qx: Vec<i32> = xs.iter().map(|v| (v * inv).round() as i8 as i32).collect();
+                let qw = &w.q[c * k + blk * b..][..b];
+                let dot: i32 = qw.iter().zip(&qx).map(|(&a, &b)| a as i32 * b).sum();
+                acc = (dot as f32 * w.scale[c * blocks + blk]).mul_add(d, acc);
+                if let Some(off) = &w.offset {
+                    let sum: i32 = qx.iter().sum();
+                    acc = off[c * blocks + blk].mul_add(d * sum as f32, acc);
+                }
+            }
+            y[r * n + c] = acc;
+        }
+    }
+    y
+}
+
+fn value(i: usize, salt: usize) -> f32 {
+    (((i * 7919 + salt * 104729) % 1000) as f32 / 250.0) - 2.0
+}
+
+/// Kernels this CPU runs: always the scalar one, and each SIMD one it supports.
+fn kernels() -> Vec<Kernel> {
+    let f = Features::detect();
+    let mut ks = vec![Kernel::Scalar];
+    if f.avx2 {
+        ks.push(Kernel::Avx2);
+    }
+    if f.avx512_vnni {
+        ks.push(Kernel::Avx512Vnni);
+    }
+    ks
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Every kernel equals `reference` bit for bit, for batches of 1 to 9 rows (one with a
+/// block of zeros), and each row alone gives the same bits as in the batch.
+fn check(packed: &PackedWeight, what: &str) {
+    let w = Int8Weight::from_packed(packed);
+    let k = packed.k;
+    for m in [1, 2, 3, 4, 5, 9] {
+        let mut x: Vec<f32> = (0..m * k).map(|i| value(i, m) * (1 + i % 5) as f32).collect();
+        x[..packed.block].fill(0.0);
+        let want = reference(&x, packed);
+        for kernel in kernels() {
+            let got = int8::matmul_with(kernel, &x, &w);
+            assert_eq!(bits(&got), bits(&want), "{what}, {m} rows, {kernel:?}");
+            let last = &x[(m - 1) * k..];
+            assert_eq!(bits(&int8::matmul_with(kernel, last, &w)), bits(&want[(m - 1) * packed.n..]), "{what} row alone");
+        }
+    }
+}
+
+#[test]
+fn every_kernel_equals_the_plain_quantised_sums_on_every_gguf_format() {
+    let k = 512;
+    for n in [1, 15, 16, 17, 37] {
+        let w = Tensor::from_vec((0..n * k).map(|i| value(i, 7)).collect::<Vec<f32>>(), (n, k), &Device::Cpu).unwrap();
+        for dtype in
+            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K]
+        {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().unwrap();
+            check(&packed, &format!("{dtype:?} [{n}, {k}]"));
+        }
+    }
+}
+
+#[test]
+fn every_kernel_equals_the_plain_sums_over_the_full_byte_range() {
+    // Integers -128..=127 (a Q8_0 file may hold -128), blocks of 16 and 32, with and
+    // without offsets, k not a multiple of the 64-byte vector.
+    for (block, k, with_offset) in [(32, 32, false), (32, 96, true), (16, 48, false), (16, 80, true)] {
+        let n = 19;
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * 7919 + 31) % 256) as u8 as i8).collect();
+        let scale: Vec<f32> = (0..n * k / block).map(|i| value(i, 3) * 0.01).collect();
+        let offset = with_offset.then(|| (0..n * k / block).map(|i| value(i, 4)).collect());
+        let packed = PackedWeight { n, k, block, q, scale, offset };
+        check(&packed, &format!("raw bytes, block {block}, k {k}, offset {with_offset}"));
+    }
+}
+
+#[test]
+fn f32_weights_are_quantised_to_8_bit_blocks_of_32() {
+    let (n, k) = (21, 64);
+    let w: Vec<f32> = (0..n * k).map(|i| value(i, 9) * (1 + i % 7) as f32).collect();
+    // Each block of 32 as GGUF's Q8_0 rounds it, with the scale kept in f32.
+    let (mut q, mut scale) = (Vec::new(), Vec::new());
+    for block in w.chunks(32) {
+        let d = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+        q.extend(block.iter().map(|v| (v * (1.0 / d)).round() as i8));
+        scale.push(d);
+    }
+    let packed = PackedWeight { n, k, block: 32, q, scale, offset: None };
+    let x: Vec<f32> = (0..3 * k).map(|i| value(i, 5)).collect();
+    assert_eq!(bits(&int8::matmul(&x, &Int8Weight::quantize(&w, n, k))), bits(&reference(&x, &packed)));
+    assert!(Int8Weight::fits(64) && !Int8Weight::fits(48));
+}
+
+#[test]
+fn the_integer_product_is_within_a_percent_of_f32() {
+    let (m, n, k) = (4, 64, 896);
+    let w: Vec<f32> = (0..n * k).map(|i| value(i, 11)).collect();
+    let x: Vec<f32> = (0..m * k).map(|i| value(i, 12)).collect();
+    let y = int8::matmul(&x, &Int8Weight::quantize(&w, n, k));
+    let exact: Vec<f64> = (0..m * n)
+        .map(|o| (0..k).map(|j| x[o / n * k + j] as f64 * w[o % n * k + j] as f64).sum())
+        .collect();
+    let norm = exact.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let err = y.iter().zip(&exact).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
+    assert!(err <= 0.01 * norm, "relative error {}", err / norm);
+}
+
+#[test]
+fn dispatch_falls_back_when_a_feature_is_masked_off() {
+    let f = |avx512_vnni, avx2| Features { avx512_vnni, avx2 };
+    assert_eq!(Kernel::choose(f(true, true)), Kernel::Avx512Vnni);
+    assert_eq!(Kernel::choose(f(false, true)), Kernel::Avx2);
+    assert_eq!(Kernel::choose(f(false, false)), Kernel::Scalar);
+    assert_eq!(Kernel::best(), Kernel::choose(Features::detect()));
+}
