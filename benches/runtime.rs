@@ -1,5 +1,6 @@
-//! Runtime speed on the real models: greedy decoding at batch 1 and 8, prefill of a
-//! 300-token prompt, and forward+backward of the one-hot gradient over 400 tokens.
+//! Runtime speed on the real models: greedy decoding at batch 1, 8 and 32 and prefill of a
+//! 300-token prompt, in f32 and in the mixed precision (integer dot products), and
+//! forward+backward of the one-hot gradient over 400 tokens.
 //! Baselines measured in the same run: candle-transformers' quantised model decoding the
 //! same prompt, our own forward pass without the backward, and the machine's ceiling: the
 //! GFLOP/s of one large f32 matrix product of the model's FFN shape, against which the
@@ -16,6 +17,7 @@ use candle_core::{Device, Tensor};
 use greater::model::generate::{generate, prefill, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use greater::model::{KvCache, ModelConfig, Pass};
+use greater::model::Precision;
 use greater::runtime::{LanguageModel, OpenOptions};
 
 const NEW_TOKENS: usize = 64;
@@ -81,52 +83,80 @@ fn gemm_ceiling(cfg: &ModelConfig) -> f64 {
     2.0 * (n * d * f) as f64 / best / 1e9
 }
 
-/// GFLOP/s of the few-row product that decoding runs, at a checking batch of 60 sequences
-/// (3 prompts x 20 examples) over a Q8_0 weight of the up projection's shape, kept packed,
+/// GFLOP/s of the products that decoding runs at `m` rows (1: batch 1; 60: a checking batch
+/// of 3 prompts x 20 examples) over a Q8_0 weight of the up projection's shape: the f32
+/// few-row product over its packed integers, and the integer product (mixed precision);
 /// the best of three rounds of 20.
-fn few_rows_rate(cfg: &ModelConfig) -> f64 {
+fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64) {
     use candle_core::quantized::{GgmlDType, QTensor};
-    use greater::model::{few_rows, packed::PackedWeight};
-    let (m, d, f) = (60, cfg.hidden_size, cfg.intermediate_size);
+    use greater::model::{few_rows, int8, packed::PackedWeight};
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
     let packed = PackedWeight::from_ggml(GgmlDType::Q8_0, f, d, &q.data().unwrap()).unwrap().unwrap();
+    let ints = int8::Int8Weight::from_packed(&packed);
     let x: Vec<f32> = (0..m * d).map(|i| (i % 97) as f32 / 97.0).collect();
-    few_rows::matmul_packed(&x, &packed, m); // warm-up
-    let round = || seconds(|| (0..20).for_each(|_| drop(few_rows::matmul_packed(&x, &packed, m)))).0 / 20.0;
-    let best = (0..3).map(|_| round()).fold(f64::INFINITY, f64::min);
-    2.0 * (m * d * f) as f64 / best / 1e9
+    let rate = |product: &dyn Fn() -> Vec<f32>| {
+        product(); // warm-up
+        let round = || seconds(|| (0..20).for_each(|_| drop(product()))).0 / 20.0;
+        let best = (0..3).map(|_| round()).fold(f64::INFINITY, f64::min);
+        2.0 * (m * d * f) as f64 / best / 1e9
+    };
+    (rate(&|| few_rows::matmul_packed(&x, &packed, m)), rate(&|| int8::matmul(&x, &ints)))
+}
+
+/// Greedy decoding tokens/s at batch 1, 8 and 32 (prefill subtracted), and the seconds of a
+/// 300-token prefill.
+fn decode_and_prefill(lm: &LanguageModel, prompts: &[Vec<u32>]) -> (Vec<(usize, f64)>, f64) {
+    let cfg = GenerateConfig { max_tokens: NEW_TOKENS, ..Default::default() };
+    let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
+    let mut rates = Vec::new();
+    for batch in [1usize, 8, 32] {
+        let reqs: Vec<Request> = prompts[..batch].iter().map(req).collect();
+        // Prefill is timed separately below; subtract it by timing a 1-token run.
+        let one = GenerateConfig { max_tokens: 1, ..cfg.clone() };
+        let (t_prefill, _) = seconds(|| generate(&lm.model, reqs.clone(), &one).unwrap());
+        let (t_all, out) = seconds(|| generate(&lm.model, reqs, &cfg).unwrap());
+        let tokens: usize = out.iter().map(|g| g.ids.len() - 1).sum();
+        rates.push((batch, tokens as f64 / (t_all - t_prefill)));
+    }
+    let ids = long_ids(lm, 300);
+    prefill(&lm.model, KvCache::default(), &ids[..16]).unwrap(); // warm-up
+    let (t, _) = seconds(|| prefill(&lm.model, KvCache::default(), &ids).unwrap());
+    (rates, t)
 }
 
 fn bench(alias: &str) {
-    let lm = LanguageModel::open(alias, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
+    let open = |precision| {
+        LanguageModel::open(alias, &OpenOptions { precision, ..Default::default() }, &mut |m| eprintln!("{m}")).unwrap()
+    };
+    let lm = open(Precision::F32);
     let model = &lm.model;
     println!("== {alias}");
-    let cfg = GenerateConfig { max_tokens: NEW_TOKENS, ..Default::default() };
     let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
         "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
     let prompts: Vec<Vec<u32>> = (0..32)
         .map(|i| lm.chat_ids(None, &format!("{} ({})", questions[i % 8], i / 8)).unwrap())
         .collect();
-    let req = |p: &Vec<u32>| Request { prefix: KvCache::default(), ids: p.clone() };
 
     let base = quantized_baseline_decode(&lm, &prompts[0]);
     println!("baseline: candle-transformers quantised decode, batch 1: {base:.1} tokens/s");
-    for batch in [1usize, 8, 32] {
-        let reqs: Vec<Request> = prompts[..batch].iter().map(req).collect();
-        // Prefill is timed separately below; subtract it by timing a 1-token run.
-        let one = GenerateConfig { max_tokens: 1, ..cfg.clone() };
-        let (t_prefill, _) = seconds(|| generate(model, reqs.clone(), &one).unwrap());
-        let (t_all, out) = seconds(|| generate(model, reqs, &cfg).unwrap());
-        let tokens: usize = out.iter().map(|g| g.ids.len() - 1).sum();
-        let rate = tokens as f64 / (t_all - t_prefill);
-        println!("greedy decode, batch {batch}: {rate:.1} tokens/s ({:.2}x baseline)", rate / base);
+    let (f32_rates, f32_prefill) = decode_and_prefill(&lm, &prompts);
+    let (mixed_rates, mixed_prefill) = decode_and_prefill(&open(Precision::Mixed), &prompts);
+    for ((batch, exact), (_, mixed)) in f32_rates.iter().zip(&mixed_rates) {
+        println!(
+            "greedy decode, batch {batch}: f32 {exact:.1} tokens/s ({:.2}x baseline), mixed {mixed:.1} tokens/s ({:.2}x f32, {:.2}x baseline)",
+            exact / base,
+            mixed / exact,
+            mixed / base
+        );
     }
-
-    let ids = long_ids(&lm, 300);
-    prefill(model, KvCache::default(), &ids[..16]).unwrap(); // warm-up
-    let (t, _) = seconds(|| prefill(model, KvCache::default(), &ids).unwrap());
-    println!("prefill, 300 tokens: {:.2} s, {:.0} tokens/s", t, 300.0 / t);
+    println!(
+        "prefill, 300 tokens: f32 {f32_prefill:.2} s ({:.0} tokens/s), mixed {mixed_prefill:.2} s ({:.0} tokens/s, {:.2}x f32)",
+        300.0 / f32_prefill,
+        300.0 / mixed_prefill,
+        f32_prefill / mixed_prefill
+    );
 
     let ids = long_ids(&lm, 400);
     let candidates: Vec<u32> = ids[100..120].to_vec();
@@ -170,7 +200,14 @@ fn bench(alias: &str) {
     );
     if greater::model::few_rows::available() {
         let (d, f) = (model.cfg.hidden_size, model.cfg.intermediate_size);
-        println!("few-row product (decoding), 60 rows x {d} x {f} over packed Q8_0: {:.0} GFLOP/s", few_rows_rate(&model.cfg));
+        for m in [1, 60] {
+            let (exact, mixed) = decode_product_rates(&model.cfg, m);
+            println!(
+                "decoding's product, {m} rows x {d} x {f} over packed Q8_0: f32 {exact:.0} GFLOP/s, integer ({:?}) {mixed:.0} GFLOP/s ({:.2}x)",
+                greater::model::int8::Kernel::best(),
+                mixed / exact
+            );
+        }
     }
 }
 

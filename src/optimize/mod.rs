@@ -46,6 +46,18 @@ pub struct Score {
     pub answer_nll: f64,
 }
 
+/// What stages 1-4 of a step found (see [`Optimizer::shortlist`]).
+pub struct Shortlist {
+    /// The current prompt's reasoning per train example.
+    pub reasoning: Vec<Vec<u32>>,
+    /// Its score, when the reasoning was generated here.
+    pub reasoning_score: Option<Score>,
+    pub candidates: Vec<u32>,
+    /// The best candidates by gradient, best first, with their gradients.
+    pub short: Vec<(u32, f32)>,
+    pub seconds: Seconds,
+}
+
 /// Everything a run needs to continue after a kill.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -526,29 +538,27 @@ impl<'a> Optimizer<'a> {
             && ends_sentence(&self.lm.tokenizer.decode_with_special(&[token])?))
     }
 
-    /// One step of the method at `state.position`; `state` moves on.
-    pub fn step(&self, state: &mut State) -> Result<StepRecord> {
+    /// Stages 1-4 of a step at `state.position`: the current prompt's reasoning (regenerated
+    /// when `state` does not hold it), candidate tokens from the model's own distribution,
+    /// ranked by the gradient over that reasoning, and the best few shortlisted.
+    pub fn shortlist(&self, state: &State) -> Result<Shortlist> {
         let mut secs = Seconds::default();
-        let mut generated_tokens = 0;
-        let (prompt, position) = (state.prompt.clone(), state.position);
-        let prompt_before = self.prompt_text(&prompt)?;
+        let (prompt, position) = (&state.prompt, state.position);
 
         // 1. The reasoning of the current prompt (known from the last check unless it grew).
         let t = Instant::now();
-        let reasoning = match state.reasoning.clone() {
-            Some(r) => r,
+        let (reasoning, reasoning_score) = match state.reasoning.clone() {
+            Some(r) => (r, None),
             None => {
-                let (reasoning, score) = self.reason_and_score(&prompt)?;
-                state.scores.insert(prompt_before.clone(), score);
-                generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
-                reasoning
+                let (reasoning, score) = self.reason_and_score(prompt)?;
+                (reasoning, Some(score))
             }
         };
         secs.reasoning += t.elapsed().as_secs_f64();
 
         // 2. Candidates from the model's own next-token distribution at the position.
         let t = Instant::now();
-        let (_, ranked) = self.prompt_stats(&prompt, &self.prompt_hidden(&[prompt.clone()])?[0], Some(position))?;
+        let (_, ranked) = self.prompt_stats(prompt, &self.prompt_hidden(&[prompt.clone()])?[0], Some(position))?;
         let proposal = ProposalConfig {
             top_k: self.cfg.top_k,
             subsets: self.cfg.top_q,
@@ -561,10 +571,23 @@ impl<'a> Optimizer<'a> {
 
         // 3-4. The gradient over reasoning ranks them; the best few are shortlisted.
         let t = Instant::now();
-        let grad = self.gradient(&prompt, position, &candidates, &reasoning)?;
+        let grad = self.gradient(prompt, position, &candidates, &reasoning)?;
         let excluded = (!self.cfg.keep_current).then_some(prompt[position]);
-        let mut short = shortlist(&candidates, &grad, excluded, self.cfg.shortlist);
+        let short = shortlist(&candidates, &grad, excluded, self.cfg.shortlist);
         secs.gradient += t.elapsed().as_secs_f64();
+        Ok(Shortlist { reasoning, reasoning_score, candidates, short, seconds: secs })
+    }
+
+    /// One step of the method at `state.position`; `state` moves on.
+    pub fn step(&self, state: &mut State) -> Result<StepRecord> {
+        let (prompt, position) = (state.prompt.clone(), state.position);
+        let prompt_before = self.prompt_text(&prompt)?;
+        let Shortlist { reasoning, reasoning_score, candidates, mut short, seconds: mut secs } = self.shortlist(state)?;
+        let mut generated_tokens = 0;
+        if let Some(score) = reasoning_score {
+            state.scores.insert(prompt_before.clone(), score);
+            generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
+        }
         // The check stops at the first token the sentence-end rule takes.
         let mut at_once = None;
         for (i, &(tok, _)) in short.iter().enumerate() {
