@@ -90,16 +90,19 @@ fn every_kernel_equals_the_plain_quantised_sums_on_every_gguf_format() {
 }
 
 #[test]
-fn every_kernel_equals_the_plain_sums_over_the_full_byte_range() {
-    // Integers -128..=127 (a Q8_0 file may hold -128), blocks of 16 and 32, with and
-    // without offsets, k not a multiple of the 64-byte vector.
-    for (block, k, with_offset) in [(32, 32, false), (32, 96, true), (16, 48, false), (16, 80, true)] {
-        let n = 19;
-        let q: Vec<i8> = (0..n * k).map(|i| ((i * 7919 + 31) % 256) as u8 as i8).collect();
-        let scale: Vec<f32> = (0..n * k / block).map(|i| value(i, 3) * 0.01).collect();
-        let offset = with_offset.then(|| (0..n * k / block).map(|i| value(i, 4)).collect());
-        let packed = PackedWeight { n, k, block, q, scale, offset };
-        check(&packed, &format!("raw bytes, block {block}, k {k}, offset {with_offset}"));
+fn every_kernel_equals_the_plain_sums_over_any_range_of_integers() {
+    // Integers over the whole byte (a Q8_0 file may hold -128) and ranges stored in 5 and 4
+    // bits that start anywhere, blocks of 16 and 32, with and without offsets, k not a
+    // multiple of the 64-byte vector.
+    for (lo, span) in [(-128, 256), (-20, 32), (-3, 16), (0, 16)] {
+        for (block, k, with_offset) in [(32, 32, false), (32, 96, true), (16, 48, false), (16, 80, true)] {
+            let n = 19;
+            let q: Vec<i8> = (0..n * k).map(|i| (lo + ((i * 7919 + 31) % span) as i32) as i8).collect();
+            let scale: Vec<f32> = (0..n * k / block).map(|i| value(i, 3) * 0.01).collect();
+            let offset = with_offset.then(|| (0..n * k / block).map(|i| value(i, 4)).collect());
+            let packed = PackedWeight { n, k, block, q, scale, offset };
+            check(&packed, &format!("integers {lo}..{}, block {block}, k {k}, offset {with_offset}", lo + span as i32));
+        }
     }
 }
 

@@ -11,11 +11,15 @@
 //!                               + off[c, b] * sx[r, b] * (sum over k in b of qx[r, k])
 //! ```
 //!
-//! Layout: weight rows are stored in strips of 16, so that one 64-byte vector holds 4
-//! consecutive weights of each of 16 rows and one `vpdpbusd` against 4 broadcast bytes of `x`
-//! adds 4 products into each row's lane. The instruction multiplies unsigned by signed bytes,
-//! so the weights are stored as `q + 128` and every block's integer sum starts from
-//! `-128 * sum(qx)`, which makes it exactly `sum(q * qx)`.
+//! Layout: weight rows are stored in strips of 16, so that one 64-byte vector (a group) holds
+//! 4 consecutive weights of each of 16 rows and one `vpdpbusd` against 4 broadcast bytes of
+//! `x` adds 4 products into each row's lane. The instruction multiplies unsigned by signed
+//! bytes, so a group is unpacked to `q + 128` and every block's integer sum starts from
+//! `-128 * sum(qx)`, which makes it exactly `sum(q * qx)`. Decoding one sequence is bound by
+//! reading the weights, so a weight whose integers span at most 16 or 32 values (Q4 and Q5
+//! formats) is stored as 4-bit codes (and a fifth bit in a plane of its own): 32 or 40 bytes a
+//! group instead of 64. With more than a few rows of `x`, a strip is unpacked once into a
+//! buffer in the cache and every row reads it from there.
 //!
 //! Every kernel (AVX-512 VNNI, AVX2, scalar) computes each block's integer sum exactly and
 //! adds the blocks in the same order with the same roundings (`(i * sw) * sx + acc` fused,
@@ -31,13 +35,39 @@ const STRIP: usize = 16;
 /// Added to every weight integer so that it fits an unsigned byte.
 const ZERO: i32 = 128;
 
+/// How a group of 64 integers (4 weights of 16 rows) is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codes {
+    /// 64 bytes, `q + 128`.
+    Eight,
+    /// 32 bytes of 4-bit codes `q - min`: byte j holds integer j in its low and j + 32 in
+    /// its high half.
+    Four,
+    /// As `Four`, then 8 bytes whose bit j is bit 4 of integer j's code.
+    Five,
+}
+
+impl Codes {
+    fn bytes(self) -> usize {
+        match self {
+            Codes::Eight => 64,
+            Codes::Four => 32,
+            Codes::Five => 40,
+        }
+    }
+}
+
 /// A weight [n, k] as unsigned block integers in strips of 16 rows.
 pub struct Int8Weight {
     pub n: usize,
     pub k: usize,
     /// Weights per scale: 16 or 32.
     block: usize,
-    /// `[strip][block][k / 4 within the block][row of the strip][4]`, each `q + 128`.
+    form: Codes,
+    /// Added to a 4- or 5-bit code to give `q + 128`.
+    bias: u8,
+    /// `[strip][block][k / 4 within the block]` groups, each the integers of
+    /// `[row of the strip][4]` in the form of `form`.
     codes: Vec<u8>,
     /// `[strip][block][row of the strip]`; rows past `n` have scale 0.
     scale: Vec<f32>,
@@ -52,29 +82,49 @@ impl Int8Weight {
         self.n.div_ceil(STRIP)
     }
 
-    /// The same integers and scales as `p`, rearranged into strips.
+    /// Bytes of one strip's groups for one block.
+    fn block_bytes(&self) -> usize {
+        self.block / 4 * self.form.bytes()
+    }
+
+    /// The same integers and scales as `p`, rearranged into strips, in 4 or 5 bits when
+    /// their range allows.
     pub fn from_packed(p: &PackedWeight) -> Self {
         let (n, k, block) = (p.n, p.k, p.block);
         let (blocks, strips) = (k / block, n.div_ceil(STRIP));
-        let mut codes = vec![ZERO as u8; strips * STRIP * k];
+        let (min, max) = p.q.iter().fold((0i32, 0i32), |(lo, hi), &q| (lo.min(q as i32), hi.max(q as i32)));
+        let form = match max - min {
+            0..=15 => Codes::Four,
+            16..=31 => Codes::Five,
+            _ => Codes::Eight,
+        };
+        let bias = (ZERO + min) as u8;
         let mut scale = vec![0f32; strips * blocks * STRIP];
         let mut offset = p.offset.as_ref().map(|_| vec![0f32; strips * blocks * STRIP]);
-        for row in 0..n {
-            let (s, lane) = (row / STRIP, row % STRIP);
+        let mut codes = Vec::with_capacity(strips * blocks * block / 4 * form.bytes());
+        // Rows past n: integers that unpack to 0 (+ 128), with scale 0.
+        let mut group = [0i32; 64];
+        for s in 0..strips {
             for b in 0..blocks {
-                let meta = (s * blocks + b) * STRIP + lane;
-                scale[meta] = p.scale[row * blocks + b];
-                if let (Some(dst), Some(src)) = (offset.as_mut(), p.offset.as_ref()) {
-                    dst[meta] = src[row * blocks + b];
+                for lane in 0..STRIP {
+                    let (row, meta) = (s * STRIP + lane, (s * blocks + b) * STRIP + lane);
+                    if row < n {
+                        scale[meta] = p.scale[row * blocks + b];
+                        if let (Some(dst), Some(src)) = (offset.as_mut(), p.offset.as_ref()) {
+                            dst[meta] = src[row * blocks + b];
+                        }
+                    }
                 }
-                let base = (s * blocks + b) * block * STRIP;
-                for j in 0..block {
-                    let q = p.q[row * k + b * block + j] as i32;
-                    codes[base + (j / 4) * 4 * STRIP + lane * 4 + j % 4] = (q + ZERO) as u8;
+                for g in 0..block / 4 {
+                    for (e, v) in group.iter_mut().enumerate() {
+                        let row = s * STRIP + e / 4;
+                        *v = if row < n { p.q[row * k + b * block + 4 * g + e % 4] as i32 } else { 0 };
+                    }
+                    store_group(form, min, &group, &mut codes);
                 }
             }
         }
-        Int8Weight { n, k, block, codes, scale, offset }
+        Int8Weight { n, k, block, form, bias, codes, scale, offset }
     }
 
     /// An f32 weight [n, k] (k a multiple of 32) quantised to 8-bit blocks of 32, one scale
@@ -92,6 +142,35 @@ impl Int8Weight {
     /// Whether `k` columns can be quantised in this module's blocks.
     pub fn fits(k: usize) -> bool {
         k % 32 == 0
+    }
+}
+
+/// Appends the 64 integers of a group to `out` in `form` (codes `q - min` for 4 and 5 bits).
+fn store_group(form: Codes, min: i32, q: &[i32; 64], out: &mut Vec<u8>) {
+    match form {
+        Codes::Eight => out.extend(q.iter().map(|&v| (v + ZERO) as u8)),
+        Codes::Four | Codes::Five => {
+            let code = |e: usize| (q[e] - min) as u8;
+            out.extend((0..32).map(|j| (code(j) & 15) | ((code(j + 32) & 15) << 4)));
+            if form == Codes::Five {
+                let high = (0..64).fold(0u64, |h, e| h | (((code(e) >> 4) as u64 & 1) << e));
+                out.extend(high.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// The 64 integers of a group stored in `form`, as `q + 128`.
+fn unpack_group(form: Codes, bias: u8, src: &[u8], out: &mut [u8; 64]) {
+    match form {
+        Codes::Eight => out.copy_from_slice(&src[..64]),
+        Codes::Four | Codes::Five => {
+            let high = if form == Codes::Five { u64::from_le_bytes(src[32..40].try_into().unwrap()) } else { 0 };
+            for (e, o) in out.iter_mut().enumerate() {
+                let nibble = (src[e % 32] >> (4 * (e / 32))) & 15;
+                *o = nibble + (((high >> e) & 1) as u8) * 16 + bias;
+            }
+        }
     }
 }
 
@@ -204,59 +283,102 @@ pub fn matmul(x: &[f32], w: &Int8Weight) -> Vec<f32> {
 /// ([`Kernel::choose`] of [`Features::detect`] or a slower one).
 pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight) -> Vec<f32> {
     assert_eq!(x.len() % w.k, 0, "int8::matmul: x is not [m, {}]", w.k);
-    let supported = Kernel::choose(Features::detect());
-    assert!(
-        kernel == Kernel::Scalar || kernel == supported || (kernel == Kernel::Avx2 && Features::detect().avx2),
-        "int8::matmul: {kernel:?} kernel on a CPU that supports {supported:?}"
-    );
+    let f = Features::detect();
+    let runs = match kernel {
+        Kernel::Avx512Vnni => f.avx512_vnni,
+        Kernel::Avx2 => f.avx2,
+        Kernel::Scalar => true,
+    };
+    assert!(runs, "int8::matmul: {kernel:?} kernel on a CPU without its features ({f:?})");
     let m = x.len() / w.k;
     let xq = QuantRows::new(x, w.k, w.block);
     let mut y = vec![0f32; m * w.n];
     let out = Out(y.as_mut_ptr());
     // Two strips per task: a task's weights (2 x 16 rows) are read from memory once and
     // stay in the cache while every row of x passes over them.
-    (0..w.strips().div_ceil(2)).into_par_iter().for_each(|t| {
-        let (s0, count) = (2 * t, (w.strips() - 2 * t).min(2));
-        for s in s0..s0 + count {
+    (0..w.strips().div_ceil(2)).into_par_iter().for_each_init(Vec::new, |unpacked, t| {
+        for s in 2 * t..w.strips().min(2 * t + 2) {
             // SAFETY: the kernel's features were checked above; strip s writes only columns
             // 16 s .. 16 s + 16 (clipped to n) of each row of y, which no other task writes.
-            unsafe { strip(kernel, w, s, &xq, &out, m) };
+            unsafe { strip(kernel, w, s, &xq, &out, m, unpacked) };
         }
     });
     y
 }
 
-/// Columns of strip `s` for every row of `x`.
-unsafe fn strip(kernel: Kernel, w: &Int8Weight, s: usize, x: &QuantRows, out: &Out, m: usize) {
+/// A strip's groups for the kernels: where block b's start and how they are stored.
+#[derive(Clone, Copy)]
+struct StripCodes<'a> {
+    codes: &'a [u8],
+    form: Codes,
+    bias: u8,
+    block_bytes: usize,
+}
+
+impl<'a> StripCodes<'a> {
+    fn of(w: &'a Int8Weight, s: usize) -> Self {
+        let len = w.blocks() * w.block_bytes();
+        StripCodes { codes: &w.codes[s * len..][..len], form: w.form, bias: w.bias, block_bytes: w.block_bytes() }
+    }
+
+    /// Every group unpacked to `q + 128` into `buf`, in the same order.
+    fn unpacked(self, buf: &'a mut Vec<u8>) -> Self {
+        let groups = self.codes.len() / self.form.bytes();
+        buf.resize(64 * groups, 0);
+        for (src, dst) in self.codes.chunks_exact(self.form.bytes()).zip(buf.chunks_exact_mut(64)) {
+            unpack_group(self.form, self.bias, src, dst.try_into().unwrap());
+        }
+        StripCodes { codes: buf, form: Codes::Eight, bias: 0, block_bytes: self.block_bytes / self.form.bytes() * 64 }
+    }
+
+    /// Group g of block b, as stored.
+    fn group(&self, b: usize, g: usize) -> &'a [u8] {
+        &self.codes[b * self.block_bytes + g * self.form.bytes()..][..self.form.bytes()]
+    }
+}
+
+/// Columns of strip `s` for every row of `x`; `unpacked` is this task's buffer.
+unsafe fn strip(kernel: Kernel, w: &Int8Weight, s: usize, x: &QuantRows, out: &Out, m: usize, unpacked: &mut Vec<u8>) {
     let cols = STRIP.min(w.n - s * STRIP);
+    let stored = StripCodes::of(w, s);
+    // Past one group of rows, unpacking once is cheaper than once per group.
+    let codes = if m > ROWS || kernel != Kernel::Avx512Vnni { stored.unpacked(unpacked) } else { stored };
     let mut r = 0;
     while r < m {
-        let rows = match kernel {
+        let rows = ROWS.min(m - r);
+        match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => avx512::rows(w, s, x, r, m - r, out.0, cols),
+            Kernel::Avx512Vnni => avx512::rows(w, codes, s, x, r, rows, out.0, cols),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => avx2::row(w, s, x, r, out.0, cols),
-            _ => scalar_row(w, s, x, r, out.0, cols),
-        };
+            Kernel::Avx2 => (r..r + rows).for_each(|r| avx2::row(w, codes, s, x, r, out.0, cols)),
+            _ => (r..r + rows).for_each(|r| scalar_row(w, codes, s, x, r, out.0, cols)),
+        }
         r += rows;
     }
 }
 
-/// Row `r` of y over strip `s`, in plain Rust: the reference the SIMD kernels equal.
-unsafe fn scalar_row(w: &Int8Weight, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) -> usize {
+/// Rows of x per pass over a strip: 4 integer and 4 float accumulators per strip, the
+/// weight group and the broadcast bytes of x stay in registers.
+const ROWS: usize = 4;
+
+/// Row `r` of y over strip `s` (groups unpacked), in plain Rust: the reference the SIMD
+/// kernels equal.
+unsafe fn scalar_row(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) {
     let (k, block, blocks) = (w.k, w.block, w.blocks());
     let mut acc = [0f32; STRIP];
     for b in 0..blocks {
         let xq = &x.q[r * k + b * block..][..block];
-        let codes = &w.codes[(s * blocks + b) * block * STRIP..][..block * STRIP];
         let meta = (s * blocks + b) * STRIP;
         let xb = r * blocks + b;
-        for (lane, a) in acc.iter_mut().enumerate() {
-            let mut dot = x.start[xb];
-            for (j, &q) in xq.iter().enumerate() {
-                dot += codes[(j / 4) * 4 * STRIP + lane * 4 + j % 4] as i32 * q as i32;
+        let mut dot = [x.start[xb]; STRIP];
+        for (g, four) in xq.chunks_exact(4).enumerate() {
+            let group = codes.group(b, g);
+            for (lane, d) in dot.iter_mut().enumerate() {
+                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * four[j] as i32).sum::<i32>();
             }
-            *a = (dot as f32 * w.scale[meta + lane]).mul_add(x.scale[xb], *a);
+        }
+        for (lane, a) in acc.iter_mut().enumerate() {
+            *a = (dot[lane] as f32 * w.scale[meta + lane]).mul_add(x.scale[xb], *a);
             if let Some(off) = &w.offset {
                 *a = off[meta + lane].mul_add(x.sum[xb], *a);
             }
@@ -265,44 +387,72 @@ unsafe fn scalar_row(w: &Int8Weight, s: usize, x: &QuantRows, r: usize, y: *mut 
     for (c, a) in acc.iter().take(cols).enumerate() {
         *y.add(r * w.n + s * STRIP + c) = *a;
     }
-    1
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Int8Weight, QuantRows, STRIP};
+    use super::{Codes, Int8Weight, QuantRows, StripCodes, STRIP};
 
-    /// Rows of x per call: 4 integer and 4 float accumulators, the weight vector and the
-    /// broadcast bytes of x stay in registers.
-    const R: usize = 4;
-
-    /// Up to R rows of y from row `r0` over strip `s`; returns how many.
+    /// `rows` (1 to 4) rows of y from row `r0` over strip `s`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn rows(w: &Int8Weight, s: usize, x: &QuantRows, r0: usize, left: usize, y: *mut f32, cols: usize) -> usize {
-        match left.min(R) {
-            4 => group::<4>(w, s, x, r0, y, cols),
-            3 => group::<3>(w, s, x, r0, y, cols),
-            2 => group::<2>(w, s, x, r0, y, cols),
-            _ => group::<1>(w, s, x, r0, y, cols),
+    pub unsafe fn rows(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r0: usize, rows: usize, y: *mut f32, cols: usize) {
+        match (rows, codes.form) {
+            (4, Codes::Eight) => group::<4, 8>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Eight) => group::<3, 8>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Eight) => group::<2, 8>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Eight) => group::<1, 8>(w, codes, s, x, r0, y, cols),
+            (4, Codes::Four) => group::<4, 4>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Four) => group::<3, 4>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Four) => group::<2, 4>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Four) => group::<1, 4>(w, codes, s, x, r0, y, cols),
+            (4, Codes::Five) => group::<4, 5>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Five) => group::<3, 5>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Five) => group::<2, 5>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Five) => group::<1, 5>(w, codes, s, x, r0, y, cols),
         }
-        left.min(R)
+    }
+
+    /// A group of 64 integers as `q + 128`, from its `BITS`-bit storage at `src`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load_group<const BITS: u8>(src: *const u8, bias: __m512i) -> __m512i {
+        if BITS == 8 {
+            return _mm512_loadu_si512(src as *const _);
+        }
+        let packed = _mm256_loadu_si256(src as *const __m256i);
+        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
+        let mut codes = _mm512_and_si512(both, _mm512_set1_epi8(15));
+        if BITS == 5 {
+            let high = (src.add(32) as *const u64).read_unaligned();
+            codes = _mm512_mask_add_epi8(codes, high, codes, _mm512_set1_epi8(16));
+        }
+        _mm512_add_epi8(codes, bias)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn group<const N: usize>(w: &Int8Weight, s: usize, x: &QuantRows, r0: usize, y: *mut f32, cols: usize) {
+    unsafe fn group<const N: usize, const BITS: u8>(
+        w: &Int8Weight,
+        codes: StripCodes,
+        s: usize,
+        x: &QuantRows,
+        r0: usize,
+        y: *mut f32,
+        cols: usize,
+    ) {
         let (k, block, blocks) = (w.k, w.block, w.blocks());
+        let bias = _mm512_set1_epi8(codes.bias as i8);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..blocks {
-            let codes = w.codes.as_ptr().add((s * blocks + b) * block * STRIP);
             let xq = x.q.as_ptr().add(r0 * k + b * block);
             let mut dot = [_mm512_setzero_si512(); N];
             for (i, d) in dot.iter_mut().enumerate() {
                 *d = _mm512_set1_epi32(x.start[(r0 + i) * blocks + b]);
             }
             for g in 0..block / 4 {
-                let wv = _mm512_loadu_si512(codes.add(g * 64) as *const _);
+                let wv = load_group::<BITS>(codes.group(b, g).as_ptr(), bias);
                 for (i, d) in dot.iter_mut().enumerate() {
                     let xv = _mm512_set1_epi32((xq.add(i * k + 4 * g) as *const i32).read_unaligned());
                     *d = _mm512_dpbusd_epi32(*d, wv, xv);
@@ -331,26 +481,26 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Int8Weight, QuantRows, STRIP};
+    use super::{Int8Weight, QuantRows, StripCodes, STRIP};
 
-    /// Row `r` of y over strip `s`. A 64-byte group (4 weights of 16 rows) is widened to
-    /// 16-bit integers in four parts of 4 rows, each multiplied with the 4 bytes of x by
-    /// `vpmaddwd` into 2 pair sums per row; the pairs are added at the end of the block.
+    /// Row `r` of y over strip `s` (groups unpacked). A group (4 weights of 16 rows) is
+    /// widened to 16-bit integers in four parts of 4 rows, each multiplied with the 4 bytes
+    /// of x by `vpmaddwd` into 2 pair sums per row; the pairs are added at the block's end.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row(w: &Int8Weight, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) -> usize {
+    pub unsafe fn row(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) {
         let (k, block, blocks) = (w.k, w.block, w.blocks());
         let mut acc = [_mm256_setzero_ps(); 2];
         // hadd leaves rows in the order 0 1 4 5 2 3 6 7 of its two inputs.
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
         for b in 0..blocks {
-            let codes = w.codes.as_ptr().add((s * blocks + b) * block * STRIP);
             let xq = x.q.as_ptr().add(r * k + b * block);
             let mut pairs = [_mm256_setzero_si256(); 4];
             for g in 0..block / 4 {
+                let group = codes.group(b, g).as_ptr();
                 let four = _mm_cvtsi32_si128((xq.add(4 * g) as *const i32).read_unaligned());
                 let xv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(four));
                 for (p, pair) in pairs.iter_mut().enumerate() {
-                    let bytes = _mm_loadu_si128(codes.add(g * 64 + 16 * p) as *const __m128i);
+                    let bytes = _mm_loadu_si128(group.add(16 * p) as *const __m128i);
                     *pair = _mm256_add_epi32(*pair, _mm256_madd_epi16(_mm256_cvtepu8_epi16(bytes), xv));
                 }
             }
@@ -373,6 +523,5 @@ mod avx2 {
         _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
         _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
         std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(r * w.n + s * STRIP), cols);
-        1
     }
 }
