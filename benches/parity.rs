@@ -63,7 +63,7 @@ fn zero_shot(data: &PathBuf) {
     for name in ["object_counting", "navigate"] {
         let (task, split) = Task::load_split(name, Some(data.clone()), 0, 1, (0, 0, 100)).unwrap();
         let test: Vec<_> = split.test.iter().map(|&i| &task.examples[i]).collect();
-        let cfg = EvalConfig { batch: 50, max_reasoning: 256, connector: ". Use".into(), cancel: None };
+        let cfg = EvalConfig { batch: 50, max_reasoning: 256, connector: ". Use".into(), system: Default::default(), cancel: None };
         let run = |lm: &LanguageModel| evaluate(lm, &task, &test, ZERO_SHOT_COT, &cfg, &mut |_| {}).unwrap();
         let (a, b) = (run(&f32_lm), run(&mixed_lm));
         let same = a.records.iter().zip(&b.records).filter(|(x, y)| x.parsed_answer == y.parsed_answer).count();

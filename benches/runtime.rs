@@ -136,7 +136,7 @@ fn bench(alias: &str) {
     let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
         "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
     let prompts: Vec<Vec<u32>> = (0..32)
-        .map(|i| lm.chat_ids(None, &format!("{} ({})", questions[i % 8], i / 8)).unwrap())
+        .map(|i| lm.chat_ids(&Default::default(), &format!("{} ({})", questions[i % 8], i / 8)).unwrap())
         .collect();
 
     let base = quantized_baseline_decode(&lm, &prompts[0]);

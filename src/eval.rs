@@ -14,6 +14,7 @@ use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
+use crate::tokenizer::SystemTurn;
 
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
@@ -22,6 +23,8 @@ pub struct EvalConfig {
     pub max_reasoning: usize,
     /// Text between the question and the prompt (see [`crate::layout`]).
     pub connector: String,
+    /// What goes before the user turn.
+    pub system: SystemTurn,
     /// Stops the evaluation (see [`GenerateConfig::cancel`]).
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -82,7 +85,7 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalReport> {
     let start = Instant::now();
-    let layout = Layout::new(lm, task, &cfg.connector)?;
+    let layout = Layout::new(lm, task, &cfg.system, &cfg.connector)?;
     let extractor = layout.extractor();
     let answer_cfg = lm.generate_config(task.kind.answer_budget(), None);
     let mut records = Vec::with_capacity(examples.len());

@@ -2,7 +2,7 @@
 //! the evaluator alike, so that the ids optimised are the ids evaluated.
 //!
 //! ```text
-//! chat header + question + connector | prompt | end of user turn + assistant header
+//! chat header (system turn: none, the template's, or a text) + question + connector | prompt | end of user turn + assistant header
 //!     | reasoning | extractor | answer
 //! ```
 //! The reference writes the user turn as `{question}. Use{prompt}`, the prompt starting with a
@@ -12,6 +12,7 @@ use anyhow::Result;
 
 use crate::runtime::LanguageModel;
 use crate::tasks::Task;
+use crate::tokenizer::SystemTurn;
 
 /// The reference's fixed text between the question and the prompt.
 pub const REFERENCE_CONNECTOR: &str = ". Use";
@@ -30,6 +31,7 @@ pub struct QuestionIds {
 
 pub struct Layout<'a> {
     lm: &'a LanguageModel,
+    system: SystemTurn,
     connector: String,
     extractor: Vec<u32>,
     /// The extractor's trailing spaces ("... is $ "), which go with the answer: the answer
@@ -39,15 +41,15 @@ pub struct Layout<'a> {
 }
 
 impl<'a> Layout<'a> {
-    pub fn new(lm: &'a LanguageModel, task: &Task, connector: &str) -> Result<Self> {
+    pub fn new(lm: &'a LanguageModel, task: &Task, system: &SystemTurn, connector: &str) -> Result<Self> {
         let trimmed = task.extractor.trim_end();
         let extractor = lm.tokenizer.encode_continuation(&format!(" {trimmed}"))?;
         let answer_prefix = task.extractor[trimmed.len()..].to_string();
-        Ok(Layout { lm, connector: connector.to_string(), extractor, answer_prefix })
+        Ok(Layout { lm, system: system.clone(), connector: connector.to_string(), extractor, answer_prefix })
     }
 
     pub fn question(&self, question: &str) -> Result<QuestionIds> {
-        let text = self.lm.chat_text(None, &format!("{question}{}{SLOT}", self.connector))?;
+        let text = self.lm.chat_text(&self.system, &format!("{question}{}{SLOT}", self.connector))?;
         let (head, tail) = text.split_once(SLOT).expect("the chat template keeps the user text");
         Ok(QuestionIds {
             head: self.lm.tokenizer.encode(head, false)?,

@@ -15,6 +15,7 @@ use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, Sta
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
 use greater::model::{catalog, Precision};
+use greater::tokenizer::SystemTurn;
 use greater::model::generate::{Cancelled, Sampling};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::{builtin_tasks, Split, Task, ZERO_SHOT_COT};
@@ -89,8 +90,9 @@ enum Command {
         model: ModelArgs,
         #[arg(long)]
         prompt: String,
-        #[arg(long)]
-        system: Option<String>,
+        /// The system turn: none, template (the chat template's default) or a text.
+        #[arg(long, default_value = "template")]
+        system: SystemTurn,
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
         /// Sample at this temperature instead of decoding greedily.
@@ -124,6 +126,9 @@ enum Command {
         /// Text between the question and the prompt (the reference's; as in optimisation).
         #[arg(long, default_value = REFERENCE_CONNECTOR)]
         connector: String,
+        /// The system turn: none, template (the chat template's default; as in optimisation) or a text.
+        #[arg(long, default_value = "template")]
+        system: SystemTurn,
         /// One JSON line per question.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -162,7 +167,7 @@ struct OptimizeArgs {
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
         "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
-        "method", "budget_tokens", "precision",
+        "method", "budget_tokens", "precision", "system",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -221,6 +226,10 @@ struct OptimizeArgs {
     /// Text between the question and the prompt [reference: ". Use"].
     #[arg(long)]
     connector: Option<String>,
+    /// The system turn: none, template (the chat template's default) or a text
+    /// [reference: none] [default: template].
+    #[arg(long)]
+    system: Option<SystemTurn>,
     /// The current token may be shortlisted and kept [reference: true].
     #[arg(long)]
     keep_current: Option<bool>,
@@ -289,7 +298,7 @@ impl OptimizeArgs {
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
         overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight);
-        overlay!(restart_below, start, method, precision);
+        overlay!(restart_below, start, method, precision, system);
         if let Some(b) = self.budget_tokens {
             c.budget_tokens = Some(b);
         }
@@ -559,12 +568,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate { model, prompt, system, max_tokens, temperature, top_p, sample_seed } => {
             let lm = model.open()?;
-            let ids = lm.chat_ids(system.as_deref(), &prompt)?;
+            let ids = lm.chat_ids(&system, &prompt)?;
             let sampling = temperature.map(|temperature| Sampling { temperature, top_p, seed: sample_seed });
             let reply = lm.complete(&[ids], &lm.generate_config(max_tokens, sampling))?;
             println!("{}", reply[0].trim());
         }
-        Command::Eval { model, task, prompt, baseline, prompt_from, batch, max_reasoning, connector, out } => {
+        Command::Eval { model, task, prompt, baseline, prompt_from, batch, max_reasoning, connector, system, out } => {
             let prompt = match (prompt, prompt_from, baseline) {
                 (Some(p), _, _) => p,
                 (None, Some(dir), _) => {
@@ -573,7 +582,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 (None, None, _) => ZERO_SHOT_COT.to_string(),
             };
-            let cfg = EvalConfig { batch, max_reasoning, connector, cancel: None };
+            let cfg = EvalConfig { batch, max_reasoning, connector, system, cancel: None };
             run_eval(&model, &task, &prompt, cfg, out.as_deref())?;
         }
         Command::Optimize(args) => run_optimize_command(&args)?,

@@ -11,7 +11,7 @@ use crate::model::catalog;
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
 use crate::model::weights::WeightSource;
 use crate::model::{Model, ModelConfig, Precision};
-use crate::tokenizer::{read_json, ChatTemplate, Message, Tokenizer};
+use crate::tokenizer::{read_json, ChatTemplate, SystemTurn, Tokenizer};
 
 pub struct LanguageModel {
     pub model: Model,
@@ -53,24 +53,19 @@ impl LanguageModel {
         Ok(LanguageModel { model, tokenizer, chat, path })
     }
 
-    /// The chat text of one user turn (with an optional system turn), ready for the reply.
-    pub fn chat_text(&self, system: Option<&str>, user: &str) -> Result<String> {
+    /// The chat text of one user turn after `system`, ready for the reply.
+    pub fn chat_text(&self, system: &SystemTurn, user: &str) -> Result<String> {
         let Some(chat) = &self.chat else {
             bail!(
                 "{} has no chat template; pass one with --chat-template FILE",
                 self.path.display()
             );
         };
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = system {
-            messages.push(Message::new("system", system));
-        }
-        messages.push(Message::new("user", user));
-        chat.render(&messages, true)
+        chat.render_turn(system, user)
     }
 
-    /// Prompt ids for one user turn (with an optional system turn), ready for the reply.
-    pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+    /// Prompt ids for one user turn after `system`, ready for the reply.
+    pub fn chat_ids(&self, system: &SystemTurn, user: &str) -> Result<Vec<u32>> {
         let ids = self.tokenizer.encode(&self.chat_text(system, user)?, false)?;
         self.check_context(ids.len())?;
         Ok(ids)

@@ -162,7 +162,7 @@ fn hugging_face_folder_loads_config_weights_tokenizer_and_template() {
     assert_close(&logits(&lm.model), &logits(&reference));
     assert_eq!(lm.tokenizer.encode("ab c.", false).unwrap(), vec![38, 36, 2, 37]);
     assert_eq!(lm.tokenizer.stop_ids, vec![39]);
-    assert_eq!(lm.chat_ids(None, "abc").unwrap(), vec![38, 2]);
+    assert_eq!(lm.chat_ids(&Default::default(), "abc").unwrap(), vec![38, 2]);
 }
 
 fn greater_cli(args: &[&str]) -> (i32, String) {

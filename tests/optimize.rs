@@ -451,7 +451,7 @@ fn the_loss_averages_the_prompt_nll_over_all_prompt_tokens() {
     let train = Split::pick(&split.train, &task);
     let cfg = OptimizeConfig::default();
     let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
-    let layout = Layout::new(&lm, &task, &cfg.connector).unwrap();
+    let layout = Layout::new(&lm, &task, &cfg.system, &cfg.connector).unwrap();
     let prompt = opt.prompt_ids("Go on.").unwrap();
     let reasoning: Vec<Vec<u32>> = (0..2).map(|_| lm.tokenizer.encode(" so 4", false).unwrap()).collect();
     for position in [0, 3, prompt.len() - 1] {
@@ -486,14 +486,14 @@ fn assert_optimiser_and_evaluator_ids_agree(lm: &LanguageModel) {
     let train = Split::pick(&split.train, &task);
     let cfg = OptimizeConfig::default();
     let opt = Optimizer::new(lm, &task, &train, &cfg, no_interrupt()).unwrap();
-    let layout = Layout::new(lm, &task, &cfg.connector).unwrap();
+    let layout = Layout::new(lm, &task, &cfg.system, &cfg.connector).unwrap();
     for prompt in [PAPER_INITIAL_PROMPT, ZERO_SHOT_COT] {
         let ids = opt.prompt_ids(prompt).unwrap();
         assert_eq!(opt.prompt_text(&ids).unwrap(), prompt);
         for (e, example) in train.iter().enumerate() {
             let optimised = opt.user_ids(e, &ids).unwrap();
             assert_eq!(optimised, user_ids(&layout, &example.question, prompt).unwrap());
-            let text = lm.chat_text(None, &format!("{}. Use {prompt}", example.question)).unwrap();
+            let text = lm.chat_text(&cfg.system, &format!("{}. Use {prompt}", example.question)).unwrap();
             assert_eq!(lm.tokenizer.decode_with_special(&optimised).unwrap(), text);
         }
     }
@@ -829,7 +829,7 @@ fn gcg_scores_the_answer_right_after_the_prompt_with_no_reasoning_span() {
     let lm = open_quietly(&tiny_model(tmp.path()));
     let (task, split) = arithmetic(3);
     let train = Split::pick(&split.train, &task);
-    let layout = Layout::new(&lm, &task, ". Use").unwrap();
+    let layout = Layout::new(&lm, &task, &Default::default(), ". Use").unwrap();
     for method in [Method::Greater, Method::Gcg] {
         let cfg = OptimizeConfig { model: String::new(), method, max_reasoning: 5, ..OptimizeConfig::default() };
         let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();

@@ -12,7 +12,7 @@ use greater::model::catalog;
 use greater::model::weights::hf_name;
 use greater::model::{Arch, KvCache, Model, Pass};
 use greater::runtime::{LanguageModel, OpenOptions};
-use greater::tokenizer::Message;
+use greater::tokenizer::{ChatTemplate, Message, SystemTurn};
 
 const N_TOKENS: usize = 64;
 
@@ -213,5 +213,50 @@ fn cli_eval_writes_one_record_per_question_matching_the_accuracy() {
         let parsed = r["parsed_answer"].as_str();
         assert_eq!(r["correct"].as_bool().unwrap(), parsed == r["gold"].as_str());
         assert!(r["question"].as_str().unwrap().ends_with(" ="));
+    }
+}
+
+#[test]
+fn system_none_gives_chatml_turns_without_system_text_for_smollm2_and_qwen() {
+    let user = "What is 2+2?. Use proper logical reasoning.";
+    let bare = format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n");
+    for alias in ["smollm2-135m", "qwen2.5-coder-0.5b"] {
+        if alias != "smollm2-135m" && !catalog::find(alias).unwrap().is_cached() {
+            eprintln!("SKIPPED: {alias} is not cached");
+            continue;
+        }
+        let opened;
+        let lm = if alias == "smollm2-135m" {
+            common::smollm2()
+        } else {
+            opened = LanguageModel::open(alias, &OpenOptions::default(), &mut |_| {}).unwrap();
+            &opened
+        };
+        let ids = |system: &str| lm.chat_ids(&system.parse().unwrap(), user).unwrap();
+        assert_eq!(ids("none"), lm.tokenizer.encode(&bare, false).unwrap(), "{alias}: system none");
+        let text = lm.chat_text(&SystemTurn::Template, user).unwrap();
+        assert!(text.starts_with("<|im_start|>system\nYou are") && text.ends_with(&bare), "{alias}: {text:?}");
+        let own = format!("<|im_start|>system\nBe brief.<|im_end|>\n{bare}");
+        assert_eq!(ids("Be brief."), lm.tokenizer.encode(&own, false).unwrap(), "{alias}: a system text");
+    }
+}
+
+#[test]
+fn system_none_drops_a_llama3_default_system_turn_and_keeps_templates_without_one() {
+    let llama3 = "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n\
+Default text.<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
+{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+    let chat = ChatTemplate::new(llama3, Some("<|begin_of_text|>"), None).unwrap();
+    assert_eq!(
+        chat.render_turn(&SystemTurn::None, "Hi").unwrap(),
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    // No default system turn, or no system role at all: the user-only rendering as it is.
+    let plain = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}";
+    let no_role = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}\
+<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}";
+    for source in [plain, no_role] {
+        let chat = ChatTemplate::new(source, None, None).unwrap();
+        assert_eq!(chat.render_turn(&SystemTurn::None, "Hi").unwrap(), chat.render_turn(&SystemTurn::Template, "Hi").unwrap());
     }
 }

@@ -64,7 +64,7 @@ impl Optimizer<'_> {
             let picked = sample(&mut rng, self.examples.len(), DEMOS.min(self.examples.len()));
             let demos: Vec<(&str, &str)> =
                 picked.iter().map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str())).collect();
-            let text = format!("{}{start}", self.lm.chat_text(None, &proposal_request(&demos, start))?);
+            let text = format!("{}{start}", self.lm.chat_text(&self.cfg.system, &proposal_request(&demos, start))?);
             requests.push(Request { prefix: Default::default(), ids: self.lm.tokenizer.encode(&text, false)? });
         }
         let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rng.random() };

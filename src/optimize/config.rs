@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::REFERENCE_CONNECTOR;
 use crate::model::Precision;
+use crate::tokenizer::SystemTurn;
 
 /// How the prompt is searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
@@ -104,6 +105,10 @@ pub struct OptimizeConfig {
     pub chat_template: Option<String>,
     /// Text between the question and the prompt (reference: ". Use").
     pub connector: String,
+    /// The system turn: `none` (the reference's), `template` (the chat template's default)
+    /// or a text. A run folder from before this setting resumes with the template's.
+    #[serde(default = "SystemTurn::default")]
+    pub system: SystemTurn,
     /// The current token is a candidate that may be shortlisted and kept (reference: true).
     pub keep_current: bool,
     /// A shortlisted token with a `.` in the second half of the prompt is taken at once
@@ -169,6 +174,7 @@ impl Default for OptimizeConfig {
             eval_batch: 32,
             chat_template: None,
             connector: REFERENCE_CONNECTOR.into(),
+            system: SystemTurn::Template,
             keep_current: true,
             sentence_end_rule: true,
             filler: Filler::Underscore,

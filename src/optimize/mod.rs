@@ -189,7 +189,7 @@ impl<'a> Optimizer<'a> {
         if train.is_empty() {
             bail!("the train split is empty: pass --train N");
         }
-        let layout = Layout::new(lm, task, &cfg.connector)?;
+        let layout = Layout::new(lm, task, &cfg.system, &cfg.connector)?;
         let mut examples = Vec::with_capacity(train.len());
         for ex in train {
             let ids = layout.question(&ex.question)?;

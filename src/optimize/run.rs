@@ -184,6 +184,7 @@ fn eval_config(s: &OptimizeConfig, interrupt: &Arc<AtomicBool>) -> EvalConfig {
         batch: s.eval_batch,
         max_reasoning: s.max_reasoning,
         connector: s.connector.clone(),
+        system: s.system.clone(),
         cancel: Some(Arc::clone(interrupt)),
     }
 }

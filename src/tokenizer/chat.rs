@@ -1,7 +1,10 @@
 //! The model's own Jinja chat template, rendered with minijinja the way Hugging Face's
 //! `apply_chat_template` renders it (trim_blocks, lstrip_blocks, Python string methods).
 
-use anyhow::{anyhow, Result};
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 
@@ -16,6 +19,57 @@ impl Message {
         Message { role: role.into(), content: content.into() }
     }
 }
+
+/// What goes before the user turn.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SystemTurn {
+    /// No system turn at all (the reference's), even where the template adds a default one.
+    None,
+    /// Whatever the template writes when no system message is given (Qwen's and SmolLM2's
+    /// write a default system text).
+    #[default]
+    Template,
+    /// A system turn with this text.
+    Text(String),
+}
+
+impl FromStr for SystemTurn {
+    type Err = std::convert::Infallible;
+    /// `none`, `template`, or any other text as the system turn's text.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "none" => SystemTurn::None,
+            "template" => SystemTurn::Template,
+            text => SystemTurn::Text(text.to_string()),
+        })
+    }
+}
+
+impl fmt::Display for SystemTurn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SystemTurn::None => f.write_str("none"),
+            SystemTurn::Template => f.write_str("template"),
+            SystemTurn::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+impl Serialize for SystemTurn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SystemTurn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(text.parse().unwrap_or_else(|e: std::convert::Infallible| match e {}))
+    }
+}
+
+/// Stands for the system text while the template's own system turn is located.
+const SYSTEM_MARK: &str = "\u{2}SYSTEM\u{2}";
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -42,6 +96,38 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(ChatTemplate { env, bos: bos.unwrap_or_default().into(), eos: eos.unwrap_or_default().into() })
+    }
+
+    /// One user turn after `system`, ready for the reply.
+    pub fn render_turn(&self, system: &SystemTurn, user: &str) -> Result<String> {
+        let user_only = [Message::new("user", user)];
+        match system {
+            SystemTurn::Template => self.render(&user_only, true),
+            SystemTurn::Text(text) => self.render(&[Message::new("system", text), user_only[0].clone()], true),
+            SystemTurn::None => self.without_system(user),
+        }
+    }
+
+    /// The user turn with no system turn. A template that writes a default system turn when
+    /// given none renders the user-only text as `A + default + B`, where it renders a system
+    /// message M as `A + M + B`; A is the system turn's header (after BOS), and B ends with
+    /// the user turn, whose header is taken to be A's with `system` read as `user`.
+    fn without_system(&self, user: &str) -> Result<String> {
+        let plain = self.render(&[Message::new("user", user)], true)?;
+        // A template without a system role (it raises, or drops the text) has no system turn.
+        let Ok(marked) = self.render(&[Message::new("system", SYSTEM_MARK), Message::new("user", user)], true) else {
+            return Ok(plain);
+        };
+        let Some((a, b)) = marked.split_once(SYSTEM_MARK) else { return Ok(plain) };
+        if plain.len() < a.len() + b.len() || !plain.starts_with(a) || !plain.ends_with(b) {
+            return Ok(plain); // no default system turn
+        }
+        let header = a.strip_prefix(self.bos.as_str()).unwrap_or(a);
+        let user_header = header.replace("system", "user");
+        let Some(at) = b.find(&format!("{user_header}{user}")) else {
+            bail!("system none: cannot find where this chat template's user turn starts (expected {user_header:?})");
+        };
+        Ok(format!("{}{}", &a[..a.len() - header.len()], &b[at..]))
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde_json::Value;
 
-pub use chat::{ChatTemplate, Message};
+pub use chat::{ChatTemplate, Message, SystemTurn};
 
 /// Token strings that end an assistant turn in common chat formats.
 const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|end_of_text|>"];
