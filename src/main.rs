@@ -18,7 +18,7 @@ use greater::model::{catalog, Precision};
 use greater::tokenizer::SystemTurn;
 use greater::model::generate::{Cancelled, Sampling};
 use greater::runtime::{LanguageModel, OpenOptions};
-use greater::tasks::{builtin_tasks, Split, Task, ZERO_SHOT_COT};
+use greater::tasks::{builtin_tasks, ExtractorOptions, Split, Task, ZERO_SHOT_COT};
 
 #[derive(Parser)]
 #[command(name = "greater", version, about = "Optimise a local model's task prompt with gradients over reasoning")]
@@ -67,12 +67,17 @@ struct TaskArgs {
     dev: usize,
     #[arg(long, default_value_t = 100)]
     test: usize,
+    /// Letters a BBH multiple-choice extractor lists: data (as many as the data's options)
+    /// or reference (the reference script's fixed list per task).
+    #[arg(long, value_enum, default_value = "data")]
+    extractor_options: ExtractorOptions,
 }
 
 impl TaskArgs {
     fn load(&self) -> Result<(Task, Split)> {
         let sizes = (self.train, self.dev, self.test);
-        Task::load_split(&self.task, self.data_dir.clone(), self.seed, self.difficulty, sizes)
+        let (task, split) = Task::load_split(&self.task, self.data_dir.clone(), self.seed, self.difficulty, sizes)?;
+        Ok((task.with_extractor_options(self.extractor_options), split))
     }
 }
 
@@ -167,7 +172,7 @@ struct OptimizeArgs {
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
         "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
-        "method", "budget_tokens", "precision", "system",
+        "method", "budget_tokens", "precision", "system", "extractor_options",
     ])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
@@ -230,6 +235,10 @@ struct OptimizeArgs {
     /// [reference: none] [default: template].
     #[arg(long)]
     system: Option<SystemTurn>,
+    /// Letters a BBH multiple-choice extractor lists: data or reference (the reference
+    /// script's fixed list per task) [reference: reference] [default: data].
+    #[arg(long, value_enum)]
+    extractor_options: Option<ExtractorOptions>,
     /// The current token may be shortlisted and kept [reference: true].
     #[arg(long)]
     keep_current: Option<bool>,
@@ -298,7 +307,7 @@ impl OptimizeArgs {
         overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
         overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
         overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight);
-        overlay!(restart_below, start, method, precision, system);
+        overlay!(restart_below, start, method, precision, system, extractor_options);
         if let Some(b) = self.budget_tokens {
             c.budget_tokens = Some(b);
         }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use greater::tasks::{AnswerKind, Split, Task, TaskOptions};
+use greater::tasks::{AnswerKind, ExtractorOptions, Split, Task, TaskOptions};
 
 fn parse(kind: AnswerKind, raw: &str) -> Option<String> {
     kind.parse(raw)
@@ -347,4 +347,44 @@ fn malformed_input_is_reported_with_file_and_line() {
     );
     let err = format!("{:#}", Task::load("navigate", &TaskOptions::default()).unwrap_err());
     assert!(err.contains("task 'navigate' reads bbh/navigate.json: pass --data-dir DIR"), "{err}");
+}
+
+/// The extractor of each of the 21 tasks in the reference's run script
+/// (`experiments/run_llama3_all.sh`), as that script writes it.
+const REFERENCE_EXTRACTORS: [(&str, &str); 21] = [
+    ("multistep_arithmetic_two", "Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is a positive or negative integer) is $"),
+    ("tracking_shuffled_objects_five_objects", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E') is $"),
+    ("object_counting", "Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is a positive integer) is $"),
+    ("date_understanding", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E') is $"),
+    ("disambiguation_qa", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C') is $"),
+    ("formal_fallacies", "Therefore, the final answer (use exact format: '$ valid' or '$ invalid') is $ "),
+    ("geometric_shapes", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E' or '$F' or '$G' or '$H' or '$I' or '$J') is $"),
+    ("salient_translation_error_detection", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E' or '$F') is $"),
+    ("penguins_in_a_table", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E') is $"),
+    ("causal_judgement", "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ "),
+    ("logical_deduction_five_objects", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E') is $"),
+    ("movie_recommendation", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D') is $"),
+    ("navigate", "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ "),
+    ("web_of_lies", "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ "),
+    ("sports_understanding", "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ "),
+    ("reasoning_about_colored_objects", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D' or '$E' or '$F' or '$G' or '$H' or '$I' or '$J' or '$K' or '$L' or '$M' or '$N' or '$O' or '$P' or '$Q' or '$R') is $"),
+    ("hyperbaton", "Therefore, the final answer (use exact format: '$A' or '$B') is $"),
+    ("ruin_names", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D') is $"),
+    ("snarks", "Therefore, the final answer (use exact format: '$A' or '$B') is $"),
+    ("temporal_sequences", "Therefore, the final answer (use exact format: '$A' or '$B' or '$C' or '$D') is $"),
+    ("boolean_expressions", "Therefore, the final answer (use exact format: '$ True' or '$ False') is $ "),
+];
+
+#[test]
+fn reference_extractor_options_give_the_reference_scripts_extractor_for_its_21_tasks() {
+    let opts = TaskOptions { data_dir: Some(data_dir()), seed: 0, difficulty: 1, count: 0 };
+    for (name, want) in REFERENCE_EXTRACTORS {
+        let task = Task::load(name, &opts).unwrap();
+        let data_options = task.extractor.clone();
+        assert_eq!(task.with_extractor_options(ExtractorOptions::Reference).extractor, want, "{name}");
+        // Where the data has more options, `data` lists them all.
+        if name == "movie_recommendation" {
+            assert!(data_options.contains("'$E'"), "{data_options}");
+        }
+    }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::REFERENCE_CONNECTOR;
 use crate::model::Precision;
+use crate::tasks::ExtractorOptions;
 use crate::tokenizer::SystemTurn;
 
 /// How the prompt is searched.
@@ -109,6 +110,10 @@ pub struct OptimizeConfig {
     /// or a text. A run folder from before this setting resumes with the template's.
     #[serde(default = "SystemTurn::default")]
     pub system: SystemTurn,
+    /// Letters a BBH multiple-choice extractor lists: `data` (as many as the data's options)
+    /// or `reference` (the reference script's fixed list per task).
+    #[serde(default)]
+    pub extractor_options: ExtractorOptions,
     /// The current token is a candidate that may be shortlisted and kept (reference: true).
     pub keep_current: bool,
     /// A shortlisted token with a `.` in the second half of the prompt is taken at once
@@ -175,6 +180,7 @@ impl Default for OptimizeConfig {
             chat_template: None,
             connector: REFERENCE_CONNECTOR.into(),
             system: SystemTurn::Template,
+            extractor_options: ExtractorOptions::Data,
             keep_current: true,
             sentence_end_rule: true,
             filler: Filler::Underscore,

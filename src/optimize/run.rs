@@ -170,7 +170,9 @@ fn model_sha256(path: &Path) -> Result<String> {
 }
 
 fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
-    Task::load_split(&s.task, s.data_dir.as_ref().map(PathBuf::from), s.seed, s.difficulty, (s.train, s.dev, s.test))
+    let sizes = (s.train, s.dev, s.test);
+    let (task, split) = Task::load_split(&s.task, s.data_dir.as_ref().map(PathBuf::from), s.seed, s.difficulty, sizes)?;
+    Ok((task.with_extractor_options(s.extractor_options), split))
 }
 
 fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<LanguageModel> {

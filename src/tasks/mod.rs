@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use answer::AnswerKind;
+pub use sources::ExtractorOptions;
 
 /// The initial prompt of the GReaTer paper.
 pub const PAPER_INITIAL_PROMPT: &str =
@@ -70,11 +71,22 @@ impl Task {
         Task {
             name: name.into(),
             kind,
-            extractor: sources::bbh_extractor(name).unwrap_or_else(|| kind.default_extractor()),
+            extractor: sources::bbh_extractor(name, kind, ExtractorOptions::Data),
             initial_prompt: PAPER_INITIAL_PROMPT.into(),
             examples,
             source,
         }
+    }
+
+    /// The task with a BBH extractor listing the options `options` says; other tasks (and
+    /// task files with an extractor of their own) as they are.
+    pub fn with_extractor_options(mut self, options: ExtractorOptions) -> Self {
+        if let Some(kind) = sources::bbh_kind(&self.name) {
+            if self.extractor == sources::bbh_extractor(&self.name, kind, ExtractorOptions::Data) {
+                self.extractor = sources::bbh_extractor(&self.name, kind, options);
+            }
+        }
+        self
     }
 
     /// A built-in name (generated, BBH, gsm8k, folio), a `.toml` task file, or a BBH-format

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{AnswerKind, Example};
@@ -56,13 +56,46 @@ pub fn read(path: &Path) -> Result<String> {
     })
 }
 
-/// The reference's extractor where it differs from the answer kind's: sports_understanding
-/// asks for lower-case labels (its data is lower case), object_counting for positive numbers.
-pub fn bbh_extractor(name: &str) -> Option<String> {
-    match name {
-        "sports_understanding" => Some("Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ".into()),
-        "object_counting" => Some(AnswerKind::integer_extractor("a positive integer")),
-        _ => None,
+/// The option letters the reference's run script lists in the extractor of each
+/// multiple-choice task it runs, fixed per task rather than taken from the data (where some
+/// questions have more).
+pub const REFERENCE_OPTIONS: &[(&str, usize)] = &[
+    ("date_understanding", 5),
+    ("disambiguation_qa", 3),
+    ("geometric_shapes", 10),
+    ("hyperbaton", 2),
+    ("logical_deduction_five_objects", 5),
+    ("movie_recommendation", 4),
+    ("penguins_in_a_table", 5),
+    ("reasoning_about_colored_objects", 18),
+    ("ruin_names", 4),
+    ("salient_translation_error_detection", 6),
+    ("snarks", 2),
+    ("temporal_sequences", 4),
+    ("tracking_shuffled_objects_five_objects", 5),
+];
+
+/// Which options a multiple-choice extractor lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtractorOptions {
+    /// As many letters as the task's data has options.
+    #[default]
+    Data,
+    /// The reference's fixed list per task (its run script), the data's where it has none.
+    Reference,
+}
+
+/// The extractor of a BBH task: the answer kind's, except that sports_understanding asks
+/// for lower-case labels (its data is lower case), object_counting for positive numbers,
+/// and multiple-choice tasks list the letters `options` says.
+pub fn bbh_extractor(name: &str, kind: AnswerKind, options: ExtractorOptions) -> String {
+    let reference = REFERENCE_OPTIONS.iter().find(|(n, _)| *n == name).map(|&(_, o)| o);
+    match (name, kind, reference, options) {
+        ("sports_understanding", ..) => "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ".into(),
+        ("object_counting", ..) => AnswerKind::integer_extractor("a positive integer"),
+        (_, Choice { .. }, Some(options), ExtractorOptions::Reference) => Choice { options }.default_extractor(),
+        _ => kind.default_extractor(),
     }
 }
 
