@@ -11,7 +11,7 @@ use std::sync::Arc;
 use greater::eval::{evaluate, write_records, EvalConfig};
 use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
 use greater::layout::REFERENCE_CONNECTOR;
-use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
+use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
 use greater::store::RunDir;
 use greater::model::{catalog, Precision};
@@ -162,13 +162,17 @@ enum Command {
 /// Flags of `greater optimize`; each overrides the same key of `--config FILE`.
 #[derive(Args)]
 struct OptimizeArgs {
+    /// Start from every method setting at the reference implementation's value, before
+    /// --config and the other flags.
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// A TOML file with any of the settings below (keys as the flags, with underscores).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Continue the run in this folder (its settings come from its config.json; only
     /// --steps may change).
     #[arg(long, conflicts_with_all = [
-        "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
+        "preset", "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
         "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
         "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
         "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
@@ -288,18 +292,22 @@ struct OptimizeArgs {
 }
 
 impl OptimizeArgs {
-    /// Settings: defaults (or the demo when nothing is given and `demo` allows it), then the
-    /// config file, then flags.
+    /// Settings: defaults (or a preset, or the demo when nothing is given and `demo` allows
+    /// it), then the config file, then flags.
     fn settings(&self, demo: bool) -> Result<OptimizeConfig> {
-        let demo = demo && self.config.is_none() && self.model.is_none() && self.task.is_none();
+        let demo = demo && self.config.is_none() && self.model.is_none() && self.task.is_none() && self.preset.is_none();
+        let base = match self.preset {
+            Some(Preset::Reference) => OptimizeConfig::reference(),
+            None if demo => OptimizeConfig::demo(),
+            None => OptimizeConfig::default(),
+        };
         let mut c = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                base.with_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
-            None if demo => OptimizeConfig::demo(),
-            None => OptimizeConfig::default(),
+            None => base,
         };
         macro_rules! overlay {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };

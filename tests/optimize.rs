@@ -891,3 +891,65 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         assert!(html.contains(&format!("Mean gain of {} over zero-shot CoT: {:+.3}", b.method.name(), b.mean_gain)));
     }
 }
+
+/// Every setting's value in the reference implementation (`../shared/docs/greater-method.md`),
+/// or None for the settings that describe the run rather than the method (model, data,
+/// split, batch), which a preset leaves at their defaults.
+const REFERENCE_SETTINGS: &[(&str, Option<&str>)] = &[
+    ("model", None),
+    ("task", None),
+    ("data_dir", None),
+    ("seed", None),
+    ("difficulty", None),
+    ("train", Some("50")),
+    ("dev", None),
+    ("test", None),
+    ("steps", Some("100")),
+    ("patience", Some("0")),
+    ("top_k", Some("40")),
+    ("top_q", Some("6")),
+    ("subset_size", Some("5")),
+    ("shortlist", Some("3")),
+    ("temperature", Some("0.2")),
+    ("control_weight", Some("0.2")),
+    ("initial_prompt", None),
+    ("max_reasoning", Some("1024")),
+    ("eval_batch", None),
+    ("chat_template", None),
+    ("connector", Some("\". Use\"")),
+    ("system", Some("\"none\"")),
+    ("extractor_options", Some("\"reference\"")),
+    ("keep_current", Some("true")),
+    ("sentence_end_rule", Some("true")),
+    ("filler", Some("\"underscore\"")),
+    ("gradient_sum", Some("\"raw\"")),
+    ("vocabulary", Some("\"reference\"")),
+    ("accept", Some("\"always\"")),
+    ("dev_candidates", Some("4")),
+    ("answer_weight", Some("0.0")),
+    ("restart_below", Some("0.12")),
+    ("start", Some("\"initial\"")),
+    ("method", Some("\"greater\"")),
+    ("budget_tokens", None),
+    ("precision", Some("\"f32\"")),
+];
+
+#[test]
+fn the_reference_preset_sets_every_method_setting_to_the_reference_value() {
+    let preset = serde_json::to_value(OptimizeConfig::reference()).unwrap();
+    let defaults = serde_json::to_value(OptimizeConfig::default()).unwrap();
+    let keys: Vec<&String> = preset.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), REFERENCE_SETTINGS.len(), "every setting is in the table: {keys:?}");
+    for (key, reference) in REFERENCE_SETTINGS {
+        let got = &preset[key];
+        match reference {
+            Some(value) => assert_eq!(got, &serde_json::from_str::<serde_json::Value>(value).unwrap(), "{key}"),
+            None => assert_eq!(got, &defaults[key], "{key} is not a method setting"),
+        }
+    }
+    // A config file over the preset changes only the keys it names.
+    let over = OptimizeConfig::reference().with_toml("max_reasoning = 256\n").unwrap();
+    assert_eq!(over, OptimizeConfig { max_reasoning: 256, ..OptimizeConfig::reference() });
+    let err = OptimizeConfig::reference().with_toml("\nmax_reasonin = 256\n").unwrap_err().to_string();
+    assert!(err.contains("line 2") && err.contains("max_reasonin"), "{err}");
+}

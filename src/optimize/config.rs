@@ -155,8 +155,25 @@ pub enum StartFrom {
     Better,
 }
 
+/// A named starting point for the settings, before a config file and flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Every method setting at the reference implementation's value.
+    Reference,
+}
+
 impl Default for OptimizeConfig {
+    /// The reference's settings, except the system turn (the chat template's) and the
+    /// extractor's option letters (the data's).
     fn default() -> Self {
+        OptimizeConfig { system: SystemTurn::Template, extractor_options: ExtractorOptions::Data, ..Self::reference() }
+    }
+}
+
+impl OptimizeConfig {
+    /// Every method setting at the reference implementation's value (`--preset reference`),
+    /// so that its configuration stays one flag away whatever the defaults are.
+    pub fn reference() -> Self {
         OptimizeConfig {
             model: "smollm2-135m".into(),
             task: "arithmetic".into(),
@@ -179,8 +196,8 @@ impl Default for OptimizeConfig {
             eval_batch: 32,
             chat_template: None,
             connector: REFERENCE_CONNECTOR.into(),
-            system: SystemTurn::Template,
-            extractor_options: ExtractorOptions::Data,
+            system: SystemTurn::None,
+            extractor_options: ExtractorOptions::Reference,
             keep_current: true,
             sentence_end_rule: true,
             filler: Filler::Underscore,
@@ -196,9 +213,16 @@ impl Default for OptimizeConfig {
             precision: Precision::F32,
         }
     }
-}
 
-impl OptimizeConfig {
+    /// `text` (a TOML file's) over `self`: the keys it sets, `self`'s values for the rest.
+    pub fn with_toml(&self, text: &str) -> Result<Self, toml::de::Error> {
+        // Parsed alone first, for errors that name the file's line.
+        toml::from_str::<OptimizeConfig>(text)?;
+        let mut table = toml::Table::try_from(self).expect("settings serialise to a table");
+        table.extend(toml::from_str::<toml::Table>(text)?);
+        table.try_into()
+    }
+
     /// The built-in demo: SmolLM2 on generated one-operator arithmetic, twelve steps on 20
     /// examples, the returned prompt chosen on 40 dev questions and measured on 50 test ones
     /// (the smallest of the settings tried whose gain held on split seeds 0, 1 and 2).

@@ -28,7 +28,7 @@ use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
-pub use config::{Accept, Filler, GradientSum, Method, OptimizeConfig, StartFrom, Vocabulary};
+pub use config::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
 use schedule::{ends_sentence, next_position, restarts, Next};
 
 /// How good a prompt is on the train examples: lower is better.
