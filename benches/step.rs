@@ -2,7 +2,9 @@
 //! per step split as the reference splits it (reasoning, proposal, gradient, checking),
 //! reasoning tokens decoded, the cores each part kept busy (of the machine's), resident
 //! memory after each step and at its peak, and the ratio against the seconds per step
-//! recorded below for an earlier version of this code.
+//! recorded below for an earlier version of this code and for the reference. Each setup
+//! runs in f32 and then in the mixed precision (integer dot products for decoding), whose
+//! ratio to f32 is taken in the same run.
 //!
 //!     cargo bench --bench step                # both setups
 //!     cargo bench --bench step -- smollm2     # setups whose name contains "smollm2"
@@ -13,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use greater::optimize::{OptimizeConfig, Optimizer, Seconds};
+use greater::model::Precision;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::Task;
 
@@ -147,9 +150,11 @@ impl Drop for CpuSampler {
     }
 }
 
-fn bench(setup: &Setup, data: &PathBuf) {
-    println!("== {} (first {} examples, top-k 40, 256 reasoning tokens)", setup.name, setup.train);
-    let lm = LanguageModel::open(setup.model, &OpenOptions::default(), &mut |m| eprintln!("{m}")).unwrap();
+/// Mean seconds per step of `setup` in `precision`.
+fn bench(setup: &Setup, data: &PathBuf, precision: Precision) -> f64 {
+    println!("== {} (first {} examples, top-k 40, 256 reasoning tokens), {precision:?}", setup.name, setup.train);
+    let opts = OpenOptions { precision, ..Default::default() };
+    let lm = LanguageModel::open(setup.model, &opts, &mut |m| eprintln!("{m}")).unwrap();
     // The first examples of the file, as the reference harness takes them.
     let (task, _) = Task::load_split(setup.task, Some(data.clone()), 0, 1, (setup.train, 0, 0)).unwrap();
     let train: Vec<_> = task.examples[..setup.train].iter().collect();
@@ -183,6 +188,7 @@ fn bench(setup: &Setup, data: &PathBuf) {
         against("recorded for fec5889", setup.recorded, mean),
         against("reference", setup.reference, mean)
     );
+    mean
 }
 
 fn main() {
@@ -194,6 +200,8 @@ fn main() {
     }
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     for setup in SETUPS.iter().filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str()))) {
-        bench(setup, &data);
+        let exact = bench(setup, &data, Precision::F32);
+        let mixed = bench(setup, &data, Precision::Mixed);
+        println!("{}: mixed {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x", setup.name, exact / mixed);
     }
 }

@@ -160,15 +160,21 @@ fn store_group(form: Codes, min: i32, q: &[i32; 64], out: &mut Vec<u8>) {
     }
 }
 
-/// The 64 integers of a group stored in `form`, as `q + 128`.
+/// The 64 integers of a group stored in `form`, as `q + 128` (plain loops, which the
+/// compiler vectorises).
 fn unpack_group(form: Codes, bias: u8, src: &[u8], out: &mut [u8; 64]) {
     match form {
         Codes::Eight => out.copy_from_slice(&src[..64]),
         Codes::Four | Codes::Five => {
-            let high = if form == Codes::Five { u64::from_le_bytes(src[32..40].try_into().unwrap()) } else { 0 };
-            for (e, o) in out.iter_mut().enumerate() {
-                let nibble = (src[e % 32] >> (4 * (e / 32))) & 15;
-                *o = nibble + (((high >> e) & 1) as u8) * 16 + bias;
+            let (low, high) = out.split_at_mut(32);
+            for ((l, h), &b) in low.iter_mut().zip(high.iter_mut()).zip(&src[..32]) {
+                *l = (b & 15) + bias;
+                *h = (b >> 4) + bias;
+            }
+            if form == Codes::Five {
+                for (e, o) in out.iter_mut().enumerate() {
+                    *o += ((src[32 + e / 8] >> (e % 8)) & 1) * 16;
+                }
             }
         }
     }
@@ -321,12 +327,16 @@ impl<'a> StripCodes<'a> {
         StripCodes { codes: &w.codes[s * len..][..len], form: w.form, bias: w.bias, block_bytes: w.block_bytes() }
     }
 
-    /// Every group unpacked to `q + 128` into `buf`, in the same order.
-    fn unpacked(self, buf: &'a mut Vec<u8>) -> Self {
+    /// Every group unpacked to `q + 128` into `buf`, in the same order, by `kernel`'s
+    /// instructions.
+    unsafe fn unpacked(self, kernel: Kernel, buf: &'a mut Vec<u8>) -> Self {
         let groups = self.codes.len() / self.form.bytes();
         buf.resize(64 * groups, 0);
-        for (src, dst) in self.codes.chunks_exact(self.form.bytes()).zip(buf.chunks_exact_mut(64)) {
-            unpack_group(self.form, self.bias, src, dst.try_into().unwrap());
+        let pairs = self.codes.chunks_exact(self.form.bytes()).zip(buf.chunks_exact_mut(64));
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => pairs.for_each(|(src, dst)| avx512::unpack(self, src, dst)),
+            _ => pairs.for_each(|(src, dst)| unpack_group(self.form, self.bias, src, dst.try_into().unwrap())),
         }
         StripCodes { codes: buf, form: Codes::Eight, bias: 0, block_bytes: self.block_bytes / self.form.bytes() * 64 }
     }
@@ -341,8 +351,8 @@ impl<'a> StripCodes<'a> {
 unsafe fn strip(kernel: Kernel, w: &Int8Weight, s: usize, x: &QuantRows, out: &Out, m: usize, unpacked: &mut Vec<u8>) {
     let cols = STRIP.min(w.n - s * STRIP);
     let stored = StripCodes::of(w, s);
-    // Past one group of rows, unpacking once is cheaper than once per group.
-    let codes = if m > ROWS || kernel != Kernel::Avx512Vnni { stored.unpacked(unpacked) } else { stored };
+    // Past a few rows, unpacking once is cheaper than once per pass of ROWS rows.
+    let codes = if m > UNPACK_ONCE_ROWS || kernel != Kernel::Avx512Vnni { stored.unpacked(kernel, unpacked) } else { stored };
     let mut r = 0;
     while r < m {
         let rows = ROWS.min(m - r);
@@ -360,6 +370,9 @@ unsafe fn strip(kernel: Kernel, w: &Int8Weight, s: usize, x: &QuantRows, out: &O
 /// Rows of x per pass over a strip: 4 integer and 4 float accumulators per strip, the
 /// weight group and the broadcast bytes of x stay in registers.
 const ROWS: usize = 4;
+/// Rows of x above which the AVX-512 kernel unpacks a strip once into a buffer instead of
+/// in registers on every pass.
+const UNPACK_ONCE_ROWS: usize = 8;
 
 /// Row `r` of y over strip `s` (groups unpacked), in plain Rust: the reference the SIMD
 /// kernels equal.
@@ -413,6 +426,18 @@ mod avx512 {
             (2, Codes::Five) => group::<2, 5>(w, codes, s, x, r0, y, cols),
             (_, Codes::Five) => group::<1, 5>(w, codes, s, x, r0, y, cols),
         }
+    }
+
+    /// The group at `src`, stored as `codes` says, unpacked to `q + 128` into `dst`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn unpack(codes: StripCodes, src: &[u8], dst: &mut [u8]) {
+        let bias = _mm512_set1_epi8(codes.bias as i8);
+        let v = match codes.form {
+            Codes::Eight => load_group::<8>(src.as_ptr(), bias),
+            Codes::Four => load_group::<4>(src.as_ptr(), bias),
+            Codes::Five => load_group::<5>(src.as_ptr(), bias),
+        };
+        _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, v);
     }
 
     /// A group of 64 integers as `q + 128`, from its `BITS`-bit storage at `src`.
