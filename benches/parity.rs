@@ -3,9 +3,10 @@
 //!   top token differs, per model;
 //! - zero-shot CoT on 100 questions of object_counting and navigate (Qwen 0.5B, 256
 //!   reasoning tokens): how many questions get the same answer, and both accuracies;
-//! - a 10-step Qwen run (object_counting, 20 train, top-k 40, 256 reasoning tokens) on the
-//!   f32 path: at each step the shortlist (top 3 by gradient) of the f32 model and that of
-//!   the mixed model from the same prompt, the mixed one from its own reasoning.
+//! - a 10-step Qwen run (object_counting, 10 train, top-k 40, 256 reasoning tokens) on the
+//!   f32 path: at each step the shortlist (top 3 by gradient) of the f32 step and that of
+//!   the mixed model from the same prompt, the mixed one from its own reasoning (a shortlist
+//!   the sentence-end rule cut short is compared over its length).
 //!
 //! Not a speed bench: it may run beside other work.
 //!
@@ -81,8 +82,8 @@ fn zero_shot(data: &PathBuf) {
 
 fn shortlists(data: &PathBuf) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
-    let (task, _) = Task::load_split("object_counting", Some(data.clone()), 0, 1, (20, 0, 0)).unwrap();
-    let train: Vec<_> = task.examples[..20].iter().collect();
+    let (task, _) = Task::load_split("object_counting", Some(data.clone()), 0, 1, (10, 0, 0)).unwrap();
+    let train: Vec<_> = task.examples[..10].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
     let stop = Arc::new(AtomicBool::new(false));
     let exact = Optimizer::new(&f32_lm, &task, &train, &cfg, stop.clone()).unwrap();
@@ -90,14 +91,13 @@ fn shortlists(data: &PathBuf) {
     let mut state = exact.initial_state(&[task.initial_prompt.as_str()]).unwrap();
     let mut same = 0;
     for step in 1..=10 {
-        let ids = |s: &[(u32, f32)]| s.iter().map(|&(id, _)| id).collect::<Vec<u32>>();
-        let want = ids(&exact.shortlist(&state).unwrap().short);
         let fresh = greater::optimize::State { reasoning: None, ..state.clone() };
-        let got = ids(&mixed.shortlist(&fresh).unwrap().short);
+        let mut got: Vec<u32> = mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
+        let want: Vec<u32> = exact.step(&mut state).unwrap().checked.iter().map(|c| c.id).collect();
+        got.truncate(want.len());
         same += (got == want) as usize;
         let text = |s: &[u32]| s.iter().map(|&id| f32_lm.tokenizer.decode_with_special(&[id]).unwrap()).collect::<Vec<_>>();
         println!("step {step}: f32 shortlist {:?}, mixed {:?}", text(&want), text(&got));
-        exact.step(&mut state).unwrap();
     }
     println!("{QWEN} object_counting, 10 steps: the mixed shortlist equals f32's (same tokens, same order) in {same} of 10");
 }

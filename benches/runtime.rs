@@ -73,14 +73,22 @@ fn flops_per_token(cfg: &ModelConfig) -> f64 {
 }
 
 /// GFLOP/s of `x` [400, hidden] times the up projection's transpose [hidden, intermediate],
-/// the best of three: what gemm reaches on this machine at the gradient pass's shape.
-fn gemm_ceiling(cfg: &ModelConfig) -> f64 {
+/// the best of three after a warm-up: what gemm reaches on this machine at the gradient
+/// pass's shape in f32, and our bf16 product (None without AVX512-BF16).
+fn gemm_ceiling(cfg: &ModelConfig) -> (f64, Option<f64>) {
+    use greater::model::bf16::{self, Right};
     let (n, d, f) = (400, cfg.hidden_size, cfg.intermediate_size);
     let x = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap();
     let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
-    x.matmul(&w.t().unwrap()).unwrap(); // warm-up
-    let best = (0..3).map(|_| seconds(|| x.matmul(&w.t().unwrap()).unwrap()).0).fold(f64::INFINITY, f64::min);
-    2.0 * (n * d * f) as f64 / best / 1e9
+    let rate = |product: &dyn Fn()| {
+        product();
+        let best = (0..3).map(|_| seconds(product).0).fold(f64::INFINITY, f64::min);
+        2.0 * (n * d * f) as f64 / best / 1e9
+    };
+    let f32_rate = rate(&|| drop(x.matmul(&w.t().unwrap()).unwrap()));
+    let (xv, wv) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let bf16_rate = bf16::available().then(|| rate(&|| drop(bf16::matmul(&xv, d, &wv, f, d, Right::Transposed))));
+    (f32_rate, bf16_rate)
 }
 
 /// GFLOP/s of the products that decoding runs at `m` rows (1: batch 1; 60: a checking batch
@@ -142,7 +150,8 @@ fn bench(alias: &str) {
     let base = quantized_baseline_decode(&lm, &prompts[0]);
     println!("baseline: candle-transformers quantised decode, batch 1: {base:.1} tokens/s");
     let (f32_rates, f32_prefill) = decode_and_prefill(&lm, &prompts);
-    let (mixed_rates, mixed_prefill) = decode_and_prefill(&open(Precision::Mixed), &prompts);
+    let mixed_lm = open(Precision::Mixed);
+    let (mixed_rates, mixed_prefill) = decode_and_prefill(&mixed_lm, &prompts);
     for ((batch, exact), (_, mixed)) in f32_rates.iter().zip(&mixed_rates) {
         println!(
             "greedy decode, batch {batch}: f32 {exact:.1} tokens/s ({:.2}x baseline), mixed {mixed:.1} tokens/s ({:.2}x f32, {:.2}x baseline)",
@@ -183,14 +192,19 @@ fn bench(alias: &str) {
         let x = model.embed(&ids).unwrap().unsqueeze(0).unwrap();
         model.forward(&x, &mut cache, Pass::Differentiable).unwrap();
     });
-    let t_bwd = warm_best(&|| {
+    let gradient_pass = |model| warm_best(&|| {
         loss_and_gradient(model, &input, |logits| cross_entropy(logits, &targets, 0.2)).unwrap();
     });
+    let (t_bwd, t_mixed) = (gradient_pass(model), gradient_pass(&mixed_lm.model));
     println!(
-        "forward+backward, 400 tokens, warm, best of 3: {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s)",
-        t_bwd / t_fwd
+        "forward+backward, 400 tokens, warm, best of 3: f32 {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s), mixed {t_mixed:.2} s ({:.2}x f32)",
+        t_bwd / t_fwd,
+        t_bwd / t_mixed
     );
-    let (ceiling, work) = (gemm_ceiling(&model.cfg), 400.0 * flops_per_token(&model.cfg) / 1e9);
+    let ((ceiling, bf16_rate), work) = (gemm_ceiling(&model.cfg), 400.0 * flops_per_token(&model.cfg) / 1e9);
+    if let Some(r) = bf16_rate {
+        println!("bf16 product at the same shape: {r:.0} GFLOP/s ({:.2}x the f32 gemm)", r / ceiling);
+    }
     println!(
         "matrix products: ceiling {ceiling:.0} GFLOP/s (400 x {} x {}); forward {:.0} GFLOP/s, forward+backward {:.0} GFLOP/s (input gradient only: twice the forward's products)",
         model.cfg.hidden_size,

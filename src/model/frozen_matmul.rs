@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 
 use std::sync::Arc;
 
+use super::bf16::{self, Right};
 use super::few_rows;
 use super::int8::{self, Int8Weight};
 use super::packed::PackedWeight;
@@ -40,6 +41,34 @@ struct FrozenMatmul {
     weight: Tensor,
     /// The same weight as integers, read instead of `weight` when given.
     fast: Option<FastWeight>,
+    /// Products in bf16 with f32 sums, forward and backward (the gradient pass of the
+    /// `mixed` precision).
+    bf16: bool,
+}
+
+/// `g @ W` in bf16 products with f32 sums: the input gradient of a bf16 [`FrozenMatmul`].
+struct Bf16InputGradient {
+    /// [out, in]
+    weight: Tensor,
+}
+
+impl CustomOp1 for Bf16InputGradient {
+    fn name(&self) -> &'static str {
+        "bf16-input-gradient"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, g_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (w, w_l) = self.weight.storage_and_layout();
+        let (m, n) = g_l.shape().dims2()?;
+        let k = w_l.shape().dims2()?.1;
+        match (&*w, g, g_l.contiguous_offsets(), w_l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(gd), Some((gs, ge)), Some((ws, we))) => {
+                let y = bf16::matmul(&gd[gs..ge], n, &wd[ws..we], n, k, Right::Plain);
+                Ok((CpuStorage::F32(y), Shape::from((m, k))))
+            }
+            _ => candle_core::bail!("bf16-input-gradient: needs contiguous f32 on the CPU"),
+        }
+    }
 }
 
 /// `x` [m, k] times the transpose of `w` [n, k], on any backend.
@@ -64,6 +93,9 @@ impl CustomOp1 for FrozenMatmul {
             _ => None,
         };
         match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we))) if self.bf16 => {
+                Ok((CpuStorage::F32(bf16::matmul(&xd[xs..xe], k, &wd[ws..we], n, k, Right::Transposed)), Shape::from((m, n))))
+            }
             (_, CpuStorage::F32(xd), Some((xs, xe)), _) if matches!(self.fast, Some(FastWeight::Int8(_))) => {
                 let Some(FastWeight::Int8(q)) = &self.fast else { unreachable!() };
                 Ok((CpuStorage::F32(int8::matmul(&xd[xs..xe], q)), Shape::from((m, n))))
@@ -96,6 +128,9 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if self.bf16 {
+            return Ok(Some(grad.contiguous()?.apply_op1(Bf16InputGradient { weight: self.weight.clone() })?));
+        }
         Ok(Some(grad.matmul(&self.weight)?))
     }
 }
@@ -114,12 +149,19 @@ fn takes_few_rows(m: usize, dtype: DType, packed: bool) -> bool {
     m <= if packed { FEW_ROWS_PACKED } else { FEW_ROWS } && dtype == DType::F32 && few_rows::available()
 }
 
+/// Rows from which the gradient pass's products run in bf16 when `bf16` is asked for: fewer
+/// leave the packing of the weight unpaid.
+const BF16_ROWS: usize = 64;
+
 /// `x` [m, in] @ `weight`^T [in, out]; `fast`, when given, holds the same weight. Integer
 /// dot products (`FastWeight::Int8`) serve only passes without a gradient; the gradient
-/// pass multiplies by the f32 weight.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor, fast: Option<&FastWeight>) -> Result<Tensor> {
+/// pass multiplies by the f32 weight, in bf16 products with f32 sums when `bf16`.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor, fast: Option<&FastWeight>, bf16: bool) -> Result<Tensor> {
     let m = x.dim(0)?;
     let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+    if bf16 && on_cpu && x.track_op() && m >= BF16_ROWS {
+        return x.apply_op1(FrozenMatmul { weight: weight.clone(), fast: None, bf16: true });
+    }
     let fast = match fast {
         Some(FastWeight::Int8(_)) if !on_cpu || x.track_op() => None,
         other => other.cloned(),
@@ -131,5 +173,5 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor, fast: Option<&FastWeight>) -> 
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {
         return weight.matmul(&x.t()?)?.t()?.contiguous();
     }
-    x.apply_op1(FrozenMatmul { weight: weight.clone(), fast })
+    x.apply_op1(FrozenMatmul { weight: weight.clone(), fast, bf16: false })
 }

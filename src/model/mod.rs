@@ -9,6 +9,7 @@ mod frozen_matmul;
 mod fused_backward;
 pub mod generate;
 pub mod gradient;
+pub mod bf16;
 pub mod int8;
 pub mod packed;
 pub mod transformer;
@@ -25,7 +26,8 @@ pub enum Precision {
     #[default]
     F32,
     /// Integer dot products over the weights' block integers with the input quantised to
-    /// 8 bits per block (llama.cpp's arithmetic); the gradient pass stays in f32.
+    /// 8 bits per block (llama.cpp's arithmetic); the gradient pass's products in bf16 with
+    /// f32 sums where the CPU has AVX512-BF16, f32 elsewhere.
     Mixed,
 }
 

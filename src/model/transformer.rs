@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::causal_softmax::causal_softmax;
 use super::decode_attention::DecodeAttention;
+use super::bf16;
 use super::few_rows;
 use super::frozen_matmul::{frozen_matmul, FastWeight};
 use super::fused_backward;
@@ -104,13 +105,15 @@ struct Linear {
     weight: Tensor,
     /// The weight's block integers, for products without a gradient (see [`FastWeight`]).
     fast: Option<FastWeight>,
+    /// The gradient pass multiplies in bf16 (the `mixed` precision on a CPU that has it).
+    bf16: bool,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// `x`: [N, in] -> [N, out].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight, self.fast.as_ref())?;
+        let y = frozen_matmul(x, &self.weight, self.fast.as_ref(), self.bf16)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -303,7 +306,7 @@ impl Model {
                     None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w))),
                 },
             };
-            Ok(Linear { weight, fast, bias })
+            Ok(Linear { weight, fast, bf16: precision == Precision::Mixed && on_cpu && bf16::available(), bias })
         };
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
