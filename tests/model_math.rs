@@ -249,3 +249,41 @@ fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bi
     let err = PackedWeight::from_ggml(GgmlDType::Q8_0, n, k, &[0u8; 10]).err().expect("short data is an error");
     assert!(err.to_string().contains("do not hold its blocks"), "{err}");
 }
+
+#[test]
+fn the_mixed_gradient_pass_stays_near_f32_and_runs_in_bf16_only_where_the_cpu_has_it() {
+    use greater::model::weights::WeightSource;
+    use greater::model::{bf16, transformer::random_weights, ModelConfig, Precision};
+    for arch in ARCHS {
+        let cfg = ModelConfig { max_position: 128, ..arch.tiny_config() };
+        let load = |precision| {
+            let weights = random_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
+            Model::load(&WeightSource::Map(weights), cfg.clone(), DType::F32, &Device::Cpu, precision).unwrap()
+        };
+        // Enough positions for the products to take the bf16 path (64 rows and more).
+        let ids: Vec<u32> = IDS.iter().cycle().take(96).copied().collect();
+        let candidates = [4u32, 9, 13, 21, 30];
+        let weights = [0.0f32, 1.0, 0.0, 0.0, 0.0];
+        let loss_positions: Vec<usize> = (80..95).collect();
+        let inp = OneHotInput {
+            prefix: &KvCache::default(),
+            ids: &ids,
+            position: 40,
+            candidates: &candidates,
+            weights: &weights,
+            loss_positions: &loss_positions,
+        };
+        let targets: Vec<u32> = ids[81..96].to_vec();
+        let loss = |l: &Tensor| cross_entropy(l, &targets, 0.2);
+        let (l32, g32) = loss_and_gradient(&load(Precision::F32), &inp, loss).unwrap();
+        let (lmx, gmx) = loss_and_gradient(&load(Precision::Mixed), &inp, loss).unwrap();
+        let diff: f64 = g32.iter().zip(&gmx).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = g32.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        eprintln!("{arch:?}: loss {l32:.6} / {lmx:.6}, gradient relative difference {:.2e}", diff / norm);
+        // bf16 keeps 8 bits of each product's inputs; through the layers of these random
+        // models the one-hot gradient moves by a few percent (Gemma, with its extra norms, the most).
+        assert!((l32 - lmx).abs() <= 0.01 * l32.abs() && diff <= 0.15 * norm, "{arch:?}: {g32:?} vs {gmx:?}");
+        // Without AVX512-BF16 the mixed gradient pass is the f32 one.
+        assert_eq!(g32 == gmx, !bf16::available(), "{arch:?}");
+    }
+}
