@@ -335,6 +335,7 @@ impl OptimizeArgs {
                 c.model, c.train, c.dev, c.test, c.steps
             );
         }
+        c.validate()?;
         Ok(c)
     }
 }

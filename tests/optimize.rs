@@ -953,3 +953,43 @@ fn the_reference_preset_sets_every_method_setting_to_the_reference_value() {
     let err = OptimizeConfig::reference().with_toml("\nmax_reasonin = 256\n").unwrap_err().to_string();
     assert!(err.contains("line 2") && err.contains("max_reasonin"), "{err}");
 }
+
+#[test]
+fn settings_no_run_can_use_are_refused_with_their_name() {
+    let bad: [(&str, OptimizeConfig); 8] = [
+        ("top_k", OptimizeConfig { top_k: 0, ..OptimizeConfig::default() }),
+        ("top_q", OptimizeConfig { top_q: 0, ..OptimizeConfig::default() }),
+        ("subset_size", OptimizeConfig { subset_size: 0, ..OptimizeConfig::default() }),
+        ("shortlist", OptimizeConfig { shortlist: 0, ..OptimizeConfig::default() }),
+        ("eval_batch", OptimizeConfig { eval_batch: 0, ..OptimizeConfig::default() }),
+        ("temperature", OptimizeConfig { temperature: f64::NAN, ..OptimizeConfig::default() }),
+        ("temperature", OptimizeConfig { temperature: 0.0, ..OptimizeConfig::default() }),
+        ("control_weight", OptimizeConfig { control_weight: f64::INFINITY, ..OptimizeConfig::default() }),
+    ];
+    for (name, settings) in bad {
+        let err = settings.validate().unwrap_err().to_string();
+        assert!(err.contains(name), "{name}: {err}");
+    }
+    assert!(OptimizeConfig::default().validate().is_ok() && OptimizeConfig::reference().validate().is_ok());
+}
+
+#[test]
+fn a_checkpoint_that_cannot_continue_is_refused() {
+    let state = |prompt: Vec<u32>, position: usize| greater::optimize::State {
+        step: 1,
+        position,
+        prompt: prompt.clone(),
+        reasoning: Some(vec![vec![1], vec![2]]),
+        best_prompt: prompt,
+        best_score: 1.0,
+        steps_since_best: 0,
+        initial_len: 3,
+        scores: Default::default(),
+        generated_tokens: 0,
+    };
+    assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
+    let err = |s: greater::optimize::State, train| s.check(train).unwrap_err().to_string();
+    assert_eq!(err(state(vec![5, 6, 7], 1_000_000), 2), "position 1000000 is outside the prompt of 3 tokens");
+    assert_eq!(err(state(vec![], 0), 2), "the prompt is empty");
+    assert_eq!(err(state(vec![5, 6, 7], 0), 3), "reasoning for 2 train questions, the run has 3");
+}

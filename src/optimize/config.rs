@@ -214,6 +214,31 @@ impl OptimizeConfig {
         }
     }
 
+    /// An error naming the first setting that no run can use: counts that must be at least 1,
+    /// weights that must be finite and not negative, a temperature that must be positive.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let counts = [
+            ("top_k", self.top_k),
+            ("top_q", self.top_q),
+            ("subset_size", self.subset_size),
+            ("shortlist", self.shortlist),
+            ("max_reasoning", self.max_reasoning),
+            ("eval_batch", self.eval_batch),
+            ("dev_candidates", self.dev_candidates),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
+            anyhow::bail!("setting {name} must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            anyhow::bail!("setting temperature must be a finite number above 0, not {}", self.temperature);
+        }
+        let weights = [("control_weight", self.control_weight), ("answer_weight", self.answer_weight), ("restart_below", self.restart_below)];
+        if let Some((name, v)) = weights.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+            anyhow::bail!("setting {name} must be a finite number, 0 or more, not {v}");
+        }
+        Ok(())
+    }
+
     /// `text` (a TOML file's) over `self`: the keys it sets, `self`'s values for the rest.
     pub fn with_toml(&self, text: &str) -> Result<Self, toml::de::Error> {
         // Parsed alone first, for errors that name the file's line.

@@ -46,6 +46,25 @@ pub struct Score {
     pub answer_nll: f64,
 }
 
+impl State {
+    /// An error when a checkpoint cannot be continued: an empty prompt, a position outside
+    /// it, or reasoning for another number of train questions.
+    pub fn check(&self, train: usize) -> Result<()> {
+        if self.prompt.is_empty() || self.best_prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if self.position >= self.prompt.len() {
+            bail!("position {} is outside the prompt of {} tokens", self.position, self.prompt.len());
+        }
+        if let Some(r) = &self.reasoning {
+            if r.len() != train {
+                bail!("reasoning for {} train questions, the run has {train}", r.len());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What stages 1-4 of a step found (see [`Optimizer::shortlist`]).
 pub struct Shortlist {
     /// The current prompt's reasoning per train example.

@@ -264,6 +264,7 @@ pub enum Start {
 pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Summary> {
     let (dir, config, lm, task) = match start {
         Start::New(s) => {
+            s.validate()?;
             let (task, split) = load_task(&s)?;
             let dir = RunDir::create(out)?;
             let lm = open_model(&s, report)?;
@@ -288,6 +289,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         Start::Resume { steps } => {
             let dir = RunDir::open(out)?;
             let mut config: RunConfig = dir.read_json("config.json")?;
+            config.settings.validate().map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
             if let Some(steps) = steps {
                 config.settings.steps = steps;
                 dir.write_json("config.json", &config)?;
@@ -310,7 +312,9 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let optimizer = Optimizer::new(&lm, &task, &train, s, Arc::clone(interrupt))?;
 
     let mut state: State = if dir.exists("checkpoint.json") {
-        dir.read_json("checkpoint.json")?
+        let state: State = dir.read_json("checkpoint.json")?;
+        state.check(train.len()).map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
+        state
     } else {
         report(Event::Info(format!("scoring the initial prompt on {} train questions", train.len())));
         let t = Instant::now();
