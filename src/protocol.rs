@@ -223,6 +223,7 @@ pub fn run_protocol(
     report: &mut dyn FnMut(ProtocolEvent),
 ) -> Result<(ProtocolTable, ProtocolConfig)> {
     let dir = RunDir::folder(out)?;
+    let _lock = dir.lock()?;
     let config: ProtocolConfig = match config {
         Some(c) => {
             if dir.exists("protocol-config.json") {

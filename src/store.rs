@@ -8,6 +8,7 @@
 //! best_prompt.txt   the best prompt, byte for byte
 //! summary.json / summary.md   held-out accuracies at the end
 //! report.html       the charts and tables of the run (`greater report`)
+//! .lock             held by the process writing the folder, with its pid
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -20,6 +21,12 @@ use serde::Serialize;
 
 pub struct RunDir {
     pub path: PathBuf,
+}
+
+/// The writer's hold on a folder, released when dropped or when the process ends (a kill
+/// included: the kernel drops the lock with the process).
+pub struct DirLock {
+    _file: File,
 }
 
 impl RunDir {
@@ -46,6 +53,35 @@ impl RunDir {
             bail!("{} holds no run (no config.json)", path.display());
         }
         Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    /// An advisory lock on the folder for as long as the returned guard lives: a second
+    /// process that would write here refuses at once, naming the holder's pid.
+    pub fn lock(&self) -> Result<DirLock> {
+        let path = self.file(".lock");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "{} is in use by another greater process (pid {}): wait for it to end or stop it",
+                    self.path.display(),
+                    holder.trim()
+                );
+            }
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(DirLock { _file: file })
     }
 
     fn file(&self, name: &str) -> PathBuf {

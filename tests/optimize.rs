@@ -993,3 +993,25 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
     assert_eq!(err(state(vec![], 0), 2), "the prompt is empty");
     assert_eq!(err(state(vec![5, 6, 7], 0), 3), "reasoning for 2 train questions, the run has 3");
 }
+
+#[test]
+fn a_folder_in_use_is_refused_with_the_holders_pid_and_free_once_released() {
+    use greater::store::RunDir;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = RunDir::folder(tmp.path()).unwrap();
+    let held = dir.lock().unwrap();
+    let holder = format!("pid {}", std::process::id());
+    let err = dir.lock().err().expect("a second lock is refused").to_string();
+    assert!(err.contains("in use by another greater process") && err.contains(&holder), "{err}");
+    // A second process writing there stops before it writes anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["optimize", "--task", "arithmetic", "--steps", "1", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("in use") && stderr.contains(&holder), "{stderr}");
+    assert!(!tmp.path().join("config.json").exists());
+    drop(held);
+    assert!(dir.lock().is_ok(), "a released lock does not block");
+}

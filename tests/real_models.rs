@@ -260,3 +260,13 @@ Default text.<|eot_id|>{% endif %}{% for m in messages %}<|start_header_id|>{{ m
         assert_eq!(chat.render_turn(&SystemTurn::None, "Hi").unwrap(), chat.render_turn(&SystemTurn::Template, "Hi").unwrap());
     }
 }
+
+#[test]
+fn a_chat_template_that_never_ends_errors_out_within_seconds() {
+    let endless = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+    let chat = ChatTemplate::new(endless, None, None).unwrap();
+    let t = std::time::Instant::now();
+    let err = chat.render_turn(&SystemTurn::Template, "Hi").unwrap_err().to_string();
+    assert!(err.contains("cannot render the chat template") && err.contains("fuel"), "{err}");
+    assert!(t.elapsed().as_secs() < 10);
+}

@@ -262,11 +262,13 @@ pub enum Start {
 
 /// Starts a run in `out`, or continues the one there.
 pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Summary> {
-    let (dir, config, lm, task) = match start {
+    // The lock is held until the run returns.
+    let (dir, _lock, config, lm, task) = match start {
         Start::New(s) => {
             s.validate()?;
             let (task, split) = load_task(&s)?;
             let dir = RunDir::create(out)?;
+            let lock = dir.lock()?;
             let lm = open_model(&s, report)?;
             let config = RunConfig {
                 initial_prompt: s.initial_prompt.clone().unwrap_or_else(|| task.initial_prompt.clone()),
@@ -284,10 +286,11 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
                 greater_version: env!("CARGO_PKG_VERSION").into(),
             };
             dir.write_json("config.json", &config)?;
-            (dir, config, lm, task)
+            (dir, lock, config, lm, task)
         }
         Start::Resume { steps } => {
             let dir = RunDir::open(out)?;
+            let lock = dir.lock()?;
             let mut config: RunConfig = dir.read_json("config.json")?;
             config.settings.validate().map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
             if let Some(steps) = steps {
@@ -304,7 +307,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
                 bail!("the model file changed since the run started (sha256 {sha}, recorded {})", config.model_sha256);
             }
             report(Event::Info(format!("resuming {}", out.display())));
-            (dir, config, lm, task)
+            (dir, lock, config, lm, task)
         }
     };
     let s = &config.settings;

@@ -68,6 +68,9 @@ impl<'de> serde::Deserialize<'de> for SystemTurn {
     }
 }
 
+/// Instructions a chat template may run per rendering.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 /// Stands for the system text while the template's own system turn is located.
 const SYSTEM_MARK: &str = "\u{2}SYSTEM\u{2}";
 
@@ -87,6 +90,9 @@ impl ChatTemplate {
             .build()
             .expect("the default delimiters are valid");
         env.set_syntax(syntax);
+        // A template that loops without end runs out of fuel and errors out instead of
+        // hanging; rendering a turn or two takes a small fraction of it.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
