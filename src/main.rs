@@ -483,16 +483,16 @@ struct ProtocolArgs {
     #[command(flatten)]
     run: OptimizeArgs,
     /// Tasks, comma-separated [default: the paper's five transfer tasks].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
     tasks: Vec<String>,
     /// A second model (alias, GGUF file or folder) on which each task's returned prompt
     /// and zero-shot CoT are also evaluated, on the same test questions (transfer).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     transfer_to: Option<String>,
     /// Methods run on every task, comma-separated, e.g. greater,ape,gcg: the first fills the
     /// "optimised" column, each other adds one; ape spends the tokens greater spent on the
     /// task [default: --method].
-    #[arg(long, value_enum, value_delimiter = ',')]
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "resume")]
     methods: Vec<Method>,
 }
 

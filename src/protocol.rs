@@ -23,6 +23,7 @@ use crate::optimize::run::{run, transfer, Event, EvalSummary, Start, Summary, Tr
 use crate::optimize::select::Contender;
 use crate::optimize::{Method, OptimizeConfig, StepRecord};
 use crate::store::RunDir;
+use crate::tasks::Task;
 
 /// The paper's five transfer tasks.
 pub const PAPER_TASKS: &[&str] = &[
@@ -47,6 +48,31 @@ pub struct ProtocolConfig {
 }
 
 impl ProtocolConfig {
+    /// An error before any work when a task or method is named twice, a setting is unusable,
+    /// or a task cannot be loaded and split as the settings ask.
+    pub fn check(&self) -> Result<()> {
+        self.settings.validate()?;
+        if self.tasks.is_empty() {
+            bail!("the protocol has no tasks");
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if self.tasks[..i].contains(t) {
+                bail!("task {t} is listed twice: its questions would count twice in the pooled accuracy");
+            }
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                bail!("method {} is listed twice", m.name());
+            }
+        }
+        let s = &self.settings;
+        for t in &self.tasks {
+            let data = s.data_dir.as_ref().map(std::path::PathBuf::from);
+            Task::load_split(t, data, s.seed, s.difficulty, (s.train, s.dev, s.test)).map_err(|e| anyhow::anyhow!("task {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// "model M, a train / b dev / c test questions per task, n steps, split seed s,
     /// methods greater, ape"
     pub fn setup(&self) -> String {
@@ -229,9 +255,7 @@ pub fn run_protocol(
             if dir.exists("protocol-config.json") {
                 bail!("{} already holds a protocol: continue it with --resume {0}", out.display());
             }
-            if c.tasks.is_empty() {
-                bail!("the protocol has no tasks");
-            }
+            c.check()?;
             dir.write_json("protocol-config.json", &c)?;
             c
         }

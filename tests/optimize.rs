@@ -1015,3 +1015,27 @@ fn a_folder_in_use_is_refused_with_the_holders_pid_and_free_once_released() {
     drop(held);
     assert!(dir.lock().is_ok(), "a released lock does not block");
 }
+
+#[test]
+fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["protocol", "--tasks", "arithmetic,arithmetc", "--steps", "1", "--out"])
+        .arg(tmp.path().join("p"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("task arithmetc"), "{stderr}");
+    assert!(!tmp.path().join("p").join("arithmetic").exists(), "no task ran");
+    let config = |tasks: &[&str], methods: Vec<Method>| ProtocolConfig {
+        settings: OptimizeConfig::default(),
+        tasks: tasks.iter().map(|t| t.to_string()).collect(),
+        transfer_to: None,
+        methods,
+    };
+    let err = config(&["arithmetic", "boolean", "arithmetic"], vec![]).check().unwrap_err().to_string();
+    assert!(err.contains("task arithmetic is listed twice"), "{err}");
+    let err = config(&["arithmetic"], vec![Method::Greater, Method::Greater]).check().unwrap_err().to_string();
+    assert!(err.contains("method greater is listed twice"), "{err}");
+    assert!(config(&["arithmetic", "boolean"], vec![Method::Greater, Method::Ape]).check().is_ok());
+}
