@@ -544,6 +544,10 @@ fn run_eval(
     out: Option<&Path>,
 ) -> Result<()> {
     let (task, split) = task_args.load()?;
+    if let Some(path) = out {
+        // Before the evaluation, not after it: an unwritable place would lose its records.
+        std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
     let lm = model.open()?;
     let test = Split::pick(&split.test, &task);
     if test.is_empty() {

@@ -207,3 +207,21 @@ fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
     assert_eq!(code, 2);
     assert!(err.contains("has no chat template; pass one with --chat-template FILE"), "{err}");
 }
+
+#[test]
+fn a_gguf_with_alignment_zero_is_an_error_not_a_panic() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aligned0.gguf");
+    let md = [("general.architecture", Value::String("llama".into())), ("general.alignment", Value::U32(0))];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &md_refs, &[]).unwrap();
+    let err = open_err(&path);
+    assert!(err.contains("aligned0.gguf") && err.contains("not a readable GGUF file") && err.contains("malformed"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["generate", "--prompt", "hi", "--model"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
