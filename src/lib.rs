@@ -13,6 +13,7 @@ pub mod optimize;
 pub mod protocol;
 pub mod report;
 pub mod runtime;
+pub mod screen;
 pub mod store;
 pub mod tasks;
 pub mod tokenizer;

@@ -13,6 +13,7 @@ use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfi
 use greater::layout::REFERENCE_CONNECTOR;
 use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
 use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
+use greater::screen::{run_screen, ScreenConfig, ScreenEvent};
 use greater::store::RunDir;
 use greater::model::{catalog, Precision};
 use greater::tokenizer::SystemTurn;
@@ -144,6 +145,10 @@ enum Command {
     /// Run `optimize` with one configuration over a list of tasks (a run folder each, one
     /// table); resumable as a whole with --resume DIR.
     Protocol(ProtocolArgs),
+    /// Compare configurations of the search on train and dev only (no test question is
+    /// evaluated): each named configuration of --configurations on every task, one table;
+    /// resumable with --resume DIR.
+    Screen(ScreenArgs),
     /// Write a run's or a protocol's report.html: charts and tables in one self-contained
     /// page (also written at the end of every run and protocol).
     Report {
@@ -496,6 +501,50 @@ struct ProtocolArgs {
     methods: Vec<Method>,
 }
 
+/// Flags of `greater screen`: the base settings of `greater optimize`, tasks and a file of
+/// named configurations.
+#[derive(Args)]
+struct ScreenArgs {
+    #[command(flatten)]
+    run: OptimizeArgs,
+    /// Tasks, comma-separated.
+    #[arg(long, value_delimiter = ',', required_unless_present = "resume", conflicts_with = "resume")]
+    tasks: Vec<String>,
+    /// A TOML file of configurations: each table a name, its keys the settings it changes
+    /// from the base (e.g. `[budget-512]` then `max_reasoning = 512`).
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    configurations: Option<PathBuf>,
+}
+
+fn run_screen_command(args: &ScreenArgs) -> Result<()> {
+    let interrupt = ctrl_c_flag()?;
+    let (config, out) = match (&args.run.resume, &args.configurations) {
+        (Some(dir), _) => (None, dir.clone()),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let configurations = ScreenConfig::configurations_from_toml(&text, &file.display().to_string())?;
+            let config = ScreenConfig { base: args.run.settings(false)?, tasks: args.tasks.clone(), configurations };
+            (Some(config), args.run.out.clone().unwrap_or_else(|| default_out("screen")))
+        }
+        (None, None) => anyhow::bail!("pass --configurations FILE (or --resume DIR)"),
+    };
+    let mut progress = Progress::default();
+    let result = run_screen(config, &out, &interrupt, &mut |event| match event {
+        ScreenEvent::Run { index, total, configuration, task, steps } => {
+            progress.finish();
+            progress.label = format!("run {}/{total} {configuration} {task} | ", index + 1);
+            progress.offset = index * steps;
+            progress.protocol_steps = Some(total * steps);
+        }
+        ScreenEvent::Event(e) => progress.event(e),
+    });
+    finish(result, &mut progress, "screen", &out, |(table, config)| {
+        println!("{}", table.markdown(&config));
+        println!("table written to {}", out.join("screen.md").display());
+        Ok(())
+    })
+}
+
 fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
     let interrupt = ctrl_c_flag()?;
     let (config, out) = match &args.run.resume {
@@ -609,6 +658,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Optimize(args) => run_optimize_command(&args)?,
         Command::Protocol(args) => run_protocol_command(&args)?,
+        Command::Screen(args) => run_screen_command(&args)?,
         Command::Report { dir, out } => {
             let path = greater::report::write_report(&dir, out.as_deref())?;
             println!("wrote {}", path.display());

@@ -1039,3 +1039,52 @@ fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
     assert!(err.contains("method greater is listed twice"), "{err}");
     assert!(config(&["arithmetic", "boolean"], vec![Method::Greater, Method::Ape]).check().is_ok());
 }
+
+// ---- Screening ----
+
+#[test]
+fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question() {
+    use greater::screen::{run_screen, ScreenConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("screen");
+    let configurations = ScreenConfig::configurations_from_toml(
+        "[short]\nmax_reasoning = 3\n\n[not-worse]\naccept = \"not_worse\"\nsteps = 1\n",
+        "screen.toml",
+    )
+    .unwrap();
+    assert_eq!(configurations.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["not-worse", "short"]);
+    let config = ScreenConfig {
+        base: protocol_settings(&model),
+        tasks: vec!["arithmetic".into(), "boolean".into()],
+        configurations,
+    };
+    let (table, _) = run_screen(Some(config.clone()), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    assert_eq!(table.rows.len(), 4);
+    for row in &table.rows {
+        let dir = out.join(&row.configuration).join(&row.task);
+        let run: greater::optimize::run::RunConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        // No test split at all, so nothing could evaluate one; and no test file was written.
+        assert!(run.split.test.is_empty() && run.settings.test == 0);
+        assert_eq!(run.split.dev.len(), 2);
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!names.iter().any(|n| n.starts_with("test-")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("dev-")), "{names:?}");
+        assert_eq!(row.gain, row.best_searched.map(|b| b - row.zero_shot.max(row.initial)), "{row:?}");
+        assert_eq!(row.steps, if row.configuration == "not-worse" { 1 } else { 2 });
+    }
+    // Each configuration's changes reach its runs.
+    let short: greater::optimize::run::RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("short/boolean/config.json")).unwrap()).unwrap();
+    assert_eq!((short.settings.max_reasoning, short.settings.accept), (3, Accept::Always));
+    // A resumed (here: finished) screening gives the same table, and the markdown names both.
+    let (again, _) = run_screen(None, &out, &no_interrupt(), &mut |_| {}).unwrap();
+    assert_eq!(again, table);
+    let md = std::fs::read_to_string(out.join("screen.md")).unwrap();
+    assert!(md.contains("| short | max_reasoning = 3 |") && md.contains("no test question"), "{md}");
+    // A screening without dev questions has nothing to judge on.
+    let no_dev = ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
+    assert!(run_screen(Some(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {}).is_err());
+}
