@@ -134,14 +134,27 @@ impl RunDir {
             .collect()
     }
 
-    /// Keeps the first `n` step lines: a run killed after logging a step but before its
-    /// checkpoint redoes that step on resume.
+    /// Keeps the first `n` step lines, each of which must be whole: a run killed after logging
+    /// a step but before its checkpoint redoes that step on resume, and a line torn by a kill
+    /// mid-write is dropped with the lines after it; a damaged line among the first `n` is an
+    /// error naming it, since appending after it would leave a log no reader can use.
     pub fn truncate_steps(&self, n: usize) -> Result<()> {
         let path = self.file("steps.jsonl");
         if !path.exists() {
+            if n > 0 {
+                bail!("{} is missing, but the checkpoint is at step {n}", path.display());
+            }
             return Ok(());
         }
         let lines: Vec<String> = BufReader::new(File::open(&path)?).lines().take(n).collect::<Result<_, _>>()?;
+        if lines.len() < n {
+            bail!("{} has {} step lines, but the checkpoint is at step {n}", path.display(), lines.len());
+        }
+        for (i, line) in lines.iter().enumerate() {
+            if serde_json::from_str::<serde_json::Value>(line).is_err() {
+                bail!("{}:{}: a damaged step line before the checkpoint's step {n}; the run cannot continue", path.display(), i + 1);
+            }
+        }
         let mut text = lines.join("\n");
         if !text.is_empty() {
             text.push('\n');

@@ -1088,3 +1088,19 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
     let no_dev = ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
     assert!(run_screen(Some(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {}).is_err());
 }
+
+#[test]
+fn a_step_log_torn_at_its_end_is_trimmed_and_torn_in_its_middle_is_refused_with_the_line() {
+    use greater::store::RunDir;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = RunDir::folder(tmp.path()).unwrap();
+    let log = tmp.path().join("steps.jsonl");
+    std::fs::write(&log, "{\"step\":1}\n{\"step\":2}\n{\"st").unwrap();
+    dir.truncate_steps(2).unwrap();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"step\":1}\n{\"step\":2}\n");
+    std::fs::write(&log, "{\"step\":1}\n{\"st\n{\"step\":3}\n").unwrap();
+    let err = dir.truncate_steps(3).unwrap_err().to_string();
+    assert!(err.contains("steps.jsonl:2: a damaged step line"), "{err}");
+    let err = dir.truncate_steps(5).unwrap_err().to_string();
+    assert!(err.contains("has 3 step lines, but the checkpoint is at step 5"), "{err}");
+}
