@@ -13,7 +13,7 @@
 //!     cargo bench --bench parity                  # all three parts
 //!     cargo bench --bench parity -- logits        # parts whose name contains "logits"
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -59,10 +59,10 @@ fn logits(alias: &str) {
     );
 }
 
-fn zero_shot(data: &PathBuf) {
+fn zero_shot(data: &Path) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
     for name in ["object_counting", "navigate"] {
-        let (task, split) = Task::load_split(name, Some(data.clone()), 0, 1, (0, 0, 100)).unwrap();
+        let (task, split) = Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, 100)).unwrap();
         let test: Vec<_> = split.test.iter().map(|&i| &task.examples[i]).collect();
         let cfg = EvalConfig { batch: 50, max_reasoning: 256, connector: ". Use".into(), system: Default::default(), cancel: None };
         let run = |lm: &LanguageModel| evaluate(lm, &task, &test, ZERO_SHOT_COT, &cfg, &mut |_| {}).unwrap();
@@ -80,9 +80,9 @@ fn zero_shot(data: &PathBuf) {
     }
 }
 
-fn shortlists(data: &PathBuf) {
+fn shortlists(data: &Path) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
-    let (task, _) = Task::load_split("object_counting", Some(data.clone()), 0, 1, (10, 0, 0)).unwrap();
+    let (task, _) = Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, 0)).unwrap();
     let train: Vec<_> = task.examples[..10].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
     let stop = Arc::new(AtomicBool::new(false));

@@ -100,7 +100,7 @@ fn pack_left(a: &[f32], k: usize) -> (Vec<u16>, usize) {
 pub fn matmul(a: &[f32], k: usize, w: &[f32], rows: usize, cols: usize, right: Right) -> Vec<f32> {
     assert!(available(), "bf16::matmul without AVX512-BF16");
     let sum_len = if right == Right::Transposed { cols } else { rows };
-    assert!(k == sum_len && a.len() % k == 0 && w.len() == rows * cols, "bf16::matmul: shapes do not match");
+    assert!(k == sum_len && a.len().is_multiple_of(k) && w.len() == rows * cols, "bf16::matmul: shapes do not match");
     let m = a.len() / k;
     let (panels, pairs, n) = pack_right(w, rows, cols, right);
     let (left, padded) = pack_left(a, k);

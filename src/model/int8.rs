@@ -130,7 +130,7 @@ impl Int8Weight {
     /// An f32 weight [n, k] (k a multiple of 32) quantised to 8-bit blocks of 32, one scale
     /// each (GGUF's Q8_0), for weights whose file holds no block integers.
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Self {
-        assert!(k % 32 == 0 && w.len() == n * k, "Int8Weight::quantize: [{n}, {k}]");
+        assert!(k.is_multiple_of(32) && w.len() == n * k, "Int8Weight::quantize: [{n}, {k}]");
         let mut q = vec![0i8; n * k];
         let mut scale = Vec::with_capacity(n * k / 32);
         for (src, dst) in w.chunks_exact(32).zip(q.chunks_exact_mut(32)) {
@@ -141,7 +141,7 @@ impl Int8Weight {
 
     /// Whether `k` columns can be quantised in this module's blocks.
     pub fn fits(k: usize) -> bool {
-        k % 32 == 0
+        k.is_multiple_of(32)
     }
 }
 
@@ -294,7 +294,7 @@ pub fn matmul(x: &[f32], w: &Int8Weight) -> Vec<f32> {
 /// y [m, n] = x [m, k] · w^T with `kernel`, which the CPU must support
 /// ([`Kernel::choose`] of [`Features::detect`] or a slower one).
 pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight) -> Vec<f32> {
-    assert_eq!(x.len() % w.k, 0, "int8::matmul: x is not [m, {}]", w.k);
+    assert!(x.len().is_multiple_of(w.k), "int8::matmul: x is not [m, {}]", w.k);
     let f = Features::detect();
     let runs = match kernel {
         Kernel::Avx512Vnni => f.avx512_vnni,
