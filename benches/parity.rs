@@ -89,17 +89,25 @@ fn shortlists(data: &Path) {
     let exact = Optimizer::new(&f32_lm, &task, &train, &cfg, stop.clone()).unwrap();
     let mixed = Optimizer::new(&mixed_lm, &task, &train, &cfg, stop).unwrap();
     let mut state = exact.initial_state(&[task.initial_prompt.as_str()]).unwrap();
-    let mut same = 0;
+    let (mut same, mut same_set) = (0, 0);
     for step in 1..=10 {
         let fresh = greater::optimize::State { reasoning: None, ..state.clone() };
         let mut got: Vec<u32> = mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
         let want: Vec<u32> = exact.step(&mut state).unwrap().checked.iter().map(|c| c.id).collect();
         got.truncate(want.len());
         same += (got == want) as usize;
+        let sorted = |v: &[u32]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        same_set += (sorted(&got) == sorted(&want)) as usize;
         let text = |s: &[u32]| s.iter().map(|&id| f32_lm.tokenizer.decode_with_special(&[id]).unwrap()).collect::<Vec<_>>();
         println!("step {step}: f32 shortlist {:?}, mixed {:?}", text(&want), text(&got));
     }
-    println!("{QWEN} object_counting, 10 steps: the mixed shortlist equals f32's (same tokens, same order) in {same} of 10");
+    println!(
+        "{QWEN} object_counting, 10 steps: the mixed shortlist holds the same tokens as f32's in {same_set} of 10, in the same order in {same}"
+    );
 }
 
 fn main() {
