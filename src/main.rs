@@ -409,6 +409,14 @@ struct Progress {
 }
 
 impl Progress {
+    /// Run `index` of `total` (each of `steps` steps) of a protocol or screening begins.
+    fn next_run(&mut self, label: String, index: usize, total: usize, steps: usize) {
+        self.finish();
+        self.label = label;
+        self.offset = index * steps;
+        self.protocol_steps = Some(total * steps);
+    }
+
     fn event(&mut self, event: Event) {
         match event {
             Event::Info(m) => eprintln!("{}{m}", self.label),
@@ -531,10 +539,7 @@ fn run_screen_command(args: &ScreenArgs) -> Result<()> {
     let mut progress = Progress::default();
     let result = run_screen(config, &out, &interrupt, &mut |event| match event {
         ScreenEvent::Run { index, total, configuration, task, steps } => {
-            progress.finish();
-            progress.label = format!("run {}/{total} {configuration} {task} | ", index + 1);
-            progress.offset = index * steps;
-            progress.protocol_steps = Some(total * steps);
+            progress.next_run(format!("run {}/{total} {configuration} {task} | ", index + 1), index, total, steps)
         }
         ScreenEvent::Event(e) => progress.event(e),
     });
@@ -560,10 +565,7 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
     let mut progress = Progress::default();
     let result = run_protocol(config, &out, &interrupt, &mut |event| match event {
         ProtocolEvent::Task { index, total, name, steps } => {
-            progress.finish();
-            progress.label = format!("task {}/{total} {name} | ", index + 1);
-            progress.offset = index * steps;
-            progress.protocol_steps = Some(total * steps);
+            progress.next_run(format!("task {}/{total} {name} | ", index + 1), index, total, steps)
         }
         ProtocolEvent::Run(e) => progress.event(e),
     });
