@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use greater::eval::{evaluate, EvalConfig};
 use greater::model::{KvCache, Pass, Precision};
-use greater::optimize::{OptimizeConfig, Optimizer};
+use greater::optimize::Optimizer;
+use greater::settings::OptimizeConfig;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::{Task, ZERO_SHOT_COT};
 
@@ -91,7 +92,7 @@ fn shortlists(data: &Path) {
     let mut state = exact.initial_state(&[task.initial_prompt.as_str()]).unwrap();
     let (mut same, mut same_set) = (0, 0);
     for step in 1..=10 {
-        let fresh = greater::optimize::State { reasoning: None, ..state.clone() };
+        let fresh = greater::records::State { reasoning: None, ..state.clone() };
         let mut got: Vec<u32> = mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
         let want: Vec<u32> = exact.step(&mut state).unwrap().checked.iter().map(|c| c.id).collect();
         got.truncate(want.len());

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use greater::optimize::{OptimizeConfig, Optimizer, Seconds};
+use greater::optimize::Optimizer;
+use greater::records::Seconds;
+use greater::settings::OptimizeConfig;
 use greater::model::Precision;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::Task;

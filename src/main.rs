@@ -9,11 +9,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use greater::eval::{evaluate, write_records, EvalConfig};
-use greater::optimize::run::{run as run_optimize, summary_table, Event, RunConfig, Start};
+use greater::optimize::run::{run as run_optimize, Event, Start};
 use greater::layout::REFERENCE_CONNECTOR;
-use greater::optimize::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
-use greater::protocol::{protocol_markdown, run_protocol, ProtocolConfig, ProtocolEvent, PAPER_TASKS};
-use greater::screen::{run_screen, ScreenConfig, ScreenEvent};
+use greater::protocol::{run_protocol, ProtocolEvent, PAPER_TASKS};
+use greater::records::{ProtocolConfig, RunConfig, ScreenConfig};
+use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
+use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
+use greater::screen::{run_screen, ScreenEvent};
+use greater::settings::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
 use greater::store::RunDir;
 use greater::model::{catalog, Precision};
 use greater::tokenizer::SystemTurn;
@@ -365,6 +368,13 @@ fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
     })
 }
 
+/// A report that cannot be written does not stop a run whose records are saved.
+fn warn_on_error(result: Result<()>) {
+    if let Err(e) = result {
+        eprintln!("warning: could not write a report: {e:#}");
+    }
+}
+
 /// `greater-runs/<name>-<unix seconds>`.
 fn default_out(name: &str) -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -397,7 +407,8 @@ fn finish<T>(result: Result<T>, progress: &mut Progress, command: &str, out: &Pa
 }
 
 /// Draws a run's events: the budget line, a step bar with ETA, one line per step, a bar per
-/// evaluation. In a protocol the step bar counts the steps of every task.
+/// evaluation; writes a finished run's report. In a protocol the step bar counts the steps
+/// of every task.
 #[derive(Default)]
 struct Progress {
     bar: Option<ProgressBar>,
@@ -474,6 +485,7 @@ impl Progress {
                     b.set_position(done as u64);
                 }
             }
+            Event::Finished(_) => warn_on_error(on_run_event(&event)),
         }
     }
 
@@ -544,7 +556,8 @@ fn run_screen_command(args: &ScreenArgs) -> Result<()> {
         ScreenEvent::Event(e) => progress.event(e),
     });
     finish(result, &mut progress, "screen", &out, |(table, config)| {
-        println!("{}", table.markdown(&config));
+        write_screen_outputs(&out, &table, &config)?;
+        println!("{}", screen_markdown(&table, &config));
         println!("table written to {}", out.join("screen.md").display());
         Ok(())
     })
@@ -568,6 +581,7 @@ fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
             progress.next_run(format!("task {}/{total} {name} | ", index + 1), index, total, steps)
         }
         ProtocolEvent::Run(e) => progress.event(e),
+        ProtocolEvent::Table(..) => warn_on_error(on_protocol_event(&out, &event)),
     });
     finish(result, &mut progress, "protocol", &out, |(table, config)| {
         println!("{}", protocol_markdown(&table, &config));

@@ -16,14 +16,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 
 use crate::eval::wilson_interval;
-use crate::optimize::run::{run, transfer, Event, EvalSummary, Start, Summary, Transfer};
-use crate::optimize::select::Contender;
-use crate::optimize::{Method, OptimizeConfig, StepRecord};
-use crate::store::RunDir;
-use crate::tasks::Task;
+use crate::optimize::run::{run, transfer, Event, Start};
+use crate::records::{Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer};
+use crate::settings::{Method, OptimizeConfig};
+use crate::store::{method_folder, task_folder, RunDir};
 
 /// The paper's five transfer tasks.
 pub const PAPER_TASKS: &[&str] = &[
@@ -33,138 +31,6 @@ pub const PAPER_TASKS: &[&str] = &[
     "hyperbaton",
     "causal_judgement",
 ];
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProtocolConfig {
-    pub settings: OptimizeConfig,
-    pub tasks: Vec<String>,
-    /// A second model on which each task's returned prompt and zero-shot CoT are evaluated.
-    #[serde(default)]
-    pub transfer_to: Option<String>,
-    /// The methods run on every task, the first filling the "optimised" column; empty: the
-    /// settings' method alone.
-    #[serde(default)]
-    pub methods: Vec<Method>,
-}
-
-impl ProtocolConfig {
-    /// An error before any work when a task or method is named twice, a setting is unusable,
-    /// or a task cannot be loaded and split as the settings ask.
-    pub fn check(&self) -> Result<()> {
-        self.settings.validate()?;
-        if self.tasks.is_empty() {
-            bail!("the protocol has no tasks");
-        }
-        for (i, t) in self.tasks.iter().enumerate() {
-            if self.tasks[..i].contains(t) {
-                bail!("task {t} is listed twice: its questions would count twice in the pooled accuracy");
-            }
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if self.methods[..i].contains(m) {
-                bail!("method {} is listed twice", m.name());
-            }
-        }
-        let s = &self.settings;
-        for t in &self.tasks {
-            let data = s.data_dir.as_ref().map(std::path::PathBuf::from);
-            Task::load_split(t, data, s.seed, s.difficulty, (s.train, s.dev, s.test)).map_err(|e| anyhow::anyhow!("task {t}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// "model M, a train / b dev / c test questions per task, n steps, split seed s,
-    /// methods greater, ape"
-    pub fn setup(&self) -> String {
-        let (s, methods) = (&self.settings, self.methods());
-        format!(
-            "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}",
-            s.model,
-            s.train,
-            s.dev,
-            s.test,
-            s.steps,
-            s.seed,
-            if methods.len() > 1 { "s" } else { "" },
-            methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
-        )
-    }
-
-    pub fn methods(&self) -> Vec<Method> {
-        if self.methods.is_empty() {
-            vec![self.settings.method]
-        } else {
-            self.methods.clone()
-        }
-    }
-}
-
-/// Another method's result on a task (a baseline beside the first method).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MethodRow {
-    pub method: Method,
-    pub optimised: EvalSummary,
-    pub dev_accuracy: Option<f64>,
-    pub selected: String,
-    pub steps: usize,
-    pub generated_tokens: usize,
-    pub wall_seconds: f64,
-}
-
-/// A method's pooled test accuracy and its mean gain over zero-shot CoT.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MethodPooled {
-    pub method: Method,
-    pub optimised: Pooled,
-    pub mean_gain: f64,
-    pub gain_interval: Option<(f64, f64)>,
-}
-
-/// One task's line of the table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskRow {
-    pub task: String,
-    pub zero_shot_cot: EvalSummary,
-    pub initial: EvalSummary,
-    pub optimised: EvalSummary,
-    /// Dev accuracy of the returned prompt (None without a dev split).
-    pub dev_accuracy: Option<f64>,
-    pub selected: String,
-    pub steps: usize,
-    pub wall_seconds: f64,
-    /// Tokens the search decoded.
-    #[serde(default)]
-    pub generated_tokens: usize,
-    /// The other methods of the protocol, in its order.
-    #[serde(default)]
-    pub baselines: Vec<MethodRow>,
-    /// The returned prompt and zero-shot CoT on the `transfer_to` model.
-    #[serde(default)]
-    pub transfer: Option<Transfer>,
-    /// What the first method's step log says of its search.
-    #[serde(default)]
-    pub search: Option<SearchTrace>,
-}
-
-/// Where a search gained or lost, read from its step log: train mistakes, the steps that
-/// helped and those that hurt, and whether the gradient ever ranked the current token high.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SearchTrace {
-    pub train_n: usize,
-    /// Train mistakes of the prompt the search started from.
-    pub start_mistakes: usize,
-    /// The fewest train mistakes of any prompt it checked (or the start's).
-    pub fewest_mistakes: usize,
-    /// Steps that lowered the best train score.
-    pub improving_steps: usize,
-    /// Steps that moved to a prompt with a higher train score than the one they began with.
-    pub worse_moves: usize,
-    /// Steps whose checked shortlist held the current prompt, and those that kept it.
-    pub current_shortlisted: usize,
-    pub current_kept: usize,
-    /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
-    pub dev_baseline: Option<f64>,
-}
 
 /// The trace of a search from its steps and the run's contenders (whose train scores cover
 /// the starting prompts); None before the first step.
@@ -186,7 +52,7 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
         current_kept: 0,
         dev_baseline: contenders
             .iter()
-            .filter(|c| c.label == "zero-shot CoT" || c.label == "initial")
+            .filter(|c| c.label.is_baseline())
             .filter_map(|c| c.dev.as_ref().map(|d| d.accuracy))
             .reduce(f64::max),
     };
@@ -206,38 +72,13 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
     Some(trace)
 }
 
-/// Accuracy pooled over every task's test questions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Pooled {
-    pub accuracy: f64,
-    pub correct: usize,
-    pub n: usize,
-    pub interval: (f64, f64),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProtocolTable {
-    pub rows: Vec<TaskRow>,
-    pub zero_shot_cot: Pooled,
-    pub initial: Pooled,
-    pub optimised: Pooled,
-    /// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
-    /// per-task differences (None with fewer than two tasks).
-    pub mean_gain: f64,
-    pub gain_interval: Option<(f64, f64)>,
-    /// Pooled zero-shot CoT and returned-prompt accuracy on the transfer model.
-    #[serde(default)]
-    pub transfer: Option<(Pooled, Pooled)>,
-    /// The other methods, pooled, in the protocol's order.
-    #[serde(default)]
-    pub baselines: Vec<MethodPooled>,
-}
-
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
 /// that run's own events.
 pub enum ProtocolEvent<'a> {
     Task { index: usize, total: usize, name: &'a str, steps: usize },
     Run(Event<'a>),
+    /// A task has finished: the table of the tasks finished so far.
+    Table(&'a ProtocolTable, &'a ProtocolConfig),
 }
 
 /// Starts a protocol in `out` (with `Some(config)`) or continues the one there; returns the
@@ -314,18 +155,9 @@ pub fn run_protocol(
         rows.push(TaskRow { transfer, baselines, search, ..task_row(task, methods[0], first, *wall)? });
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
-        dir.write_atomic("protocol.md", protocol_markdown(&result, &config).as_bytes())?;
-        crate::report::write_report(out, None)?;
+        report(ProtocolEvent::Table(&result, &config));
     }
     Ok((result, config))
-}
-
-/// The run folder of the `m_index`-th method on `task`: the task's folder for the first.
-pub fn method_folder(task: &str, methods: &[Method], m_index: usize) -> String {
-    match m_index {
-        0 => task_folder(task),
-        _ => format!("{}-{}", task_folder(task), methods[m_index].name()),
-    }
 }
 
 /// Zero-shot CoT and the initial prompt are the same prompts on the same questions for every
@@ -334,7 +166,7 @@ pub fn method_folder(task: &str, methods: &[Method], m_index: usize) -> String {
 fn share_baselines(first: &Path, run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(run_dir)?;
     for split in ["dev", "test"] {
-        for label in ["zero_shot_cot", "initial"] {
+        for label in [Label::ZeroShotCot.file_stem(), Label::Initial.file_stem()] {
             for ext in ["json", "jsonl"] {
                 let name = format!("{split}-{label}.{ext}");
                 if first.join(&name).exists() {
@@ -346,14 +178,7 @@ fn share_baselines(first: &Path, run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A task's folder name: its name, or a task file's stem.
-pub fn task_folder(task: &str) -> String {
-    let p = Path::new(task);
-    let stem = if p.extension().is_some() { p.file_stem().and_then(|s| s.to_str()).unwrap_or(task) } else { task };
-    stem.replace(['/', '\\'], "_")
-}
-
-fn test_evaluation(task: &str, s: &Summary, label: &str) -> Result<EvalSummary> {
+fn test_evaluation(task: &str, s: &Summary, label: Label) -> Result<EvalSummary> {
     match s.evaluations.iter().find(|e| e.label == label) {
         Some(e) => Ok(e.clone()),
         None => bail!("the run of {task} has no test evaluation '{label}' (is --test 0?)"),
@@ -363,9 +188,9 @@ fn test_evaluation(task: &str, s: &Summary, label: &str) -> Result<EvalSummary> 
 fn method_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Result<MethodRow> {
     Ok(MethodRow {
         method,
-        optimised: test_evaluation(task, s, "optimised")?,
+        optimised: test_evaluation(task, s, Label::Optimised)?,
         dev_accuracy: s.contenders.iter().find(|c| c.label == s.selected).and_then(|c| c.dev.as_ref()).map(|d| d.accuracy),
-        selected: s.selected.clone(),
+        selected: s.selected,
         steps: s.steps,
         generated_tokens: s.generated_tokens,
         wall_seconds,
@@ -376,8 +201,8 @@ fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Resul
     let main = method_row(task, method, s, wall_seconds)?;
     Ok(TaskRow {
         task: task.to_string(),
-        zero_shot_cot: test_evaluation(task, s, "zero-shot CoT")?,
-        initial: test_evaluation(task, s, "initial")?,
+        zero_shot_cot: test_evaluation(task, s, Label::ZeroShotCot)?,
+        initial: test_evaluation(task, s, Label::Initial)?,
         optimised: main.optimised,
         dev_accuracy: main.dev_accuracy,
         selected: main.selected,
@@ -438,128 +263,6 @@ pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
         gain_interval,
         rows,
     }
-}
-
-fn cell(e: &EvalSummary) -> String {
-    format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1)
-}
-
-/// Per task, the test reasonings of zero-shot CoT, the initial and the optimised prompt that
-/// ran into the reasoning budget (tasks of before the count are left out).
-fn cut_line(t: &ProtocolTable, budget: usize) -> Option<String> {
-    let tasks: Vec<String> = t
-        .rows
-        .iter()
-        .filter_map(|r| {
-            let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
-            let cut: usize = evals.iter().map(|e| e.cut_by_budget).sum::<Option<usize>>()?;
-            Some(format!("{} {cut}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
-        })
-        .collect();
-    (!tasks.is_empty()).then(|| {
-        format!(
-            "test reasonings cut at the {budget}-token budget (zero-shot CoT, initial and optimised together): {}\n\n",
-            tasks.join(", ")
-        )
-    })
-}
-
-pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
-    let methods = config.methods();
-    let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
-    let target = config.transfer_to.as_deref();
-    let mut head = format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
-    for m in &methods[1..] {
-        head.push_str(&format!(" {} |", m.name()));
-    }
-    head.push_str(" dev (optimised) | returned | steps | wall time |");
-    if let Some(m) = target {
-        head.push_str(&format!(" zero-shot CoT on `{m}` | optimised on `{m}` |"));
-    }
-    head.push_str(" optimised prompt |");
-    let columns = head.matches('|').count() - 1;
-    out.push_str(&format!("{head}\n|{}\n", "---|".repeat(columns)));
-    for r in &t.rows {
-        let mut line = format!("| {} | {} | {} | {} |", r.task, cell(&r.zero_shot_cot), cell(&r.initial), cell(&r.optimised));
-        for b in &r.baselines {
-            line.push_str(&format!(" {} |", cell(&b.optimised)));
-        }
-        line.push_str(&format!(
-            " {} | {} | {} | {} |",
-            r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
-            r.selected,
-            r.steps,
-            crate::optimize::run::human_duration(r.wall_seconds)
-        ));
-        match (&r.transfer, target) {
-            (Some(tr), _) => line.push_str(&format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised))),
-            (None, Some(_)) => line.push_str(" - | - |"),
-            (None, None) => {}
-        }
-        out.push_str(&format!("{line} {} |\n", r.optimised.prompt.replace('|', "\\|")));
-    }
-    let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
-    let mut line = format!("| all tasks (pooled) | {} | {} | {} |", p(&t.zero_shot_cot), p(&t.initial), p(&t.optimised));
-    for b in &t.baselines {
-        line.push_str(&format!(" {} |", p(&b.optimised)));
-    }
-    line.push_str(" | | | |");
-    match (&t.transfer, target) {
-        (Some((zs, opt)), _) => line.push_str(&format!(" {} | {} |", p(zs), p(opt))),
-        (None, Some(_)) => line.push_str(" | |"),
-        (None, None) => {}
-    }
-    out.push_str(&format!("{line} |\n\n"));
-    if let Some(line) = cut_line(t, config.settings.max_reasoning) {
-        out.push_str(&line);
-    }
-    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
-        Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
-        None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),
-    };
-    out.push_str(&gain(methods[0].name(), t.mean_gain, t.gain_interval));
-    for b in &t.baselines {
-        out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
-    }
-    out.push_str(&search_markdown(t, methods[0]));
-    out
-}
-
-/// The search traces as a table: a gain is made on train, kept through dev selection and
-/// confirmed on test, and each column shows one of those stages.
-fn search_markdown(t: &ProtocolTable, method: Method) -> String {
-    let traced: Vec<(&TaskRow, &SearchTrace)> = t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
-    if traced.is_empty() {
-        return String::new();
-    }
-    let mut out = format!(
-        "\n## Where {} gained or lost\n\nFrom each task's `steps.jsonl` and its dev evaluations.\n\n\
-         | task | train mistakes: start -> fewest checked | steps lowering the best train score | \
-         steps moving to a worse prompt | current prompt shortlisted / kept | \
-         dev: better of zero-shot CoT and initial -> returned | test: zero-shot CoT -> optimised |\n\
-         |---|---|---|---|---|---|---|\n",
-        method.name()
-    );
-    let dev = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.3}"));
-    for (r, s) in traced {
-        out.push_str(&format!(
-            "| {} | {} -> {} of {} | {} of {} | {} | {} / {} | {} -> {} | {:.3} -> {:.3} |\n",
-            r.task,
-            s.start_mistakes,
-            s.fewest_mistakes,
-            s.train_n,
-            s.improving_steps,
-            r.steps,
-            s.worse_moves,
-            s.current_shortlisted,
-            s.current_kept,
-            dev(s.dev_baseline),
-            dev(r.dev_accuracy),
-            r.zero_shot_cot.accuracy,
-            r.optimised.accuracy
-        ));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::settings::Method;
+
 pub struct RunDir {
     pub path: PathBuf,
 }
@@ -161,4 +163,19 @@ impl RunDir {
         }
         self.write_atomic("steps.jsonl", text.as_bytes())
     }
+}
+
+/// The run folder of the `m_index`-th method on `task`: the task's folder for the first.
+pub fn method_folder(task: &str, methods: &[Method], m_index: usize) -> String {
+    match m_index {
+        0 => task_folder(task),
+        _ => format!("{}-{}", task_folder(task), methods[m_index].name()),
+    }
+}
+
+/// A task's folder name: its name, or a task file's stem.
+pub fn task_folder(task: &str) -> String {
+    let p = Path::new(task);
+    let stem = if p.extension().is_some() { p.file_stem().and_then(|s| s.to_str()).unwrap_or(task) } else { task };
+    stem.replace(['/', '\\'], "_")
 }

@@ -12,14 +12,16 @@ use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gra
 use greater::optimize::run::{run, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::ape::{instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND};
-use greater::optimize::{Accept, GradientSum, Method, OptimizeConfig, StepRecord};
+use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
+use greater::records::{Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary};
+use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
+use greater::report::text::budget_warning;
 use greater::eval::user_ids;
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass};
-use greater::optimize::run::{budget_warning, EvalSummary, Summary};
-use greater::optimize::select::{choose_on_dev, Contender};
-use greater::optimize::{Optimizer, Score};
-use greater::protocol::{run_protocol, ProtocolConfig, ProtocolTable};
+use greater::optimize::select::choose_on_dev;
+use greater::optimize::Optimizer;
+use greater::protocol::run_protocol;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tasks::{Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
 use rand::SeedableRng;
@@ -157,7 +159,7 @@ fn steps_without_timings(dir: &Path) -> Vec<StepRecord> {
 }
 
 fn run_quietly(start: Start, out: &Path) {
-    run(start, out, &Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap();
+    run(start, out, &Arc::new(AtomicBool::new(false)), &mut |e| on_run_event(&e).unwrap()).unwrap();
 }
 
 #[test]
@@ -229,7 +231,7 @@ fn spawn_until_first_step(tmp: &Path, model: &Path, name: &str, steps: usize) ->
 }
 
 fn checkpoint_step(dir: &Path) -> usize {
-    let state: greater::optimize::State =
+    let state: greater::records::State =
         serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
     state.step
 }
@@ -298,7 +300,7 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
 #[test]
 fn the_summary_warns_when_more_than_a_tenth_of_test_reasonings_ran_into_the_budget() {
     let eval = |cut: usize, n: usize| EvalSummary {
-        label: "x".into(),
+        label: Label::Initial,
         prompt: "p".into(),
         accuracy: 0.0,
         correct: 0,
@@ -527,21 +529,27 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     let (task, split) = arithmetic(3);
     let dev = Split::pick(&split.dev, &task);
     let test = Split::pick(&split.test, &task);
-    let contender = |label: &str, train: f64| Contender { label: label.into(), prompt: format!("{label} prompt"), train: score(train), dev: None };
-    let mut contenders = vec![contender("zero-shot CoT", 0.5), contender("initial", 0.6), contender("train #1", 0.1), contender("train #2", 0.2), contender("train #3", 0.3)];
-    let dev_accuracy = |label: &str| match label {
-        "train #2" | "train #3" => 0.75,
-        "train #1" => 0.25,
+    let contender = |label: Label, train: f64| Contender { label, prompt: format!("{label} prompt"), train: score(train), dev: None };
+    let mut contenders = vec![
+        contender(Label::ZeroShotCot, 0.5),
+        contender(Label::Initial, 0.6),
+        contender(Label::Train(1), 0.1),
+        contender(Label::Train(2), 0.2),
+        contender(Label::Train(3), 0.3),
+    ];
+    let dev_accuracy = |label: Label| match label {
+        Label::Train(2) | Label::Train(3) => 0.75,
+        Label::Train(1) => 0.25,
         _ => 0.5,
     };
     let mut seen = Vec::new();
     let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| {
         seen.extend(examples.iter().map(|e| e.question.clone()));
-        Ok(EvalSummary { label: c.label.clone(), prompt: c.prompt.clone(), accuracy: dev_accuracy(&c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0) })
+        Ok(EvalSummary { label: c.label, prompt: c.prompt.clone(), accuracy: dev_accuracy(c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0) })
     })
     .unwrap();
     // train #2 and #3 tie on dev; #2 has the better train score. The best train score (#1) loses.
-    assert_eq!(contenders[chosen].label, "train #2");
+    assert_eq!(contenders[chosen].label, Label::Train(2));
     assert!(contenders.iter().all(|c| c.dev.is_some()));
     assert_eq!(seen.len(), 5 * dev.len());
     assert!(seen.iter().all(|q| dev.iter().any(|d| &d.question == q)));
@@ -552,7 +560,7 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
         c.dev = None;
     }
     let chosen = choose_on_dev(&mut no_dev, &[], &mut |_, _| unreachable!()).unwrap();
-    assert_eq!(no_dev[chosen].label, "train #1");
+    assert_eq!(no_dev[chosen].label, Label::Train(1));
 }
 
 #[test]
@@ -568,8 +576,8 @@ fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times()
     assert_eq!(summary.best_prompt, chosen.prompt);
     assert_eq!(std::fs::read_to_string(out.join("best_prompt.txt")).unwrap(), chosen.prompt);
     assert_eq!(summary.contenders[0].prompt, ZERO_SHOT_COT);
-    let labels: Vec<&str> = summary.evaluations.iter().map(|e| e.label.as_str()).collect();
-    assert_eq!(labels, ["zero-shot CoT", "initial", "optimised"]);
+    let labels: Vec<Label> = summary.evaluations.iter().map(|e| e.label).collect();
+    assert_eq!(labels, [Label::ZeroShotCot, Label::Initial, Label::Optimised]);
     assert_eq!(summary.evaluations[2].prompt, chosen.prompt);
 
     // `greater eval --prompt-from` evaluates exactly the bytes of best_prompt.txt.
@@ -608,7 +616,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         transfer_to: Some(target.clone()),
         methods: Vec::new(),
     };
-    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
     assert_eq!(table.rows.len(), 2);
     // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
     // second model, kept in the task's folder.
@@ -626,7 +634,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         assert_eq!(row.steps, summary.steps);
         // The search trace starts from the initial prompt's train mistakes.
         let search = row.search.as_ref().unwrap();
-        let initial = summary.contenders.iter().find(|c| c.label == "initial").unwrap();
+        let initial = summary.contenders.iter().find(|c| c.label == Label::Initial).unwrap();
         assert_eq!((search.start_mistakes, search.train_n), (initial.train.mistakes, initial.train.n));
         assert!(search.fewest_mistakes <= search.start_mistakes && search.improving_steps <= row.steps);
     }
@@ -863,7 +871,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         transfer_to: None,
         methods: vec![Method::Greater, Method::Ape, Method::Gcg],
     };
-    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
     let row = &table.rows[0];
     assert_eq!(row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(), [Method::Ape, Method::Gcg]);
     let read = |folder: &str| -> Summary {
@@ -975,7 +983,7 @@ fn settings_no_run_can_use_are_refused_with_their_name() {
 
 #[test]
 fn a_checkpoint_that_cannot_continue_is_refused() {
-    let state = |prompt: Vec<u32>, position: usize| greater::optimize::State {
+    let state = |prompt: Vec<u32>, position: usize| greater::records::State {
         step: 1,
         position,
         prompt: prompt.clone(),
@@ -988,7 +996,7 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
         generated_tokens: 0,
     };
     assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
-    let err = |s: greater::optimize::State, train| s.check(train).unwrap_err().to_string();
+    let err = |s: greater::records::State, train| s.check(train).unwrap_err().to_string();
     assert_eq!(err(state(vec![5, 6, 7], 1_000_000), 2), "position 1000000 is outside the prompt of 3 tokens");
     assert_eq!(err(state(vec![], 0), 2), "the prompt is empty");
     assert_eq!(err(state(vec![5, 6, 7], 0), 3), "reasoning for 2 train questions, the run has 3");
@@ -1044,7 +1052,8 @@ fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
 
 #[test]
 fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question() {
-    use greater::screen::{run_screen, ScreenConfig};
+    use greater::records::ScreenConfig;
+    use greater::screen::run_screen;
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let out = tmp.path().join("screen");
@@ -1063,7 +1072,7 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
     assert_eq!(table.rows.len(), 4);
     for row in &table.rows {
         let dir = out.join(&row.configuration).join(&row.task);
-        let run: greater::optimize::run::RunConfig =
+        let run: greater::records::RunConfig =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         // No test split at all, so nothing could evaluate one; and no test file was written.
         assert!(run.split.test.is_empty() && run.settings.test == 0);
@@ -1076,12 +1085,13 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
         assert_eq!(row.steps, if row.configuration == "not-worse" { 1 } else { 2 });
     }
     // Each configuration's changes reach its runs.
-    let short: greater::optimize::run::RunConfig =
+    let short: greater::records::RunConfig =
         serde_json::from_str(&std::fs::read_to_string(out.join("short/boolean/config.json")).unwrap()).unwrap();
     assert_eq!((short.settings.max_reasoning, short.settings.accept), (3, Accept::Always));
     // A resumed (here: finished) screening gives the same table, and the markdown names both.
-    let (again, _) = run_screen(None, &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (again, config) = run_screen(None, &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(again, table);
+    write_screen_outputs(&out, &again, &config).unwrap();
     let md = std::fs::read_to_string(out.join("screen.md")).unwrap();
     assert!(md.contains("| short | max_reasoning = 3 |") && md.contains("no test question"), "{md}");
     // A screening without dev questions has nothing to judge on.

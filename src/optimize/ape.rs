@@ -11,7 +11,8 @@ use anyhow::Result;
 use rand::seq::index::sample;
 use rand::Rng;
 
-use super::{Checked, Optimizer, Seconds, State, StepRecord};
+use super::Optimizer;
+use crate::records::{Checked, Seconds, State, StepRecord};
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
 
 /// Instructions sampled (and then scored) together in one round.

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use rand::seq::index::sample;
 use rand::Rng;
 
-use super::config::{Accept, GradientSum};
+use crate::settings::{Accept, GradientSum};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposalConfig {

@@ -4,7 +4,6 @@
 
 pub mod ape;
 pub mod candidates;
-pub mod config;
 pub mod run;
 pub mod schedule;
 pub mod select;
@@ -18,52 +17,18 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use crate::layout::{Layout, QuestionIds};
 use crate::model::generate::{generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
 use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
+use crate::records::{Checked, Score, Seconds, State, StepRecord, TokenText};
 use crate::runtime::LanguageModel;
+use crate::settings::{Filler, Method, OptimizeConfig, Vocabulary};
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
-pub use config::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
 use schedule::{ends_sentence, next_position, restarts, Next};
-
-/// How good a prompt is on the train examples: lower is better.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Score {
-    /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL
-    pub score: f64,
-    pub mistakes: usize,
-    pub n: usize,
-    /// Mean negative log-likelihood of the prompt tokens.
-    pub nll: f64,
-    /// Mean over examples of the gold answer's negative log-likelihood (teacher-forced
-    /// after the reasoning and the extractor).
-    #[serde(default)]
-    pub answer_nll: f64,
-}
-
-impl State {
-    /// An error when a checkpoint cannot be continued: an empty prompt, a position outside
-    /// it, or reasoning for another number of train questions.
-    pub fn check(&self, train: usize) -> Result<()> {
-        if self.prompt.is_empty() || self.best_prompt.is_empty() {
-            bail!("the prompt is empty");
-        }
-        if self.position >= self.prompt.len() {
-            bail!("position {} is outside the prompt of {} tokens", self.position, self.prompt.len());
-        }
-        if let Some(r) = &self.reasoning {
-            if r.len() != train {
-                bail!("reasoning for {} train questions, the run has {train}", r.len());
-            }
-        }
-        Ok(())
-    }
-}
 
 /// What stages 1-4 of a step found (see [`Optimizer::shortlist`]).
 pub struct Shortlist {
@@ -75,99 +40,6 @@ pub struct Shortlist {
     /// The best candidates by gradient, best first, with their gradients.
     pub short: Vec<(u32, f32)>,
     pub seconds: Seconds,
-}
-
-/// Everything a run needs to continue after a kill.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct State {
-    /// Steps finished.
-    pub step: usize,
-    pub position: usize,
-    pub prompt: Vec<u32>,
-    /// Reasoning of the current prompt per train example, when the last check produced it.
-    pub reasoning: Option<Vec<Vec<u32>>>,
-    pub best_prompt: Vec<u32>,
-    pub best_score: f64,
-    pub steps_since_best: usize,
-    /// Tokens of the initial prompt (the sentence-end rule applies from half of it).
-    pub initial_len: usize,
-    /// Scores by prompt text.
-    pub scores: BTreeMap<String, Score>,
-    /// Tokens the search decoded so far (reasoning, and `ape`'s proposals): its budget.
-    #[serde(default)]
-    pub generated_tokens: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenText {
-    pub id: u32,
-    pub text: String,
-}
-
-/// A prompt checked for real. `ape`'s proposals change no single token: id 0, empty text,
-/// no gradient.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checked {
-    pub id: u32,
-    pub text: String,
-    pub gradient: Option<f32>,
-    pub prompt: String,
-    pub score: Score,
-}
-
-/// Wall time of a step by part, in the reference's terms.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Seconds {
-    /// Step 1: the current prompt's reasoning, when the last check did not leave it.
-    pub reasoning: f64,
-    /// Step 2, and the filler token when the prompt grows.
-    pub proposal: f64,
-    /// Steps 3-4.
-    pub gradient: f64,
-    /// Step 5: the shortlist's reasoning regenerated and scored.
-    pub checking: f64,
-}
-
-impl Seconds {
-    pub const PARTS: [&'static str; 4] = ["reasoning", "proposal", "gradient", "checking"];
-
-    /// The parts in the order of [`Self::PARTS`].
-    pub fn parts(&self) -> [f64; 4] {
-        [self.reasoning, self.proposal, self.gradient, self.checking]
-    }
-
-    pub fn total(&self) -> f64 {
-        self.parts().iter().sum()
-    }
-}
-
-impl std::fmt::Display for Seconds {
-    /// "reasoning 0.0 s, proposal 1.2 s, gradient 3.4 s, checking 5.6 s"
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = Self::PARTS.iter().zip(self.parts()).map(|(name, s)| format!("{name} {s:.1} s")).collect();
-        write!(f, "{}", parts.join(", "))
-    }
-}
-
-/// One line of the step log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    pub step: usize,
-    pub position: usize,
-    pub prompt_before: String,
-    pub candidates: Vec<TokenText>,
-    /// The gradient shortlist, best first, with its real scores.
-    pub checked: Vec<Checked>,
-    pub chosen: Option<TokenText>,
-    pub prompt: String,
-    pub next_position: usize,
-    pub best_prompt: String,
-    pub best_score: f64,
-    pub seconds: Seconds,
-    /// Reasoning tokens decoded in this step.
-    #[serde(default)]
-    pub generated_tokens: usize,
 }
 
 /// A train example prepared once: the ids before the prompt (with their KV cache) and after

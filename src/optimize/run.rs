@@ -8,107 +8,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 
 use super::ape::PROPOSALS_PER_ROUND;
-use super::select::{best_by_train, choose_on_dev, Contender};
-use super::{Method, Optimizer, OptimizeConfig, StartFrom, State, StepRecord};
+use super::select::{best_by_train, choose_on_dev};
+use super::Optimizer;
 use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
+use crate::records::{human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State, StepRecord, Summary, TaskRecord, Transfer};
+use crate::settings::{Method, OptimizeConfig, StartFrom};
 use crate::model::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
 use crate::store::RunDir;
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
-
-/// What `config.json` records: enough to resume and to reproduce.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunConfig {
-    pub settings: OptimizeConfig,
-    pub initial_prompt: String,
-    pub model_path: String,
-    pub model_sha256: String,
-    pub task: TaskRecord,
-    pub split: Split,
-    pub greater_version: String,
-}
-
-impl RunConfig {
-    /// "method greater, model M (sha256 ...), task T (kind), split seed S: a train / b dev /
-    /// c test questions"
-    pub fn setup(&self) -> String {
-        format!(
-            "method {}, model {} (sha256 {}), task {} ({}), split seed {}: {} train / {} dev / {} test questions",
-            self.settings.method.name(),
-            self.model_path,
-            &self.model_sha256[..12.min(self.model_sha256.len())],
-            self.task.name,
-            self.task.answer_kind,
-            self.split.seed,
-            self.split.train.len(),
-            self.split.dev.len(),
-            self.split.test.len()
-        )
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub name: String,
-    pub answer_kind: String,
-    pub extractor: String,
-    pub source: String,
-    pub examples: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalSummary {
-    pub label: String,
-    pub prompt: String,
-    pub accuracy: f64,
-    pub correct: usize,
-    pub n: usize,
-    pub interval: (f64, f64),
-    pub seconds: f64,
-    /// Reasonings that ran into the reasoning budget (not counted before 2026-12-03).
-    #[serde(default)]
-    pub cut_by_budget: Option<usize>,
-}
-
-impl EvalSummary {
-    pub fn new(label: &str, prompt: &str, r: &EvalReport) -> Self {
-        EvalSummary {
-            label: label.into(),
-            prompt: prompt.into(),
-            accuracy: r.accuracy,
-            correct: r.correct,
-            n: r.n,
-            interval: r.interval,
-            seconds: r.seconds,
-            cut_by_budget: Some(r.cut_by_budget),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    pub steps: usize,
-    /// The returned prompt (also in best_prompt.txt).
-    pub best_prompt: String,
-    /// The contender it came from, and what chose it.
-    pub selected: String,
-    pub selected_by: String,
-    pub best_train_score: f64,
-    /// Tokens the search decoded (reasoning on train, `ape`'s proposals).
-    #[serde(default)]
-    pub generated_tokens: usize,
-    /// `ape`'s budget in generated tokens.
-    #[serde(default)]
-    pub budget_tokens: Option<usize>,
-    pub majority_floor: f64,
-    /// Every prompt that could be returned: train score and dev accuracy.
-    pub contenders: Vec<Contender>,
-    /// Test accuracy of zero-shot CoT, the initial and the returned ("optimised") prompt.
-    pub evaluations: Vec<EvalSummary>,
-}
 
 /// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
 /// train score (each prompt once). Scores zero-shot CoT on train when the search has not.
@@ -120,22 +30,15 @@ fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, init
     }
     let train = |p: &str| state.scores[p].clone();
     let mut out = vec![
-        Contender { label: "zero-shot CoT".into(), prompt: ZERO_SHOT_COT.into(), train: train(ZERO_SHOT_COT), dev: None },
-        Contender { label: "initial".into(), prompt: initial.clone(), train: train(&initial), dev: None },
+        Contender { label: Label::ZeroShotCot, prompt: ZERO_SHOT_COT.into(), train: train(ZERO_SHOT_COT), dev: None },
+        Contender { label: Label::Initial, prompt: initial.clone(), train: train(&initial), dev: None },
     ];
     let searched = state.scores.iter().filter(|(p, _)| **p != initial && p.as_str() != ZERO_SHOT_COT);
     let searched = best_by_train(searched, s.dev_candidates);
     for (i, (prompt, train)) in searched.into_iter().enumerate() {
-        out.push(Contender { label: format!("train #{}", i + 1), prompt, train, dev: None });
+        out.push(Contender { label: Label::Train(i + 1), prompt, train, dev: None });
     }
     Ok(out)
-}
-
-/// Decoding speed and reasoning length measured on the initial prompt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Calibration {
-    tokens_per_second: f64,
-    mean_reasoning: f64,
 }
 
 /// What the run reports as it goes; the CLI draws it.
@@ -146,6 +49,8 @@ pub enum Event<'a> {
     Step(&'a StepRecord, &'a State),
     EvalStart { label: &'a str, questions: usize },
     EvalProgress(usize),
+    /// The run in this folder has finished and written its summary.
+    Finished(&'a Path),
 }
 
 /// sha256 of the model's file, or of its folder's files (names and contents).
@@ -205,15 +110,6 @@ fn evaluate_reported(
     evaluate(lm, task, examples, prompt, cfg, &mut |done| report(Event::EvalProgress(done)))
 }
 
-/// A finished run's returned prompt and zero-shot CoT on another model (the paper's
-/// transfer setting): the run's test questions, layout and reasoning budget.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Transfer {
-    pub model: String,
-    pub zero_shot_cot: EvalSummary,
-    pub optimised: EvalSummary,
-}
-
 /// Evaluates the transfer of the finished run in `out` to `model`; kept in
 /// `transfer-<model>.json` and read from there when it measured the same prompt.
 pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Transfer> {
@@ -240,14 +136,14 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
     let lm = open_model(&target, report)?;
     let test = Split::pick(&config.split.test, &task);
     let eval_cfg = eval_config(&config.settings, interrupt);
-    let mut measure = |label: &str, prompt: &str| -> Result<EvalSummary> {
+    let mut measure = |label: Label, prompt: &str| -> Result<EvalSummary> {
         let r = evaluate_reported(&lm, &task, &test, prompt, &eval_cfg, &format!("transfer to {model}: {label}"), report)?;
         Ok(EvalSummary::new(label, prompt, &r))
     };
     let result = Transfer {
         model: model.to_string(),
-        zero_shot_cot: measure("zero-shot CoT", ZERO_SHOT_COT)?,
-        optimised: measure("optimised", &summary.best_prompt)?,
+        zero_shot_cot: measure(Label::ZeroShotCot, ZERO_SHOT_COT)?,
+        optimised: measure(Label::Optimised, &summary.best_prompt)?,
     };
     dir.write_json(&file, &result)?;
     Ok(result)
@@ -346,7 +242,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let eval_cfg = eval_config(s, interrupt);
     let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
-        let file = format!("{split}-{}.json", c.label.replace([' ', '-', '#'], "_").to_lowercase());
+        let file = format!("{split}-{}.json", c.label.file_stem());
         let done: Option<EvalSummary> = if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
         // An earlier evaluation stands only if it measured the same prompt.
         if let Some(done) = done.filter(|d| d.prompt == c.prompt) {
@@ -354,7 +250,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         }
         let r = evaluate_reported(&lm, &task, examples, &c.prompt, &eval_cfg, &format!("{split}: {}", c.label), report)?;
         write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
-        let summary = EvalSummary::new(&c.label, &c.prompt, &r);
+        let summary = EvalSummary::new(c.label, &c.prompt, &r);
         dir.write_json(&file, &summary)?;
         Ok(summary)
     };
@@ -365,11 +261,11 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let test = Split::pick(&config.split.test, &task);
     let mut evaluations = Vec::new();
     if !test.is_empty() {
-        let optimised = Contender { label: "optimised".into(), ..contenders[chosen].clone() };
+        let optimised = Contender { label: Label::Optimised, ..contenders[chosen].clone() };
         for c in [&contenders[0], &contenders[1], &optimised] {
             let same = evaluations.iter().find(|e: &&EvalSummary| e.prompt == c.prompt).cloned();
             let e = match same {
-                Some(e) => EvalSummary { label: c.label.clone(), ..e },
+                Some(e) => EvalSummary { label: c.label, ..e },
                 None => measure(c, &test, "test")?,
             };
             evaluations.push(e);
@@ -378,8 +274,8 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let summary = Summary {
         steps: state.step,
         best_prompt,
-        selected: contenders[chosen].label.clone(),
-        selected_by: if dev.is_empty() { "train score".into() } else { "dev accuracy".into() },
+        selected: contenders[chosen].label,
+        selected_by: if dev.is_empty() { SelectedBy::TrainScore } else { SelectedBy::DevAccuracy },
         best_train_score: state.best_score,
         generated_tokens: state.generated_tokens,
         budget_tokens,
@@ -388,8 +284,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
         evaluations,
     };
     dir.write_json("summary.json", &summary)?;
-    dir.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
-    crate::report::write_report(&dir.path, None)?;
+    report(Event::Finished(out));
     Ok(summary)
 }
 
@@ -506,87 +401,3 @@ fn ape_budget_line(c: &Calibration, state: &State, budget: usize, n_train: usize
     (state.step + rounds, line)
 }
 
-pub fn human_duration(secs: f64) -> String {
-    let s = secs.round() as u64;
-    match s {
-        0..=59 => format!("{s} s"),
-        60..=3599 => format!("{} min {} s", s / 60, s % 60),
-        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
-    }
-}
-
-/// One plain sentence: did the returned prompt beat both baselines on the test questions?
-pub fn verdict(summary: &Summary) -> String {
-    let [zs, initial, optimised] = match summary.evaluations.as_slice() {
-        [a, b, c] => [a, b, c],
-        _ => return "No test questions: nothing is claimed.".into(),
-    };
-    let points = |e: &EvalSummary| 100.0 * (optimised.accuracy - e.accuracy);
-    let (over_zs, over_initial) = (points(zs), points(initial));
-    if summary.selected == "zero-shot CoT" || summary.selected == "initial" {
-        return format!(
-            "No gain: no searched prompt did better on dev than the {} prompt, which is returned ({:+.1} points over zero-shot CoT, {:+.1} over the initial prompt on {} test questions).",
-            summary.selected, over_zs, over_initial, optimised.n
-        );
-    }
-    let word = if over_zs > 0.0 && over_initial > 0.0 { "Gain" } else { "No gain" };
-    format!(
-        "{word}: the optimised prompt scores {over_zs:+.1} points over zero-shot CoT and {over_initial:+.1} over the initial prompt on {} test questions.",
-        optimised.n
-    )
-}
-
-/// Share of cut reasonings above which the summary says that the budget shaped the result.
-const CUT_WARNING_SHARE: f64 = 0.1;
-
-/// A sentence when many test reasonings ran into the budget: their answers were forced
-/// mid-reasoning, so the accuracies measure the budget as much as the prompts.
-pub fn budget_warning(evaluations: &[EvalSummary], budget: usize) -> Option<String> {
-    let counted = evaluations.iter().filter_map(|e| Some((e.cut_by_budget?, e.n)));
-    let (cut, n) = counted.fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
-    (n > 0 && cut as f64 > CUT_WARNING_SHARE * n as f64).then(|| {
-        format!(
-            "{cut} of {n} test reasonings ran into the {budget}-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ."
-        )
-    })
-}
-
-pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
-    let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
-    let budget = config.settings.max_reasoning;
-    out.push_str(&format!(
-        "| prompt | test accuracy | 95% interval | reasoning cut at {budget} tokens | text |\n|---|---|---|---|---|\n"
-    ));
-    for e in &summary.evaluations {
-        out.push_str(&format!(
-            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} | {} |\n",
-            e.label,
-            e.accuracy,
-            e.correct,
-            e.n,
-            e.interval.0,
-            e.interval.1,
-            e.cut_by_budget.map_or("-".into(), |c| format!("{c}/{}", e.n)),
-            e.prompt.replace('|', "\\|")
-        ));
-    }
-    out.push_str(&format!("\n{}\n", verdict(summary)));
-    if let Some(line) = budget_warning(&summary.evaluations, budget) {
-        out.push_str(&format!("\n{line}\n"));
-    }
-    out.push_str(&format!(
-        "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
-        summary.majority_floor, summary.selected, summary.selected_by
-    ));
-    out.push_str("| prompt | train score | train mistakes | dev accuracy | 95% interval | text |\n|---|---|---|---|---|---|\n");
-    for c in &summary.contenders {
-        let dev = c.dev.as_ref().map_or(("-".to_string(), "-".to_string()), |d| {
-            (format!("{:.3} ({}/{})", d.accuracy, d.correct, d.n), format!("[{:.3}, {:.3}]", d.interval.0, d.interval.1))
-        });
-        out.push_str(&format!(
-            "| {} | {:.3} | {}/{} | {} | {} | {} |\n",
-            c.label, c.train.score, c.train.mistakes, c.train.n, dev.0, dev.1, c.prompt.replace('|', "\\|")
-        ));
-    }
-    out
-}

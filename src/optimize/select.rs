@@ -2,20 +2,9 @@
 //! zero-shot CoT, measured on the dev split; the test split never takes part.
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 
-use super::run::EvalSummary;
-use super::Score;
+use crate::records::{Contender, EvalSummary, Score};
 use crate::tasks::Example;
-
-/// A prompt that may be returned, with what was measured of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Contender {
-    pub label: String,
-    pub prompt: String,
-    pub train: Score,
-    pub dev: Option<EvalSummary>,
-}
 
 /// The prompts with the `n` lowest train scores (ties: the shorter text, then the text),
 /// best first.

@@ -12,10 +12,14 @@ use plotters::prelude::*;
 use minijinja::value::{Serde, Value};
 use serde::Serialize;
 
-use crate::optimize::run::{verdict, EvalSummary, RunConfig, Summary};
-use crate::optimize::{Method, Seconds, StepRecord};
-use crate::protocol::{ProtocolConfig, ProtocolTable};
-use crate::store::RunDir;
+pub mod text;
+
+use crate::optimize::run::Event;
+use crate::protocol::ProtocolEvent;
+use crate::records::{EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds, StepRecord, Summary};
+use crate::settings::Method;
+use crate::store::{task_folder, RunDir};
+use text::{protocol_markdown, screen_markdown, summary_table, verdict};
 
 const TEMPLATE: &str = include_str!("report.html");
 const SIZE: (u32, u32) = (780, 300);
@@ -38,6 +42,47 @@ pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf
     let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
     folder.write_atomic(name, html.as_bytes())?;
     Ok(path)
+}
+
+/// Writes what a run's event finished: its `summary.md` and `report.html` once it has its
+/// summary. The CLI passes every event of a run here (so may any other caller).
+pub fn on_run_event(event: &Event) -> Result<()> {
+    match event {
+        Event::Finished(dir) => write_run_outputs(dir),
+        _ => Ok(()),
+    }
+}
+
+/// [`on_run_event`] for a protocol's runs, and its `protocol.md` and `report.html` after each
+/// task.
+pub fn on_protocol_event(out: &Path, event: &ProtocolEvent) -> Result<()> {
+    match event {
+        ProtocolEvent::Run(e) => on_run_event(e),
+        ProtocolEvent::Table(table, config) => write_protocol_outputs(out, table, config),
+        ProtocolEvent::Task { .. } => Ok(()),
+    }
+}
+
+/// A finished run's `summary.md` and `report.html`, from its records.
+pub fn write_run_outputs(dir: &Path) -> Result<()> {
+    let folder = RunDir::open(dir)?;
+    let config: RunConfig = folder.read_json("config.json")?;
+    let summary: Summary = folder.read_json("summary.json")?;
+    folder.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
+    write_report(dir, None)?;
+    Ok(())
+}
+
+/// A protocol's `protocol.md` and `report.html` for the tasks it has finished.
+pub fn write_protocol_outputs(dir: &Path, table: &ProtocolTable, config: &ProtocolConfig) -> Result<()> {
+    RunDir::folder(dir)?.write_atomic("protocol.md", protocol_markdown(table, config).as_bytes())?;
+    write_report(dir, None)?;
+    Ok(())
+}
+
+/// A screening's `screen.md`.
+pub fn write_screen_outputs(dir: &Path, table: &ScreenTable, config: &ScreenConfig) -> Result<()> {
+    RunDir::folder(dir)?.write_atomic("screen.md", screen_markdown(table, config).as_bytes())
 }
 
 // ---- Pages ----
@@ -94,17 +139,17 @@ fn run_page(dir: &RunDir) -> Result<String> {
     if let Some(sm) = &summary {
         let mut bars = Vec::new();
         for e in &sm.evaluations {
-            bars.push(Bar { group: e.label.clone(), series: 0, value: e.accuracy, interval: e.interval });
+            bars.push(Bar { group: e.label.to_string(), series: 0, value: e.accuracy, interval: e.interval });
             let dev = sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
             if let Some(d) = dev {
-                bars.push(Bar { group: e.label.clone(), series: 1, value: d.accuracy, interval: d.interval });
+                bars.push(Bar { group: e.label.to_string(), series: 1, value: d.accuracy, interval: d.interval });
             }
         }
         figures.push(("Accuracy with 95% intervals", bars_svg(&bars, &["test", "dev"])?));
         for c in &sm.contenders {
             let test = sm.evaluations.iter().find(|e| e.prompt == c.prompt);
             rows.push(AccuracyRow {
-                label: c.label.clone(),
+                label: c.label.to_string(),
                 prompt: c.prompt.clone(),
                 train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
                 dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
@@ -155,7 +200,7 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
         for (series, e) in [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate() {
             bars.push(Bar { group: r.task.clone(), series, value: e.accuracy, interval: e.interval });
         }
-        let folder = crate::protocol::task_folder(&r.task);
+        let folder = task_folder(&r.task);
         lines.push(TaskLine {
             task: r.task.clone(),
             zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
@@ -163,14 +208,14 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
             optimised: accuracy_cell(&r.optimised),
             baselines: r.baselines.iter().map(|b| accuracy_cell(&b.optimised)).collect(),
             dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
-            selected: r.selected.clone(),
+            selected: r.selected.to_string(),
             steps: r.steps,
             prompt: r.optimised.prompt.clone(),
             report: dir.path.join(&folder).join("report.html").exists().then(|| format!("{folder}/report.html")),
             transfer: r.transfer.as_ref().map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
         });
     }
-    let pooled = |p: &crate::protocol::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
+    let pooled = |p: &crate::records::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
     let gain_text = |mean: f64, interval: Option<(f64, f64)>| match interval {
         Some((lo, hi)) => format!("{mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])"),
         None => format!("{mean:+.3}"),

@@ -1,0 +1,625 @@
+//! The records a run, protocol or screening folder holds, and nothing else: what is written
+//! to disk and read back (settings aside, which are [`crate::settings`]). The code that runs
+//! things fills them; [`crate::report`] renders them.
+//!
+//! ```text
+//! run folder       config.json (RunConfig), checkpoint.json (State), calibration.json,
+//!                  steps.jsonl (StepRecord per line), <split>-<label>.json (EvalSummary),
+//!                  summary.json (Summary), transfer-<model>.json (Transfer)
+//! protocol folder  protocol-config.json (ProtocolConfig), protocol.json (ProtocolTable)
+//! screen folder    screen-config.json (ScreenConfig), screen.json (ScreenTable)
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::EvalReport;
+use crate::settings::{Method, OptimizeConfig};
+use crate::tasks::{Split, Task};
+
+// ---------------------------------------------------------------------------------------
+// Contenders: the prompts a run may return
+// ---------------------------------------------------------------------------------------
+
+/// Which prompt an evaluation or a contender is. Saved as the text people read
+/// ("zero-shot CoT", "initial", "train #2", "optimised").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Label {
+    ZeroShotCot,
+    Initial,
+    /// The n-th best searched prompt by train score (from 1).
+    Train(usize),
+    /// The prompt the run returned, measured under its own name on test.
+    Optimised,
+}
+
+impl Label {
+    /// A baseline: a prompt that was not searched.
+    pub fn is_baseline(self) -> bool {
+        matches!(self, Label::ZeroShotCot | Label::Initial)
+    }
+
+    /// The part of an evaluation's file name that names the prompt ("zero_shot_cot", "train__2").
+    pub fn file_stem(self) -> String {
+        self.to_string().replace([' ', '-', '#'], "_").to_lowercase()
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Label::ZeroShotCot => write!(f, "zero-shot CoT"),
+            Label::Initial => write!(f, "initial"),
+            Label::Train(n) => write!(f, "train #{n}"),
+            Label::Optimised => write!(f, "optimised"),
+        }
+    }
+}
+
+impl From<Label> for String {
+    fn from(l: Label) -> String {
+        l.to_string()
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "zero-shot CoT" => Ok(Label::ZeroShotCot),
+            "initial" => Ok(Label::Initial),
+            "optimised" => Ok(Label::Optimised),
+            _ => s
+                .strip_prefix("train #")
+                .and_then(|n| n.parse().ok())
+                .map(Label::Train)
+                .ok_or_else(|| format!("unknown prompt label {s:?}")),
+        }
+    }
+}
+
+/// What chose the returned prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectedBy {
+    /// No dev split: the lowest train score.
+    #[serde(rename = "train score")]
+    TrainScore,
+    #[serde(rename = "dev accuracy")]
+    DevAccuracy,
+}
+
+impl fmt::Display for SelectedBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SelectedBy::TrainScore => "train score",
+            SelectedBy::DevAccuracy => "dev accuracy",
+        })
+    }
+}
+
+/// A prompt that may be returned, with what was measured of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contender {
+    pub label: Label,
+    pub prompt: String,
+    pub train: Score,
+    pub dev: Option<EvalSummary>,
+}
+
+// ---------------------------------------------------------------------------------------
+// The search: checkpoint and step log
+// ---------------------------------------------------------------------------------------
+
+/// How good a prompt is on the train examples: lower is better.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL
+    pub score: f64,
+    pub mistakes: usize,
+    pub n: usize,
+    /// Mean negative log-likelihood of the prompt tokens.
+    pub nll: f64,
+    /// Mean over examples of the gold answer's negative log-likelihood (teacher-forced
+    /// after the reasoning and the extractor).
+    #[serde(default)]
+    pub answer_nll: f64,
+}
+
+impl State {
+    /// An error when a checkpoint cannot be continued: an empty prompt, a position outside
+    /// it, or reasoning for another number of train questions.
+    pub fn check(&self, train: usize) -> Result<()> {
+        if self.prompt.is_empty() || self.best_prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if self.position >= self.prompt.len() {
+            bail!("position {} is outside the prompt of {} tokens", self.position, self.prompt.len());
+        }
+        if let Some(r) = &self.reasoning {
+            if r.len() != train {
+                bail!("reasoning for {} train questions, the run has {train}", r.len());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a run needs to continue after a kill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Steps finished.
+    pub step: usize,
+    pub position: usize,
+    pub prompt: Vec<u32>,
+    /// Reasoning of the current prompt per train example, when the last check produced it.
+    pub reasoning: Option<Vec<Vec<u32>>>,
+    pub best_prompt: Vec<u32>,
+    pub best_score: f64,
+    pub steps_since_best: usize,
+    /// Tokens of the initial prompt (the sentence-end rule applies from half of it).
+    pub initial_len: usize,
+    /// Scores by prompt text.
+    pub scores: BTreeMap<String, Score>,
+    /// Tokens the search decoded so far (reasoning, and `ape`'s proposals): its budget.
+    #[serde(default)]
+    pub generated_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenText {
+    pub id: u32,
+    pub text: String,
+}
+
+/// A prompt checked for real. `ape`'s proposals change no single token: id 0, empty text,
+/// no gradient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checked {
+    pub id: u32,
+    pub text: String,
+    pub gradient: Option<f32>,
+    pub prompt: String,
+    pub score: Score,
+}
+
+/// Wall time of a step by part, in the reference's terms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Seconds {
+    /// Step 1: the current prompt's reasoning, when the last check did not leave it.
+    pub reasoning: f64,
+    /// Step 2, and the filler token when the prompt grows.
+    pub proposal: f64,
+    /// Steps 3-4.
+    pub gradient: f64,
+    /// Step 5: the shortlist's reasoning regenerated and scored.
+    pub checking: f64,
+}
+
+impl Seconds {
+    pub const PARTS: [&'static str; 4] = ["reasoning", "proposal", "gradient", "checking"];
+
+    /// The parts in the order of [`Self::PARTS`].
+    pub fn parts(&self) -> [f64; 4] {
+        [self.reasoning, self.proposal, self.gradient, self.checking]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.parts().iter().sum()
+    }
+}
+
+impl fmt::Display for Seconds {
+    /// "reasoning 0.0 s, proposal 1.2 s, gradient 3.4 s, checking 5.6 s"
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = Self::PARTS.iter().zip(self.parts()).map(|(name, s)| format!("{name} {s:.1} s")).collect();
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
+/// One line of the step log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub position: usize,
+    pub prompt_before: String,
+    pub candidates: Vec<TokenText>,
+    /// The gradient shortlist, best first, with its real scores.
+    pub checked: Vec<Checked>,
+    pub chosen: Option<TokenText>,
+    pub prompt: String,
+    pub next_position: usize,
+    pub best_prompt: String,
+    pub best_score: f64,
+    pub seconds: Seconds,
+    /// Reasoning tokens decoded in this step.
+    #[serde(default)]
+    pub generated_tokens: usize,
+}
+
+// ---------------------------------------------------------------------------------------
+// A run: its configuration, evaluations and summary
+// ---------------------------------------------------------------------------------------
+
+/// What `config.json` records: enough to resume and to reproduce.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub settings: OptimizeConfig,
+    pub initial_prompt: String,
+    pub model_path: String,
+    pub model_sha256: String,
+    pub task: TaskRecord,
+    pub split: Split,
+    pub greater_version: String,
+}
+
+impl RunConfig {
+    /// "method greater, model M (sha256 ...), task T (kind), split seed S: a train / b dev /
+    /// c test questions"
+    pub fn setup(&self) -> String {
+        format!(
+            "method {}, model {} (sha256 {}), task {} ({}), split seed {}: {} train / {} dev / {} test questions",
+            self.settings.method.name(),
+            self.model_path,
+            &self.model_sha256[..12.min(self.model_sha256.len())],
+            self.task.name,
+            self.task.answer_kind,
+            self.split.seed,
+            self.split.train.len(),
+            self.split.dev.len(),
+            self.split.test.len()
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub name: String,
+    pub answer_kind: String,
+    pub extractor: String,
+    pub source: String,
+    pub examples: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    pub label: Label,
+    pub prompt: String,
+    pub accuracy: f64,
+    pub correct: usize,
+    pub n: usize,
+    pub interval: (f64, f64),
+    pub seconds: f64,
+    /// Reasonings that ran into the reasoning budget (None in run folders of versions that
+    /// did not count them).
+    #[serde(default)]
+    pub cut_by_budget: Option<usize>,
+}
+
+impl EvalSummary {
+    pub fn new(label: Label, prompt: &str, r: &EvalReport) -> Self {
+        EvalSummary {
+            label,
+            prompt: prompt.into(),
+            accuracy: r.accuracy,
+            correct: r.correct,
+            n: r.n,
+            interval: r.interval,
+            seconds: r.seconds,
+            cut_by_budget: Some(r.cut_by_budget),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: usize,
+    /// The returned prompt (also in best_prompt.txt).
+    pub best_prompt: String,
+    /// The contender it came from, and what chose it.
+    pub selected: Label,
+    pub selected_by: SelectedBy,
+    pub best_train_score: f64,
+    /// Tokens the search decoded (reasoning on train, `ape`'s proposals).
+    #[serde(default)]
+    pub generated_tokens: usize,
+    /// `ape`'s budget in generated tokens.
+    #[serde(default)]
+    pub budget_tokens: Option<usize>,
+    pub majority_floor: f64,
+    /// Every prompt that could be returned: train score and dev accuracy.
+    pub contenders: Vec<Contender>,
+    /// Test accuracy of zero-shot CoT, the initial and the returned ("optimised") prompt.
+    pub evaluations: Vec<EvalSummary>,
+}
+
+/// Decoding speed and reasoning length measured on the initial prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    pub tokens_per_second: f64,
+    pub mean_reasoning: f64,
+}
+
+/// A finished run's returned prompt and zero-shot CoT on another model (the paper's
+/// transfer setting): the run's test questions, layout and reasoning budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub model: String,
+    pub zero_shot_cot: EvalSummary,
+    pub optimised: EvalSummary,
+}
+
+/// "42 s", "3 min 5 s", "2 h 10 min".
+pub fn human_duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A protocol: one configuration over tasks
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtocolConfig {
+    pub settings: OptimizeConfig,
+    pub tasks: Vec<String>,
+    /// A second model on which each task's returned prompt and zero-shot CoT are evaluated.
+    #[serde(default)]
+    pub transfer_to: Option<String>,
+    /// The methods run on every task, the first filling the "optimised" column; empty: the
+    /// settings' method alone.
+    #[serde(default)]
+    pub methods: Vec<Method>,
+}
+
+impl ProtocolConfig {
+    /// An error before any work when a task or method is named twice, a setting is unusable,
+    /// or a task cannot be loaded and split as the settings ask.
+    pub fn check(&self) -> Result<()> {
+        self.settings.validate()?;
+        if self.tasks.is_empty() {
+            bail!("the protocol has no tasks");
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if self.tasks[..i].contains(t) {
+                bail!("task {t} is listed twice: its questions would count twice in the pooled accuracy");
+            }
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                bail!("method {} is listed twice", m.name());
+            }
+        }
+        let s = &self.settings;
+        for t in &self.tasks {
+            let data = s.data_dir.as_ref().map(std::path::PathBuf::from);
+            Task::load_split(t, data, s.seed, s.difficulty, (s.train, s.dev, s.test)).map_err(|e| anyhow::anyhow!("task {t}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// "model M, a train / b dev / c test questions per task, n steps, split seed s,
+    /// methods greater, ape"
+    pub fn setup(&self) -> String {
+        let (s, methods) = (&self.settings, self.methods());
+        format!(
+            "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}",
+            s.model,
+            s.train,
+            s.dev,
+            s.test,
+            s.steps,
+            s.seed,
+            if methods.len() > 1 { "s" } else { "" },
+            methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    pub fn methods(&self) -> Vec<Method> {
+        if self.methods.is_empty() {
+            vec![self.settings.method]
+        } else {
+            self.methods.clone()
+        }
+    }
+}
+
+/// Another method's result on a task (a baseline beside the first method).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodRow {
+    pub method: Method,
+    pub optimised: EvalSummary,
+    pub dev_accuracy: Option<f64>,
+    pub selected: Label,
+    pub steps: usize,
+    pub generated_tokens: usize,
+    pub wall_seconds: f64,
+}
+
+/// A method's pooled test accuracy and its mean gain over zero-shot CoT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodPooled {
+    pub method: Method,
+    pub optimised: Pooled,
+    pub mean_gain: f64,
+    pub gain_interval: Option<(f64, f64)>,
+}
+
+/// One task's line of the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRow {
+    pub task: String,
+    pub zero_shot_cot: EvalSummary,
+    pub initial: EvalSummary,
+    pub optimised: EvalSummary,
+    /// Dev accuracy of the returned prompt (None without a dev split).
+    pub dev_accuracy: Option<f64>,
+    pub selected: Label,
+    pub steps: usize,
+    pub wall_seconds: f64,
+    /// Tokens the search decoded.
+    #[serde(default)]
+    pub generated_tokens: usize,
+    /// The other methods of the protocol, in its order.
+    #[serde(default)]
+    pub baselines: Vec<MethodRow>,
+    /// The returned prompt and zero-shot CoT on the `transfer_to` model.
+    #[serde(default)]
+    pub transfer: Option<Transfer>,
+    /// What the first method's step log says of its search.
+    #[serde(default)]
+    pub search: Option<SearchTrace>,
+}
+
+/// Where a search gained or lost, read from its step log: train mistakes, the steps that
+/// helped and those that hurt, and whether the gradient ever ranked the current token high.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchTrace {
+    pub train_n: usize,
+    /// Train mistakes of the prompt the search started from.
+    pub start_mistakes: usize,
+    /// The fewest train mistakes of any prompt it checked (or the start's).
+    pub fewest_mistakes: usize,
+    /// Steps that lowered the best train score.
+    pub improving_steps: usize,
+    /// Steps that moved to a prompt with a higher train score than the one they began with.
+    pub worse_moves: usize,
+    /// Steps whose checked shortlist held the current prompt, and those that kept it.
+    pub current_shortlisted: usize,
+    pub current_kept: usize,
+    /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
+    pub dev_baseline: Option<f64>,
+}
+
+/// Accuracy pooled over every task's test questions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pooled {
+    pub accuracy: f64,
+    pub correct: usize,
+    pub n: usize,
+    pub interval: (f64, f64),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProtocolTable {
+    pub rows: Vec<TaskRow>,
+    pub zero_shot_cot: Pooled,
+    pub initial: Pooled,
+    pub optimised: Pooled,
+    /// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
+    /// per-task differences (None with fewer than two tasks).
+    pub mean_gain: f64,
+    pub gain_interval: Option<(f64, f64)>,
+    /// Pooled zero-shot CoT and returned-prompt accuracy on the transfer model.
+    #[serde(default)]
+    pub transfer: Option<(Pooled, Pooled)>,
+    /// The other methods, pooled, in the protocol's order.
+    #[serde(default)]
+    pub baselines: Vec<MethodPooled>,
+}
+
+// ---------------------------------------------------------------------------------------
+// A screening: configurations on dev
+// ---------------------------------------------------------------------------------------
+
+/// What a screening runs: base settings, tasks, and named changes to the settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenConfig {
+    pub base: OptimizeConfig,
+    pub tasks: Vec<String>,
+    /// (name, TOML text of the settings it changes), in the order they run.
+    pub configurations: Vec<(String, String)>,
+}
+
+impl ScreenConfig {
+    /// The configurations of a TOML file whose top-level tables each name one:
+    /// `[budget-512]` then `max_reasoning = 512`.
+    pub fn configurations_from_toml(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let mut out = Vec::new();
+        for (name, value) in table {
+            let Some(settings) = value.as_table() else {
+                bail!("{origin}: {name} is not a table of settings ([{name}] then one setting per line)");
+            };
+            out.push((name, toml::to_string(settings)?));
+        }
+        if out.is_empty() {
+            bail!("{origin}: no configuration ([name] then the settings it changes)");
+        }
+        Ok(out)
+    }
+
+    /// The settings of configuration `name` on `task`: the base, its changes, the task, and
+    /// no test questions.
+    pub fn settings(&self, changes: &str, task: &str) -> Result<OptimizeConfig> {
+        let mut s = self.base.with_toml(changes)?;
+        s.task = task.to_string();
+        s.test = 0;
+        Ok(s)
+    }
+
+    /// Every configuration's settings valid, names usable as folder names, no repeats.
+    pub fn check(&self) -> Result<()> {
+        if self.base.dev == 0 {
+            bail!("screening judges on dev: pass --dev N");
+        }
+        for (i, (name, changes)) in self.configurations.iter().enumerate() {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
+                bail!("configuration name {name:?}: use letters, digits, '-', '_' and '.'");
+            }
+            if self.configurations[..i].iter().any(|(n, _)| n == name) {
+                bail!("configuration {name} is listed twice");
+            }
+            for task in &self.tasks {
+                self.settings(changes, task).with_context(|| format!("configuration {name}"))?.validate()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One (configuration, task): dev accuracies and what the search did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenRow {
+    pub configuration: String,
+    pub task: String,
+    pub dev_n: usize,
+    pub zero_shot: f64,
+    pub initial: f64,
+    /// The best dev accuracy of a searched prompt, and that prompt (None: the search
+    /// scored no prompt but the baselines).
+    pub best_searched: Option<f64>,
+    pub best_prompt: Option<String>,
+    /// best_searched - max(zero_shot, initial).
+    pub gain: Option<f64>,
+    /// Train mistakes of the initial prompt and the fewest of any checked prompt.
+    pub train_mistakes_initial: usize,
+    pub train_mistakes_best: usize,
+    pub steps: usize,
+    /// Dev reasonings cut at the reasoning budget, over every prompt measured on dev.
+    pub dev_cut: usize,
+    /// Seconds of the search's steps.
+    pub search_seconds: f64,
+}
+
+/// The rows and, per configuration, the mean gain over its tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScreenTable {
+    pub rows: Vec<ScreenRow>,
+}
+
+impl ScreenTable {
+    /// The mean gain of `configuration` over its tasks where it searched any prompt.
+    pub fn mean_gain(&self, configuration: &str) -> Option<f64> {
+        let gains: Vec<f64> = self.rows.iter().filter(|r| r.configuration == configuration).filter_map(|r| r.gain).collect();
+        (!gains.is_empty()).then(|| gains.iter().sum::<f64>() / gains.len() as f64)
+    }
+}

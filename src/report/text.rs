@@ -1,0 +1,242 @@
+//! The Markdown and plain-text renderings of the records: a run's summary table and verdict,
+//! a protocol's and a screening's tables.
+
+use crate::records::{human_duration, EvalSummary, Pooled, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, SearchTrace, Summary, TaskRow};
+use crate::settings::Method;
+
+/// Share of cut reasonings above which the summary says that the budget shaped the result.
+const CUT_WARNING_SHARE: f64 = 0.1;
+
+/// One plain sentence: did the returned prompt beat both baselines on the test questions?
+pub fn verdict(summary: &Summary) -> String {
+    let [zs, initial, optimised] = match summary.evaluations.as_slice() {
+        [a, b, c] => [a, b, c],
+        _ => return "No test questions: nothing is claimed.".into(),
+    };
+    let points = |e: &EvalSummary| 100.0 * (optimised.accuracy - e.accuracy);
+    let (over_zs, over_initial) = (points(zs), points(initial));
+    if summary.selected.is_baseline() {
+        return format!(
+            "No gain: no searched prompt did better on dev than the {} prompt, which is returned ({:+.1} points over zero-shot CoT, {:+.1} over the initial prompt on {} test questions).",
+            summary.selected, over_zs, over_initial, optimised.n
+        );
+    }
+    let word = if over_zs > 0.0 && over_initial > 0.0 { "Gain" } else { "No gain" };
+    format!(
+        "{word}: the optimised prompt scores {over_zs:+.1} points over zero-shot CoT and {over_initial:+.1} over the initial prompt on {} test questions.",
+        optimised.n
+    )
+}
+
+/// A sentence when many test reasonings ran into the budget: their answers were forced
+/// mid-reasoning, so the accuracies measure the budget as much as the prompts.
+pub fn budget_warning(evaluations: &[EvalSummary], budget: usize) -> Option<String> {
+    let counted = evaluations.iter().filter_map(|e| Some((e.cut_by_budget?, e.n)));
+    let (cut, n) = counted.fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
+    (n > 0 && cut as f64 > CUT_WARNING_SHARE * n as f64).then(|| {
+        format!(
+            "{cut} of {n} test reasonings ran into the {budget}-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ."
+        )
+    })
+}
+
+pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
+    let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
+    let budget = config.settings.max_reasoning;
+    out.push_str(&format!(
+        "| prompt | test accuracy | 95% interval | reasoning cut at {budget} tokens | text |\n|---|---|---|---|---|\n"
+    ));
+    for e in &summary.evaluations {
+        out.push_str(&format!(
+            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} | {} |\n",
+            e.label,
+            e.accuracy,
+            e.correct,
+            e.n,
+            e.interval.0,
+            e.interval.1,
+            e.cut_by_budget.map_or("-".into(), |c| format!("{c}/{}", e.n)),
+            e.prompt.replace('|', "\\|")
+        ));
+    }
+    out.push_str(&format!("\n{}\n", verdict(summary)));
+    if let Some(line) = budget_warning(&summary.evaluations, budget) {
+        out.push_str(&format!("\n{line}\n"));
+    }
+    out.push_str(&format!(
+        "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
+        summary.majority_floor, summary.selected, summary.selected_by
+    ));
+    out.push_str("| prompt | train score | train mistakes | dev accuracy | 95% interval | text |\n|---|---|---|---|---|---|\n");
+    for c in &summary.contenders {
+        let dev = c.dev.as_ref().map_or(("-".to_string(), "-".to_string()), |d| {
+            (format!("{:.3} ({}/{})", d.accuracy, d.correct, d.n), format!("[{:.3}, {:.3}]", d.interval.0, d.interval.1))
+        });
+        out.push_str(&format!(
+            "| {} | {:.3} | {}/{} | {} | {} | {} |\n",
+            c.label, c.train.score, c.train.mistakes, c.train.n, dev.0, dev.1, c.prompt.replace('|', "\\|")
+        ));
+    }
+    out
+}
+fn cell(e: &EvalSummary) -> String {
+    format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1)
+}
+
+/// Per task, the test reasonings of zero-shot CoT, the initial and the optimised prompt that
+/// ran into the reasoning budget (tasks of before the count are left out).
+fn cut_line(t: &ProtocolTable, budget: usize) -> Option<String> {
+    let tasks: Vec<String> = t
+        .rows
+        .iter()
+        .filter_map(|r| {
+            let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
+            let cut: usize = evals.iter().map(|e| e.cut_by_budget).sum::<Option<usize>>()?;
+            Some(format!("{} {cut}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
+        })
+        .collect();
+    (!tasks.is_empty()).then(|| {
+        format!(
+            "test reasonings cut at the {budget}-token budget (zero-shot CoT, initial and optimised together): {}\n\n",
+            tasks.join(", ")
+        )
+    })
+}
+
+pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
+    let methods = config.methods();
+    let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
+    let target = config.transfer_to.as_deref();
+    let mut head = format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
+    for m in &methods[1..] {
+        head.push_str(&format!(" {} |", m.name()));
+    }
+    head.push_str(" dev (optimised) | returned | steps | wall time |");
+    if let Some(m) = target {
+        head.push_str(&format!(" zero-shot CoT on `{m}` | optimised on `{m}` |"));
+    }
+    head.push_str(" optimised prompt |");
+    let columns = head.matches('|').count() - 1;
+    out.push_str(&format!("{head}\n|{}\n", "---|".repeat(columns)));
+    for r in &t.rows {
+        let mut line = format!("| {} | {} | {} | {} |", r.task, cell(&r.zero_shot_cot), cell(&r.initial), cell(&r.optimised));
+        for b in &r.baselines {
+            line.push_str(&format!(" {} |", cell(&b.optimised)));
+        }
+        line.push_str(&format!(
+            " {} | {} | {} | {} |",
+            r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+            r.selected,
+            r.steps,
+            human_duration(r.wall_seconds)
+        ));
+        match (&r.transfer, target) {
+            (Some(tr), _) => line.push_str(&format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised))),
+            (None, Some(_)) => line.push_str(" - | - |"),
+            (None, None) => {}
+        }
+        out.push_str(&format!("{line} {} |\n", r.optimised.prompt.replace('|', "\\|")));
+    }
+    let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
+    let mut line = format!("| all tasks (pooled) | {} | {} | {} |", p(&t.zero_shot_cot), p(&t.initial), p(&t.optimised));
+    for b in &t.baselines {
+        line.push_str(&format!(" {} |", p(&b.optimised)));
+    }
+    line.push_str(" | | | |");
+    match (&t.transfer, target) {
+        (Some((zs, opt)), _) => line.push_str(&format!(" {} | {} |", p(zs), p(opt))),
+        (None, Some(_)) => line.push_str(" | |"),
+        (None, None) => {}
+    }
+    out.push_str(&format!("{line} |\n\n"));
+    if let Some(line) = cut_line(t, config.settings.max_reasoning) {
+        out.push_str(&line);
+    }
+    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
+        Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
+        None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),
+    };
+    out.push_str(&gain(methods[0].name(), t.mean_gain, t.gain_interval));
+    for b in &t.baselines {
+        out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
+    }
+    out.push_str(&search_markdown(t, methods[0]));
+    out
+}
+
+/// The search traces as a table: a gain is made on train, kept through dev selection and
+/// confirmed on test, and each column shows one of those stages.
+fn search_markdown(t: &ProtocolTable, method: Method) -> String {
+    let traced: Vec<(&TaskRow, &SearchTrace)> = t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
+    if traced.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n## Where {} gained or lost\n\nFrom each task's `steps.jsonl` and its dev evaluations.\n\n\
+         | task | train mistakes: start -> fewest checked | steps lowering the best train score | \
+         steps moving to a worse prompt | current prompt shortlisted / kept | \
+         dev: better of zero-shot CoT and initial -> returned | test: zero-shot CoT -> optimised |\n\
+         |---|---|---|---|---|---|---|\n",
+        method.name()
+    );
+    let dev = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.3}"));
+    for (r, s) in traced {
+        out.push_str(&format!(
+            "| {} | {} -> {} of {} | {} of {} | {} | {} / {} | {} -> {} | {:.3} -> {:.3} |\n",
+            r.task,
+            s.start_mistakes,
+            s.fewest_mistakes,
+            s.train_n,
+            s.improving_steps,
+            r.steps,
+            s.worse_moves,
+            s.current_shortlisted,
+            s.current_kept,
+            dev(s.dev_baseline),
+            dev(r.dev_accuracy),
+            r.zero_shot_cot.accuracy,
+            r.optimised.accuracy
+        ));
+    }
+    out
+}
+
+
+/// A screening's table: a row per (configuration, task), then each configuration's mean gain.
+pub fn screen_markdown(table: &ScreenTable, config: &ScreenConfig) -> String {
+    let mut md = String::from(
+        "Dev accuracy (no test question was evaluated). Gain: the best searched prompt's dev accuracy minus the \
+better of zero-shot CoT and the initial prompt, on the questions that chose it (compare configurations, not the \
+gain itself).\n\n| configuration | task | dev n | zero-shot CoT | initial | best searched | gain | train mistakes \
+(initial -> fewest) | steps | dev reasonings cut | search minutes | best searched prompt |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let or_none = |v: Option<f64>, signed: bool| match v {
+        Some(v) if signed => format!("{v:+.3}"),
+        Some(v) => format!("{v:.3}"),
+        None => "none".into(),
+    };
+    for r in &table.rows {
+        md += &format!(
+            "| {} | {} | {} | {:.3} | {:.3} | {} | {} | {} -> {} | {} | {} | {:.1} | {} |\n",
+            r.configuration,
+            r.task,
+            r.dev_n,
+            r.zero_shot,
+            r.initial,
+            or_none(r.best_searched, false),
+            or_none(r.gain, true),
+            r.train_mistakes_initial,
+            r.train_mistakes_best,
+            r.steps,
+            r.dev_cut,
+            r.search_seconds / 60.0,
+            r.best_prompt.as_deref().unwrap_or("").replace('|', "\\|")
+        );
+    }
+    md += "\n| configuration | settings it changes | mean gain over its tasks |\n|---|---|---|\n";
+    for (name, changes) in &config.configurations {
+        let changes = changes.trim().replace('\n', "; ").replace('|', "\\|");
+        md += &format!("| {name} | {changes} | {} |\n", or_none(table.mean_gain(name), true));
+    }
+    md
+}
