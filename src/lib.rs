@@ -6,6 +6,7 @@
 //! measures a prompt; [`optimize`] is the GReaTer method, and [`store`] its run folder;
 //! [`protocol`] runs it over a list of tasks. The CLI only wires them.
 
+pub mod catalog;
 pub mod eval;
 pub mod layout;
 pub mod model;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::Value;
 
-use crate::model::catalog;
+use crate::catalog;
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
 use crate::model::weights::WeightSource;
 use crate::model::{Model, ModelConfig, Precision};

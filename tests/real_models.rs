@@ -8,7 +8,7 @@ use std::process::Command;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use greater::model::catalog;
+use greater::catalog;
 use greater::model::weights::hf_name;
 use greater::model::{Arch, KvCache, Model, Pass};
 use greater::runtime::{LanguageModel, OpenOptions};

@@ -114,19 +114,6 @@ impl CustomOp1 for FrozenMatmul {
         }
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (w, w_l) = self.weight.storage_and_layout();
-        match &*w {
-            Storage::Cuda(w) => forward(x, x_l, w, w_l),
-            _ => candle_core::bail!("frozen-matmul: input on CUDA but weight elsewhere"),
-        }
-    }
-
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if self.bf16 {
             return Ok(Some(grad.contiguous()?.apply_op1(Bf16InputGradient { weight: self.weight.clone() })?));

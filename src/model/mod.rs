@@ -1,6 +1,5 @@
 //! Model runtime: architectures, weights, generation and gradients.
 
-pub mod catalog;
 mod causal_softmax;
 pub mod config;
 mod decode_attention;

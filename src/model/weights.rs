@@ -132,11 +132,6 @@ impl WeightSource {
         };
         Ok(Some((tensor.to_dtype(dtype)?, packed)))
     }
-
-    pub fn require(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        self.get(name, dtype, device)?
-            .with_context(|| format!("model file lacks tensor '{name}'"))
-    }
 }
 
 /// Hugging Face tensor name for a GGUF tensor name.

@@ -15,7 +15,7 @@ use super::Optimizer;
 use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::records::{human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State, StepRecord, Summary, TaskRecord, Transfer};
 use crate::settings::{Method, OptimizeConfig, StartFrom};
-use crate::model::catalog;
+use crate::catalog;
 use crate::runtime::{LanguageModel, OpenOptions};
 use crate::store::RunDir;
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
@@ -51,27 +51,6 @@ pub enum Event<'a> {
     EvalProgress(usize),
     /// The run in this folder has finished and written its summary.
     Finished(&'a Path),
-}
-
-/// sha256 of the model's file, or of its folder's files (names and contents).
-fn model_sha256(path: &Path) -> Result<String> {
-    if let Some(e) = catalog::CATALOG.iter().find(|e| e.path() == path && e.is_cached()) {
-        return Ok(e.sha256.to_string());
-    }
-    if path.is_file() {
-        return catalog::sha256_file(path);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut listing = String::new();
-    for f in files {
-        listing.push_str(&format!("{} {}\n", f.file_name().unwrap_or_default().to_string_lossy(), catalog::sha256_file(&f)?));
-    }
-    use sha2::Digest;
-    Ok(catalog::hex(&sha2::Sha256::digest(listing.as_bytes())))
 }
 
 fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
@@ -169,7 +148,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             let config = RunConfig {
                 initial_prompt: s.initial_prompt.clone().unwrap_or_else(|| task.initial_prompt.clone()),
                 model_path: lm.path.display().to_string(),
-                model_sha256: model_sha256(&lm.path)?,
+                model_sha256: catalog::model_sha256(&lm.path)?,
                 task: TaskRecord {
                     name: task.name.clone(),
                     answer_kind: task.kind.describe(),
@@ -198,7 +177,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
                 bail!("the task's data changed since the run started: the split differs from {}/config.json", out.display());
             }
             let lm = open_model(&config.settings, report)?;
-            let sha = model_sha256(&lm.path)?;
+            let sha = catalog::model_sha256(&lm.path)?;
             if sha != config.model_sha256 {
                 bail!("the model file changed since the run started (sha256 {sha}, recorded {})", config.model_sha256);
             }

@@ -199,3 +199,23 @@ fn hash_copy(src: File, hasher: &mut Sha256, dst: &mut dyn Write) -> Result<u64>
         total += n as u64;
     }
 }
+
+/// sha256 of the model's file, or of its folder's files (names and contents).
+pub fn model_sha256(path: &Path) -> Result<String> {
+    if let Some(e) = CATALOG.iter().find(|e| e.path() == path && e.is_cached()) {
+        return Ok(e.sha256.to_string());
+    }
+    if path.is_file() {
+        return sha256_file(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut listing = String::new();
+    for f in files {
+        listing.push_str(&format!("{} {}\n", f.file_name().unwrap_or_default().to_string_lossy(), sha256_file(&f)?));
+    }
+    Ok(hex(&sha2::Sha256::digest(listing.as_bytes())))
+}
