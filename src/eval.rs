@@ -69,6 +69,8 @@ pub struct EvalReport {
     pub majority_floor: f64,
     /// Reasonings that ran into the budget (see [`Record::cut_by_budget`]).
     pub cut_by_budget: usize,
+    /// Answers the task's parser found nothing in (counted wrong).
+    pub unparsed: usize,
     pub tokens_generated: usize,
     pub seconds: f64,
     #[serde(skip)]
@@ -128,6 +130,7 @@ pub fn evaluate(
         interval: wilson_interval(correct, n),
         majority_floor: Task::majority_floor(examples),
         cut_by_budget: records.iter().filter(|r| r.cut_by_budget).count(),
+        unparsed: records.iter().filter(|r| r.parsed_answer.is_none()).count(),
         tokens_generated: tokens,
         seconds: start.elapsed().as_secs_f64(),
         records,

@@ -1,29 +1,27 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
-
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::eval::{evaluate, write_records, EvalConfig};
-use greater::optimize::run::{run as run_optimize, Event, Start};
-use greater::layout::REFERENCE_CONNECTOR;
+use anyhow::Result;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use greater::catalog;
+use greater::eval::{evaluate, write_records};
+use greater::model::generate::{Cancelled, Sampling};
+use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, PAPER_TASKS};
 use greater::records::{ProtocolConfig, RunConfig, ScreenConfig};
 use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
+use greater::runtime::LanguageModel;
 use greater::screen::{run_screen, ScreenEvent};
-use greater::settings::{Accept, Filler, GradientSum, Method, OptimizeConfig, Preset, StartFrom, Vocabulary};
+use greater::settings::{Method, OptimizeConfig, Preset, SEARCH};
 use greater::store::RunDir;
-use greater::catalog;
-use greater::model::Precision;
-use greater::tokenizer::SystemTurn;
-use greater::model::generate::{Cancelled, Sampling};
-use greater::runtime::{LanguageModel, OpenOptions};
-use greater::tasks::{builtin_tasks, ExtractorOptions, Split, Task, ZERO_SHOT_COT};
+use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 
 #[derive(Parser)]
 #[command(name = "greater", version, about = "Optimise a local model's task prompt with gradients over reasoning")]
@@ -32,64 +30,74 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
-struct ModelArgs {
-    /// Alias (see `greater models`), GGUF file or Hugging Face model folder.
-    #[arg(long, default_value = "smollm2-135m")]
-    model: String,
-    /// A Jinja chat template file to use instead of the model's own.
-    #[arg(long)]
-    chat_template: Option<PathBuf>,
-    /// Arithmetic of decoding and prefill: f32, or mixed (8-bit integer dot products).
-    #[arg(long, value_enum, default_value = "f32")]
-    precision: Precision,
+/// The settings of a subcommand as given: the parsed values, and which flags the user typed
+/// (the others hold their defaults and must not override a file or a preset).
+struct Given<'a> {
+    settings: &'a OptimizeConfig,
+    matches: &'a ArgMatches,
 }
 
-impl ModelArgs {
-    fn open(&self) -> Result<LanguageModel> {
-        let opts = OpenOptions { chat_template: self.chat_template.clone(), precision: self.precision };
-        LanguageModel::open(&self.model, &opts, &mut |m| eprintln!("{m}"))
+impl Given<'_> {
+    fn has(&self, key: &str) -> bool {
+        matches!(self.matches.value_source(key), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+    }
+
+    /// The flags given among `keys`, as the user typed them.
+    fn flags_among(&self, keys: &[String]) -> Vec<String> {
+        keys.iter().filter(|k| self.has(k)).map(|k| format!("--{}", k.replace('_', "-"))).collect()
+    }
+
+    /// Settings: `base`, then the config file, then the flags.
+    fn layered(&self, base: &OptimizeConfig, file: Option<&Path>) -> Result<OptimizeConfig> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?),
+            None => None,
+        };
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
+        base.layered(text.as_deref().map(|t| (t, origin.as_str())), self.settings, &|k| self.has(k))
+    }
+
+    /// An error when a flag outside `allowed` (setting keys) was given: `what` does not use it.
+    fn refuse_others(&self, allowed: &[&str], what: &str) -> Result<()> {
+        let others: Vec<String> = OptimizeConfig::keys().into_iter().filter(|k| !allowed.contains(&k.as_str())).collect();
+        let given = self.flags_among(&others);
+        if !given.is_empty() {
+            anyhow::bail!("{what} does not take {}", given.join(", "));
+        }
+        Ok(())
     }
 }
 
-#[derive(Args)]
-struct TaskArgs {
-    /// Built-in task (see `greater tasks`), a .toml task file, or a BBH-format .json file.
-    #[arg(long, default_value = "arithmetic")]
-    task: String,
-    /// Folder holding bbh/, gsm8k/ and folio/ for the benchmark tasks.
-    #[arg(long, env = "GREATER_DATA")]
-    data_dir: Option<PathBuf>,
-    /// Seed of the split (and of generated questions).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Operators per generated question.
-    #[arg(long, default_value_t = 2)]
-    difficulty: usize,
-    #[arg(long, default_value_t = 50)]
-    train: usize,
-    #[arg(long, default_value_t = 0)]
-    dev: usize,
-    #[arg(long, default_value_t = 100)]
-    test: usize,
-    /// Letters a BBH multiple-choice extractor lists: data (as many as the data's options)
-    /// or reference (the reference script's fixed list per task).
-    #[arg(long, value_enum, default_value = "data")]
-    extractor_options: ExtractorOptions,
+/// Setting keys `eval` takes: the model, the task and its split, the prompt layout.
+fn eval_keys() -> Vec<String> {
+    let command = <OptimizeConfig as clap::Args>::augment_args(clap::Command::new("settings"));
+    command
+        .get_arguments()
+        .filter(|a| a.get_help_heading() != Some(SEARCH))
+        .map(|a| a.get_id().to_string())
+        .collect()
 }
 
-impl TaskArgs {
-    fn load(&self) -> Result<(Task, Split)> {
-        let sizes = (self.train, self.dev, self.test);
-        let (task, split) = Task::load_split(&self.task, self.data_dir.clone(), self.seed, self.difficulty, sizes)?;
-        Ok((task.with_extractor_options(self.extractor_options), split))
-    }
-}
+/// Setting keys `generate` takes.
+const GENERATE_KEYS: &[&str] = &["model", "chat_template", "precision", "system", "max_reasoning", "seed"];
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Baseline {
-    /// Zero-shot chain of thought: "Let's think step by step."
-    ZsCot,
+/// The command line: every subcommand that flattens the settings gets their defaults, and
+/// shows only the groups it uses.
+fn command() -> clap::Command {
+    let eval = eval_keys();
+    let shown = |keys: Vec<String>| {
+        move |c: clap::Command| {
+            let all = OptimizeConfig::keys();
+            OptimizeConfig::with_defaults(c)
+                .mut_args(|a| if all.contains(&a.get_id().to_string()) && !keys.contains(&a.get_id().to_string()) { a.hide(true) } else { a })
+        }
+    };
+    Cli::command()
+        .mut_subcommand("optimize", OptimizeConfig::with_defaults)
+        .mut_subcommand("protocol", OptimizeConfig::with_defaults)
+        .mut_subcommand("screen", OptimizeConfig::with_defaults)
+        .mut_subcommand("eval", shown(eval))
+        .mut_subcommand("generate", shown(GENERATE_KEYS.iter().map(|k| k.to_string()).collect()))
 }
 
 #[derive(Subcommand)]
@@ -97,51 +105,34 @@ enum Command {
     /// Reply to one prompt with the model's chat template.
     Generate {
         #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long)]
+        settings: OptimizeConfig,
+        #[arg(long, short = 'p')]
         prompt: String,
-        /// The system turn: none, template (the chat template's default) or a text.
-        #[arg(long, default_value = "template")]
-        system: SystemTurn,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        /// Sample at this temperature instead of decoding greedily.
+        /// Sample at this temperature instead of decoding greedily (the seed is --seed).
         #[arg(long)]
-        temperature: Option<f64>,
+        temp: Option<f64>,
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
-        #[arg(long, default_value_t = 0)]
-        sample_seed: u64,
     },
     /// Accuracy of a prompt on a task's held-out test split.
     Eval {
         #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        task: TaskArgs,
-        /// The prompt appended to every question.
-        #[arg(long, conflicts_with_all = ["baseline", "prompt_from"], required_unless_present_any = ["baseline", "prompt_from"])]
+        settings: OptimizeConfig,
+        /// The prompt appended to every question [default: zero-shot CoT, "Let's think step
+        /// by step."].
+        #[arg(long, short = 'p', conflicts_with = "prompt_from")]
         prompt: Option<String>,
-        #[arg(long, value_enum, conflicts_with = "prompt_from")]
-        baseline: Option<Baseline>,
-        /// The returned prompt of a run folder (its best_prompt.txt, byte for byte).
+        /// A run folder: its returned prompt (best_prompt.txt, byte for byte), evaluated on
+        /// that run's test questions with its task, split and layout (flags may change the
+        /// model, the layout and the budget, not the questions).
         #[arg(long)]
         prompt_from: Option<PathBuf>,
-        /// Questions decoded together.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Token budget of the reasoning.
-        #[arg(long, default_value_t = 1024)]
-        max_reasoning: usize,
-        /// Text between the question and the prompt (the reference's; as in optimisation).
-        #[arg(long, default_value = REFERENCE_CONNECTOR)]
-        connector: String,
-        /// The system turn: none, template (the chat template's default; as in optimisation) or a text.
-        #[arg(long, default_value = "template")]
-        system: SystemTurn,
         /// One JSON line per question.
-        #[arg(long)]
+        #[arg(long, short = 'o')]
         out: Option<PathBuf>,
+        /// Print the result as one JSON object (progress and notes go to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Find a better prompt with gradients over reasoning (GReaTer). Without arguments:
     /// a short demo on SmolLM2 and generated arithmetic.
@@ -159,7 +150,7 @@ enum Command {
         /// A run folder or a protocol folder.
         dir: PathBuf,
         /// Where to write [default: DIR/report.html].
-        #[arg(long)]
+        #[arg(long, short = 'o')]
         out: Option<PathBuf>,
     },
     /// List the built-in tasks.
@@ -168,193 +159,68 @@ enum Command {
     Models,
 }
 
-/// Flags of `greater optimize`; each overrides the same key of `--config FILE`.
+/// Flags of `greater optimize`: the settings (each overrides the same key of `--config
+/// FILE`), where they start from, and the run folder.
 #[derive(Args)]
 struct OptimizeArgs {
+    #[command(flatten)]
+    settings: OptimizeConfig,
     /// Start from every method setting at the reference implementation's value, before
     /// --config and the other flags.
     #[arg(long, value_enum)]
     preset: Option<Preset>,
-    /// A TOML file with any of the settings below (keys as the flags, with underscores).
-    #[arg(long)]
+    /// A TOML file with any of the settings (keys as the flags, with underscores).
+    #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Continue the run in this folder (its settings come from its config.json; only
-    /// --steps may change).
-    #[arg(long, conflicts_with_all = [
-        "preset", "config", "out", "model", "task", "seed", "difficulty", "train", "dev", "test", "patience", "top_k",
-        "top_q", "subset_size", "shortlist", "temperature", "control_weight", "initial_prompt",
-        "max_reasoning", "eval_batch", "chat_template", "connector", "keep_current", "sentence_end_rule", "filler",
-        "gradient_sum", "vocabulary", "accept", "dev_candidates", "answer_weight", "restart_below", "start",
-        "method", "budget_tokens", "precision", "system", "extractor_options",
-    ])]
+    /// Continue the run in this folder with its recorded settings; only --steps (to run
+    /// more or fewer) and --data-dir (where the data moved) may be given.
+    #[arg(long, short = 'r', conflicts_with_all = ["preset", "config", "out"])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
-    #[arg(long)]
+    #[arg(long, short = 'o')]
     out: Option<PathBuf>,
-    #[arg(long)]
-    model: Option<String>,
-    #[arg(long)]
-    task: Option<String>,
-    #[arg(long, env = "GREATER_DATA")]
-    data_dir: Option<PathBuf>,
-    #[arg(long)]
-    seed: Option<u64>,
-    #[arg(long)]
-    difficulty: Option<usize>,
-    #[arg(long)]
-    train: Option<usize>,
-    #[arg(long)]
-    dev: Option<usize>,
-    #[arg(long)]
-    test: Option<usize>,
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Stop after this many steps without a better train score (0: never).
-    #[arg(long)]
-    patience: Option<usize>,
-    /// Each example's top-k tokens at the position [reference: 40].
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Random example subsets whose top-k sets are intersected [reference: 6].
-    #[arg(long)]
-    top_q: Option<usize>,
-    /// Examples per subset [reference: 5].
-    #[arg(long)]
-    subset_size: Option<usize>,
-    /// Candidates checked for real per step [reference: 3].
-    #[arg(long)]
-    shortlist: Option<usize>,
-    /// Temperature of the answer loss [reference: 0.2].
-    #[arg(long)]
-    temperature: Option<f64>,
-    /// Weight of the prompt's fluency (NLL) [reference: 0.2].
-    #[arg(long)]
-    control_weight: Option<f64>,
-    /// [reference: "proper logical reasoning and think step by step. Finally give the actual correct answer."]
-    #[arg(long)]
-    initial_prompt: Option<String>,
-    /// Token budget of each reasoning [reference: 1024].
-    #[arg(long)]
-    max_reasoning: Option<usize>,
-    /// Questions decoded together when evaluating.
-    #[arg(long)]
-    eval_batch: Option<usize>,
-    #[arg(long)]
-    chat_template: Option<String>,
-    /// Text between the question and the prompt [reference: ". Use"].
-    #[arg(long)]
-    connector: Option<String>,
-    /// The system turn: none, template (the chat template's default) or a text
-    /// [reference: none] [default: template].
-    #[arg(long)]
-    system: Option<SystemTurn>,
-    /// Letters a BBH multiple-choice extractor lists: data or reference (the reference
-    /// script's fixed list per task) [reference: reference] [default: data].
-    #[arg(long, value_enum)]
-    extractor_options: Option<ExtractorOptions>,
-    /// The current token may be shortlisted and kept [reference: true].
-    #[arg(long)]
-    keep_current: Option<bool>,
-    /// Take a shortlisted token holding "." at once in the prompt's second half [reference: true].
-    #[arg(long)]
-    sentence_end_rule: Option<bool>,
-    /// Token appended when the prompt grows [reference: underscore].
-    #[arg(long, value_enum)]
-    filler: Option<Filler>,
-    /// How per-example gradients combine [reference: raw].
-    #[arg(long, value_enum)]
-    gradient_sum: Option<GradientSum>,
-    /// Tokens allowed in the prompt [reference: reference].
-    #[arg(long, value_enum)]
-    vocabulary: Option<Vocabulary>,
-    /// Which checked token a step moves to [reference: always].
-    #[arg(long, value_enum)]
-    accept: Option<Accept>,
-    /// Best prompts by train score rescored on the dev split (reference: none; the paper picks
-    /// on dev) [default: 4].
-    #[arg(long)]
-    dev_candidates: Option<usize>,
-    /// Weight of the gold answer's NLL in the real score, a finer tie-break than the
-    /// mistake count [reference: 0].
-    #[arg(long)]
-    answer_weight: Option<f64>,
-    /// A step whose chosen prompt scores below this restarts at position 0 (0: never)
-    /// [reference: 0.12].
-    #[arg(long)]
-    restart_below: Option<f64>,
-    /// Start from the initial prompt or the better of it and zero-shot CoT on train
-    /// [reference: initial].
-    #[arg(long, value_enum)]
-    start: Option<StartFrom>,
-    /// greater, or a baseline: ape (instructions the model writes from train examples, at
-    /// equal generated tokens) or gcg (the token search with no reasoning before the
-    /// answer) [default: greater].
-    #[arg(long, value_enum)]
-    method: Option<Method>,
-    /// Tokens ape may decode [default: what greater decodes in --steps steps].
-    #[arg(long)]
-    budget_tokens: Option<usize>,
-    /// Arithmetic of decoding, prefill and scoring: f32, or mixed (8-bit integer dot
-    /// products; the gradient pass stays f32) [reference: f32] [default: f32].
-    #[arg(long, value_enum)]
-    precision: Option<Precision>,
 }
+
+/// Settings a resumed run, protocol or screening may take from the command line.
+const RESUME_KEYS: &[&str] = &["steps", "data_dir"];
 
 impl OptimizeArgs {
     /// Settings: defaults (or a preset, or the demo when nothing is given and `demo` allows
     /// it), then the config file, then flags.
-    fn settings(&self, demo: bool) -> Result<OptimizeConfig> {
-        let demo = demo && self.config.is_none() && self.model.is_none() && self.task.is_none() && self.preset.is_none();
+    fn settings(&self, given: &Given, demo: bool) -> Result<OptimizeConfig> {
+        let demo = demo && self.config.is_none() && !given.has("model") && !given.has("task") && self.preset.is_none();
         let base = match self.preset {
             Some(Preset::Reference) => OptimizeConfig::reference(),
             None if demo => OptimizeConfig::demo(),
             None => OptimizeConfig::default(),
         };
-        let mut c = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-                base.with_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-            }
-            None => base,
-        };
-        macro_rules! overlay {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
-        }
-        overlay!(model, task, seed, difficulty, train, dev, test, steps, patience, top_k, top_q, subset_size);
-        overlay!(shortlist, temperature, control_weight, max_reasoning, eval_batch, connector, keep_current);
-        overlay!(sentence_end_rule, filler, gradient_sum, vocabulary, accept, dev_candidates, answer_weight);
-        overlay!(restart_below, start, method, precision, system, extractor_options);
-        if let Some(b) = self.budget_tokens {
-            c.budget_tokens = Some(b);
-        }
-        if let Some(p) = &self.initial_prompt {
-            c.initial_prompt = Some(p.clone());
-        }
-        if let Some(d) = &self.data_dir {
-            // Absolute, so that --resume works from any folder.
-            c.data_dir = Some(d.canonicalize().unwrap_or_else(|_| d.clone()).display().to_string());
-        }
-        if let Some(t) = &self.chat_template {
-            c.chat_template = Some(t.clone());
-        }
+        let c = given.layered(&base, self.config.as_deref())?;
         if demo {
             eprintln!(
                 "no --task or --model given: running the built-in demo ({}, generated arithmetic, {} train / {} dev / {} test questions, {} steps)",
                 c.model, c.train, c.dev, c.test, c.steps
             );
         }
-        c.validate()?;
         Ok(c)
+    }
+
+    /// How a resumed run, protocol or screening changes its record: an error for a flag
+    /// that would change a recorded setting.
+    fn resume_changes(&self, given: &Given, what: &str) -> Result<Changes> {
+        given.refuse_others(RESUME_KEYS, &format!("{what} --resume (the recorded settings stand)"))?;
+        Ok(Changes {
+            steps: given.has("steps").then_some(self.settings.steps),
+            data_dir: given.has("data_dir").then(|| given.settings.data_dir.clone()).flatten(),
+        })
     }
 }
 
-fn run_optimize_command(args: &OptimizeArgs) -> Result<()> {
+fn run_optimize_command(args: &OptimizeArgs, given: &Given) -> Result<()> {
     let interrupt = ctrl_c_flag()?;
     let (start, out) = match &args.resume {
-        Some(dir) => (Start::Resume { steps: args.steps }, dir.clone()),
+        Some(dir) => (Start::Resume(args.resume_changes(given, "optimize")?), dir.clone()),
         None => {
-            let s = args.settings(true)?;
+            let s = args.settings(given, true)?;
             let out = args.out.clone().unwrap_or_else(|| default_out(&s.task.replace(['/', '.'], "_")));
             (Start::New(s), out)
         }
@@ -537,20 +403,21 @@ struct ScreenArgs {
     configurations: Option<PathBuf>,
 }
 
-fn run_screen_command(args: &ScreenArgs) -> Result<()> {
+fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
     let interrupt = ctrl_c_flag()?;
-    let (config, out) = match (&args.run.resume, &args.configurations) {
-        (Some(dir), _) => (None, dir.clone()),
+    refuse_task(given, "screen")?;
+    let (start, out) = match (&args.run.resume, &args.configurations) {
+        (Some(dir), _) => (Start::Resume(args.run.resume_changes(given, "screen")?), dir.clone()),
         (None, Some(file)) => {
             let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let configurations = ScreenConfig::configurations_from_toml(&text, &file.display().to_string())?;
-            let config = ScreenConfig { base: args.run.settings(false)?, tasks: args.tasks.clone(), configurations };
-            (Some(config), args.run.out.clone().unwrap_or_else(|| default_out("screen")))
+            let config = ScreenConfig { base: args.run.settings(given, false)?, tasks: args.tasks.clone(), configurations };
+            (Start::New(config), args.run.out.clone().unwrap_or_else(|| default_out("screen")))
         }
         (None, None) => anyhow::bail!("pass --configurations FILE (or --resume DIR)"),
     };
     let mut progress = Progress::default();
-    let result = run_screen(config, &out, &interrupt, &mut |event| match event {
+    let result = run_screen(start, &out, &interrupt, &mut |event| match event {
         ScreenEvent::Run { index, total, configuration, task, steps } => {
             progress.next_run(format!("run {}/{total} {configuration} {task} | ", index + 1), index, total, steps)
         }
@@ -564,20 +431,29 @@ fn run_screen_command(args: &ScreenArgs) -> Result<()> {
     })
 }
 
-fn run_protocol_command(args: &ProtocolArgs) -> Result<()> {
+/// A protocol or screening names its tasks with --tasks; --task would be ignored.
+fn refuse_task(given: &Given, what: &str) -> Result<()> {
+    if given.has("task") {
+        anyhow::bail!("{what} takes its tasks as --tasks A,B,...; --task is optimize's and eval's");
+    }
+    Ok(())
+}
+
+fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
     let interrupt = ctrl_c_flag()?;
-    let (config, out) = match &args.run.resume {
-        Some(dir) => (None, dir.clone()),
+    refuse_task(given, "protocol")?;
+    let (start, out) = match &args.run.resume {
+        Some(dir) => (Start::Resume(args.run.resume_changes(given, "protocol")?), dir.clone()),
         None => {
-            let settings = args.run.settings(false)?;
+            let settings = args.run.settings(given, false)?;
             let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
             let out = args.run.out.clone().unwrap_or_else(|| default_out("protocol"));
             let config = ProtocolConfig { settings, tasks, transfer_to: args.transfer_to.clone(), methods: args.methods.clone() };
-            (Some(config), out)
+            (Start::New(config), out)
         }
     };
     let mut progress = Progress::default();
-    let result = run_protocol(config, &out, &interrupt, &mut |event| match event {
+    let result = run_protocol(start, &out, &interrupt, &mut |event| match event {
         ProtocolEvent::Task { index, total, name, steps } => {
             progress.next_run(format!("task {}/{total} {name} | ", index + 1), index, total, steps)
         }
@@ -602,24 +478,61 @@ fn progress_bar(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-fn run_eval(
-    model: &ModelArgs,
-    task_args: &TaskArgs,
-    prompt: &str,
-    cfg: EvalConfig,
-    out: Option<&Path>,
-) -> Result<()> {
-    let (task, split) = task_args.load()?;
+/// Setting keys that decide which questions are the test questions: `eval --prompt-from`
+/// takes them from the run.
+const SPLIT_KEYS: &[&str] = &["task", "data_dir", "seed", "difficulty", "train", "dev", "test", "extractor_options"];
+
+/// The settings of `eval` and the prompt it measures: the flags over the defaults, or, with
+/// `--prompt-from RUN`, over the run's settings, whose test questions it then scores.
+fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Path>) -> Result<(OptimizeConfig, String, Option<Split>)> {
+    given.refuse_others(&eval_keys().iter().map(String::as_str).collect::<Vec<_>>(), "eval")?;
+    let Some(run) = prompt_from else {
+        let settings = given.layered(&OptimizeConfig::default(), None)?;
+        return Ok((settings, prompt.unwrap_or_else(|| ZERO_SHOT_COT.to_string()), None));
+    };
+    let split_flags = given.flags_among(&SPLIT_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+    if !split_flags.is_empty() {
+        anyhow::bail!(
+            "--prompt-from {} scores that run's test questions; {} would choose others (some of them the run's train or dev questions)",
+            run.display(),
+            split_flags.join(", ")
+        );
+    }
+    let dir = RunDir::open(run)?;
+    let config: RunConfig = dir.read_json("config.json")?;
+    let path = run.join("best_prompt.txt");
+    let prompt = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let settings = given.layered(&config.settings, None)?;
+    let changed: Vec<String> = given.flags_among(&OptimizeConfig::keys());
+    eprintln!(
+        "from {}: its returned prompt, task {}, split seed {}, {} test questions, {}-token reasoning budget, connector {:?}, system {}{}",
+        run.display(),
+        settings.task,
+        settings.seed,
+        config.split.test.len(),
+        settings.max_reasoning,
+        settings.connector,
+        settings.system,
+        if changed.is_empty() { String::new() } else { format!("; changed by flags: {}", changed.join(", ")) }
+    );
+    Ok((settings, prompt, Some(config.split)))
+}
+
+fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, out: Option<&Path>, json: bool) -> Result<()> {
+    let (task, split) = settings.load_task()?;
+    if run_split.as_ref().is_some_and(|recorded| *recorded != split) {
+        anyhow::bail!("the task's data changed since the run: its split is not the one recorded in the run's config.json");
+    }
     if let Some(path) = out {
         // Before the evaluation, not after it: an unwritable place would lose its records.
         std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    let lm = model.open()?;
+    let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
     let test = Split::pick(&split.test, &task);
     if test.is_empty() {
         anyhow::bail!("the test split is empty: pass --test N");
     }
-    println!(
+    eprintln!(
         "task {} ({}), {} test questions from {}; split seed {} (train {}, dev {}, test {})",
         task.name,
         task.kind.describe(),
@@ -630,52 +543,55 @@ fn run_eval(
         split.dev.len(),
         split.test.len()
     );
-    println!("prompt: {prompt:?}");
+    eprintln!("prompt: {prompt:?}");
     let bar = progress_bar(test.len(), "eval");
+    let cfg = settings.eval_config(Some(ctrl_c_flag()?));
     let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
+    if let Some(path) = out {
+        write_records(path, &report.records)?;
+        eprintln!("wrote {} records to {}", report.records.len(), path.display());
+    }
+    if json {
+        let line = serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "max_reasoning": settings.max_reasoning, "result": report });
+        println!("{line}");
+        return Ok(());
+    }
     println!(
         "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}",
         report.accuracy, report.correct, report.n, report.interval.0, report.interval.1, report.majority_floor
     );
-    println!("reasoning cut at the {}-token budget: {}/{}", cfg.max_reasoning, report.cut_by_budget, report.n);
+    println!("reasoning cut at the {}-token budget: {}/{}", settings.max_reasoning, report.cut_by_budget, report.n);
+    println!("answers that did not parse: {}/{}", report.unparsed, report.n);
     println!(
         "generated {} tokens in {:.1} s ({:.1} tokens/s)",
         report.tokens_generated,
         report.seconds,
         report.tokens_generated as f64 / report.seconds
     );
-    if let Some(path) = out {
-        write_records(path, &report.records)?;
-        println!("wrote {} records to {}", report.records.len(), path.display());
-    }
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
     match cli.command {
-        Command::Generate { model, prompt, system, max_tokens, temperature, top_p, sample_seed } => {
-            let lm = model.open()?;
-            let ids = lm.chat_ids(&system, &prompt)?;
-            let sampling = temperature.map(|temperature| Sampling { temperature, top_p, seed: sample_seed });
-            let reply = lm.complete(&[ids], &lm.generate_config(max_tokens, sampling))?;
+        Command::Generate { settings, prompt, temp, top_p } => {
+            let given = Given { settings: &settings, matches: sub };
+            given.refuse_others(GENERATE_KEYS, "generate")?;
+            let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
+            let ids = lm.chat_ids(&settings.system, &prompt)?;
+            let sampling = temp.map(|temperature| Sampling { temperature, top_p, seed: settings.seed });
+            let reply = lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
             println!("{}", reply[0].trim());
         }
-        Command::Eval { model, task, prompt, baseline, prompt_from, batch, max_reasoning, connector, system, out } => {
-            let prompt = match (prompt, prompt_from, baseline) {
-                (Some(p), _, _) => p,
-                (None, Some(dir), _) => {
-                    let path = dir.join("best_prompt.txt");
-                    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-                }
-                (None, None, _) => ZERO_SHOT_COT.to_string(),
-            };
-            let cfg = EvalConfig { batch, max_reasoning, connector, system, cancel: None };
-            run_eval(&model, &task, &prompt, cfg, out.as_deref())?;
+        Command::Eval { settings, prompt, prompt_from, out, json } => {
+            let given = Given { settings: &settings, matches: sub };
+            let (settings, prompt, run_split) = eval_settings(&given, prompt, prompt_from.as_deref())?;
+            run_eval(&settings, &prompt, run_split, out.as_deref(), json)?;
         }
-        Command::Optimize(args) => run_optimize_command(&args)?,
-        Command::Protocol(args) => run_protocol_command(&args)?,
-        Command::Screen(args) => run_screen_command(&args)?,
+        Command::Optimize(args) => run_optimize_command(&args, &Given { settings: &args.settings, matches: sub })?,
+        Command::Protocol(args) => run_protocol_command(&args, &Given { settings: &args.run.settings, matches: sub })?,
+        Command::Screen(args) => run_screen_command(&args, &Given { settings: &args.run.settings, matches: sub })?,
         Command::Report { dir, out } => {
             let path = greater::report::write_report(&dir, out.as_deref())?;
             println!("wrote {}", path.display());
@@ -711,7 +627,9 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     greater::runtime::stop_candle_spinning();
-    match run(Cli::parse()) {
+    let matches = command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

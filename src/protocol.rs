@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::eval::wilson_interval;
-use crate::optimize::run::{run, transfer, Event, Start};
+use crate::optimize::run::{run, transfer, Changes, Event, Start};
 use crate::records::{Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer};
 use crate::settings::{Method, OptimizeConfig};
 use crate::store::{method_folder, task_folder, RunDir};
@@ -84,23 +84,29 @@ pub enum ProtocolEvent<'a> {
 /// Starts a protocol in `out` (with `Some(config)`) or continues the one there; returns the
 /// table and the protocol's configuration.
 pub fn run_protocol(
-    config: Option<ProtocolConfig>,
+    start: Start<ProtocolConfig>,
     out: &Path,
     interrupt: &Arc<AtomicBool>,
     report: &mut dyn FnMut(ProtocolEvent),
 ) -> Result<(ProtocolTable, ProtocolConfig)> {
     let dir = RunDir::folder(out)?;
     let _lock = dir.lock()?;
-    let config: ProtocolConfig = match config {
-        Some(c) => {
+    let (config, changes) = match start {
+        Start::New(c) => {
             if dir.exists("protocol-config.json") {
                 bail!("{} already holds a protocol: continue it with --resume {0}", out.display());
             }
             c.check()?;
             dir.write_json("protocol-config.json", &c)?;
-            c
+            (c, Changes::default())
         }
-        None => dir.read_json("protocol-config.json")?,
+        Start::Resume(changes) => {
+            let mut c: ProtocolConfig = dir.read_json("protocol-config.json")?;
+            if changes.apply(&mut c.settings) {
+                dir.write_json("protocol-config.json", &c)?;
+            }
+            (c, changes)
+        }
     };
     let mut progress: BTreeMap<String, f64> =
         if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
@@ -122,7 +128,7 @@ pub fn run_protocol(
                 RunDir::open(&run_dir)?.read_json("summary.json")?
             } else {
                 let start = if run_dir.join("config.json").exists() {
-                    Start::Resume { steps: None }
+                    Start::Resume(changes.clone())
                 } else {
                     // `ape` spends what GReaTer spent on the same task.
                     let budget_tokens = match method {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::optimize::run::{run, Event, Start};
+use crate::optimize::run::{run, Changes, Event, Start};
 use crate::records::{Label, ScreenConfig, ScreenRow, ScreenTable, StepRecord, Summary};
 use crate::store::RunDir;
 
@@ -56,23 +56,29 @@ pub enum ScreenEvent<'a> {
 
 /// Starts a screening in `out` (with `Some(config)`) or continues the one there.
 pub fn run_screen(
-    config: Option<ScreenConfig>,
+    start: Start<ScreenConfig>,
     out: &Path,
     interrupt: &Arc<AtomicBool>,
     report: &mut dyn FnMut(ScreenEvent),
 ) -> Result<(ScreenTable, ScreenConfig)> {
     let dir = RunDir::folder(out)?;
     let _lock = dir.lock()?;
-    let config: ScreenConfig = match config {
-        Some(c) => {
+    let (config, resume_changes) = match start {
+        Start::New(c) => {
             if dir.exists("screen-config.json") {
                 bail!("{} already holds a screening: continue it with --resume {0}", out.display());
             }
             c.check()?;
             dir.write_json("screen-config.json", &c)?;
-            c
+            (c, Changes::default())
         }
-        None => dir.read_json("screen-config.json")?,
+        Start::Resume(resume_changes) => {
+            let mut c: ScreenConfig = dir.read_json("screen-config.json")?;
+            if resume_changes.apply(&mut c.base) {
+                dir.write_json("screen-config.json", &c)?;
+            }
+            (c, resume_changes)
+        }
     };
     let total = config.configurations.len() * config.tasks.len();
     let mut rows = Vec::with_capacity(total);
@@ -90,7 +96,7 @@ pub fn run_screen(
             let summary: Summary = if run_dir.join("summary.json").exists() {
                 RunDir::open(&run_dir)?.read_json("summary.json")?
             } else {
-                let start = if run_dir.join("config.json").exists() { Start::Resume { steps: None } } else { Start::New(settings) };
+                let start = if run_dir.join("config.json").exists() { Start::Resume(resume_changes.clone()) } else { Start::New(settings) };
                 run(start, &run_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?
             };
             let steps: Vec<StepRecord> = RunDir::open(&run_dir)?.read_steps()?;

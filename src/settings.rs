@@ -2,8 +2,17 @@
 //! The defaults are the reference implementation's shipped settings
 //! (`../shared/docs/greater-method.md`), except where a setting says otherwise.
 
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Result;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+
+use crate::eval::EvalConfig;
+use crate::runtime::OpenOptions;
+use crate::tasks::{Split, Task};
 
 use crate::layout::REFERENCE_CONNECTOR;
 use crate::model::Precision;
@@ -13,6 +22,7 @@ use crate::tokenizer::SystemTurn;
 /// How the prompt is searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Method {
     /// GReaTer: token search ranked by the gradient of the answer loss through the
     /// model's own reasoning.
@@ -39,6 +49,7 @@ impl Method {
 /// Which tokens may stand in the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Vocabulary {
     /// The reference's: text of ASCII letters and spaces only, or exactly `.`, `,` or a space.
     Reference,
@@ -49,16 +60,19 @@ pub enum Vocabulary {
 /// How the per-example gradients are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum GradientSum {
     /// The reference's: the raw sum (examples with a larger gradient weigh more).
     Raw,
     /// Each example's gradient scaled to unit norm first.
+    #[value(alias = "per-example")]
     PerExample,
 }
 
 /// The token appended when the prompt grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Filler {
     /// The reference's: the token for `_`.
     Underscore,
@@ -69,86 +83,161 @@ pub enum Filler {
 /// Which prompt a step moves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Accept {
     /// The reference's: the best checked token, even when it is worse than the current one.
     Always,
     /// The best checked token only when its score is not worse than the current prompt's.
+    #[value(alias = "not-worse")]
     NotWorse,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Every setting of a run, declared once: the flags of `optimize`, `protocol`, `screen` and
+/// (the model, task and evaluation groups) `eval`, the keys of a TOML settings file, and
+/// `config.json`'s record. The defaults are [`OptimizeConfig::default`]'s; clap shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimizeConfig {
+    /// Alias (see `greater models`), GGUF file or Hugging Face model folder.
+    #[arg(long, short = 'm', help_heading = MODEL)]
     pub model: String,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long, help_heading = MODEL)]
+    pub chat_template: Option<String>,
+    /// Arithmetic of decoding, prefill and scoring: f32, or mixed (8-bit integer dot
+    /// products; bf16 gradient products where the CPU has them). A run folder from before
+    /// this setting resumes in the f32 it ran with.
+    #[arg(long, value_enum, help_heading = MODEL)]
+    #[serde(default = "Precision::before_setting")]
+    pub precision: Precision,
+
+    /// Built-in task (see `greater tasks`), a .toml task file, or a BBH-format .json file.
+    #[arg(long, short = 't', help_heading = TASK)]
     pub task: String,
+    /// Folder holding bbh/, gsm8k/ and folio/ for the benchmark tasks.
+    #[arg(long, env = "GREATER_DATA", help_heading = TASK)]
     pub data_dir: Option<String>,
+    /// Seed of the split, of generated questions and of the search's random draws.
+    #[arg(long, short = 's', help_heading = TASK)]
     pub seed: u64,
     /// Operators per question of a generated task.
+    #[arg(long, help_heading = TASK)]
     pub difficulty: usize,
+    /// Questions the search optimises on.
+    #[arg(long, help_heading = TASK)]
     pub train: usize,
+    /// Questions that choose the returned prompt (0: the train score chooses).
+    #[arg(long, help_heading = TASK)]
     pub dev: usize,
+    /// Held-out questions the returned prompt and the baselines are measured on.
+    #[arg(long, help_heading = TASK)]
     pub test: usize,
-    pub steps: usize,
-    /// Stop after this many steps without a better score (0: never).
-    pub patience: usize,
-    pub top_k: usize,
-    pub top_q: usize,
-    pub subset_size: usize,
-    pub shortlist: usize,
-    pub temperature: f64,
-    pub control_weight: f64,
-    /// None: the task's initial prompt (the paper's unless a task file sets one).
-    pub initial_prompt: Option<String>,
-    /// Token budget of each reasoning.
-    pub max_reasoning: usize,
-    /// Questions decoded together when evaluating.
-    pub eval_batch: usize,
-    pub chat_template: Option<String>,
-    /// Text between the question and the prompt (reference: ". Use").
-    pub connector: String,
-    /// The system turn: `none` (the reference's), `template` (the chat template's default)
-    /// or a text. A run folder from before this setting resumes with the template's.
-    #[serde(default = "SystemTurn::default")]
-    pub system: SystemTurn,
-    /// Letters a BBH multiple-choice extractor lists: `data` (as many as the data's options)
-    /// or `reference` (the reference script's fixed list per task).
+    /// Letters a BBH multiple-choice extractor lists: data (as many as the data's options)
+    /// or reference (the reference script's fixed list per task).
+    #[arg(long, value_enum, help_heading = TASK)]
     #[serde(default)]
     pub extractor_options: ExtractorOptions,
+
+    /// Text between the question and the prompt (reference: ". Use").
+    #[arg(long, help_heading = LAYOUT)]
+    pub connector: String,
+    /// The system turn: none (the reference's), template (the chat template's default) or a
+    /// text. A run folder from before this setting resumes with the template's.
+    #[arg(long, help_heading = LAYOUT)]
+    #[serde(default = "SystemTurn::default")]
+    pub system: SystemTurn,
+    /// Token budget of each reasoning (reference: 1024).
+    #[arg(long, help_heading = LAYOUT)]
+    pub max_reasoning: usize,
+    /// Questions decoded together when evaluating.
+    #[arg(long, help_heading = LAYOUT)]
+    pub eval_batch: usize,
+
+    /// greater, or a baseline: ape (instructions the model writes from train examples, at
+    /// equal generated tokens) or gcg (the token search with no reasoning before the answer).
+    #[arg(long, value_enum, help_heading = SEARCH)]
+    pub method: Method,
+    /// Steps of the search (one prompt position each).
+    #[arg(long, help_heading = SEARCH)]
+    pub steps: usize,
+    /// Stop after this many steps without a better train score (0: never).
+    #[arg(long, help_heading = SEARCH)]
+    pub patience: usize,
+    /// The prompt the search starts from [default: the task's, the paper's unless a task
+    /// file sets one].
+    #[arg(long, help_heading = SEARCH)]
+    pub initial_prompt: Option<String>,
+    /// Start from the initial prompt, or from the better of it and zero-shot CoT on train
+    /// (reference: initial).
+    #[arg(long, value_enum, help_heading = SEARCH)]
+    pub start: StartFrom,
+    /// Each example's top-k tokens at the position (reference: 40).
+    #[arg(long, help_heading = SEARCH)]
+    pub top_k: usize,
+    /// Random example subsets whose top-k sets are intersected (reference: 6).
+    #[arg(long, help_heading = SEARCH)]
+    pub top_q: usize,
+    /// Examples per subset (reference: 5).
+    #[arg(long, help_heading = SEARCH)]
+    pub subset_size: usize,
+    /// Candidates checked for real per step (reference: 3).
+    #[arg(long, help_heading = SEARCH)]
+    pub shortlist: usize,
+    /// Temperature of the answer loss (reference: 0.2).
+    #[arg(long, help_heading = SEARCH)]
+    pub temperature: f64,
+    /// Weight of the prompt's fluency (NLL) in the loss and the score (reference: 0.2).
+    #[arg(long, help_heading = SEARCH)]
+    pub control_weight: f64,
     /// The current token is a candidate that may be shortlisted and kept (reference: true).
+    #[arg(long, action = clap::ArgAction::Set, help_heading = SEARCH)]
     pub keep_current: bool,
     /// A shortlisted token with a `.` in the second half of the prompt is taken at once
     /// (reference: true).
+    #[arg(long, action = clap::ArgAction::Set, help_heading = SEARCH)]
     pub sentence_end_rule: bool,
+    /// The token appended when the prompt grows (reference: underscore).
+    #[arg(long, value_enum, help_heading = SEARCH)]
     pub filler: Filler,
+    /// How the per-example gradients combine (reference: raw).
+    #[arg(long, value_enum, help_heading = SEARCH)]
     pub gradient_sum: GradientSum,
+    /// Tokens allowed in the prompt (reference: reference).
+    #[arg(long, value_enum, help_heading = SEARCH)]
     pub vocabulary: Vocabulary,
+    /// Which checked token a step moves to (reference: always).
+    #[arg(long, value_enum, help_heading = SEARCH)]
     pub accept: Accept,
     /// Prompts with the best train scores rescored on the dev split; the returned prompt is
     /// the best on dev among them, the initial prompt and zero-shot CoT.
+    #[arg(long, help_heading = SEARCH)]
     pub dev_candidates: usize,
     /// Weight of the gold answer's NLL in the real score: separates prompts with the same
     /// mistake count (reference: 0).
+    #[arg(long, help_heading = SEARCH)]
     pub answer_weight: f64,
     /// A step whose chosen prompt scores below this goes back to position 0 (reference:
     /// 0.12; 0: never).
+    #[arg(long, help_heading = SEARCH)]
     pub restart_below: f64,
-    /// Start from the initial prompt, or from the better of it and zero-shot CoT on train
-    /// (reference: initial).
-    pub start: StartFrom,
-    pub method: Method,
-    /// Tokens `ape` may decode (its proposals and their train reasoning). None: what a
-    /// GReaTer run of `steps` steps decodes, estimated from the initial prompt's reasoning
-    /// (a protocol passes the task's real GReaTer count).
+    /// Tokens `ape` may decode (its proposals and their train reasoning) [default: what a
+    /// GReaTer run of `steps` steps decodes, estimated from the initial prompt's reasoning;
+    /// a protocol passes the task's real GReaTer count].
+    #[arg(long, help_heading = SEARCH)]
     pub budget_tokens: Option<usize>,
-    /// Arithmetic of decoding, prefill and scoring (the gradient pass stays in f32). A run
-    /// folder from before this setting resumes in the f32 it ran with.
-    #[serde(default = "Precision::before_setting")]
-    pub precision: Precision,
 }
+
+/// Help headings, which are also the groups a subcommand takes (`eval` takes no search
+/// setting).
+pub const MODEL: &str = "Model";
+pub const TASK: &str = "Task and split";
+pub const LAYOUT: &str = "Prompt layout and reasoning";
+pub const SEARCH: &str = "Search";
 
 /// Where the search starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum StartFrom {
     Initial,
     /// The initial prompt or zero-shot CoT, whichever scores better on train.
@@ -248,6 +337,71 @@ impl OptimizeConfig {
         table.try_into()
     }
 
+    /// The one place where settings are layered: `self` (the defaults, a preset or the
+    /// demo), then the keys of a TOML file (`(text, its name for errors)`), then the flags
+    /// that were given on the command line (`given(key)`) with their values in `flags`.
+    pub fn layered(&self, file: Option<(&str, &str)>, flags: &Self, given: &dyn Fn(&str) -> bool) -> anyhow::Result<Self> {
+        let base = match file {
+            Some((text, origin)) => self.with_toml(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?,
+            None => self.clone(),
+        };
+        let mut table = toml::Table::try_from(&base)?;
+        for (key, value) in toml::Table::try_from(flags)? {
+            if given(&key) {
+                table.insert(key, value);
+            }
+        }
+        let mut layered: Self = table.try_into()?;
+        if given("data_dir") {
+            layered.data_dir = layered.data_dir.map(|d| absolute(&d));
+        }
+        layered.validate()?;
+        Ok(layered)
+    }
+
+    /// The task and its split as these settings ask.
+    pub fn load_task(&self) -> Result<(Task, Split)> {
+        let sizes = (self.train, self.dev, self.test);
+        let data = self.data_dir.as_ref().map(PathBuf::from);
+        let (task, split) = Task::load_split(&self.task, data, self.seed, self.difficulty, sizes)?;
+        Ok((task.with_extractor_options(self.extractor_options), split))
+    }
+
+    /// How the model is opened.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions { chat_template: self.chat_template.as_ref().map(PathBuf::from), precision: self.precision }
+    }
+
+    /// How held-out questions are evaluated: the layout and the reasoning budget.
+    pub fn eval_config(&self, cancel: Option<Arc<AtomicBool>>) -> EvalConfig {
+        EvalConfig {
+            batch: self.eval_batch,
+            max_reasoning: self.max_reasoning,
+            connector: self.connector.clone(),
+            system: self.system.clone(),
+            cancel,
+        }
+    }
+
+    /// The keys of every setting, in declaration order.
+    pub fn keys() -> Vec<String> {
+        <Self as clap::Args>::augment_args(clap::Command::new("settings"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect()
+    }
+
+    /// `command`'s setting flags (it flattens these settings) with [`Self::default`]'s values
+    /// as their defaults, so that `--help` shows them and an omitted flag parses.
+    pub fn with_defaults(command: clap::Command) -> clap::Command {
+        let defaults = toml::Table::try_from(Self::default()).expect("settings serialise to a table");
+        command.mut_args(|arg| match defaults.get(arg.get_id().as_str()) {
+            Some(toml::Value::String(text)) => arg.default_value(text.clone()).required(false),
+            Some(value) => arg.default_value(value.to_string()).required(false),
+            None => arg,
+        })
+    }
+
     /// The built-in demo: SmolLM2 on generated one-operator arithmetic, twelve steps on 20
     /// examples, the returned prompt chosen on 40 dev questions and measured on 50 test ones
     /// (the smallest of the settings tried whose gain held on split seeds 0, 1 and 2).
@@ -263,4 +417,9 @@ impl OptimizeConfig {
             ..Self::default()
         }
     }
+}
+
+/// A data folder as an absolute path, so that `--resume` works from any folder.
+fn absolute(dir: &str) -> String {
+    std::path::Path::new(dir).canonicalize().map_or_else(|_| dir.to_string(), |p| p.display().to_string())
 }

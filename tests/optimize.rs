@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
-use greater::optimize::run::{run, Start};
+use greater::optimize::run::{run, Changes, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::ape::{instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND};
 use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
@@ -170,7 +170,7 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     run_quietly(Start::New(tiny_settings(&model, 4)), &whole);
     run_quietly(Start::New(tiny_settings(&model, 2)), &split);
     assert_eq!(steps_without_timings(&split).len(), 2);
-    run_quietly(Start::Resume { steps: Some(4) }, &split);
+    run_quietly(Start::Resume(Changes { steps: Some(4), ..Changes::default() }), &split);
     let (a, b) = (steps_without_timings(&whole), steps_without_timings(&split));
     assert_eq!(a.len(), 4);
     assert_eq!(a, b);
@@ -583,8 +583,8 @@ fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times()
     // `greater eval --prompt-from` evaluates exactly the bytes of best_prompt.txt.
     let records = tmp.path().join("records.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["eval", "--model", model.to_str().unwrap(), "--task", "arithmetic", "--difficulty", "1", "--test", "2"])
-        .args(["--max-reasoning", "4", "--prompt-from", out.to_str().unwrap(), "--out", records.to_str().unwrap()])
+        .args(["eval", "--model", model.to_str().unwrap(), "--max-reasoning", "4"])
+        .args(["--prompt-from", out.to_str().unwrap(), "--out", records.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -616,7 +616,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         transfer_to: Some(target.clone()),
         methods: Vec::new(),
     };
-    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
+    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
     assert_eq!(table.rows.len(), 2);
     // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
     // second model, kept in the task's folder.
@@ -871,7 +871,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         transfer_to: None,
         methods: vec![Method::Greater, Method::Ape, Method::Gcg],
     };
-    let (table, _) = run_protocol(Some(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
+    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
     let row = &table.rows[0];
     assert_eq!(row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(), [Method::Ape, Method::Gcg]);
     let read = |folder: &str| -> Summary {
@@ -1068,7 +1068,7 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
         tasks: vec!["arithmetic".into(), "boolean".into()],
         configurations,
     };
-    let (table, _) = run_screen(Some(config.clone()), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (table, _) = run_screen(Start::New(config.clone()), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 4);
     for row in &table.rows {
         let dir = out.join(&row.configuration).join(&row.task);
@@ -1089,14 +1089,14 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
         serde_json::from_str(&std::fs::read_to_string(out.join("short/boolean/config.json")).unwrap()).unwrap();
     assert_eq!((short.settings.max_reasoning, short.settings.accept), (3, Accept::Always));
     // A resumed (here: finished) screening gives the same table, and the markdown names both.
-    let (again, config) = run_screen(None, &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (again, config) = run_screen(Start::Resume(Changes::default()), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(again, table);
     write_screen_outputs(&out, &again, &config).unwrap();
     let md = std::fs::read_to_string(out.join("screen.md")).unwrap();
     assert!(md.contains("| short | max_reasoning = 3 |") && md.contains("no test question"), "{md}");
     // A screening without dev questions has nothing to judge on.
     let no_dev = ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
-    assert!(run_screen(Some(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {}).is_err());
+    assert!(run_screen(Start::New(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {}).is_err());
 }
 
 #[test]
@@ -1113,4 +1113,104 @@ fn a_step_log_torn_at_its_end_is_trimmed_and_torn_in_its_middle_is_refused_with_
     assert!(err.contains("steps.jsonl:2: a damaged step line"), "{err}");
     let err = dir.truncate_steps(5).unwrap_err().to_string();
     assert!(err.contains("has 3 step lines, but the checkpoint is at step 5"), "{err}");
+}
+
+/// Runs the binary; (exit code, stdout, stderr).
+fn greater_cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_greater")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A finished one-step run of the tiny model with train, dev and test questions.
+fn finished_cli_run(tmp: &Path) -> (PathBuf, greater::records::RunConfig) {
+    let model = tiny_model(tmp);
+    let config = tmp.join("run.toml");
+    let settings = OptimizeConfig { dev: 3, test: 4, steps: 1, ..tiny_settings(&model, 1) };
+    std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
+    let out = tmp.join("run");
+    let (code, _, err) = greater_cli(&["optimize", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let recorded = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    (out, recorded)
+}
+
+#[test]
+fn eval_prompt_from_scores_only_the_runs_test_questions_with_its_layout_and_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, config) = finished_cli_run(tmp.path());
+    let (task, split) = config.settings.load_task().unwrap();
+    let questions = |ids: &[usize]| -> Vec<String> { Split::pick(ids, &task).iter().map(|e| e.question.clone()).collect() };
+    let records = tmp.path().join("eval.jsonl");
+    // Without a task or split flag: the run's task, split and test questions, whatever the
+    // defaults would be (here the default task and sizes differ from the run's).
+    let (code, _, err) = greater_cli(&["eval", "--prompt-from", run.to_str().unwrap(), "--out", records.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let scored: Vec<serde_json::Value> = std::fs::read_to_string(&records).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let scored_questions: Vec<String> = scored.iter().map(|r| r["question"].as_str().unwrap().to_string()).collect();
+    assert_eq!(scored_questions, questions(&split.test));
+    for q in questions(&split.train).iter().chain(&questions(&split.dev)) {
+        assert!(!scored_questions.contains(q), "a train or dev question of the run was scored: {q}");
+    }
+    // The run's budget and connector.
+    let best = std::fs::read_to_string(run.join("best_prompt.txt")).unwrap();
+    for r in &scored {
+        assert_eq!(r["prompt"].as_str().unwrap(), best);
+        assert!(r["reasoning_tokens"].as_u64().unwrap() <= config.settings.max_reasoning as u64);
+    }
+    assert!(err.contains(&format!("{}-token reasoning budget, connector {:?}", config.settings.max_reasoning, config.settings.connector)), "{err}");
+    // A flag that would choose other questions is refused, naming it.
+    let (code, _, err) = greater_cli(&["eval", "--prompt-from", run.to_str().unwrap(), "--train", "1", "--test", "4"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--train, --test would choose others"), "{err}");
+}
+
+#[test]
+fn resume_refuses_flags_that_change_a_recorded_setting_and_honours_steps_and_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, config) = finished_cli_run(tmp.path());
+    let (code, _, err) = greater_cli(&["optimize", "--resume", run.to_str().unwrap(), "--top-k", "7"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("does not take --top-k"), "{err}");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (code, _, err) = greater_cli(&["optimize", "--resume", run.to_str().unwrap(), "--steps", "2", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let resumed: greater::records::RunConfig = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(resumed.settings.steps, 2);
+    assert_eq!(resumed.settings.data_dir, Some(data.canonicalize().unwrap().display().to_string()));
+    assert_eq!(OptimizeConfig { steps: 1, data_dir: None, ..resumed.settings }, config.settings);
+    assert_eq!(steps_without_timings(&run).len(), 2);
+}
+
+#[test]
+fn flags_typed_on_the_command_line_override_the_config_file_even_at_their_default_value() {
+    let base = OptimizeConfig::default();
+    let file = "top_k = 7\ntop_q = 2\n";
+    let flags = OptimizeConfig { top_k: base.top_k, shortlist: 5, ..OptimizeConfig::default() };
+    let given = |k: &str| k == "top_k" || k == "shortlist";
+    let layered = base.layered(Some((file, "run.toml")), &flags, &given).unwrap();
+    // top_k typed at its default value beats the file; top_q from the file; shortlist typed.
+    assert_eq!((layered.top_k, layered.top_q, layered.shortlist), (base.top_k, 2, 5));
+    assert_eq!(OptimizeConfig { top_k: base.top_k, top_q: base.top_q, shortlist: base.shortlist, ..layered }, base);
+    // A file's error names the file and the key.
+    let err = base.layered(Some(("top_kk = 1\n", "run.toml")), &flags, &|_| false).unwrap_err().to_string();
+    assert!(err.contains("run.toml") && err.contains("top_kk"), "{err}");
+}
+
+#[test]
+fn every_setting_is_a_flag_and_a_key_with_its_default_shown() {
+    let keys = OptimizeConfig::keys();
+    let table = toml::Table::try_from(OptimizeConfig { data_dir: Some("d".into()), chat_template: Some("t".into()), initial_prompt: Some("p".into()), budget_tokens: Some(1), ..OptimizeConfig::default() }).unwrap();
+    let mut serialised: Vec<&String> = table.keys().collect();
+    let mut flags: Vec<&String> = keys.iter().collect();
+    serialised.sort();
+    flags.sort();
+    assert_eq!(flags, serialised);
+    let (code, help, _) = greater_cli(&["optimize", "--help"]);
+    assert_eq!(code, Some(0));
+    for (flag, default) in [("--top-k", "[default: 40]"), ("--temperature", "[default: 0.2]"), ("--keep-current", "[default: true]"), ("--accept", "[default: always]")] {
+        let at = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("{flag} missing from --help"));
+        let next = ["\n  -", "\n      --"].iter().filter_map(|m| help[at + 1..].find(m)).min().map_or(help.len(), |n| at + 1 + n);
+        assert!(help[at..next].contains(default), "{flag}: {}", &help[at..next]);
+    }
 }

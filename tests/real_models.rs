@@ -189,7 +189,7 @@ fn cli_eval_writes_one_record_per_question_matching_the_accuracy() {
     let out_path = dir.path().join("eval.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["eval", "--model", "smollm2-135m", "--task", "arithmetic", "--train", "0", "--test", "5"])
-        .args(["--baseline", "zs-cot", "--max-reasoning", "48", "--out", out_path.to_str().unwrap()])
+        .args(["--max-reasoning", "48", "--out", out_path.to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

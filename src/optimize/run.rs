@@ -2,7 +2,7 @@
 //! checkpoint after each, and the held-out evaluation of zero-shot CoT, the initial prompt
 //! and the best prompt.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +16,7 @@ use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
 use crate::records::{human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State, StepRecord, Summary, TaskRecord, Transfer};
 use crate::settings::{Method, OptimizeConfig, StartFrom};
 use crate::catalog;
-use crate::runtime::{LanguageModel, OpenOptions};
+use crate::runtime::LanguageModel;
 use crate::store::RunDir;
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
@@ -53,26 +53,8 @@ pub enum Event<'a> {
     Finished(&'a Path),
 }
 
-fn load_task(s: &OptimizeConfig) -> Result<(Task, Split)> {
-    let sizes = (s.train, s.dev, s.test);
-    let (task, split) = Task::load_split(&s.task, s.data_dir.as_ref().map(PathBuf::from), s.seed, s.difficulty, sizes)?;
-    Ok((task.with_extractor_options(s.extractor_options), split))
-}
-
 fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<LanguageModel> {
-    let opts = OpenOptions { chat_template: s.chat_template.as_ref().map(PathBuf::from), precision: s.precision };
-    LanguageModel::open(&s.model, &opts, &mut |m| report(Event::Info(m.to_string())))
-}
-
-/// How held-out questions are evaluated: the run's layout and reasoning budget.
-fn eval_config(s: &OptimizeConfig, interrupt: &Arc<AtomicBool>) -> EvalConfig {
-    EvalConfig {
-        batch: s.eval_batch,
-        max_reasoning: s.max_reasoning,
-        connector: s.connector.clone(),
-        system: s.system.clone(),
-        cancel: Some(Arc::clone(interrupt)),
-    }
+    LanguageModel::open(&s.model, &s.open_options(), &mut |m| report(Event::Info(m.to_string())))
 }
 
 /// [`evaluate`], its progress reported under `label`.
@@ -106,7 +88,7 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
         }
     }
     let config: RunConfig = dir.read_json("config.json")?;
-    let (task, split) = load_task(&config.settings)?;
+    let (task, split) = config.settings.load_task()?;
     if split != config.split {
         bail!("the task's data changed since the run: the split differs from {}/config.json", out.display());
     }
@@ -114,7 +96,7 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
     let target = OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
     let lm = open_model(&target, report)?;
     let test = Split::pick(&config.split.test, &task);
-    let eval_cfg = eval_config(&config.settings, interrupt);
+    let eval_cfg = config.settings.eval_config(Some(Arc::clone(interrupt)));
     let mut measure = |label: Label, prompt: &str| -> Result<EvalSummary> {
         let r = evaluate_reported(&lm, &task, &test, prompt, &eval_cfg, &format!("transfer to {model}: {label}"), report)?;
         Ok(EvalSummary::new(label, prompt, &r))
@@ -128,11 +110,33 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
     Ok(result)
 }
 
-/// How a run begins.
-pub enum Start {
-    New(OptimizeConfig),
-    /// Continue the run in the folder, optionally with a different step count.
-    Resume { steps: Option<usize> },
+/// How a run (or a protocol, or a screening: `C` is what it records) begins.
+pub enum Start<C = OptimizeConfig> {
+    New(C),
+    /// Continue the run in the folder with its recorded settings, but for these changes.
+    Resume(Changes),
+}
+
+/// What a resumed run may change of its recorded settings: nothing that decides what it
+/// computes, only how long it goes on and where its data now lives.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub steps: Option<usize>,
+    pub data_dir: Option<String>,
+}
+
+impl Changes {
+    /// `settings` with these changes; whether anything changed.
+    pub fn apply(&self, settings: &mut OptimizeConfig) -> bool {
+        let before = settings.clone();
+        if let Some(steps) = self.steps {
+            settings.steps = steps;
+        }
+        if let Some(dir) = &self.data_dir {
+            settings.data_dir = Some(dir.clone());
+        }
+        *settings != before
+    }
 }
 
 /// Starts a run in `out`, or continues the one there.
@@ -141,7 +145,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let (dir, _lock, config, lm, task) = match start {
         Start::New(s) => {
             s.validate()?;
-            let (task, split) = load_task(&s)?;
+            let (task, split) = s.load_task()?;
             let dir = RunDir::create(out)?;
             let lock = dir.lock()?;
             let lm = open_model(&s, report)?;
@@ -163,16 +167,15 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             dir.write_json("config.json", &config)?;
             (dir, lock, config, lm, task)
         }
-        Start::Resume { steps } => {
+        Start::Resume(changes) => {
             let dir = RunDir::open(out)?;
             let lock = dir.lock()?;
             let mut config: RunConfig = dir.read_json("config.json")?;
             config.settings.validate().map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
-            if let Some(steps) = steps {
-                config.settings.steps = steps;
+            if changes.apply(&mut config.settings) {
                 dir.write_json("config.json", &config)?;
             }
-            let (task, split) = load_task(&config.settings)?;
+            let (task, split) = config.settings.load_task()?;
             if split != config.split {
                 bail!("the task's data changed since the run started: the split differs from {}/config.json", out.display());
             }
@@ -218,7 +221,7 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
     let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
     dir.write_json("checkpoint.json", &state)?;
-    let eval_cfg = eval_config(s, interrupt);
+    let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
     let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         let file = format!("{split}-{}.json", c.label.file_stem());
