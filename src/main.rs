@@ -28,6 +28,52 @@ use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print nothing but the result: no progress, no step lines, no notes.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+    /// Print the result as one JSON object on stdout (eval: the accuracy and counts;
+    /// optimize: the summary; protocol and screen: the table); the rest goes to stderr.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// How much the CLI prints, and where: set once from the global flags.
+#[derive(Clone, Copy, Default)]
+struct Output {
+    quiet: bool,
+    json: bool,
+}
+
+static OUTPUT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
+fn output() -> Output {
+    OUTPUT.get().copied().unwrap_or_default()
+}
+
+/// A note on what is happening (stderr; nothing with --quiet).
+fn note(line: &str) {
+    if !output().quiet {
+        eprintln!("{line}");
+    }
+}
+
+/// A line of progress that a log keeps (stdout, stderr with --json, nothing with --quiet).
+fn progress_line(line: &str) {
+    match output() {
+        Output { quiet: true, .. } => {}
+        Output { json: true, .. } => eprintln!("{line}"),
+        _ => println!("{line}"),
+    }
+}
+
+/// The result: `text` for people, or `value` as one JSON line with --json.
+fn print_result<T: serde::Serialize>(text: &str, value: &T) -> Result<()> {
+    if output().json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
 }
 
 /// The settings of a subcommand as given: the parsed values, and which flags the user typed
@@ -130,9 +176,6 @@ enum Command {
         /// One JSON line per question.
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
-        /// Print the result as one JSON object (progress and notes go to stderr).
-        #[arg(long)]
-        json: bool,
     },
     /// Find a better prompt with gradients over reasoning (GReaTer). Without arguments:
     /// a short demo on SmolLM2 and generated arithmetic.
@@ -157,6 +200,10 @@ enum Command {
     Tasks,
     /// List the model aliases and whether they are cached.
     Models,
+    /// Print a shell completion script, e.g. `greater completions bash > ~/.local/share/bash-completion/completions/greater`.
+    Completions {
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Flags of `greater optimize`: the settings (each overrides the same key of `--config
@@ -196,10 +243,10 @@ impl OptimizeArgs {
         };
         let c = given.layered(&base, self.config.as_deref())?;
         if demo {
-            eprintln!(
+            note(&format!(
                 "no --task or --model given: running the built-in demo ({}, generated arithmetic, {} train / {} dev / {} test questions, {} steps)",
                 c.model, c.train, c.dev, c.test, c.steps
-            );
+            ));
         }
         Ok(c)
     }
@@ -229,9 +276,8 @@ fn run_optimize_command(args: &OptimizeArgs, given: &Given) -> Result<()> {
     let result = run_optimize(start, &out, &interrupt, &mut |e| progress.event(e));
     finish(result, &mut progress, "optimize", &out, |summary| {
         let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
-        println!("{}", summary_table(&summary, &config));
-        println!("best prompt written to {}", out.join("best_prompt.txt").display());
-        Ok(())
+        let text = format!("{}\nbest prompt written to {}", summary_table(&summary, &config), out.join("best_prompt.txt").display());
+        print_result(&text, &summary)
     })
 }
 
@@ -257,7 +303,8 @@ fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
     Ok(interrupt)
 }
 
-/// Shows a finished run's result, or how to resume an interrupted one (exit 0).
+/// Shows a finished run's result, or how to resume an interrupted one (then the error
+/// stays, for exit status 130).
 fn finish<T>(result: Result<T>, progress: &mut Progress, command: &str, out: &Path, show: impl FnOnce(T) -> Result<()>) -> Result<()> {
     match result {
         Ok(value) => {
@@ -266,8 +313,8 @@ fn finish<T>(result: Result<T>, progress: &mut Progress, command: &str, out: &Pa
         }
         Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
             progress.abandon();
-            println!("interrupted: finished steps are saved; continue with greater {command} --resume {}", out.display());
-            Ok(())
+            note(&format!("interrupted: finished steps are saved; continue with greater {command} --resume {}", out.display()));
+            Err(e)
         }
         Err(e) => Err(e),
     }
@@ -297,10 +344,10 @@ impl Progress {
 
     fn event(&mut self, event: Event) {
         match event {
-            Event::Info(m) => eprintln!("{}{m}", self.label),
+            Event::Info(m) => note(&format!("{}{m}", self.label)),
             Event::Start { done, total, budget } => {
-                println!("{}{budget}", self.label);
-                let b = ProgressBar::new(self.protocol_steps.unwrap_or(total) as u64);
+                progress_line(&format!("{}{budget}", self.label));
+                let b = visible(ProgressBar::new(self.protocol_steps.unwrap_or(total) as u64));
                 b.set_style(
                     ProgressStyle::with_template("step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}")
                         .expect("valid template")
@@ -335,7 +382,7 @@ impl Progress {
                     ) };
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {
-                        println!("{line}");
+                        progress_line(&line);
                     } else {
                         b.println(line);
                     }
@@ -425,9 +472,7 @@ fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
     });
     finish(result, &mut progress, "screen", &out, |(table, config)| {
         write_screen_outputs(&out, &table, &config)?;
-        println!("{}", screen_markdown(&table, &config));
-        println!("table written to {}", out.join("screen.md").display());
-        Ok(())
+        print_result(&format!("{}\ntable written to {}", screen_markdown(&table, &config), out.join("screen.md").display()), &table)
     })
 }
 
@@ -461,14 +506,20 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
         ProtocolEvent::Table(..) => warn_on_error(on_protocol_event(&out, &event)),
     });
     finish(result, &mut progress, "protocol", &out, |(table, config)| {
-        println!("{}", protocol_markdown(&table, &config));
-        println!("table written to {}", out.join("protocol.md").display());
-        Ok(())
+        print_result(&format!("{}\ntable written to {}", protocol_markdown(&table, &config), out.join("protocol.md").display()), &table)
     })
 }
 
+/// `bar`, hidden with --quiet.
+fn visible(bar: ProgressBar) -> ProgressBar {
+    if output().quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
 fn progress_bar(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
+    let bar = visible(ProgressBar::new(len as u64));
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}")
             .expect("valid template")
@@ -504,7 +555,7 @@ fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Pat
     let prompt = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let settings = given.layered(&config.settings, None)?;
     let changed: Vec<String> = given.flags_among(&OptimizeConfig::keys());
-    eprintln!(
+    note(&format!(
         "from {}: its returned prompt, task {}, split seed {}, {} test questions, {}-token reasoning budget, connector {:?}, system {}{}",
         run.display(),
         settings.task,
@@ -514,11 +565,11 @@ fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Pat
         settings.connector,
         settings.system,
         if changed.is_empty() { String::new() } else { format!("; changed by flags: {}", changed.join(", ")) }
-    );
+    ));
     Ok((settings, prompt, Some(config.split)))
 }
 
-fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, out: Option<&Path>, json: bool) -> Result<()> {
+fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, out: Option<&Path>) -> Result<()> {
     let (task, split) = settings.load_task()?;
     if run_split.as_ref().is_some_and(|recorded| *recorded != split) {
         anyhow::bail!("the task's data changed since the run: its split is not the one recorded in the run's config.json");
@@ -527,12 +578,12 @@ fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, o
         // Before the evaluation, not after it: an unwritable place would lose its records.
         std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
-    let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
+    let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
     let test = Split::pick(&split.test, &task);
     if test.is_empty() {
         anyhow::bail!("the test split is empty: pass --test N");
     }
-    eprintln!(
+    note(&format!(
         "task {} ({}), {} test questions from {}; split seed {} (train {}, dev {}, test {})",
         task.name,
         task.kind.describe(),
@@ -542,34 +593,38 @@ fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, o
         split.train.len(),
         split.dev.len(),
         split.test.len()
-    );
-    eprintln!("prompt: {prompt:?}");
+    ));
+    note(&format!("prompt: {prompt:?}"));
     let bar = progress_bar(test.len(), "eval");
     let cfg = settings.eval_config(Some(ctrl_c_flag()?));
     let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     if let Some(path) = out {
         write_records(path, &report.records)?;
-        eprintln!("wrote {} records to {}", report.records.len(), path.display());
+        note(&format!("wrote {} records to {}", report.records.len(), path.display()));
     }
-    if json {
-        let line = serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "max_reasoning": settings.max_reasoning, "result": report });
-        println!("{line}");
-        return Ok(());
-    }
-    println!(
-        "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}",
-        report.accuracy, report.correct, report.n, report.interval.0, report.interval.1, report.majority_floor
-    );
-    println!("reasoning cut at the {}-token budget: {}/{}", settings.max_reasoning, report.cut_by_budget, report.n);
-    println!("answers that did not parse: {}/{}", report.unparsed, report.n);
-    println!(
-        "generated {} tokens in {:.1} s ({:.1} tokens/s)",
+    let text = format!(
+        "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}\n\
+         reasoning cut at the {}-token budget: {}/{}\n\
+         answers that did not parse: {}/{}\n\
+         generated {} tokens in {:.1} s ({:.1} tokens/s)",
+        report.accuracy,
+        report.correct,
+        report.n,
+        report.interval.0,
+        report.interval.1,
+        report.majority_floor,
+        settings.max_reasoning,
+        report.cut_by_budget,
+        report.n,
+        report.unparsed,
+        report.n,
         report.tokens_generated,
         report.seconds,
         report.tokens_generated as f64 / report.seconds
     );
-    Ok(())
+    let value = serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "max_reasoning": settings.max_reasoning, "result": report });
+    print_result(&text, &value)
 }
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
@@ -578,16 +633,16 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Generate { settings, prompt, temp, top_p } => {
             let given = Given { settings: &settings, matches: sub };
             given.refuse_others(GENERATE_KEYS, "generate")?;
-            let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
+            let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
             let ids = lm.chat_ids(&settings.system, &prompt)?;
             let sampling = temp.map(|temperature| Sampling { temperature, top_p, seed: settings.seed });
             let reply = lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
             println!("{}", reply[0].trim());
         }
-        Command::Eval { settings, prompt, prompt_from, out, json } => {
+        Command::Eval { settings, prompt, prompt_from, out } => {
             let given = Given { settings: &settings, matches: sub };
             let (settings, prompt, run_split) = eval_settings(&given, prompt, prompt_from.as_deref())?;
-            run_eval(&settings, &prompt, run_split, out.as_deref(), json)?;
+            run_eval(&settings, &prompt, run_split, out.as_deref())?;
         }
         Command::Optimize(args) => run_optimize_command(&args, &Given { settings: &args.settings, matches: sub })?,
         Command::Protocol(args) => run_protocol_command(&args, &Given { settings: &args.run.settings, matches: sub })?,
@@ -595,6 +650,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Report { dir, out } => {
             let path = greater::report::write_report(&dir, out.as_deref())?;
             println!("wrote {}", path.display());
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut command(), "greater", &mut std::io::stdout());
         }
         Command::Tasks => {
             println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
@@ -629,8 +687,11 @@ fn main() -> ExitCode {
     greater::runtime::stop_candle_spinning();
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    OUTPUT.set(Output { quiet: cli.quiet, json: cli.json }).ok();
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
+        // The shell's convention for a process ended by SIGINT.
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -298,6 +298,10 @@ pub struct EvalSummary {
     /// did not count them).
     #[serde(default)]
     pub cut_by_budget: Option<usize>,
+    /// Answers the task's parser found nothing in (None in run folders of versions that did
+    /// not count them).
+    #[serde(default)]
+    pub unparsed: Option<usize>,
 }
 
 impl EvalSummary {
@@ -311,6 +315,7 @@ impl EvalSummary {
             interval: r.interval,
             seconds: r.seconds,
             cut_by_budget: Some(r.cut_by_budget),
+            unparsed: Some(r.unparsed),
         }
     }
 }

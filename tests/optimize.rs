@@ -218,7 +218,7 @@ fn spawn_until_first_step(tmp: &Path, model: &Path, name: &str, steps: usize) ->
     let child = Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["optimize", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let log = out.join("steps.jsonl");
@@ -244,9 +244,9 @@ fn ctrl_c_keeps_the_last_checkpoint_and_exits_0() {
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(0));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("interrupted: finished steps are saved; continue with greater optimize --resume"), "{stdout}");
+    assert_eq!(output.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("interrupted: finished steps are saved; continue with greater optimize --resume"), "{stderr}");
     let step = checkpoint_step(&out);
     assert!((1..200).contains(&step));
     assert_eq!(steps_without_timings(&out).len(), step);
@@ -308,6 +308,7 @@ fn the_summary_warns_when_more_than_a_tenth_of_test_reasonings_ran_into_the_budg
         interval: (0.0, 1.0),
         seconds: 0.0,
         cut_by_budget: Some(cut),
+        unparsed: Some(0),
     };
     assert_eq!(budget_warning(&[eval(10, 100), eval(20, 200)], 256), None, "exactly a tenth");
     assert_eq!(budget_warning(&[], 256), None);
@@ -545,7 +546,7 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     let mut seen = Vec::new();
     let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| {
         seen.extend(examples.iter().map(|e| e.question.clone()));
-        Ok(EvalSummary { label: c.label, prompt: c.prompt.clone(), accuracy: dev_accuracy(c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0) })
+        Ok(EvalSummary { label: c.label, prompt: c.prompt.clone(), accuracy: dev_accuracy(c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0), unparsed: Some(0) })
     })
     .unwrap();
     // train #2 and #3 tie on dev; #2 has the better train score. The best train score (#1) loses.
@@ -1213,4 +1214,26 @@ fn every_setting_is_a_flag_and_a_key_with_its_default_shown() {
         let next = ["\n  -", "\n      --"].iter().filter_map(|m| help[at + 1..].find(m)).min().map_or(help.len(), |n| at + 1 + n);
         assert!(help[at..next].contains(default), "{flag}: {}", &help[at..next]);
     }
+}
+
+#[test]
+fn eval_json_prints_one_object_with_the_unparsed_count_and_quiet_prints_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let records = tmp.path().join("eval.jsonl");
+    let args = ["eval", "-m", model.to_str().unwrap(), "--difficulty", "1", "--train", "0", "--test", "5", "--max-reasoning", "3"];
+    let (code, stdout, stderr) = greater_cli(&[&args[..], &["--json", "--quiet", "--out", records.to_str().unwrap()]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr, "", "--quiet prints no notes");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&records).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let unparsed = lines.iter().filter(|r| r["parsed_answer"].is_null()).count();
+    assert_eq!(value["result"]["n"], 5);
+    assert_eq!(value["result"]["unparsed"], unparsed);
+    assert_eq!(value["result"]["correct"], lines.iter().filter(|r| r["correct"].as_bool().unwrap()).count());
+    // The text output says the same count.
+    let (code, stdout, stderr) = greater_cli(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(&format!("answers that did not parse: {unparsed}/5")), "{stdout}");
 }

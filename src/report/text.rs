@@ -4,8 +4,35 @@
 use crate::records::{human_duration, EvalSummary, Pooled, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, SearchTrace, Summary, TaskRow};
 use crate::settings::Method;
 
-/// Share of cut reasonings above which the summary says that the budget shaped the result.
-const CUT_WARNING_SHARE: f64 = 0.1;
+/// Share of test reasonings (cut by the budget, or whose answer did not parse) above which
+/// the summary says so.
+const WARNING_SHARE: f64 = 0.1;
+
+/// (counted, of how many) over the evaluations that counted it, when over the share.
+fn over_share(evaluations: &[EvalSummary], count: impl Fn(&EvalSummary) -> Option<usize>) -> Option<(usize, usize)> {
+    let (c, n) = evaluations.iter().filter_map(|e| Some((count(e)?, e.n))).fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
+    (n > 0 && c as f64 > WARNING_SHARE * n as f64).then_some((c, n))
+}
+
+/// A sentence when many test reasonings ran into the budget: their answers were forced
+/// mid-reasoning, so the accuracies measure the budget as much as the prompts.
+pub fn budget_warning(evaluations: &[EvalSummary], budget: usize) -> Option<String> {
+    over_share(evaluations, |e| e.cut_by_budget).map(|(cut, n)| {
+        format!(
+            "{cut} of {n} test reasonings ran into the {budget}-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ."
+        )
+    })
+}
+
+/// A sentence when many test answers did not parse: they count as wrong, so the accuracies
+/// measure the answer format as much as the reasoning.
+pub fn unparsed_warning(evaluations: &[EvalSummary]) -> Option<String> {
+    over_share(evaluations, |e| e.unparsed).map(|(unparsed, n)| {
+        format!(
+            "{unparsed} of {n} test answers did not parse and count as wrong: the extractor may not suit this model or task (the raw answers are in test-*.jsonl)."
+        )
+    })
+}
 
 /// One plain sentence: did the returned prompt beat both baselines on the test questions?
 pub fn verdict(summary: &Summary) -> String {
@@ -28,27 +55,15 @@ pub fn verdict(summary: &Summary) -> String {
     )
 }
 
-/// A sentence when many test reasonings ran into the budget: their answers were forced
-/// mid-reasoning, so the accuracies measure the budget as much as the prompts.
-pub fn budget_warning(evaluations: &[EvalSummary], budget: usize) -> Option<String> {
-    let counted = evaluations.iter().filter_map(|e| Some((e.cut_by_budget?, e.n)));
-    let (cut, n) = counted.fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
-    (n > 0 && cut as f64 > CUT_WARNING_SHARE * n as f64).then(|| {
-        format!(
-            "{cut} of {n} test reasonings ran into the {budget}-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ."
-        )
-    })
-}
-
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
     let budget = config.settings.max_reasoning;
     out.push_str(&format!(
-        "| prompt | test accuracy | 95% interval | reasoning cut at {budget} tokens | text |\n|---|---|---|---|---|\n"
+        "| prompt | test accuracy | 95% interval | reasoning cut at {budget} tokens | answers unparsed | text |\n|---|---|---|---|---|---|\n"
     ));
     for e in &summary.evaluations {
         out.push_str(&format!(
-            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} | {} |\n",
+            "| {} | {:.3} ({}/{}) | [{:.3}, {:.3}] | {} | {} | {} |\n",
             e.label,
             e.accuracy,
             e.correct,
@@ -56,11 +71,12 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
             e.interval.0,
             e.interval.1,
             e.cut_by_budget.map_or("-".into(), |c| format!("{c}/{}", e.n)),
+            e.unparsed.map_or("-".into(), |c| format!("{c}/{}", e.n)),
             e.prompt.replace('|', "\\|")
         ));
     }
     out.push_str(&format!("\n{}\n", verdict(summary)));
-    if let Some(line) = budget_warning(&summary.evaluations, budget) {
+    for line in [budget_warning(&summary.evaluations, budget), unparsed_warning(&summary.evaluations)].into_iter().flatten() {
         out.push_str(&format!("\n{line}\n"));
     }
     out.push_str(&format!(
@@ -83,24 +99,19 @@ fn cell(e: &EvalSummary) -> String {
     format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1)
 }
 
-/// Per task, the test reasonings of zero-shot CoT, the initial and the optimised prompt that
-/// ran into the reasoning budget (tasks of before the count are left out).
-fn cut_line(t: &ProtocolTable, budget: usize) -> Option<String> {
+/// Per task, how many test reasonings of zero-shot CoT, the initial and the optimised prompt
+/// `count` counts (tasks of versions that did not count it are left out): "`what`: task a/b, ...".
+fn per_task_line(t: &ProtocolTable, what: &str, count: fn(&EvalSummary) -> Option<usize>) -> Option<String> {
     let tasks: Vec<String> = t
         .rows
         .iter()
         .filter_map(|r| {
             let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
-            let cut: usize = evals.iter().map(|e| e.cut_by_budget).sum::<Option<usize>>()?;
-            Some(format!("{} {cut}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
+            let counted: usize = evals.iter().map(|e| count(e)).sum::<Option<usize>>()?;
+            Some(format!("{} {counted}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
         })
         .collect();
-    (!tasks.is_empty()).then(|| {
-        format!(
-            "test reasonings cut at the {budget}-token budget (zero-shot CoT, initial and optimised together): {}\n\n",
-            tasks.join(", ")
-        )
-    })
+    (!tasks.is_empty()).then(|| format!("{what} (zero-shot CoT, initial and optimised together): {}\n\n", tasks.join(", ")))
 }
 
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
@@ -149,7 +160,10 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         (None, None) => {}
     }
     out.push_str(&format!("{line} |\n\n"));
-    if let Some(line) = cut_line(t, config.settings.max_reasoning) {
+    let budget = config.settings.max_reasoning;
+    let cut = per_task_line(t, &format!("test reasonings cut at the {budget}-token budget"), |e| e.cut_by_budget);
+    let unparsed = per_task_line(t, "test answers that did not parse", |e| e.unparsed);
+    for line in [cut, unparsed].into_iter().flatten() {
         out.push_str(&line);
     }
     let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
