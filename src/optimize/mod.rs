@@ -473,92 +473,33 @@ impl<'a> Optimizer<'a> {
     pub fn step(&self, state: &mut State) -> Result<StepRecord> {
         let (prompt, position) = (state.prompt.clone(), state.position);
         let prompt_before = self.prompt_text(&prompt)?;
-        let Shortlist { reasoning, reasoning_score, candidates, mut short, seconds: mut secs } = self.shortlist(state)?;
+        // 1-4. Reasoning, candidates, gradient, shortlist.
+        let Shortlist { reasoning, reasoning_score, candidates, mut short, mut seconds } = self.shortlist(state)?;
         let mut generated_tokens = 0;
         if let Some(score) = reasoning_score {
             state.scores.insert(prompt_before.clone(), score);
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
         }
-        // The check stops at the first token the sentence-end rule takes.
-        let mut at_once = None;
-        for (i, &(tok, _)) in short.iter().enumerate() {
-            if self.takes_at_once(state, position, tok)? {
-                at_once = Some(i);
-                break;
-            }
-        }
-        if let Some(i) = at_once {
-            short.truncate(i + 1);
-        }
-
+        let at_once = self.stop_at_sentence_end(state, &mut short)?;
         // 5. Check the shortlist for real: regenerate the reasoning and score.
-        let with = |token: u32| {
-            let mut p = prompt.clone();
-            p[position] = token;
-            p
-        };
-        let texts: Vec<String> = short.iter().map(|&(tok, _)| self.prompt_text(&with(tok))).collect::<Result<_>>()?;
-        let unscored: Vec<Vec<u32>> = short
-            .iter()
-            .zip(&texts)
-            .filter(|(_, text)| !state.scores.contains_key(*text))
-            .map(|(&(tok, _), _)| with(tok))
-            .collect();
         let t = Instant::now();
-        let mut fresh: HashMap<Vec<u32>, Vec<Vec<u32>>> = HashMap::new();
-        for (p, (new, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
-            generated_tokens += new.iter().map(Vec::len).sum::<usize>();
-            state.scores.insert(self.prompt_text(p)?, score);
-            fresh.insert(p.clone(), new);
-        }
-        secs.checking += t.elapsed().as_secs_f64();
-
-        let mut checked = Vec::with_capacity(short.len());
-        for (&(id, gradient), text) in short.iter().zip(&texts) {
-            let score = state.scores[text].clone();
-            checked.push(Checked {
-                id,
-                text: self.lm.tokenizer.decode_with_special(&[id])?,
-                gradient: Some(gradient),
-                prompt: text.clone(),
-                score,
-            });
-        }
-        let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
+        let (checked, mut fresh, tokens) = self.check(state, &short)?;
+        seconds.checking += t.elapsed().as_secs_f64();
+        generated_tokens += tokens;
+        // 6. Move to the chosen prompt; remember the best.
         let current_score = state.scores.get(&prompt_before).map(|s| s.score);
-        let chosen = choose(&scores, at_once.is_some(), current_score, self.cfg.accept).map(|i| checked[i].clone());
-        let mut improved = false;
-        for c in &checked {
-            if c.score.score < state.best_score {
-                state.best_score = c.score.score;
-                state.best_prompt = with(c.id);
-                improved = true;
-            }
+        let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
+        let chosen = choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
+        remember_best(state, &checked);
+        if let Some(c) = chosen.as_ref().filter(|c| c.id != prompt[position]) {
+            state.prompt[position] = c.id;
+            state.reasoning = fresh.remove(&state.prompt);
         }
-        state.steps_since_best = if improved { 0 } else { state.steps_since_best + 1 };
-        if let Some(c) = &chosen {
-            if c.id != prompt[position] {
-                state.prompt = with(c.id);
-                state.reasoning = fresh.remove(&state.prompt);
-            }
-        }
-
-        // 6. Move on: the next position, wrapping after a sentence end, growing the prompt, or
+        // 7. Move on: the next position, wrapping after a sentence end, growing the prompt, or
         // restarting at 0.
-        let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
-        let restart = restarts(chosen.as_ref().map(|c| c.score.score).or(current_score), self.cfg.restart_below);
-        state.position = match next_position(position, state.prompt.len(), &last, restart) {
-            Next::At(p) => p,
-            Next::Grow => {
-                let t = Instant::now();
-                let len = state.prompt.len();
-                let token = self.filler(&state.prompt)?;
-                secs.proposal += t.elapsed().as_secs_f64();
-                state.prompt.push(token);
-                state.reasoning = None;
-                len
-            }
-        };
+        let t = Instant::now();
+        self.move_on(state, chosen.as_ref().map(|c| c.score.score).or(current_score))?;
+        seconds.proposal += t.elapsed().as_secs_f64();
         state.step += 1;
         state.generated_tokens += generated_tokens;
         Ok(StepRecord {
@@ -572,9 +513,66 @@ impl<'a> Optimizer<'a> {
             next_position: state.position,
             best_prompt: self.prompt_text(&state.best_prompt)?,
             best_score: state.best_score,
-            seconds: secs,
+            seconds,
             generated_tokens,
         })
+    }
+
+    /// The sentence-end rule: the shortlist ends at the first token it takes at once, and
+    /// whether there is one.
+    fn stop_at_sentence_end(&self, state: &State, short: &mut Vec<(u32, f32)>) -> Result<bool> {
+        for i in 0..short.len() {
+            if self.takes_at_once(state, state.position, short[i].0)? {
+                short.truncate(i + 1);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Stage 5: each shortlisted prompt's reasoning regenerated and scored (unless a
+    /// prompt of the same text was scored before). The checked prompts in shortlist order,
+    /// the new reasonings by prompt, and the tokens decoded.
+    #[allow(clippy::type_complexity)]
+    fn check(&self, state: &mut State, short: &[(u32, f32)]) -> Result<(Vec<Checked>, HashMap<Vec<u32>, Vec<Vec<u32>>>, usize)> {
+        let with = |token: u32| {
+            let mut p = state.prompt.clone();
+            p[state.position] = token;
+            p
+        };
+        let texts: Vec<String> = short.iter().map(|&(tok, _)| self.prompt_text(&with(tok))).collect::<Result<_>>()?;
+        let unscored: Vec<Vec<u32>> =
+            short.iter().zip(&texts).filter(|(_, text)| !state.scores.contains_key(*text)).map(|(&(tok, _), _)| with(tok)).collect();
+        let mut fresh = HashMap::new();
+        let mut tokens = 0;
+        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+            tokens += reasoning.iter().map(Vec::len).sum::<usize>();
+            state.scores.insert(self.prompt_text(p)?, score);
+            fresh.insert(p.clone(), reasoning);
+        }
+        let mut checked = Vec::with_capacity(short.len());
+        for (&(id, gradient), text) in short.iter().zip(texts) {
+            let score = state.scores[&text].clone();
+            checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient: Some(gradient), prompt: text, score });
+        }
+        Ok((checked, fresh, tokens))
+    }
+
+    /// Stage 7: the next position after a step whose prompt scored `score`; a prompt that
+    /// grows gets its filler token and loses its reasoning.
+    fn move_on(&self, state: &mut State, score: Option<f64>) -> Result<()> {
+        let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
+        let restart = restarts(score, self.cfg.restart_below);
+        state.position = match next_position(state.position, state.prompt.len(), &last, restart) {
+            Next::At(p) => p,
+            Next::Grow => {
+                let token = self.filler(&state.prompt)?;
+                state.prompt.push(token);
+                state.reasoning = None;
+                state.prompt.len() - 1
+            }
+        };
+        Ok(())
     }
 
     /// The token appended when the prompt grows.
@@ -611,4 +609,18 @@ fn most_often_first(ranked: &[Vec<u32>]) -> Option<u32> {
         }
     }
     votes.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).map(|(t, _)| t)
+}
+
+/// The best score and prompt so far, after `checked`; the count of steps without a better one.
+fn remember_best(state: &mut State, checked: &[Checked]) {
+    let mut improved = false;
+    for c in checked {
+        if c.score.score < state.best_score {
+            state.best_score = c.score.score;
+            state.best_prompt = state.prompt.clone();
+            state.best_prompt[state.position] = c.id;
+            improved = true;
+        }
+    }
+    state.steps_since_best = if improved { 0 } else { state.steps_since_best + 1 };
 }
