@@ -20,8 +20,8 @@ use std::sync::Arc;
 use greater::eval::{evaluate, EvalConfig};
 use greater::model::{KvCache, Pass, Precision};
 use greater::optimize::Optimizer;
-use greater::settings::OptimizeConfig;
 use greater::runtime::{LanguageModel, OpenOptions};
+use greater::settings::OptimizeConfig;
 use greater::tasks::{Task, ZERO_SHOT_COT};
 
 const QWEN: &str = "qwen2.5-coder-0.5b";
@@ -31,7 +31,10 @@ progresses, pairs of players trade balls. First, Alice and Bob swap balls. Then,
 balls. Finally, Alice and Claire swap balls. At the end of the game, which ball does Bob have? ";
 
 fn open(alias: &str, precision: Precision) -> LanguageModel {
-    LanguageModel::open(alias, &OpenOptions { precision, ..Default::default() }, &mut |m| eprintln!("{m}")).unwrap()
+    LanguageModel::open(alias, &OpenOptions { precision, ..Default::default() }, &mut |m| {
+        eprintln!("{m}")
+    })
+    .unwrap()
 }
 
 /// Logits [300, vocab] of a 300-token prefill.
@@ -47,7 +50,10 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 fn logits(alias: &str) {
-    let (f32_logits, mixed_logits) = (prefill_logits(&open(alias, Precision::F32)), prefill_logits(&open(alias, Precision::Mixed)));
+    let (f32_logits, mixed_logits) = (
+        prefill_logits(&open(alias, Precision::F32)),
+        prefill_logits(&open(alias, Precision::Mixed)),
+    );
     let mut max_diff = 0f32;
     let mut top_differs = 0;
     for (a, b) in f32_logits.iter().zip(&mixed_logits) {
@@ -63,13 +69,28 @@ fn logits(alias: &str) {
 fn zero_shot(data: &Path) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
     for name in ["object_counting", "navigate"] {
-        let (task, split) = Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, 100)).unwrap();
+        let (task, split) =
+            Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, 100)).unwrap();
         let test: Vec<_> = split.test.iter().map(|&i| &task.examples[i]).collect();
-        let cfg = EvalConfig { batch: 50, max_reasoning: 256, connector: ". Use".into(), system: Default::default(), cancel: None };
-        let run = |lm: &LanguageModel| evaluate(lm, &task, &test, ZERO_SHOT_COT, &cfg, &mut |_| {}).unwrap();
+        let cfg = EvalConfig {
+            batch: 50,
+            max_reasoning: 256,
+            connector: ". Use".into(),
+            system: Default::default(),
+            cancel: None,
+        };
+        let run = |lm: &LanguageModel| {
+            evaluate(lm, &task, &test, ZERO_SHOT_COT, &cfg, &mut |_| {}).unwrap()
+        };
         let (a, b) = (run(&f32_lm), run(&mixed_lm));
-        let same = a.records.iter().zip(&b.records).filter(|(x, y)| x.parsed_answer == y.parsed_answer).count();
-        let same_reasoning = a.records.iter().zip(&b.records).filter(|(x, y)| x.reasoning == y.reasoning).count();
+        let same = a
+            .records
+            .iter()
+            .zip(&b.records)
+            .filter(|(x, y)| x.parsed_answer == y.parsed_answer)
+            .count();
+        let same_reasoning =
+            a.records.iter().zip(&b.records).filter(|(x, y)| x.reasoning == y.reasoning).count();
         println!(
             "{QWEN} zero-shot CoT, {name}, 100 test questions: same answer on {same}, same reasoning on {same_reasoning}; accuracy f32 {:.2}, mixed {:.2} ({:+.0} points); {:.0} s against {:.0} s",
             a.accuracy,
@@ -83,7 +104,8 @@ fn zero_shot(data: &Path) {
 
 fn shortlists(data: &Path) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
-    let (task, _) = Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, 0)).unwrap();
+    let (task, _) =
+        Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, 0)).unwrap();
     let train: Vec<_> = task.examples[..10].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
     let stop = Arc::new(AtomicBool::new(false));
@@ -93,7 +115,8 @@ fn shortlists(data: &Path) {
     let (mut same, mut same_set) = (0, 0);
     for step in 1..=10 {
         let fresh = greater::records::State { reasoning: None, ..state.clone() };
-        let mut got: Vec<u32> = mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
+        let mut got: Vec<u32> =
+            mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
         let want: Vec<u32> = exact.step(&mut state).unwrap().checked.iter().map(|c| c.id).collect();
         got.truncate(want.len());
         same += (got == want) as usize;
@@ -103,7 +126,11 @@ fn shortlists(data: &Path) {
             v
         };
         same_set += (sorted(&got) == sorted(&want)) as usize;
-        let text = |s: &[u32]| s.iter().map(|&id| f32_lm.tokenizer.decode_with_special(&[id]).unwrap()).collect::<Vec<_>>();
+        let text = |s: &[u32]| {
+            s.iter()
+                .map(|&id| f32_lm.tokenizer.decode_with_special(&[id]).unwrap())
+                .collect::<Vec<_>>()
+        };
         println!("step {step}: f32 shortlist {:?}, mixed {:?}", text(&want), text(&got));
     }
     println!(
@@ -115,7 +142,8 @@ fn main() {
     greater::runtime::stop_candle_spinning();
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let wanted = |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
+    let wanted =
+        |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
     if wanted("logits") {
         logits("smollm2-135m");
         logits(QWEN);

@@ -16,8 +16,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use greater::model::generate::{generate, prefill, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
-use greater::model::{KvCache, ModelConfig, Pass};
 use greater::model::Precision;
+use greater::model::{KvCache, ModelConfig, Pass};
 use greater::runtime::{LanguageModel, OpenOptions};
 
 const NEW_TOKENS: usize = 64;
@@ -43,13 +43,16 @@ fn quantized_baseline_decode(lm: &LanguageModel, prompt: &[u32]) -> f64 {
     let mut file = std::fs::File::open(&lm.path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let arch = content.metadata["general.architecture"].to_string().unwrap().clone();
-    let mut step: Box<dyn FnMut(&Tensor, usize) -> Tensor> = match arch.as_str() {
+    type Forward = Box<dyn FnMut(&Tensor, usize) -> Tensor>;
+    let mut step: Forward = match arch.as_str() {
         "llama" => {
-            let mut m = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            let mut m =
+                quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
             Box::new(move |x, p| m.forward(x, p).unwrap())
         }
         "qwen2" => {
-            let mut m = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            let mut m =
+                quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
             Box::new(move |x, p| m.forward(x, p).unwrap())
         }
         other => panic!("no baseline for {other}"),
@@ -59,7 +62,13 @@ fn quantized_baseline_decode(lm: &LanguageModel, prompt: &[u32]) -> f64 {
     let (secs, _) = seconds(|| {
         for i in 0..NEW_TOKENS {
             let x = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            next = step(&x, prompt.len() + i).squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            next = step(&x, prompt.len() + i)
+                .squeeze(0)
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
         }
     });
     NEW_TOKENS as f64 / secs
@@ -86,8 +95,12 @@ fn gemm_ceiling(cfg: &ModelConfig) -> (f64, Option<f64>) {
         2.0 * (n * d * f) as f64 / best / 1e9
     };
     let f32_rate = rate(&|| drop(x.matmul(&w.t().unwrap()).unwrap()));
-    let (xv, wv) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    let bf16_rate = bf16::available().then(|| rate(&|| drop(bf16::matmul(&xv, d, &wv, f, d, Right::Transposed))));
+    let (xv, wv) = (
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let bf16_rate = bf16::available()
+        .then(|| rate(&|| drop(bf16::matmul(&xv, d, &wv, f, d, Right::Transposed))));
     (f32_rate, bf16_rate)
 }
 
@@ -101,7 +114,8 @@ fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64) {
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-    let packed = PackedWeight::from_ggml(GgmlDType::Q8_0, f, d, &q.data().unwrap()).unwrap().unwrap();
+    let packed =
+        PackedWeight::from_ggml(GgmlDType::Q8_0, f, d, &q.data().unwrap()).unwrap().unwrap();
     let ints = int8::Int8Weight::from_packed(&packed);
     let x: Vec<f32> = (0..m * d).map(|i| (i % 97) as f32 / 97.0).collect();
     let rate = |product: &dyn Fn() -> Vec<f32>| {
@@ -136,15 +150,28 @@ fn decode_and_prefill(lm: &LanguageModel, prompts: &[Vec<u32>]) -> (Vec<(usize, 
 
 fn bench(alias: &str) {
     let open = |precision| {
-        LanguageModel::open(alias, &OpenOptions { precision, ..Default::default() }, &mut |m| eprintln!("{m}")).unwrap()
+        LanguageModel::open(alias, &OpenOptions { precision, ..Default::default() }, &mut |m| {
+            eprintln!("{m}")
+        })
+        .unwrap()
     };
     let lm = open(Precision::F32);
     let model = &lm.model;
     println!("== {alias}");
-    let questions = ["What is 17 + 25?", "Name three colours.", "Why is the sky blue?", "What is a prime number?",
-        "Describe a cat.", "How do plants grow?", "What is the capital of Italy?", "Count from one to ten."];
+    let questions = [
+        "What is 17 + 25?",
+        "Name three colours.",
+        "Why is the sky blue?",
+        "What is a prime number?",
+        "Describe a cat.",
+        "How do plants grow?",
+        "What is the capital of Italy?",
+        "Count from one to ten.",
+    ];
     let prompts: Vec<Vec<u32>> = (0..32)
-        .map(|i| lm.chat_ids(&Default::default(), &format!("{} ({})", questions[i % 8], i / 8)).unwrap())
+        .map(|i| {
+            lm.chat_ids(&Default::default(), &format!("{} ({})", questions[i % 8], i / 8)).unwrap()
+        })
         .collect();
 
     let base = quantized_baseline_decode(&lm, &prompts[0]);
@@ -192,18 +219,25 @@ fn bench(alias: &str) {
         let x = model.embed(&ids).unwrap().unsqueeze(0).unwrap();
         model.forward(&x, &mut cache, Pass::Differentiable).unwrap();
     });
-    let gradient_pass = |model| warm_best(&|| {
-        loss_and_gradient(model, &input, |logits| cross_entropy(logits, &targets, 0.2)).unwrap();
-    });
+    let gradient_pass = |model| {
+        warm_best(&|| {
+            loss_and_gradient(model, &input, |logits| cross_entropy(logits, &targets, 0.2))
+                .unwrap();
+        })
+    };
     let (t_bwd, t_mixed) = (gradient_pass(model), gradient_pass(&mixed_lm.model));
     println!(
         "forward+backward, 400 tokens, warm, best of 3: f32 {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s), mixed {t_mixed:.2} s ({:.2}x f32)",
         t_bwd / t_fwd,
         t_bwd / t_mixed
     );
-    let ((ceiling, bf16_rate), work) = (gemm_ceiling(&model.cfg), 400.0 * flops_per_token(&model.cfg) / 1e9);
+    let ((ceiling, bf16_rate), work) =
+        (gemm_ceiling(&model.cfg), 400.0 * flops_per_token(&model.cfg) / 1e9);
     if let Some(r) = bf16_rate {
-        println!("bf16 product at the same shape: {r:.0} GFLOP/s ({:.2}x the f32 gemm)", r / ceiling);
+        println!(
+            "bf16 product at the same shape: {r:.0} GFLOP/s ({:.2}x the f32 gemm)",
+            r / ceiling
+        );
     }
     println!(
         "matrix products: ceiling {ceiling:.0} GFLOP/s (400 x {} x {}); forward {:.0} GFLOP/s, forward+backward {:.0} GFLOP/s (input gradient only: twice the forward's products)",

@@ -9,16 +9,16 @@
 //!     cargo bench --bench step                # both setups
 //!     cargo bench --bench step -- smollm2     # setups whose name contains "smollm2"
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use greater::model::Precision;
 use greater::optimize::Optimizer;
 use greater::records::Seconds;
-use greater::settings::OptimizeConfig;
-use greater::model::Precision;
 use greater::runtime::{LanguageModel, OpenOptions};
+use greater::settings::OptimizeConfig;
 use greater::tasks::Task;
 
 struct Setup {
@@ -93,8 +93,12 @@ fn memory_mib() -> (f64, f64) {
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // The command name (field 2) may hold spaces; the fields after it start at field 3.
-    let fields: Vec<f64> =
-        stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().map(|f| f.parse().unwrap_or(f64::NAN)).collect();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(f64::NAN))
+        .collect();
     match fields.get(11..13) {
         Some([user, system]) => (user + system) / 100.0,
         _ => f64::NAN,
@@ -110,7 +114,8 @@ struct CpuSampler {
 
 impl CpuSampler {
     fn start() -> Self {
-        let (start, samples, stop) = (Instant::now(), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (start, samples, stop) =
+            (Instant::now(), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (s, halt) = (Arc::clone(&samples), Arc::clone(&stop));
         std::thread::spawn(move || {
             while !halt.load(Ordering::Relaxed) {
@@ -124,7 +129,9 @@ impl CpuSampler {
     /// Mean cores busy between two moments (seconds since start), from the nearest samples.
     fn cores(&self, from: f64, to: f64) -> f64 {
         let samples = self.samples.lock().unwrap();
-        let at = |t: f64| samples.iter().min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs())).copied();
+        let at = |t: f64| {
+            samples.iter().min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs())).copied()
+        };
         match (at(from), at(to)) {
             (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) / (b.0 - a.0),
             _ => f64::NAN,
@@ -153,15 +160,20 @@ impl Drop for CpuSampler {
 }
 
 /// Mean seconds per step of `setup` in `precision`.
-fn bench(setup: &Setup, data: &PathBuf, precision: Precision) -> f64 {
-    println!("== {} (first {} examples, top-k 40, 256 reasoning tokens), {precision:?}", setup.name, setup.train);
+fn bench(setup: &Setup, data: &Path, precision: Precision) -> f64 {
+    println!(
+        "== {} (first {} examples, top-k 40, 256 reasoning tokens), {precision:?}",
+        setup.name, setup.train
+    );
     let opts = OpenOptions { precision, ..Default::default() };
     let lm = LanguageModel::open(setup.model, &opts, &mut |m| eprintln!("{m}")).unwrap();
     // The first examples of the file, as the reference harness takes them.
-    let (task, _) = Task::load_split(setup.task, Some(data.clone()), 0, 1, (setup.train, 0, 0)).unwrap();
+    let (task, _) =
+        Task::load_split(setup.task, Some(data.to_path_buf()), 0, 1, (setup.train, 0, 0)).unwrap();
     let train: Vec<_> = task.examples[..setup.train].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
-    let optimizer = Optimizer::new(&lm, &task, &train, &cfg, Arc::new(AtomicBool::new(false))).unwrap();
+    let optimizer =
+        Optimizer::new(&lm, &task, &train, &cfg, Arc::new(AtomicBool::new(false))).unwrap();
     let t = Instant::now();
     let mut state = optimizer.initial_state(&[task.initial_prompt.as_str()]).unwrap();
     println!("initial reasoning and score: {:.1} s", t.elapsed().as_secs_f64());
@@ -201,9 +213,16 @@ fn main() {
         std::process::exit(1);
     }
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    for setup in SETUPS.iter().filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str()))) {
+    for setup in SETUPS
+        .iter()
+        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str())))
+    {
         let exact = bench(setup, &data, Precision::F32);
         let mixed = bench(setup, &data, Precision::Mixed);
-        println!("{}: mixed {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x", setup.name, exact / mixed);
+        println!(
+            "{}: mixed {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x",
+            setup.name,
+            exact / mixed
+        );
     }
 }

@@ -92,7 +92,8 @@ impl CatalogEntry {
             return Ok(path);
         }
         let dir = path.parent().expect("cache path has a parent");
-        fs::create_dir_all(dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
         let work = dir.join(format!(".fetch-{}-{}", self.alias, std::process::id()));
         let result = self.fetch_into(&work, &path, log);
         let _ = fs::remove_dir_all(&work);
@@ -215,7 +216,11 @@ pub fn model_sha256(path: &Path) -> Result<String> {
     files.sort();
     let mut listing = String::new();
     for f in files {
-        listing.push_str(&format!("{} {}\n", f.file_name().unwrap_or_default().to_string_lossy(), sha256_file(&f)?));
+        listing.push_str(&format!(
+            "{} {}\n",
+            f.file_name().unwrap_or_default().to_string_lossy(),
+            sha256_file(&f)?
+        ));
     }
     Ok(hex(&sha2::Sha256::digest(listing.as_bytes())))
 }

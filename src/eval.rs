@@ -35,12 +35,21 @@ pub fn user_ids(layout: &Layout, question: &str, prompt: &str) -> Result<Vec<u32
 }
 
 /// Greedy reasoning for every question under `prompt`, all in one batch.
-fn reason(lm: &LanguageModel, layout: &Layout, questions: &[&str], prompt: &str, cfg: &EvalConfig) -> Result<Vec<Generated>> {
+fn reason(
+    lm: &LanguageModel,
+    layout: &Layout,
+    questions: &[&str],
+    prompt: &str,
+    cfg: &EvalConfig,
+) -> Result<Vec<Generated>> {
     let requests = questions
         .iter()
         .map(|q| Ok(Request { prefix: Default::default(), ids: user_ids(layout, q, prompt)? }))
         .collect::<Result<_>>()?;
-    let gen_cfg = GenerateConfig { cancel: cfg.cancel.clone(), ..lm.generate_config(cfg.max_reasoning, None) };
+    let gen_cfg = GenerateConfig {
+        cancel: cfg.cancel.clone(),
+        ..lm.generate_config(cfg.max_reasoning, None)
+    };
     generate(&lm.model, requests, &gen_cfg)
 }
 

@@ -41,15 +41,27 @@ pub struct Layout<'a> {
 }
 
 impl<'a> Layout<'a> {
-    pub fn new(lm: &'a LanguageModel, task: &Task, system: &SystemTurn, connector: &str) -> Result<Self> {
+    pub fn new(
+        lm: &'a LanguageModel,
+        task: &Task,
+        system: &SystemTurn,
+        connector: &str,
+    ) -> Result<Self> {
         let trimmed = task.extractor.trim_end();
         let extractor = lm.tokenizer.encode_continuation(&format!(" {trimmed}"))?;
         let answer_prefix = task.extractor[trimmed.len()..].to_string();
-        Ok(Layout { lm, system: system.clone(), connector: connector.to_string(), extractor, answer_prefix })
+        Ok(Layout {
+            lm,
+            system: system.clone(),
+            connector: connector.to_string(),
+            extractor,
+            answer_prefix,
+        })
     }
 
     pub fn question(&self, question: &str) -> Result<QuestionIds> {
-        let text = self.lm.chat_text(&self.system, &format!("{question}{}{SLOT}", self.connector))?;
+        let text =
+            self.lm.chat_text(&self.system, &format!("{question}{}{SLOT}", self.connector))?;
         let (head, tail) = text.split_once(SLOT).expect("the chat template keeps the user text");
         Ok(QuestionIds {
             head: self.lm.tokenizer.encode(head, false)?,

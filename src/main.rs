@@ -24,7 +24,11 @@ use greater::store::RunDir;
 use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 
 #[derive(Parser)]
-#[command(name = "greater", version, about = "Optimise a local model's task prompt with gradients over reasoning")]
+#[command(
+    name = "greater",
+    version,
+    about = "Optimise a local model's task prompt with gradients over reasoning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,7 +89,10 @@ struct Given<'a> {
 
 impl Given<'_> {
     fn has(&self, key: &str) -> bool {
-        matches!(self.matches.value_source(key), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+        matches!(
+            self.matches.value_source(key),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
     }
 
     /// The flags given among `keys`, as the user typed them.
@@ -96,7 +103,10 @@ impl Given<'_> {
     /// Settings: `base`, then the config file, then the flags.
     fn layered(&self, base: &OptimizeConfig, file: Option<&Path>) -> Result<OptimizeConfig> {
         let text = match file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?),
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?,
+            ),
             None => None,
         };
         let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
@@ -105,7 +115,8 @@ impl Given<'_> {
 
     /// An error when a flag outside `allowed` (setting keys) was given: `what` does not use it.
     fn refuse_others(&self, allowed: &[&str], what: &str) -> Result<()> {
-        let others: Vec<String> = OptimizeConfig::keys().into_iter().filter(|k| !allowed.contains(&k.as_str())).collect();
+        let others: Vec<String> =
+            OptimizeConfig::keys().into_iter().filter(|k| !allowed.contains(&k.as_str())).collect();
         let given = self.flags_among(&others);
         if !given.is_empty() {
             anyhow::bail!("{what} does not take {}", given.join(", "));
@@ -125,7 +136,8 @@ fn eval_keys() -> Vec<String> {
 }
 
 /// Setting keys `generate` takes.
-const GENERATE_KEYS: &[&str] = &["model", "chat_template", "precision", "system", "max_reasoning", "seed"];
+const GENERATE_KEYS: &[&str] =
+    &["model", "chat_template", "precision", "system", "max_reasoning", "seed"];
 
 /// The command line: every subcommand that flattens the settings gets their defaults, and
 /// shows only the groups it uses.
@@ -134,8 +146,14 @@ fn command() -> clap::Command {
     let shown = |keys: Vec<String>| {
         move |c: clap::Command| {
             let all = OptimizeConfig::keys();
-            OptimizeConfig::with_defaults(c)
-                .mut_args(|a| if all.contains(&a.get_id().to_string()) && !keys.contains(&a.get_id().to_string()) { a.hide(true) } else { a })
+            OptimizeConfig::with_defaults(c).mut_args(|a| {
+                if all.contains(&a.get_id().to_string()) && !keys.contains(&a.get_id().to_string())
+                {
+                    a.hide(true)
+                } else {
+                    a
+                }
+            })
         }
     };
     Cli::command()
@@ -201,9 +219,7 @@ enum Command {
     /// List the model aliases and whether they are cached.
     Models,
     /// Print a shell completion script, e.g. `greater completions bash > ~/.local/share/bash-completion/completions/greater`.
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Flags of `greater optimize`: the settings (each overrides the same key of `--config
@@ -235,7 +251,11 @@ impl OptimizeArgs {
     /// Settings: defaults (or a preset, or the demo when nothing is given and `demo` allows
     /// it), then the config file, then flags.
     fn settings(&self, given: &Given, demo: bool) -> Result<OptimizeConfig> {
-        let demo = demo && self.config.is_none() && !given.has("model") && !given.has("task") && self.preset.is_none();
+        let demo = demo
+            && self.config.is_none()
+            && !given.has("model")
+            && !given.has("task")
+            && self.preset.is_none();
         let base = match self.preset {
             Some(Preset::Reference) => OptimizeConfig::reference(),
             None if demo => OptimizeConfig::demo(),
@@ -254,7 +274,10 @@ impl OptimizeArgs {
     /// How a resumed run, protocol or screening changes its record: an error for a flag
     /// that would change a recorded setting.
     fn resume_changes(&self, given: &Given, what: &str) -> Result<Changes> {
-        given.refuse_others(RESUME_KEYS, &format!("{what} --resume (the recorded settings stand)"))?;
+        given.refuse_others(
+            RESUME_KEYS,
+            &format!("{what} --resume (the recorded settings stand)"),
+        )?;
         Ok(Changes {
             steps: given.has("steps").then_some(self.settings.steps),
             data_dir: given.has("data_dir").then(|| given.settings.data_dir.clone()).flatten(),
@@ -268,7 +291,8 @@ fn run_optimize_command(args: &OptimizeArgs, given: &Given) -> Result<()> {
         Some(dir) => (Start::Resume(args.resume_changes(given, "optimize")?), dir.clone()),
         None => {
             let s = args.settings(given, true)?;
-            let out = args.out.clone().unwrap_or_else(|| default_out(&s.task.replace(['/', '.'], "_")));
+            let out =
+                args.out.clone().unwrap_or_else(|| default_out(&s.task.replace(['/', '.'], "_")));
             (Start::New(s), out)
         }
     };
@@ -276,7 +300,11 @@ fn run_optimize_command(args: &OptimizeArgs, given: &Given) -> Result<()> {
     let result = run_optimize(start, &out, &interrupt, &mut |e| progress.event(e));
     finish(result, &mut progress, "optimize", &out, |summary| {
         let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
-        let text = format!("{}\nbest prompt written to {}", summary_table(&summary, &config), out.join("best_prompt.txt").display());
+        let text = format!(
+            "{}\nbest prompt written to {}",
+            summary_table(&summary, &config),
+            out.join("best_prompt.txt").display()
+        );
         print_result(&text, &summary)
     })
 }
@@ -290,7 +318,9 @@ fn warn_on_error(result: Result<()>) {
 
 /// `greater-runs/<name>-<unix seconds>`.
 fn default_out(name: &str) -> PathBuf {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     PathBuf::from(format!("greater-runs/{name}-{secs}"))
 }
 
@@ -298,14 +328,24 @@ fn default_out(name: &str) -> PathBuf {
 /// while it winds down, kills the process.
 fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
     let interrupt = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register_conditional_shutdown(signal_hook::consts::SIGINT, 1, Arc::clone(&interrupt))?;
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        1,
+        Arc::clone(&interrupt),
+    )?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupt))?;
     Ok(interrupt)
 }
 
 /// Shows a finished run's result, or how to resume an interrupted one (then the error
 /// stays, for exit status 130).
-fn finish<T>(result: Result<T>, progress: &mut Progress, command: &str, out: &Path, show: impl FnOnce(T) -> Result<()>) -> Result<()> {
+fn finish<T>(
+    result: Result<T>,
+    progress: &mut Progress,
+    command: &str,
+    out: &Path,
+    show: impl FnOnce(T) -> Result<()>,
+) -> Result<()> {
     match result {
         Ok(value) => {
             progress.finish();
@@ -349,9 +389,11 @@ impl Progress {
                 progress_line(&format!("{}{budget}", self.label));
                 let b = visible(ProgressBar::new(self.protocol_steps.unwrap_or(total) as u64));
                 b.set_style(
-                    ProgressStyle::with_template("step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}")
-                        .expect("valid template")
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "step {pos}/{len} [{bar:20}] ETA {eta_precise} | {msg}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
                 );
                 b.set_position((self.offset + done) as u64);
                 b.reset_eta();
@@ -359,7 +401,10 @@ impl Progress {
             }
             Event::Step(record, state) => {
                 if let Some(b) = &self.bar {
-                    let chosen = record.chosen.as_ref().map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
+                    let chosen = record
+                        .chosen
+                        .as_ref()
+                        .map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
                     let line = if record.candidates.is_empty() {
                         format!(
                             "{}round {}: {} instructions, best {:.3}: {:?} [{} tokens so far; {}]",
@@ -371,22 +416,27 @@ impl Progress {
                             state.generated_tokens,
                             record.seconds
                         )
-                    } else { format!(
-                        "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [{}]",
-                        self.label,
-                        record.step,
-                        record.position,
-                        record.prompt,
-                        state.best_score,
-                        record.seconds
-                    ) };
+                    } else {
+                        format!(
+                            "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [{}]",
+                            self.label,
+                            record.step,
+                            record.position,
+                            record.prompt,
+                            state.best_score,
+                            record.seconds
+                        )
+                    };
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {
                         progress_line(&line);
                     } else {
                         b.println(line);
                     }
-                    b.set_message(format!("{}pos {} best {:.3} | {}", self.label, state.position, state.best_score, record.prompt));
+                    b.set_message(format!(
+                        "{}pos {} best {:.3} | {}",
+                        self.label, state.position, state.best_score, record.prompt
+                    ));
                     b.inc(1);
                 }
             }
@@ -442,7 +492,12 @@ struct ScreenArgs {
     #[command(flatten)]
     run: OptimizeArgs,
     /// Tasks, comma-separated.
-    #[arg(long, value_delimiter = ',', required_unless_present = "resume", conflicts_with = "resume")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "resume",
+        conflicts_with = "resume"
+    )]
     tasks: Vec<String>,
     /// A TOML file of configurations: each table a name, its keys the settings it changes
     /// from the base (e.g. `[budget-512]` then `max_reasoning = 512`).
@@ -456,23 +511,39 @@ fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
     let (start, out) = match (&args.run.resume, &args.configurations) {
         (Some(dir), _) => (Start::Resume(args.run.resume_changes(given, "screen")?), dir.clone()),
         (None, Some(file)) => {
-            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let configurations = ScreenConfig::configurations_from_toml(&text, &file.display().to_string())?;
-            let config = ScreenConfig { base: args.run.settings(given, false)?, tasks: args.tasks.clone(), configurations };
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let configurations =
+                ScreenConfig::configurations_from_toml(&text, &file.display().to_string())?;
+            let config = ScreenConfig {
+                base: args.run.settings(given, false)?,
+                tasks: args.tasks.clone(),
+                configurations,
+            };
             (Start::New(config), args.run.out.clone().unwrap_or_else(|| default_out("screen")))
         }
         (None, None) => anyhow::bail!("pass --configurations FILE (or --resume DIR)"),
     };
     let mut progress = Progress::default();
     let result = run_screen(start, &out, &interrupt, &mut |event| match event {
-        ScreenEvent::Run { index, total, configuration, task, steps } => {
-            progress.next_run(format!("run {}/{total} {configuration} {task} | ", index + 1), index, total, steps)
-        }
+        ScreenEvent::Run { index, total, configuration, task, steps } => progress.next_run(
+            format!("run {}/{total} {configuration} {task} | ", index + 1),
+            index,
+            total,
+            steps,
+        ),
         ScreenEvent::Event(e) => progress.event(e),
     });
     finish(result, &mut progress, "screen", &out, |(table, config)| {
         write_screen_outputs(&out, &table, &config)?;
-        print_result(&format!("{}\ntable written to {}", screen_markdown(&table, &config), out.join("screen.md").display()), &table)
+        print_result(
+            &format!(
+                "{}\ntable written to {}",
+                screen_markdown(&table, &config),
+                out.join("screen.md").display()
+            ),
+            &table,
+        )
     })
 }
 
@@ -491,9 +562,18 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
         Some(dir) => (Start::Resume(args.run.resume_changes(given, "protocol")?), dir.clone()),
         None => {
             let settings = args.run.settings(given, false)?;
-            let tasks = if args.tasks.is_empty() { PAPER_TASKS.iter().map(|t| t.to_string()).collect() } else { args.tasks.clone() };
+            let tasks = if args.tasks.is_empty() {
+                PAPER_TASKS.iter().map(|t| t.to_string()).collect()
+            } else {
+                args.tasks.clone()
+            };
             let out = args.run.out.clone().unwrap_or_else(|| default_out("protocol"));
-            let config = ProtocolConfig { settings, tasks, transfer_to: args.transfer_to.clone(), methods: args.methods.clone() };
+            let config = ProtocolConfig {
+                settings,
+                tasks,
+                transfer_to: args.transfer_to.clone(),
+                methods: args.methods.clone(),
+            };
             (Start::New(config), out)
         }
     };
@@ -506,7 +586,14 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
         ProtocolEvent::Table(..) => warn_on_error(on_protocol_event(&out, &event)),
     });
     finish(result, &mut progress, "protocol", &out, |(table, config)| {
-        print_result(&format!("{}\ntable written to {}", protocol_markdown(&table, &config), out.join("protocol.md").display()), &table)
+        print_result(
+            &format!(
+                "{}\ntable written to {}",
+                protocol_markdown(&table, &config),
+                out.join("protocol.md").display()
+            ),
+            &table,
+        )
     })
 }
 
@@ -521,9 +608,11 @@ fn visible(bar: ProgressBar) -> ProgressBar {
 fn progress_bar(len: usize, what: &str) -> ProgressBar {
     let bar = visible(ProgressBar::new(len as u64));
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta_precise}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar
@@ -531,17 +620,23 @@ fn progress_bar(len: usize, what: &str) -> ProgressBar {
 
 /// Setting keys that decide which questions are the test questions: `eval --prompt-from`
 /// takes them from the run.
-const SPLIT_KEYS: &[&str] = &["task", "data_dir", "seed", "difficulty", "train", "dev", "test", "extractor_options"];
+const SPLIT_KEYS: &[&str] =
+    &["task", "data_dir", "seed", "difficulty", "train", "dev", "test", "extractor_options"];
 
 /// The settings of `eval` and the prompt it measures: the flags over the defaults, or, with
 /// `--prompt-from RUN`, over the run's settings, whose test questions it then scores.
-fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Path>) -> Result<(OptimizeConfig, String, Option<Split>)> {
+fn eval_settings(
+    given: &Given,
+    prompt: Option<String>,
+    prompt_from: Option<&Path>,
+) -> Result<(OptimizeConfig, String, Option<Split>)> {
     given.refuse_others(&eval_keys().iter().map(String::as_str).collect::<Vec<_>>(), "eval")?;
     let Some(run) = prompt_from else {
         let settings = given.layered(&OptimizeConfig::default(), None)?;
         return Ok((settings, prompt.unwrap_or_else(|| ZERO_SHOT_COT.to_string()), None));
     };
-    let split_flags = given.flags_among(&SPLIT_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+    let split_flags =
+        given.flags_among(&SPLIT_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>());
     if !split_flags.is_empty() {
         anyhow::bail!(
             "--prompt-from {} scores that run's test questions; {} would choose others (some of them the run's train or dev questions)",
@@ -552,7 +647,8 @@ fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Pat
     let dir = RunDir::open(run)?;
     let config: RunConfig = dir.read_json("config.json")?;
     let path = run.join("best_prompt.txt");
-    let prompt = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let prompt = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let settings = given.layered(&config.settings, None)?;
     let changed: Vec<String> = given.flags_among(&OptimizeConfig::keys());
     note(&format!(
@@ -569,14 +665,20 @@ fn eval_settings(given: &Given, prompt: Option<String>, prompt_from: Option<&Pat
     Ok((settings, prompt, Some(config.split)))
 }
 
-fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, out: Option<&Path>) -> Result<()> {
+fn run_eval(
+    settings: &OptimizeConfig,
+    prompt: &str,
+    run_split: Option<Split>,
+    out: Option<&Path>,
+) -> Result<()> {
     let (task, split) = settings.load_task()?;
     if run_split.as_ref().is_some_and(|recorded| *recorded != split) {
         anyhow::bail!("the task's data changed since the run: its split is not the one recorded in the run's config.json");
     }
     if let Some(path) = out {
         // Before the evaluation, not after it: an unwritable place would lose its records.
-        std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
     let test = Split::pick(&split.test, &task);
@@ -597,7 +699,8 @@ fn run_eval(settings: &OptimizeConfig, prompt: &str, run_split: Option<Split>, o
     note(&format!("prompt: {prompt:?}"));
     let bar = progress_bar(test.len(), "eval");
     let cfg = settings.eval_config(Some(ctrl_c_flag()?));
-    let report = evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
+    let report =
+        evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     if let Some(path) = out {
         write_records(path, &report.records)?;
@@ -633,20 +736,30 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Generate { settings, prompt, temp, top_p } => {
             let given = Given { settings: &settings, matches: sub };
             given.refuse_others(GENERATE_KEYS, "generate")?;
-            let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
+            let lm =
+                LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
             let ids = lm.chat_ids(&settings.system, &prompt)?;
-            let sampling = temp.map(|temperature| Sampling { temperature, top_p, seed: settings.seed });
-            let reply = lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
+            let sampling =
+                temp.map(|temperature| Sampling { temperature, top_p, seed: settings.seed });
+            let reply =
+                lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
             println!("{}", reply[0].trim());
         }
         Command::Eval { settings, prompt, prompt_from, out } => {
             let given = Given { settings: &settings, matches: sub };
-            let (settings, prompt, run_split) = eval_settings(&given, prompt, prompt_from.as_deref())?;
+            let (settings, prompt, run_split) =
+                eval_settings(&given, prompt, prompt_from.as_deref())?;
             run_eval(&settings, &prompt, run_split, out.as_deref())?;
         }
-        Command::Optimize(args) => run_optimize_command(&args, &Given { settings: &args.settings, matches: sub })?,
-        Command::Protocol(args) => run_protocol_command(&args, &Given { settings: &args.run.settings, matches: sub })?,
-        Command::Screen(args) => run_screen_command(&args, &Given { settings: &args.run.settings, matches: sub })?,
+        Command::Optimize(args) => {
+            run_optimize_command(&args, &Given { settings: &args.settings, matches: sub })?
+        }
+        Command::Protocol(args) => {
+            run_protocol_command(&args, &Given { settings: &args.run.settings, matches: sub })?
+        }
+        Command::Screen(args) => {
+            run_screen_command(&args, &Given { settings: &args.run.settings, matches: sub })?
+        }
         Command::Report { dir, out } => {
             let path = greater::report::write_report(&dir, out.as_deref())?;
             println!("wrote {}", path.display());
@@ -657,7 +770,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Tasks => {
             println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
             for t in builtin_tasks() {
-                println!("{:<42} {:<22} {:<24} {}", t.name, t.kind.describe(), t.source, t.kind.default_extractor());
+                println!(
+                    "{:<42} {:<22} {:<24} {}",
+                    t.name,
+                    t.kind.describe(),
+                    t.source,
+                    t.kind.default_extractor()
+                );
             }
         }
         Command::Models => {

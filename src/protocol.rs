@@ -19,7 +19,10 @@ use anyhow::{bail, Result};
 
 use crate::eval::wilson_interval;
 use crate::optimize::run::{run, transfer, Changes, Event, Start};
-use crate::records::{Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer};
+use crate::records::{
+    Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable,
+    SearchTrace, StepRecord, Summary, TaskRow, Transfer,
+};
 use crate::settings::{Method, OptimizeConfig};
 use crate::store::{method_folder, task_folder, RunDir};
 
@@ -35,7 +38,8 @@ pub const PAPER_TASKS: &[&str] = &[
 /// The trace of a search from its steps and the run's contenders (whose train scores cover
 /// the starting prompts); None before the first step.
 pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<SearchTrace> {
-    let mut train: BTreeMap<&str, f64> = contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
+    let mut train: BTreeMap<&str, f64> =
+        contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
     for c in steps.iter().flat_map(|r| &r.checked) {
         train.insert(&c.prompt, c.score.score);
     }
@@ -45,7 +49,11 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
     let mut trace = SearchTrace {
         train_n: start.train.n,
         start_mistakes: start.train.mistakes,
-        fewest_mistakes: steps.iter().flat_map(|r| &r.checked).map(|c| c.score.mistakes).fold(start.train.mistakes, usize::min),
+        fewest_mistakes: steps
+            .iter()
+            .flat_map(|r| &r.checked)
+            .map(|c| c.score.mistakes)
+            .fold(start.train.mistakes, usize::min),
         improving_steps: 0,
         worse_moves: 0,
         current_shortlisted: 0,
@@ -61,7 +69,8 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
             trace.improving_steps += 1;
             best = r.best_score;
         }
-        trace.current_shortlisted += usize::from(r.checked.iter().any(|c| c.prompt == r.prompt_before));
+        trace.current_shortlisted +=
+            usize::from(r.checked.iter().any(|c| c.prompt == r.prompt_before));
         let chosen = r.chosen.as_ref().and_then(|t| r.checked.iter().find(|c| c.id == t.id));
         if let Some(c) = chosen {
             trace.current_kept += usize::from(c.prompt == r.prompt_before);
@@ -75,7 +84,12 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
 /// that run's own events.
 pub enum ProtocolEvent<'a> {
-    Task { index: usize, total: usize, name: &'a str, steps: usize },
+    Task {
+        index: usize,
+        total: usize,
+        name: &'a str,
+        steps: usize,
+    },
     Run(Event<'a>),
     /// A task has finished: the table of the tasks finished so far.
     Table(&'a ProtocolTable, &'a ProtocolConfig),
@@ -121,7 +135,11 @@ pub fn run_protocol(
         for (m_index, &method) in methods.iter().enumerate() {
             let index = t_index * methods.len() + m_index;
             let folder = method_folder(task, &methods, m_index);
-            let name = if methods.len() > 1 { format!("{task} ({})", method.name()) } else { task.clone() };
+            let name = if methods.len() > 1 {
+                format!("{task} ({})", method.name())
+            } else {
+                task.clone()
+            };
             report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
             let run_dir = out.join(&folder);
             let summary: Summary = if run_dir.join("summary.json").exists() {
@@ -138,10 +156,16 @@ pub fn run_protocol(
                     if m_index > 0 {
                         share_baselines(&first_dir, &run_dir)?;
                     }
-                    Start::New(OptimizeConfig { task: task.clone(), method, budget_tokens, ..config.settings.clone() })
+                    Start::New(OptimizeConfig {
+                        task: task.clone(),
+                        method,
+                        budget_tokens,
+                        ..config.settings.clone()
+                    })
                 };
                 let t = Instant::now();
-                let result = run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
+                let result =
+                    run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
                 *progress.entry(folder.clone()).or_default() += t.elapsed().as_secs_f64();
                 dir.write_json("progress.json", &progress)?;
                 result?
@@ -152,13 +176,25 @@ pub fn run_protocol(
             summaries.push((summary, progress.get(&folder).copied().unwrap_or(0.0)));
         }
         let transfer = match &config.transfer_to {
-            Some(model) => Some(transfer(&first_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?),
+            Some(model) => Some(transfer(&first_dir, model, interrupt, &mut |e| {
+                report(ProtocolEvent::Run(e))
+            })?),
             None => None,
         };
         let (first, wall) = &summaries[0];
-        let baselines = methods.iter().zip(&summaries).skip(1).map(|(&m, (s, w))| method_row(task, m, s, *w)).collect::<Result<_>>()?;
+        let baselines = methods
+            .iter()
+            .zip(&summaries)
+            .skip(1)
+            .map(|(&m, (s, w))| method_row(task, m, s, *w))
+            .collect::<Result<_>>()?;
         let search = search_trace(&RunDir::open(&first_dir)?.read_steps()?, &first.contenders);
-        rows.push(TaskRow { transfer, baselines, search, ..task_row(task, methods[0], first, *wall)? });
+        rows.push(TaskRow {
+            transfer,
+            baselines,
+            search,
+            ..task_row(task, methods[0], first, *wall)?
+        });
         result = table(rows.clone());
         dir.write_json("protocol.json", &result)?;
         report(ProtocolEvent::Table(&result, &config));
@@ -195,7 +231,12 @@ fn method_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Res
     Ok(MethodRow {
         method,
         optimised: test_evaluation(task, s, Label::Optimised)?,
-        dev_accuracy: s.contenders.iter().find(|c| c.label == s.selected).and_then(|c| c.dev.as_ref()).map(|d| d.accuracy),
+        dev_accuracy: s
+            .contenders
+            .iter()
+            .find(|c| c.label == s.selected)
+            .and_then(|c| c.dev.as_ref())
+            .map(|d| d.accuracy),
         selected: s.selected,
         steps: s.steps,
         generated_tokens: s.generated_tokens,
@@ -223,12 +264,19 @@ fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Resul
 
 fn pooled(evals: &[&EvalSummary]) -> Pooled {
     let (correct, n) = evals.iter().fold((0, 0), |(c, n), e| (c + e.correct, n + e.n));
-    Pooled { accuracy: correct as f64 / n.max(1) as f64, correct, n, interval: wilson_interval(correct, n) }
+    Pooled {
+        accuracy: correct as f64 / n.max(1) as f64,
+        correct,
+        n,
+        interval: wilson_interval(correct, n),
+    }
 }
 
 /// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
 /// per-task differences (None with fewer than two tasks).
-fn gain_over_zero_shot<'r>(pairs: impl Iterator<Item = (&'r EvalSummary, &'r EvalSummary)>) -> (f64, Option<(f64, f64)>) {
+fn gain_over_zero_shot<'r>(
+    pairs: impl Iterator<Item = (&'r EvalSummary, &'r EvalSummary)>,
+) -> (f64, Option<(f64, f64)>) {
     let gains: Vec<f64> = pairs.map(|(opt, zs)| opt.accuracy - zs.accuracy).collect();
     let k = gains.len() as f64;
     let mean = gains.iter().sum::<f64>() / k.max(1.0);
@@ -241,14 +289,19 @@ fn gain_over_zero_shot<'r>(pairs: impl Iterator<Item = (&'r EvalSummary, &'r Eva
 }
 
 pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
-    let (mean_gain, gain_interval) = gain_over_zero_shot(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));
-    let methods: Vec<Method> = rows.first().map(|r| r.baselines.iter().map(|b| b.method).collect()).unwrap_or_default();
+    let (mean_gain, gain_interval) =
+        gain_over_zero_shot(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));
+    let methods: Vec<Method> =
+        rows.first().map(|r| r.baselines.iter().map(|b| b.method).collect()).unwrap_or_default();
     let baselines = methods
         .iter()
         .enumerate()
         .map(|(i, &method)| {
-            let (mean_gain, gain_interval) = gain_over_zero_shot(rows.iter().map(|r| (&r.baselines[i].optimised, &r.zero_shot_cot)));
-            let optimised = pooled(&rows.iter().map(|r| &r.baselines[i].optimised).collect::<Vec<_>>());
+            let (mean_gain, gain_interval) = gain_over_zero_shot(
+                rows.iter().map(|r| (&r.baselines[i].optimised, &r.zero_shot_cot)),
+            );
+            let optimised =
+                pooled(&rows.iter().map(|r| &r.baselines[i].optimised).collect::<Vec<_>>());
             MethodPooled { method, optimised, mean_gain, gain_interval }
         })
         .collect();
@@ -283,11 +336,20 @@ mod tests {
 
     fn contender(label: &str, prompt: &str, train: Value, dev: f64) -> Contender {
         let dev = json!({ "label": label, "prompt": prompt, "accuracy": dev, "correct": 0, "n": 50, "interval": [0.0, 1.0], "seconds": 0.0 });
-        serde_json::from_value(json!({ "label": label, "prompt": prompt, "train": train, "dev": dev })).unwrap()
+        serde_json::from_value(
+            json!({ "label": label, "prompt": prompt, "train": train, "dev": dev }),
+        )
+        .unwrap()
     }
 
     /// A step from `before` that checked (id, prompt, score) and chose `chosen`.
-    fn step(n: usize, before: &str, checked: &[(u32, &str, Value)], chosen: u32, best_score: f64) -> StepRecord {
+    fn step(
+        n: usize,
+        before: &str,
+        checked: &[(u32, &str, Value)],
+        chosen: u32,
+        best_score: f64,
+    ) -> StepRecord {
         let checked: Vec<Value> =
             checked.iter().map(|(id, p, s)| json!({ "id": id, "text": "", "gradient": -1.0, "prompt": p, "score": s })).collect();
         let after = checked.iter().find(|c| c["id"] == chosen).unwrap()["prompt"].clone();
@@ -301,7 +363,10 @@ mod tests {
 
     #[test]
     fn the_search_trace_counts_what_each_step_did() {
-        let contenders = [contender("zero-shot CoT", "Z", score(0.7, 14), 0.30), contender("initial", "A", score(0.6, 12), 0.32)];
+        let contenders = [
+            contender("zero-shot CoT", "Z", score(0.7, 14), 0.30),
+            contender("initial", "A", score(0.6, 12), 0.32),
+        ];
         let steps = [
             // Better than the start: the best train score falls; the current prompt was checked.
             step(1, "A", &[(5, "B", score(0.55, 11)), (1, "A", score(0.6, 12))], 5, 0.55),

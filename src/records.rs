@@ -137,7 +137,11 @@ impl State {
             bail!("the prompt is empty");
         }
         if self.position >= self.prompt.len() {
-            bail!("position {} is outside the prompt of {} tokens", self.position, self.prompt.len());
+            bail!(
+                "position {} is outside the prompt of {} tokens",
+                self.position,
+                self.prompt.len()
+            );
         }
         if let Some(r) = &self.reasoning {
             if r.len() != train {
@@ -216,7 +220,11 @@ impl Seconds {
 impl fmt::Display for Seconds {
     /// "reasoning 0.0 s, proposal 1.2 s, gradient 3.4 s, checking 5.6 s"
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = Self::PARTS.iter().zip(self.parts()).map(|(name, s)| format!("{name} {s:.1} s")).collect();
+        let parts: Vec<String> = Self::PARTS
+            .iter()
+            .zip(self.parts())
+            .map(|(name, s)| format!("{name} {s:.1} s"))
+            .collect();
         write!(f, "{}", parts.join(", "))
     }
 }
@@ -406,7 +414,8 @@ impl ProtocolConfig {
         let s = &self.settings;
         for t in &self.tasks {
             let data = s.data_dir.as_ref().map(std::path::PathBuf::from);
-            Task::load_split(t, data, s.seed, s.difficulty, (s.train, s.dev, s.test)).map_err(|e| anyhow::anyhow!("task {t}: {e}"))?;
+            Task::load_split(t, data, s.seed, s.difficulty, (s.train, s.dev, s.test))
+                .map_err(|e| anyhow::anyhow!("task {t}: {e}"))?;
         }
         Ok(())
     }
@@ -548,7 +557,8 @@ impl ScreenConfig {
     /// The configurations of a TOML file whose top-level tables each name one:
     /// `[budget-512]` then `max_reasoning = 512`.
     pub fn configurations_from_toml(text: &str, origin: &str) -> Result<Vec<(String, String)>> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         let mut out = Vec::new();
         for (name, value) in table {
             let Some(settings) = value.as_table() else {
@@ -577,14 +587,19 @@ impl ScreenConfig {
             bail!("screening judges on dev: pass --dev N");
         }
         for (i, (name, changes)) in self.configurations.iter().enumerate() {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
+            if name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || name.starts_with('.')
+            {
                 bail!("configuration name {name:?}: use letters, digits, '-', '_' and '.'");
             }
             if self.configurations[..i].iter().any(|(n, _)| n == name) {
                 bail!("configuration {name} is listed twice");
             }
             for task in &self.tasks {
-                self.settings(changes, task).with_context(|| format!("configuration {name}"))?.validate()?;
+                self.settings(changes, task)
+                    .with_context(|| format!("configuration {name}"))?
+                    .validate()?;
             }
         }
         Ok(())
@@ -624,7 +639,12 @@ pub struct ScreenTable {
 impl ScreenTable {
     /// The mean gain of `configuration` over its tasks where it searched any prompt.
     pub fn mean_gain(&self, configuration: &str) -> Option<f64> {
-        let gains: Vec<f64> = self.rows.iter().filter(|r| r.configuration == configuration).filter_map(|r| r.gain).collect();
+        let gains: Vec<f64> = self
+            .rows
+            .iter()
+            .filter(|r| r.configuration == configuration)
+            .filter_map(|r| r.gain)
+            .collect();
         (!gains.is_empty()).then(|| gains.iter().sum::<f64>() / gains.len() as f64)
     }
 }

@@ -42,12 +42,15 @@ impl LanguageModel {
         };
         let source = match &opts.chat_template {
             Some(p) => Some(
-                std::fs::read_to_string(p).with_context(|| format!("cannot read chat template {}", p.display()))?,
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read chat template {}", p.display()))?,
             ),
             None => own_template,
         };
         let chat = match source {
-            Some(src) => Some(ChatTemplate::new(&src, tokenizer.bos.as_deref(), tokenizer.eos.as_deref())?),
+            Some(src) => {
+                Some(ChatTemplate::new(&src, tokenizer.bos.as_deref(), tokenizer.eos.as_deref())?)
+            }
             None => None,
         };
         Ok(LanguageModel { model, tokenizer, chat, path })
@@ -81,12 +84,20 @@ impl LanguageModel {
 
     /// Generation settings with this model's stop tokens.
     pub fn generate_config(&self, max_tokens: usize, sampling: Option<Sampling>) -> GenerateConfig {
-        GenerateConfig { max_tokens, stop_ids: self.tokenizer.stop_ids.clone(), sampling, cancel: None }
+        GenerateConfig {
+            max_tokens,
+            stop_ids: self.tokenizer.stop_ids.clone(),
+            sampling,
+            cancel: None,
+        }
     }
 
     /// Replies to each prompt (ids), decoded to text.
     pub fn complete(&self, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<String>> {
-        let requests = prompts.iter().map(|ids| Request { prefix: Default::default(), ids: ids.clone() }).collect();
+        let requests = prompts
+            .iter()
+            .map(|ids| Request { prefix: Default::default(), ids: ids.clone() })
+            .collect();
         generate(&self.model, requests, cfg)?
             .iter()
             .map(|g| self.tokenizer.decode(&g.ids))
@@ -109,20 +120,27 @@ fn resolve(spec: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     )
 }
 
-fn open_gguf(path: &Path, device: &Device, precision: Precision) -> Result<(Model, Tokenizer, Option<String>)> {
+fn open_gguf(
+    path: &Path,
+    device: &Device,
+    precision: Precision,
+) -> Result<(Model, Tokenizer, Option<String>)> {
     let source = WeightSource::open_gguf(path)?;
     let WeightSource::Gguf { content, .. } = &source else { unreachable!() };
     let cfg = ModelConfig::from_gguf(content).with_context(|| format!("{}", path.display()))?;
     let tokenizer = Tokenizer::from_gguf(content).with_context(|| format!("{}", path.display()))?;
-    let template = content
-        .metadata
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok().cloned());
-    let model = Model::load(&source, cfg, DType::F32, device, precision).with_context(|| format!("{}", path.display()))?;
+    let template =
+        content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
+    let model = Model::load(&source, cfg, DType::F32, device, precision)
+        .with_context(|| format!("{}", path.display()))?;
     Ok((model, tokenizer, template))
 }
 
-fn open_hf_dir(dir: &Path, device: &Device, precision: Precision) -> Result<(Model, Tokenizer, Option<String>)> {
+fn open_hf_dir(
+    dir: &Path,
+    device: &Device,
+    precision: Precision,
+) -> Result<(Model, Tokenizer, Option<String>)> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         bail!("{}: model folder has no config.json", dir.display());
@@ -130,7 +148,8 @@ fn open_hf_dir(dir: &Path, device: &Device, precision: Precision) -> Result<(Mod
     let cfg = ModelConfig::from_hf_json(&read_json(&config_path)?)
         .with_context(|| format!("{}", config_path.display()))?;
     let tok_config_path = dir.join("tokenizer_config.json");
-    let tok_config = if tok_config_path.exists() { Some(read_json(&tok_config_path)?) } else { None };
+    let tok_config =
+        if tok_config_path.exists() { Some(read_json(&tok_config_path)?) } else { None };
     let tokenizer = Tokenizer::from_hf_dir(dir, tok_config.as_ref())?;
     let template = match tok_config.as_ref().and_then(|c| c.get("chat_template")) {
         Some(Value::String(s)) => Some(s.clone()),
@@ -142,7 +161,8 @@ fn open_hf_dir(dir: &Path, device: &Device, precision: Precision) -> Result<(Mod
         _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
     };
     let source = WeightSource::open_safetensors(dir, cfg.arch)?;
-    let model = Model::load(&source, cfg, DType::F32, device, precision).with_context(|| format!("{}", dir.display()))?;
+    let model = Model::load(&source, cfg, DType::F32, device, precision)
+        .with_context(|| format!("{}", dir.display()))?;
     Ok((model, tokenizer, template))
 }
 

@@ -20,14 +20,27 @@ use crate::records::{Label, ScreenConfig, ScreenRow, ScreenTable, StepRecord, Su
 use crate::store::RunDir;
 
 impl ScreenRow {
-    fn from_summary(configuration: &str, task: &str, summary: &Summary, steps: &[StepRecord]) -> Result<Self> {
-        let dev = |label: Label| summary.contenders.iter().find(|c| c.label == label).and_then(|c| c.dev.as_ref());
+    fn from_summary(
+        configuration: &str,
+        task: &str,
+        summary: &Summary,
+        steps: &[StepRecord],
+    ) -> Result<Self> {
+        let dev = |label: Label| {
+            summary.contenders.iter().find(|c| c.label == label).and_then(|c| c.dev.as_ref())
+        };
         let (Some(zs), Some(initial)) = (dev(Label::ZeroShotCot), dev(Label::Initial)) else {
             bail!("{configuration}/{task}: the baselines were not measured on dev");
         };
-        let searched = summary.contenders.iter().filter(|c| matches!(c.label, Label::Train(_))).filter_map(|c| c.dev.as_ref());
+        let searched = summary
+            .contenders
+            .iter()
+            .filter(|c| matches!(c.label, Label::Train(_)))
+            .filter_map(|c| c.dev.as_ref());
         let best = searched.max_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
-        let train = |label: Label| summary.contenders.iter().find(|c| c.label == label).map(|c| c.train.mistakes);
+        let train = |label: Label| {
+            summary.contenders.iter().find(|c| c.label == label).map(|c| c.train.mistakes)
+        };
         let best_mistakes = summary.contenders.iter().map(|c| c.train.mistakes).min().unwrap_or(0);
         Ok(ScreenRow {
             configuration: configuration.into(),
@@ -50,7 +63,13 @@ impl ScreenRow {
 /// What a screening tells its caller.
 pub enum ScreenEvent<'a> {
     /// A run starts: its index among all, their number, configuration and task.
-    Run { index: usize, total: usize, configuration: &'a str, task: &'a str, steps: usize },
+    Run {
+        index: usize,
+        total: usize,
+        configuration: &'a str,
+        task: &'a str,
+        steps: usize,
+    },
     Event(Event<'a>),
 }
 
@@ -96,7 +115,11 @@ pub fn run_screen(
             let summary: Summary = if run_dir.join("summary.json").exists() {
                 RunDir::open(&run_dir)?.read_json("summary.json")?
             } else {
-                let start = if run_dir.join("config.json").exists() { Start::Resume(resume_changes.clone()) } else { Start::New(settings) };
+                let start = if run_dir.join("config.json").exists() {
+                    Start::Resume(resume_changes.clone())
+                } else {
+                    Start::New(settings)
+                };
                 run(start, &run_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?
             };
             let steps: Vec<StepRecord> = RunDir::open(&run_dir)?.read_steps()?;

@@ -255,7 +255,11 @@ impl Default for OptimizeConfig {
     /// The reference's settings, except the system turn (the chat template's) and the
     /// extractor's option letters (the data's).
     fn default() -> Self {
-        OptimizeConfig { system: SystemTurn::Template, extractor_options: ExtractorOptions::Data, ..Self::reference() }
+        OptimizeConfig {
+            system: SystemTurn::Template,
+            extractor_options: ExtractorOptions::Data,
+            ..Self::reference()
+        }
     }
 }
 
@@ -319,9 +323,16 @@ impl OptimizeConfig {
             anyhow::bail!("setting {name} must be at least 1");
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            anyhow::bail!("setting temperature must be a finite number above 0, not {}", self.temperature);
+            anyhow::bail!(
+                "setting temperature must be a finite number above 0, not {}",
+                self.temperature
+            );
         }
-        let weights = [("control_weight", self.control_weight), ("answer_weight", self.answer_weight), ("restart_below", self.restart_below)];
+        let weights = [
+            ("control_weight", self.control_weight),
+            ("answer_weight", self.answer_weight),
+            ("restart_below", self.restart_below),
+        ];
         if let Some((name, v)) = weights.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
             anyhow::bail!("setting {name} must be a finite number, 0 or more, not {v}");
         }
@@ -340,9 +351,16 @@ impl OptimizeConfig {
     /// The one place where settings are layered: `self` (the defaults, a preset or the
     /// demo), then the keys of a TOML file (`(text, its name for errors)`), then the flags
     /// that were given on the command line (`given(key)`) with their values in `flags`.
-    pub fn layered(&self, file: Option<(&str, &str)>, flags: &Self, given: &dyn Fn(&str) -> bool) -> anyhow::Result<Self> {
+    pub fn layered(
+        &self,
+        file: Option<(&str, &str)>,
+        flags: &Self,
+        given: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<Self> {
         let base = match file {
-            Some((text, origin)) => self.with_toml(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?,
+            Some((text, origin)) => {
+                self.with_toml(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?
+            }
             None => self.clone(),
         };
         let mut table = toml::Table::try_from(&base)?;
@@ -369,7 +387,10 @@ impl OptimizeConfig {
 
     /// How the model is opened.
     pub fn open_options(&self) -> OpenOptions {
-        OpenOptions { chat_template: self.chat_template.as_ref().map(PathBuf::from), precision: self.precision }
+        OpenOptions {
+            chat_template: self.chat_template.as_ref().map(PathBuf::from),
+            precision: self.precision,
+        }
     }
 
     /// How held-out questions are evaluated: the layout and the reasoning budget.
@@ -394,7 +415,8 @@ impl OptimizeConfig {
     /// `command`'s setting flags (it flattens these settings) with [`Self::default`]'s values
     /// as their defaults, so that `--help` shows them and an omitted flag parses.
     pub fn with_defaults(command: clap::Command) -> clap::Command {
-        let defaults = toml::Table::try_from(Self::default()).expect("settings serialise to a table");
+        let defaults =
+            toml::Table::try_from(Self::default()).expect("settings serialise to a table");
         command.mut_args(|arg| match defaults.get(arg.get_id().as_str()) {
             Some(toml::Value::String(text)) => arg.default_value(text.clone()).required(false),
             Some(value) => arg.default_value(value.to_string()).required(false),
@@ -421,5 +443,7 @@ impl OptimizeConfig {
 
 /// A data folder as an absolute path, so that `--resume` works from any folder.
 fn absolute(dir: &str) -> String {
-    std::path::Path::new(dir).canonicalize().map_or_else(|_| dir.to_string(), |p| p.display().to_string())
+    std::path::Path::new(dir)
+        .canonicalize()
+        .map_or_else(|_| dir.to_string(), |p| p.display().to_string())
 }

@@ -40,13 +40,15 @@ impl RunDir {
                 path.display()
             );
         }
-        fs::create_dir_all(path).with_context(|| format!("cannot create run folder {}", path.display()))?;
+        fs::create_dir_all(path)
+            .with_context(|| format!("cannot create run folder {}", path.display()))?;
         Ok(RunDir { path: path.to_path_buf() })
     }
 
     /// A folder that holds other things than one run (a protocol's parent folder).
     pub fn folder(path: &Path) -> Result<Self> {
-        fs::create_dir_all(path).with_context(|| format!("cannot create folder {}", path.display()))?;
+        fs::create_dir_all(path)
+            .with_context(|| format!("cannot create folder {}", path.display()))?;
         Ok(RunDir { path: path.to_path_buf() })
     }
 
@@ -82,7 +84,8 @@ impl RunDir {
             }
         }
         file.set_len(0)?;
-        write!(file, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
+        write!(file, "{}", std::process::id())
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(DirLock { _file: file })
     }
 
@@ -93,7 +96,8 @@ impl RunDir {
     /// Writes `name` so that a reader sees the old or the new content, never a mix.
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let tmp = self.file(&format!(".{name}.tmp"));
-        let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, self.file(name))?;
@@ -106,7 +110,8 @@ impl RunDir {
 
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
         let path = self.file(name);
-        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))
     }
 
@@ -129,10 +134,14 @@ impl RunDir {
         if !path.exists() {
             return Ok(Vec::new());
         }
-        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         text.lines()
             .enumerate()
-            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: unreadable step", path.display(), i + 1)))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("{}:{}: unreadable step", path.display(), i + 1))
+            })
             .collect()
     }
 
@@ -148,9 +157,14 @@ impl RunDir {
             }
             return Ok(());
         }
-        let lines: Vec<String> = BufReader::new(File::open(&path)?).lines().take(n).collect::<Result<_, _>>()?;
+        let lines: Vec<String> =
+            BufReader::new(File::open(&path)?).lines().take(n).collect::<Result<_, _>>()?;
         if lines.len() < n {
-            bail!("{} has {} step lines, but the checkpoint is at step {n}", path.display(), lines.len());
+            bail!(
+                "{} has {} step lines, but the checkpoint is at step {n}",
+                path.display(),
+                lines.len()
+            );
         }
         for (i, line) in lines.iter().enumerate() {
             if serde_json::from_str::<serde_json::Value>(line).is_err() {
@@ -176,6 +190,10 @@ pub fn method_folder(task: &str, methods: &[Method], m_index: usize) -> String {
 /// A task's folder name: its name, or a task file's stem.
 pub fn task_folder(task: &str) -> String {
     let p = Path::new(task);
-    let stem = if p.extension().is_some() { p.file_stem().and_then(|s| s.to_str()).unwrap_or(task) } else { task };
+    let stem = if p.extension().is_some() {
+        p.file_stem().and_then(|s| s.to_str()).unwrap_or(task)
+    } else {
+        task
+    };
     stem.replace(['/', '\\'], "_")
 }

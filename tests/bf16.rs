@@ -15,7 +15,8 @@ fn bf16_products_are_within_the_rounding_bound_of_f64_sums_in_both_orientations(
         return;
     }
     // Rows around the 6-row tile, columns around the 32-column panel, odd summed lengths.
-    for (m, k, n) in [(1, 1, 1), (5, 7, 3), (6, 64, 32), (7, 33, 35), (13, 896, 70), (400, 130, 64)] {
+    for (m, k, n) in [(1, 1, 1), (5, 7, 3), (6, 64, 32), (7, 33, 35), (13, 896, 70), (400, 130, 64)]
+    {
         let a: Vec<f32> = (0..m * k).map(|i| value(i, 1) * (1 + i % 3) as f32).collect();
         let w: Vec<f32> = (0..n * k).map(|i| value(i, 2)).collect(); // [n, k]
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // [k, n]
@@ -30,10 +31,14 @@ fn bf16_products_are_within_the_rounding_bound_of_f64_sums_in_both_orientations(
         for i in 0..m {
             for j in 0..n {
                 let exact: f64 = (0..k).map(|c| a[i * k + c] as f64 * w[j * k + c] as f64).sum();
-                let scale: f64 = (0..k).map(|c| (a[i * k + c] as f64 * w[j * k + c] as f64).abs()).sum();
+                let scale: f64 =
+                    (0..k).map(|c| (a[i * k + c] as f64 * w[j * k + c] as f64).abs()).sum();
                 let got = transposed[i * n + j] as f64;
                 let bound = scale * (2f64.powi(-8) + k as f64 * 2f64.powi(-23)) + 1e-30;
-                assert!((got - exact).abs() <= bound, "{m}x{k}x{n} at ({i},{j}): {got} vs {exact}, bound {bound}");
+                assert!(
+                    (got - exact).abs() <= bound,
+                    "{m}x{k}x{n} at ({i},{j}): {got} vs {exact}, bound {bound}"
+                );
             }
         }
     }

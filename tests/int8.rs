@@ -69,7 +69,11 @@ fn check(packed: &PackedWeight, what: &str) {
             let got = int8::matmul_with(kernel, &x, &w);
             assert_eq!(bits(&got), bits(&want), "{what}, {m} rows, {kernel:?}");
             let last = &x[(m - 1) * k..];
-            assert_eq!(bits(&int8::matmul_with(kernel, last, &w)), bits(&want[(m - 1) * packed.n..]), "{what} row alone");
+            assert_eq!(
+                bits(&int8::matmul_with(kernel, last, &w)),
+                bits(&want[(m - 1) * packed.n..]),
+                "{what} row alone"
+            );
         }
     }
 }
@@ -78,10 +82,21 @@ fn check(packed: &PackedWeight, what: &str) {
 fn every_kernel_equals_the_plain_quantised_sums_on_every_gguf_format() {
     let k = 512;
     for n in [1, 15, 16, 17, 37] {
-        let w = Tensor::from_vec((0..n * k).map(|i| value(i, 7)).collect::<Vec<f32>>(), (n, k), &Device::Cpu).unwrap();
-        for dtype in
-            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K]
-        {
+        let w = Tensor::from_vec(
+            (0..n * k).map(|i| value(i, 7)).collect::<Vec<f32>>(),
+            (n, k),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().unwrap();
             check(&packed, &format!("{dtype:?} [{n}, {k}]"));
@@ -95,13 +110,22 @@ fn every_kernel_equals_the_plain_sums_over_any_range_of_integers() {
     // bits that start anywhere, blocks of 16 and 32, with and without offsets, k not a
     // multiple of the 64-byte vector.
     for (lo, span) in [(-128, 256), (-20, 32), (-3, 16), (0, 16)] {
-        for (block, k, with_offset) in [(32, 32, false), (32, 96, true), (16, 48, false), (16, 80, true)] {
+        for (block, k, with_offset) in
+            [(32, 32, false), (32, 96, true), (16, 48, false), (16, 80, true)]
+        {
             let n = 19;
-            let q: Vec<i8> = (0..n * k).map(|i| (lo + ((i * 7919 + 31) % span) as i32) as i8).collect();
+            let q: Vec<i8> =
+                (0..n * k).map(|i| (lo + ((i * 7919 + 31) % span) as i32) as i8).collect();
             let scale: Vec<f32> = (0..n * k / block).map(|i| value(i, 3) * 0.01).collect();
             let offset = with_offset.then(|| (0..n * k / block).map(|i| value(i, 4)).collect());
             let packed = PackedWeight { n, k, block, q, scale, offset };
-            check(&packed, &format!("integers {lo}..{}, block {block}, k {k}, offset {with_offset}", lo + span as i32));
+            check(
+                &packed,
+                &format!(
+                    "integers {lo}..{}, block {block}, k {k}, offset {with_offset}",
+                    lo + span as i32
+                ),
+            );
         }
     }
 }
@@ -119,7 +143,10 @@ fn f32_weights_are_quantised_to_8_bit_blocks_of_32() {
     }
     let packed = PackedWeight { n, k, block: 32, q, scale, offset: None };
     let x: Vec<f32> = (0..3 * k).map(|i| value(i, 5)).collect();
-    assert_eq!(bits(&int8::matmul(&x, &Int8Weight::quantize(&w, n, k))), bits(&reference(&x, &packed)));
+    assert_eq!(
+        bits(&int8::matmul(&x, &Int8Weight::quantize(&w, n, k))),
+        bits(&reference(&x, &packed))
+    );
     assert!(Int8Weight::fits(64) && !Int8Weight::fits(48));
 }
 

@@ -23,7 +23,8 @@ fn logits(model: &Model) -> Vec<Vec<f32>> {
 }
 
 fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
-    let d = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d =
+        a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(d < 1e-5, "max |logit difference| {d}");
 }
 
@@ -149,7 +150,14 @@ fn write_hf_folder(dir: &Path) -> Model {
             (n.clone(), if is_norm(n) { (t + 1.0).unwrap() } else { t })
         })
         .collect();
-    Model::load(&greater::model::weights::WeightSource::Map(rounded), cfg, DType::F32, &device, greater::model::Precision::F32).unwrap()
+    Model::load(
+        &greater::model::weights::WeightSource::Map(rounded),
+        cfg,
+        DType::F32,
+        &device,
+        greater::model::Precision::F32,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -180,7 +188,10 @@ fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
     let long = "a ".repeat(100);
     let (code, err) = greater_cli(&["generate", "--model", model, "--prompt", &long]);
     assert_eq!(code, 2);
-    assert!(err.contains("error: the prompt has 200 tokens but the model's context holds 64"), "{err}");
+    assert!(
+        err.contains("error: the prompt has 200 tokens but the model's context holds 64"),
+        "{err}"
+    );
 
     let (code, err) = greater_cli(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
     assert_eq!(code, 2);
@@ -203,7 +214,8 @@ fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
 
     let bare = dir.path().join("bare.gguf");
     write_gguf(&bare, "llama", false);
-    let (code, err) = greater_cli(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);
+    let (code, err) =
+        greater_cli(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);
     assert_eq!(code, 2);
     assert!(err.contains("has no chat template; pass one with --chat-template FILE"), "{err}");
 }
@@ -213,11 +225,19 @@ fn a_gguf_with_alignment_zero_is_an_error_not_a_panic() {
     use candle_core::quantized::gguf_file::{self, Value};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("aligned0.gguf");
-    let md = [("general.architecture", Value::String("llama".into())), ("general.alignment", Value::U32(0))];
+    let md = [
+        ("general.architecture", Value::String("llama".into())),
+        ("general.alignment", Value::U32(0)),
+    ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &md_refs, &[]).unwrap();
     let err = open_err(&path);
-    assert!(err.contains("aligned0.gguf") && err.contains("not a readable GGUF file") && err.contains("malformed"), "{err}");
+    assert!(
+        err.contains("aligned0.gguf")
+            && err.contains("not a readable GGUF file")
+            && err.contains("malformed"),
+        "{err}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["generate", "--prompt", "hi", "--model"])
         .arg(&path)

@@ -5,7 +5,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use greater::model::generate::{generate, GenerateConfig, Request};
-use greater::model::gradient::{cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput};
+use greater::model::gradient::{
+    cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput,
+};
 use greater::model::packed::PackedWeight;
 use greater::model::{few_rows, Arch, KvCache, Model, Pass};
 
@@ -66,12 +68,17 @@ fn onehot_gradient_matches_finite_differences_for_every_architecture() {
                 (input(&up) - input(&down)) / (2.0 * h as f64)
             })
             .collect();
-        let diff: f64 = grad.iter().zip(&fd).map(|(g, f)| (*g as f64 - f).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 =
+            grad.iter().zip(&fd).map(|(g, f)| (*g as f64 - f).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = fd.iter().map(|f| f * f).sum::<f64>().sqrt();
         assert!(norm > 1e-3, "{arch:?}: gradient too small to test ({norm})");
         eprintln!("{arch:?}: |fd| {norm:.3e}, relative error {:.2e}", diff / norm);
         // The weights are f32, so the perturbation h is exact and truncation error is O(h^2).
-        assert!(diff / norm < 1e-4, "{arch:?}: relative error {} (grad {grad:?}, fd {fd:?})", diff / norm);
+        assert!(
+            diff / norm < 1e-4,
+            "{arch:?}: relative error {} (grad {grad:?}, fd {fd:?})",
+            diff / norm
+        );
     }
 }
 
@@ -105,15 +112,25 @@ fn batched_gradients_equal_per_example_gradients_for_every_architecture() {
                 loss_positions: loss_positions[i],
             })
             .collect();
-        let batched = loss_and_gradients(&model, &inputs, |_, logits| greater_loss(logits)).unwrap();
+        let batched =
+            loss_and_gradients(&model, &inputs, |_, logits| greater_loss(logits)).unwrap();
         for (i, input) in inputs.iter().enumerate() {
             let (loss, grad) = loss_and_gradient(&model, input, greater_loss).unwrap();
-            assert!((batched[i].0 - loss).abs() < 1e-12, "{arch:?} input {i}: loss {} alone, {} batched", loss, batched[i].0);
+            assert!(
+                (batched[i].0 - loss).abs() < 1e-12,
+                "{arch:?} input {i}: loss {} alone, {} batched",
+                loss,
+                batched[i].0
+            );
             assert_eq!(batched[i].1.len(), grad.len());
             let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
             assert!(norm > 1e-4, "{arch:?} input {i}: gradient too small to compare ({norm})");
             for (b, a) in batched[i].1.iter().zip(&grad) {
-                assert!((b - a).abs() <= 1e-6 * norm, "{arch:?} input {i}: {:?} batched, {grad:?} alone", batched[i].1);
+                assert!(
+                    (b - a).abs() <= 1e-6 * norm,
+                    "{arch:?} input {i}: {:?} batched, {grad:?} alone",
+                    batched[i].1
+                );
             }
         }
     }
@@ -125,7 +142,11 @@ fn logits_all(model: &Model, pass: Pass, incremental: bool) -> Vec<Vec<f32>> {
     let hidden = if incremental {
         let rows: Vec<Tensor> = IDS
             .iter()
-            .map(|&t| model.forward(&model.embed(&[t]).unwrap().unsqueeze(0).unwrap(), &mut cache, pass).unwrap())
+            .map(|&t| {
+                model
+                    .forward(&model.embed(&[t]).unwrap().unsqueeze(0).unwrap(), &mut cache, pass)
+                    .unwrap()
+            })
             .collect();
         Tensor::cat(&rows, 1).unwrap()
     } else {
@@ -144,7 +165,9 @@ fn cached_fused_and_differentiable_forwards_agree() {
     for arch in ARCHS {
         let model = tiny(arch, DType::F32);
         let reference = logits_all(&model, Pass::Differentiable, false);
-        for (pass, incremental) in [(Pass::Fast, false), (Pass::Fast, true), (Pass::Differentiable, true)] {
+        for (pass, incremental) in
+            [(Pass::Fast, false), (Pass::Fast, true), (Pass::Differentiable, true)]
+        {
             let other = logits_all(&model, pass, incremental);
             let d = max_abs_diff(&reference, &other);
             assert!(d < 1e-4, "{arch:?} {pass:?} incremental={incremental}: max |diff| {d}");
@@ -172,16 +195,22 @@ fn a_prompt_decodes_the_same_alone_and_in_a_batch() {
 fn generation_stops_at_a_stop_token_and_continues_a_prefix() {
     let model = tiny(Arch::Qwen2, DType::F32);
     let free = GenerateConfig { max_tokens: 6, ..Default::default() };
-    let full = generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &free).unwrap();
+    let full =
+        generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &free)
+            .unwrap();
     // Stopping at the third generated token returns the two before it.
     let stop = GenerateConfig { stop_ids: vec![full[0].ids[2]], ..free.clone() };
-    let stopped = generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &stop).unwrap();
+    let stopped =
+        generate(&model, vec![Request { prefix: KvCache::default(), ids: IDS.to_vec() }], &stop)
+            .unwrap();
     let first_stop = full[0].ids.iter().position(|&t| t == full[0].ids[2]).unwrap();
     assert_eq!(stopped[0].ids, full[0].ids[..first_stop]);
     assert_eq!(stopped[0].stop, greater::model::generate::StopReason::StopToken);
     // A cached prefix continued with the rest of the prompt gives the same tokens.
     let mut prefix = [KvCache::default()];
-    model.forward(&model.embed(&IDS[..7]).unwrap().unsqueeze(0).unwrap(), &mut prefix, Pass::Fast).unwrap();
+    model
+        .forward(&model.embed(&IDS[..7]).unwrap().unsqueeze(0).unwrap(), &mut prefix, Pass::Fast)
+        .unwrap();
     let [prefix] = prefix;
     let cont = generate(&model, vec![Request { prefix, ids: IDS[7..].to_vec() }], &free).unwrap();
     assert_eq!(cont[0].ids, full[0].ids);
@@ -206,8 +235,10 @@ fn few_rows_product_equals_plain_sums_and_each_row_alone() {
         return;
     }
     // Shapes around the tile sizes (4 x rows, 4 weight rows, 16 lanes, 32-row tasks).
-    for (m, k, n) in [(1, 1, 1), (5, 15, 3), (7, 16, 33), (4, 17, 70), (13, 100, 5), (64, 576, 131)] {
-        let value = |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 1000) as f32 / 500.0) - 1.0;
+    for (m, k, n) in [(1, 1, 1), (5, 15, 3), (7, 16, 33), (4, 17, 70), (13, 100, 5), (64, 576, 131)]
+    {
+        let value =
+            |i: usize, salt: usize| (((i * 7919 + salt * 104729) % 1000) as f32 / 500.0) - 1.0;
         let x: Vec<f32> = (0..m * k).map(|i| value(i, 1)).collect();
         let w: Vec<f32> = (0..n * k).map(|i| value(i, 2)).collect();
         let y = few_rows::matmul(&x, &w, m, k, n);
@@ -217,7 +248,10 @@ fn few_rows_product_equals_plain_sums_and_each_row_alone() {
             for j in 0..n {
                 let exact: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
                 let got = y[i * n + j] as f64;
-                assert!((got - exact).abs() <= 1e-5 * (1.0 + exact.abs()), "{m}x{k}x{n} at ({i},{j}): {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                    "{m}x{k}x{n} at ({i},{j}): {got} vs {exact}"
+                );
             }
         }
     }
@@ -228,25 +262,49 @@ fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bi
     use candle_core::quantized::{GgmlDType, QTensor};
     let (n, k) = (37, 512);
     let value = |i: usize| (((i * 7919) % 1000) as f32 / 250.0) - 2.0;
-    let w = Tensor::from_vec((0..n * k).map(value).collect::<Vec<f32>>(), (n, k), &Device::Cpu).unwrap();
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+    let w = Tensor::from_vec((0..n * k).map(value).collect::<Vec<f32>>(), (n, k), &Device::Cpu)
+        .unwrap();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
         let q = QTensor::quantize(&w, dtype).unwrap();
-        let candle: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().expect("format kept packed");
+        let candle: Vec<f32> =
+            q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap())
+            .unwrap()
+            .expect("format kept packed");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-        assert_eq!(bits(&packed.to_f32()), bits(&candle), "{dtype:?}: weights differ from candle's");
+        assert_eq!(
+            bits(&packed.to_f32()),
+            bits(&candle),
+            "{dtype:?}: weights differ from candle's"
+        );
         if !few_rows::available() {
             continue;
         }
         for m in [1, 3, 4, 9, 16, 60] {
             let x: Vec<f32> = (0..m * k).map(|i| value(i + 13)).collect();
             let plain = few_rows::matmul(&x, &candle, m, k, n);
-            assert_eq!(bits(&few_rows::matmul_packed(&x, &packed, m)), bits(&plain), "{dtype:?}, {m} rows");
+            assert_eq!(
+                bits(&few_rows::matmul_packed(&x, &packed, m)),
+                bits(&plain),
+                "{dtype:?}, {m} rows"
+            );
         }
     }
     let f32_weight = QTensor::quantize(&w, GgmlDType::F32).unwrap();
-    assert!(PackedWeight::from_ggml(GgmlDType::F32, n, k, &f32_weight.data().unwrap()).unwrap().is_none());
-    let err = PackedWeight::from_ggml(GgmlDType::Q8_0, n, k, &[0u8; 10]).err().expect("short data is an error");
+    assert!(PackedWeight::from_ggml(GgmlDType::F32, n, k, &f32_weight.data().unwrap())
+        .unwrap()
+        .is_none());
+    let err = PackedWeight::from_ggml(GgmlDType::Q8_0, n, k, &[0u8; 10])
+        .err()
+        .expect("short data is an error");
     assert!(err.to_string().contains("do not hold its blocks"), "{err}");
 }
 
@@ -258,7 +316,14 @@ fn the_mixed_gradient_pass_stays_near_f32_and_runs_in_bf16_only_where_the_cpu_ha
         let cfg = ModelConfig { max_position: 128, ..arch.tiny_config() };
         let load = |precision| {
             let weights = random_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
-            Model::load(&WeightSource::Map(weights), cfg.clone(), DType::F32, &Device::Cpu, precision).unwrap()
+            Model::load(
+                &WeightSource::Map(weights),
+                cfg.clone(),
+                DType::F32,
+                &Device::Cpu,
+                precision,
+            )
+            .unwrap()
         };
         // Enough positions for the products to take the bf16 path (64 rows and more).
         let ids: Vec<u32> = IDS.iter().cycle().take(96).copied().collect();
@@ -277,12 +342,19 @@ fn the_mixed_gradient_pass_stays_near_f32_and_runs_in_bf16_only_where_the_cpu_ha
         let loss = |l: &Tensor| cross_entropy(l, &targets, 0.2);
         let (l32, g32) = loss_and_gradient(&load(Precision::F32), &inp, loss).unwrap();
         let (lmx, gmx) = loss_and_gradient(&load(Precision::Mixed), &inp, loss).unwrap();
-        let diff: f64 = g32.iter().zip(&gmx).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 =
+            g32.iter().zip(&gmx).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = g32.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        eprintln!("{arch:?}: loss {l32:.6} / {lmx:.6}, gradient relative difference {:.2e}", diff / norm);
+        eprintln!(
+            "{arch:?}: loss {l32:.6} / {lmx:.6}, gradient relative difference {:.2e}",
+            diff / norm
+        );
         // bf16 keeps 8 bits of each product's inputs; through the layers of these random
         // models the one-hot gradient moves by a few percent (Gemma, with its extra norms, the most).
-        assert!((l32 - lmx).abs() <= 0.01 * l32.abs() && diff <= 0.15 * norm, "{arch:?}: {g32:?} vs {gmx:?}");
+        assert!(
+            (l32 - lmx).abs() <= 0.01 * l32.abs() && diff <= 0.15 * norm,
+            "{arch:?}: {g32:?} vs {gmx:?}"
+        );
         // Without AVX512-BF16 the mixed gradient pass is the f32 one.
         assert_eq!(g32 == gmx, !bf16::available(), "{arch:?}");
     }

@@ -8,26 +8,34 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::optimize::candidates::{candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist, ProposalConfig};
-use greater::optimize::run::{run, Changes, Start};
-use greater::optimize::schedule::{next_position, restarts, Next};
-use greater::optimize::ape::{instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND};
-use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
-use greater::records::{Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary};
-use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
-use greater::report::text::budget_warning;
 use greater::eval::user_ids;
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass};
+use greater::optimize::ape::{
+    instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND,
+};
+use greater::optimize::candidates::{
+    candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist,
+    ProposalConfig,
+};
+use greater::optimize::run::{run, Changes, Start};
+use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
 use greater::protocol::run_protocol;
+use greater::records::{
+    Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary,
+};
+use greater::report::text::budget_warning;
+use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::{LanguageModel, OpenOptions};
+use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
 use greater::tasks::{Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-const RANKED: [&[u32]; 4] = [&[1, 2, 3, 4, 5, 6], &[2, 1, 4, 3, 6, 5], &[1, 3, 2, 5, 4, 6], &[7, 8, 1, 2, 3, 4]];
+const RANKED: [&[u32]; 4] =
+    [&[1, 2, 3, 4, 5, 6], &[2, 1, 4, 3, 6, 5], &[1, 3, 2, 5, 4, 6], &[7, 8, 1, 2, 3, 4]];
 
 fn ranked() -> Vec<Vec<u32>> {
     RANKED.iter().map(|r| r.to_vec()).collect()
@@ -59,7 +67,10 @@ fn subsets_are_seeded_distinct_and_sorted() {
         assert!(s.iter().all(|&e| e < 10));
     }
     // Fewer examples than the subset size: every subset is all of them.
-    assert_eq!(draw_subsets(3, 2, 5, &mut ChaCha8Rng::seed_from_u64(0)), vec![vec![0, 1, 2], vec![0, 1, 2]]);
+    assert_eq!(
+        draw_subsets(3, 2, 5, &mut ChaCha8Rng::seed_from_u64(0)),
+        vec![vec![0, 1, 2], vec![0, 1, 2]]
+    );
     // With all examples in every subset the proposal is the plain intersection, widened:
     // k = 2 gives {} (example 3 ranks 7, 8 first), k = 4 gives {1, 2}.
     let cfg = ProposalConfig { top_k: 2, subsets: 3, subset_size: 4, min_candidates: 3 };
@@ -71,7 +82,10 @@ fn shortlist_takes_the_most_negative_gradients_and_may_keep_the_current_token() 
     let candidates = [10, 11, 12, 13, 14, 15];
     let gradient = [0.5, -2.0, -0.1, -3.0, -2.0, 1.0];
     // 13 (-3.0), then 11 and 14 tie at -2.0: the lower id first.
-    assert_eq!(shortlist(&candidates, &gradient, None, 3), vec![(13, -3.0), (11, -2.0), (14, -2.0)]);
+    assert_eq!(
+        shortlist(&candidates, &gradient, None, 3),
+        vec![(13, -3.0), (11, -2.0), (14, -2.0)]
+    );
     // Reference: the current token (13) is a candidate like any other and leads the list.
     assert_eq!(shortlist(&candidates, &gradient, None, 1), vec![(13, -3.0)]);
     // With keep_current = false it is left out, however good its gradient.
@@ -211,7 +225,12 @@ fn a_run_killed_mid_step_resumes_from_its_last_checkpoint() {
 
 /// Starts `greater optimize` on the tiny model in a child process and waits for its first
 /// logged step.
-fn spawn_until_first_step(tmp: &Path, model: &Path, name: &str, steps: usize) -> (std::process::Child, PathBuf) {
+fn spawn_until_first_step(
+    tmp: &Path,
+    model: &Path,
+    name: &str,
+    steps: usize,
+) -> (std::process::Child, PathBuf) {
     let out = tmp.join(name);
     let config = tmp.join(format!("{name}.toml"));
     std::fs::write(&config, toml::to_string(&tiny_settings(model, steps)).unwrap()).unwrap();
@@ -232,7 +251,8 @@ fn spawn_until_first_step(tmp: &Path, model: &Path, name: &str, steps: usize) ->
 
 fn checkpoint_step(dir: &Path) -> usize {
     let state: greater::records::State =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+            .unwrap();
     state.step
 }
 
@@ -246,7 +266,12 @@ fn ctrl_c_keeps_the_last_checkpoint_and_exits_0() {
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("interrupted: finished steps are saved; continue with greater optimize --resume"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "interrupted: finished steps are saved; continue with greater optimize --resume"
+        ),
+        "{stderr}"
+    );
     let step = checkpoint_step(&out);
     assert!((1..200).contains(&step));
     assert_eq!(steps_without_timings(&out).len(), step);
@@ -257,24 +282,53 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("run");
     let out = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["optimize", "--model", "smollm2-135m", "--task", "arithmetic", "--train", "4", "--test", "4"])
+        .args([
+            "optimize",
+            "--model",
+            "smollm2-135m",
+            "--task",
+            "arithmetic",
+            "--train",
+            "4",
+            "--test",
+            "4",
+        ])
         .args(["--steps", "2", "--max-reasoning", "32", "--out", out_dir.to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("budget: 2 steps"), "{stdout}");
-    for f in ["config.json", "steps.jsonl", "checkpoint.json", "best_prompt.txt", "summary.json", "summary.md"] {
+    for f in [
+        "config.json",
+        "steps.jsonl",
+        "checkpoint.json",
+        "best_prompt.txt",
+        "summary.json",
+        "summary.md",
+    ] {
         assert!(out_dir.join(f).exists(), "missing {f}");
     }
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["model_sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["model_sha256"],
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    );
     assert_eq!(config["split"]["train"].as_array().unwrap().len(), 4);
     assert_eq!(config["settings"]["top_k"], 40);
     assert_eq!(config["settings"]["connector"], ". Use");
     assert_eq!(steps_without_timings(&out_dir).len(), 2);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap()).unwrap();
-    let labels: Vec<&str> = summary["evaluations"].as_array().unwrap().iter().map(|e| e["label"].as_str().unwrap()).collect();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let labels: Vec<&str> = summary["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["zero-shot CoT", "initial", "optimised"]);
     let best = std::fs::read_to_string(out_dir.join("best_prompt.txt")).unwrap();
     assert_eq!(summary["best_prompt"], best.as_str());
@@ -287,14 +341,19 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
         let first = evaluations.iter().position(|f| f["prompt"] == e["prompt"]).unwrap();
         let file = ["zero_shot_cot", "initial", "optimised"][first];
         let text = std::fs::read_to_string(out_dir.join(format!("test-{file}.jsonl"))).unwrap();
-        let records: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let records: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let cut_here = records.iter().filter(|r| r["cut_by_budget"].as_bool().unwrap()).count();
         assert_eq!(e["cut_by_budget"].as_u64().unwrap() as usize, cut_here, "{file}");
         (cut, n) = (cut + cut_here, n + records.len());
     }
     let summary_md = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
     assert!(summary_md.contains("| reasoning cut at 32 tokens |"), "{summary_md}");
-    assert_eq!(summary_md.contains("ran into the 32-token reasoning budget"), 10 * cut > n, "{cut} of {n} cut: {summary_md}");
+    assert_eq!(
+        summary_md.contains("ran into the 32-token reasoning budget"),
+        10 * cut > n,
+        "{cut} of {n} cut: {summary_md}"
+    );
 }
 
 #[test]
@@ -313,7 +372,11 @@ fn the_summary_warns_when_more_than_a_tenth_of_test_reasonings_ran_into_the_budg
     assert_eq!(budget_warning(&[eval(10, 100), eval(20, 200)], 256), None, "exactly a tenth");
     assert_eq!(budget_warning(&[], 256), None);
     let uncounted = EvalSummary { cut_by_budget: None, ..eval(0, 100) };
-    assert_eq!(budget_warning(&[uncounted.clone(), eval(10, 100)], 256), None, "a run of before the count");
+    assert_eq!(
+        budget_warning(&[uncounted.clone(), eval(10, 100)], 256),
+        None,
+        "a run of before the count"
+    );
     assert_eq!(
         budget_warning(&[eval(11, 100), eval(20, 200)], 256).as_deref(),
         Some("31 of 300 test reasonings ran into the 256-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ.")
@@ -356,7 +419,11 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
         let chosen = r.chosen.as_ref().unwrap();
         let truncated = period.is_some() && 2 * r.position >= initial_len;
         if !truncated {
-            assert!(r.checked.iter().any(|c| c.prompt == r.prompt_before), "step {}: the current token is checked", r.step);
+            assert!(
+                r.checked.iter().any(|c| c.prompt == r.prompt_before),
+                "step {}: the current token is checked",
+                r.step
+            );
         }
         match period {
             Some(p) if 2 * r.position >= initial_len => {
@@ -368,7 +435,11 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
             _ => {
                 let best = r.checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
                 let last_best = r.checked.iter().rposition(|c| c.score.score == best).unwrap();
-                assert_eq!(chosen.id, r.checked[last_best].id, "step {}: lowest score, ties to the later", r.step);
+                assert_eq!(
+                    chosen.id, r.checked[last_best].id,
+                    "step {}: lowest score, ties to the later",
+                    r.step
+                );
             }
         }
     }
@@ -377,12 +448,18 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
     // Without the rule, past the last position: wrap after a ".", otherwise grow by "_".
     let out = tmp.path().join("no-rule");
     run_quietly(Start::New(settings(false)), &out);
-    let last = steps_without_timings(&out).into_iter().find(|r| r.position == 5).expect("a step at the last position");
+    let last = steps_without_timings(&out)
+        .into_iter()
+        .find(|r| r.position == 5)
+        .expect("a step at the last position");
     if last.chosen.as_ref().unwrap().text.contains('.') {
         assert_eq!(last.next_position, 0);
     } else {
         assert_eq!(last.next_position, 6);
-        assert!(last.prompt.ends_with('_') && last.prompt.len() == last.prompt_before.len() + 1, "{last:?}");
+        assert!(
+            last.prompt.ends_with('_') && last.prompt.len() == last.prompt_before.len() + 1,
+            "{last:?}"
+        );
     }
 }
 
@@ -390,12 +467,22 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
 fn the_current_token_is_kept_when_its_check_scores_best() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    let cfg = OptimizeConfig { top_k: 64, shortlist: 64, steps: 3, initial_prompt: Some("Go on go on".into()), ..tiny_settings(&model, 3) };
+    let cfg = OptimizeConfig {
+        top_k: 64,
+        shortlist: 64,
+        steps: 3,
+        initial_prompt: Some("Go on go on".into()),
+        ..tiny_settings(&model, 3)
+    };
     let out = tmp.path().join("run");
     run_quietly(Start::New(cfg), &out);
     for r in steps_without_timings(&out) {
         let chosen = r.chosen.unwrap();
-        let kept = r.checked.iter().find(|c| c.prompt == r.prompt_before).expect("the current token is checked");
+        let kept = r
+            .checked
+            .iter()
+            .find(|c| c.prompt == r.prompt_before)
+            .expect("the current token is checked");
         if chosen.id == kept.id {
             assert_eq!(r.prompt, r.prompt_before, "keeping the token keeps the prompt");
         } else {
@@ -411,18 +498,31 @@ fn a_step_scoring_below_the_restart_threshold_goes_back_to_position_0() {
     let model = tiny_model(tmp.path());
     let steps = |restart_below: f64, name: &str| {
         let out = tmp.path().join(name);
-        let cfg = OptimizeConfig { initial_prompt: Some("Go on go on".into()), restart_below, ..tiny_settings(&model, 3) };
+        let cfg = OptimizeConfig {
+            initial_prompt: Some("Go on go on".into()),
+            restart_below,
+            ..tiny_settings(&model, 3)
+        };
         run_quietly(Start::New(cfg), &out);
         steps_without_timings(&out)
     };
     let never = steps(0.0, "never");
     assert_eq!(never.iter().map(|r| r.next_position).collect::<Vec<_>>(), [1, 2, 3]);
     // The threshold compares with the chosen prompt's score, strictly.
-    let first = never[0].checked.iter().find(|c| Some(c.id) == never[0].chosen.as_ref().map(|t| t.id)).unwrap().score.score;
+    let first = never[0]
+        .checked
+        .iter()
+        .find(|c| Some(c.id) == never[0].chosen.as_ref().map(|t| t.id))
+        .unwrap()
+        .score
+        .score;
     assert_eq!(steps(first, "equal")[0].next_position, 1);
     assert_eq!(steps(first + 1e-9, "above")[0].next_position, 0);
     let always = steps(1e9, "always");
-    assert_eq!(always.iter().map(|r| (r.position, r.next_position)).collect::<Vec<_>>(), [(0, 0); 3]);
+    assert_eq!(
+        always.iter().map(|r| (r.position, r.next_position)).collect::<Vec<_>>(),
+        [(0, 0); 3]
+    );
 }
 
 #[test]
@@ -436,10 +536,12 @@ fn the_summed_gradient_is_the_raw_sum_of_per_example_gradients() {
     let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
     let prompt = opt.prompt_ids("Go on.").unwrap();
     let candidates: Vec<u32> = [prompt[2], b'a' as u32, b'x' as u32, b'.' as u32].to_vec();
-    let reasoning: Vec<Vec<u32>> = (0..3).map(|i| lm.tokenizer.encode(&format!(" it is {i}"), false).unwrap()).collect();
+    let reasoning: Vec<Vec<u32>> =
+        (0..3).map(|i| lm.tokenizer.encode(&format!(" it is {i}"), false).unwrap()).collect();
     let per_example = opt.example_gradients(&prompt, 2, &candidates, &reasoning).unwrap();
     let summed = opt.gradient(&prompt, 2, &candidates, &reasoning).unwrap();
-    let by_hand: Vec<f32> = (0..candidates.len()).map(|c| per_example.iter().map(|(_, g)| g[c]).sum()).collect();
+    let by_hand: Vec<f32> =
+        (0..candidates.len()).map(|c| per_example.iter().map(|(_, g)| g[c]).sum()).collect();
     assert_eq!(summed, by_hand);
     // Not normalised: the per-example norms differ, so the normalised sum differs.
     let grads: Vec<Vec<f32>> = per_example.iter().map(|(_, g)| g.clone()).collect();
@@ -456,15 +558,22 @@ fn the_loss_averages_the_prompt_nll_over_all_prompt_tokens() {
     let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
     let layout = Layout::new(&lm, &task, &cfg.system, &cfg.connector).unwrap();
     let prompt = opt.prompt_ids("Go on.").unwrap();
-    let reasoning: Vec<Vec<u32>> = (0..2).map(|_| lm.tokenizer.encode(" so 4", false).unwrap()).collect();
+    let reasoning: Vec<Vec<u32>> =
+        (0..2).map(|_| lm.tokenizer.encode(" so 4", false).unwrap()).collect();
     for position in [0, 3, prompt.len() - 1] {
-        let losses = opt.example_gradients(&prompt, position, &[prompt[position]], &reasoning).unwrap();
+        let losses =
+            opt.example_gradients(&prompt, position, &[prompt[position]], &reasoning).unwrap();
         for (e, example) in train.iter().enumerate() {
             let user = opt.user_ids(e, &prompt).unwrap();
             let answer = layout.answer_ids(&example.target).unwrap();
             let ids = [&user[..], &reasoning[e], layout.extractor(), &answer].concat();
             let x = lm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
-            let hidden = lm.model.forward(&x, &mut [KvCache::default()], Pass::Fast).unwrap().squeeze(0).unwrap();
+            let hidden = lm
+                .model
+                .forward(&x, &mut [KvCache::default()], Pass::Fast)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             let logits: Vec<Vec<f32>> = lm.model.logits(&hidden).unwrap().to_vec2().unwrap();
             let log_softmax = |row: &[f32], t: f32, target: u32| {
                 let m = row.iter().map(|v| v / t).fold(f32::NEG_INFINITY, f32::max);
@@ -472,12 +581,21 @@ fn the_loss_averages_the_prompt_nll_over_all_prompt_tokens() {
                 (row[target as usize] / t - m - z.ln()) as f64
             };
             let start = layout.question(&example.question).unwrap().head.len();
-            let nll: f64 = (0..prompt.len()).map(|j| -log_softmax(&logits[start + j - 1], 1.0, prompt[j])).sum::<f64>() / prompt.len() as f64;
+            let nll: f64 = (0..prompt.len())
+                .map(|j| -log_softmax(&logits[start + j - 1], 1.0, prompt[j]))
+                .sum::<f64>()
+                / prompt.len() as f64;
             let answer_at = ids.len() - answer.len();
-            let ce: f64 = (0..answer.len()).map(|k| -log_softmax(&logits[answer_at + k - 1], 0.2, answer[k])).sum::<f64>() / answer.len() as f64;
+            let ce: f64 = (0..answer.len())
+                .map(|k| -log_softmax(&logits[answer_at + k - 1], 0.2, answer[k]))
+                .sum::<f64>()
+                / answer.len() as f64;
             let expected = ce + 0.2 * nll;
             let got = losses[e].0;
-            assert!((got - expected).abs() < 1e-3 * expected.abs().max(1.0), "position {position}, example {e}: {got} vs {expected}");
+            assert!(
+                (got - expected).abs() < 1e-3 * expected.abs().max(1.0),
+                "position {position}, example {e}: {got} vs {expected}"
+            );
         }
     }
 }
@@ -496,7 +614,8 @@ fn assert_optimiser_and_evaluator_ids_agree(lm: &LanguageModel) {
         for (e, example) in train.iter().enumerate() {
             let optimised = opt.user_ids(e, &ids).unwrap();
             assert_eq!(optimised, user_ids(&layout, &example.question, prompt).unwrap());
-            let text = lm.chat_text(&cfg.system, &format!("{}. Use {prompt}", example.question)).unwrap();
+            let text =
+                lm.chat_text(&cfg.system, &format!("{}. Use {prompt}", example.question)).unwrap();
             assert_eq!(lm.tokenizer.decode_with_special(&optimised).unwrap(), text);
         }
     }
@@ -530,7 +649,12 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     let (task, split) = arithmetic(3);
     let dev = Split::pick(&split.dev, &task);
     let test = Split::pick(&split.test, &task);
-    let contender = |label: Label, train: f64| Contender { label, prompt: format!("{label} prompt"), train: score(train), dev: None };
+    let contender = |label: Label, train: f64| Contender {
+        label,
+        prompt: format!("{label} prompt"),
+        train: score(train),
+        dev: None,
+    };
     let mut contenders = vec![
         contender(Label::ZeroShotCot, 0.5),
         contender(Label::Initial, 0.6),
@@ -546,7 +670,17 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     let mut seen = Vec::new();
     let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| {
         seen.extend(examples.iter().map(|e| e.question.clone()));
-        Ok(EvalSummary { label: c.label, prompt: c.prompt.clone(), accuracy: dev_accuracy(c.label), correct: 0, n: examples.len(), interval: (0.0, 1.0), seconds: 0.0, cut_by_budget: Some(0), unparsed: Some(0) })
+        Ok(EvalSummary {
+            label: c.label,
+            prompt: c.prompt.clone(),
+            accuracy: dev_accuracy(c.label),
+            correct: 0,
+            n: examples.len(),
+            interval: (0.0, 1.0),
+            seconds: 0.0,
+            cut_by_budget: Some(0),
+            unparsed: Some(0),
+        })
     })
     .unwrap();
     // train #2 and #3 tie on dev; #2 has the better train score. The best train score (#1) loses.
@@ -570,9 +704,11 @@ fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times()
     let model = tiny_model(tmp.path());
     let out = tmp.path().join("run");
     run_quietly(Start::New(OptimizeConfig { dev: 3, ..tiny_settings(&model, 3) }), &out);
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let chosen = summary.contenders.iter().find(|c| c.label == summary.selected).unwrap();
-    let best_dev = summary.contenders.iter().map(|c| c.dev.as_ref().unwrap().accuracy).fold(0.0, f64::max);
+    let best_dev =
+        summary.contenders.iter().map(|c| c.dev.as_ref().unwrap().accuracy).fold(0.0, f64::max);
     assert_eq!(chosen.dev.as_ref().unwrap().accuracy, best_dev);
     assert_eq!(summary.best_prompt, chosen.prompt);
     assert_eq!(std::fs::read_to_string(out.join("best_prompt.txt")).unwrap(), chosen.prompt);
@@ -617,7 +753,10 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         transfer_to: Some(target.clone()),
         methods: Vec::new(),
     };
-    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
+    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| {
+        on_protocol_event(&out, &e).unwrap()
+    })
+    .unwrap();
     assert_eq!(table.rows.len(), 2);
     // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
     // second model, kept in the task's folder.
@@ -630,29 +769,56 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         assert!(out.join(&row.task).join("transfer-target.json").exists());
     }
     for row in &table.rows {
-        let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap()).unwrap();
-        assert_eq!([&row.zero_shot_cot, &row.initial, &row.optimised].map(|e| e.clone()).to_vec(), summary.evaluations);
+        let summary: Summary = serde_json::from_str(
+            &std::fs::read_to_string(out.join(&row.task).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            [&row.zero_shot_cot, &row.initial, &row.optimised].map(|e| e.clone()).to_vec(),
+            summary.evaluations
+        );
         assert_eq!(row.steps, summary.steps);
         // The search trace starts from the initial prompt's train mistakes.
         let search = row.search.as_ref().unwrap();
         let initial = summary.contenders.iter().find(|c| c.label == Label::Initial).unwrap();
-        assert_eq!((search.start_mistakes, search.train_n), (initial.train.mistakes, initial.train.n));
-        assert!(search.fewest_mistakes <= search.start_mistakes && search.improving_steps <= row.steps);
+        assert_eq!(
+            (search.start_mistakes, search.train_n),
+            (initial.train.mistakes, initial.train.n)
+        );
+        assert!(
+            search.fewest_mistakes <= search.start_mistakes && search.improving_steps <= row.steps
+        );
     }
-    let written: ProtocolTable = serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    let written: ProtocolTable =
+        serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
     assert_eq!(written, table);
-    let gains: Vec<f64> = table.rows.iter().map(|r| r.optimised.accuracy - r.zero_shot_cot.accuracy).collect();
+    let gains: Vec<f64> =
+        table.rows.iter().map(|r| r.optimised.accuracy - r.zero_shot_cot.accuracy).collect();
     assert!((table.mean_gain - (gains[0] + gains[1]) / 2.0).abs() < 1e-12);
     let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
     for row in &table.rows {
-        assert!(md.contains(&format!("| {} | {:.3} [", row.task, row.zero_shot_cot.accuracy)), "{md}");
+        assert!(
+            md.contains(&format!("| {} | {:.3} [", row.task, row.zero_shot_cot.accuracy)),
+            "{md}"
+        );
         let t = row.transfer.as_ref().unwrap();
-        let cells = |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
-        assert!(md.contains(&format!("| {} | {} |", cells(&t.zero_shot_cot), cells(&t.optimised))), "{md}");
-        let cut: usize = [&row.zero_shot_cot, &row.initial, &row.optimised].iter().map(|e| e.cut_by_budget.unwrap()).sum();
+        let cells = |e: &EvalSummary| {
+            format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1)
+        };
+        assert!(
+            md.contains(&format!("| {} | {} |", cells(&t.zero_shot_cot), cells(&t.optimised))),
+            "{md}"
+        );
+        let cut: usize = [&row.zero_shot_cot, &row.initial, &row.optimised]
+            .iter()
+            .map(|e| e.cut_by_budget.unwrap())
+            .sum();
         assert!(md.contains(&format!(" {} {cut}/{}", row.task, 3 * row.optimised.n)), "{md}");
         let s = row.search.as_ref().unwrap();
-        let trace = format!("| {} | {} -> {} of {} | {} of {} |", row.task, s.start_mistakes, s.fewest_mistakes, s.train_n, s.improving_steps, row.steps);
+        let trace = format!(
+            "| {} | {} -> {} of {} | {} of {} |",
+            row.task, s.start_mistakes, s.fewest_mistakes, s.train_n, s.improving_steps, row.steps
+        );
         assert!(md.contains(&trace), "{md}");
     }
     // The protocol's report: every task's three accuracies with intervals, a link to its
@@ -668,19 +834,31 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         assert!(link.iter().any(|l| html.contains(l)), "no link to {}'s report", row.task);
         assert!(out.join(&row.task).join("report.html").exists());
         let t = row.transfer.as_ref().unwrap();
-        assert!(html.contains(&accuracy_text(&t.optimised)) && html.contains(&accuracy_text(&t.zero_shot_cot)));
+        assert!(
+            html.contains(&accuracy_text(&t.optimised))
+                && html.contains(&accuracy_text(&t.zero_shot_cot))
+        );
     }
     let pooled = &table.optimised;
-    assert!(html.contains(&format!("{:.3} [{:.3}, {:.3}]", pooled.accuracy, pooled.interval.0, pooled.interval.1)));
+    assert!(html.contains(&format!(
+        "{:.3} [{:.3}, {:.3}]",
+        pooled.accuracy, pooled.interval.0, pooled.interval.1
+    )));
 }
 
 fn accuracy_text(e: &EvalSummary) -> String {
-    format!("{:.3} [{:.3}, {:.3}] ({} of {})", e.accuracy, e.interval.0, e.interval.1, e.correct, e.n)
+    format!(
+        "{:.3} [{:.3}, {:.3}] ({} of {})",
+        e.accuracy, e.interval.0, e.interval.1, e.correct, e.n
+    )
 }
 
 /// A report opens from disk: no address of any kind, inline SVG without a namespace URL.
 fn assert_no_url(html: &str) {
-    assert!(!html.contains("http:") && !html.contains("https:") && !html.contains("//"), "the report holds a URL");
+    assert!(
+        !html.contains("http:") && !html.contains("https:") && !html.contains("//"),
+        "the report holds a URL"
+    );
 }
 
 #[test]
@@ -699,8 +877,11 @@ fn the_report_shows_the_summary_accuracies_and_one_point_per_step() {
     // The run wrote the same report itself.
     assert_eq!(html, std::fs::read_to_string(out.join("report.html")).unwrap());
     assert_no_url(&html);
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    for e in summary.evaluations.iter().chain(summary.contenders.iter().filter_map(|c| c.dev.as_ref())) {
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for e in
+        summary.evaluations.iter().chain(summary.contenders.iter().filter_map(|c| c.dev.as_ref()))
+    {
         assert!(html.contains(&accuracy_text(e)), "missing {}: {}", e.label, accuracy_text(e));
     }
     // The optimisation curve: one dot per step.
@@ -717,7 +898,15 @@ fn a_protocol_killed_after_its_first_task_resumes_with_the_second() {
     let config = tmp.path().join("run.toml");
     std::fs::write(&config, toml::to_string(&protocol_settings(&model)).unwrap()).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["protocol", "--config", config.to_str().unwrap(), "--tasks", "arithmetic,boolean", "--out", out.to_str().unwrap()])
+        .args([
+            "protocol",
+            "--config",
+            config.to_str().unwrap(),
+            "--tasks",
+            "arithmetic,boolean",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -730,13 +919,26 @@ fn a_protocol_killed_after_its_first_task_resumes_with_the_second() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!out.join("boolean").join("summary.json").exists(), "the second task finished before the kill");
+    assert!(
+        !out.join("boolean").join("summary.json").exists(),
+        "the second task finished before the kill"
+    );
     let first_steps = std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_greater")).args(["protocol", "--resume", out.to_str().unwrap()]).output().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["protocol", "--resume", out.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    assert_eq!(std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap(), first_steps);
-    let table: ProtocolTable = serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
-    assert_eq!(table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(), ["arithmetic", "boolean"]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap(),
+        first_steps
+    );
+    let table: ProtocolTable =
+        serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    assert_eq!(
+        table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(),
+        ["arithmetic", "boolean"]
+    );
     assert!(out.join("boolean").join("summary.json").exists());
 }
 
@@ -746,7 +948,8 @@ fn decisions(dir: &Path) -> Vec<String> {
     steps_without_timings(dir)
         .iter()
         .map(|r| {
-            let checked: Vec<String> = r.checked.iter().map(|c| format!("{}:{}", c.id, c.score.mistakes)).collect();
+            let checked: Vec<String> =
+                r.checked.iter().map(|c| format!("{}:{}", c.id, c.score.mistakes)).collect();
             let chosen = r.chosen.as_ref().map(|c| c.id);
             format!("{} [{}] {chosen:?} {:?}", r.position, checked.join(" "), r.prompt)
         })
@@ -784,7 +987,10 @@ fn a_fixed_seed_smollm2_run_takes_the_recorded_decisions() {
 
 #[test]
 fn ape_reads_the_instruction_from_the_first_line_of_the_reply() {
-    assert_eq!(instruction_from_reply(" careful counting of every item.\nThen more"), "careful counting of every item.");
+    assert_eq!(
+        instruction_from_reply(" careful counting of every item.\nThen more"),
+        "careful counting of every item."
+    );
     assert_eq!(instruction_from_reply("\n\n\"Think it through.\" "), "Think it through.");
     assert_eq!(instruction_from_reply("  \n"), "");
     assert_eq!(
@@ -797,12 +1003,20 @@ fn ape_reads_the_instruction_from_the_first_line_of_the_reply() {
 }
 
 fn ape_settings(model: &Path, seed: u64, budget: usize) -> OptimizeConfig {
-    OptimizeConfig { method: Method::Ape, seed, budget_tokens: Some(budget), ..tiny_settings(model, 2) }
+    OptimizeConfig {
+        method: Method::Ape,
+        seed,
+        budget_tokens: Some(budget),
+        ..tiny_settings(model, 2)
+    }
 }
 
 /// The instructions proposed in each round, in order.
 fn proposals(dir: &Path) -> Vec<Vec<String>> {
-    steps_without_timings(dir).iter().map(|r| r.checked.iter().map(|c| c.prompt.clone()).collect()).collect()
+    steps_without_timings(dir)
+        .iter()
+        .map(|r| r.checked.iter().map(|c| c.prompt.clone()).collect())
+        .collect()
 }
 
 #[test]
@@ -821,15 +1035,27 @@ fn ape_with_a_fixed_seed_proposes_the_same_instructions_and_stops_at_its_budget(
     // Every proposal is a scored prompt, without a token or gradient of its own.
     for r in &rounds {
         assert!(r.checked.len() <= PROPOSALS_PER_ROUND && r.candidates.is_empty());
-        assert!(r.checked.iter().all(|c| c.gradient.is_none() && !c.prompt.is_empty() && c.score.n == 3));
+        assert!(r
+            .checked
+            .iter()
+            .all(|c| c.gradient.is_none() && !c.prompt.is_empty() && c.score.n == 3));
     }
     // It stops at the first round that reaches the budget: the tokens before it were below.
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
     let last = rounds.last().unwrap().generated_tokens;
-    assert!(summary.generated_tokens >= budget && summary.generated_tokens - last < budget, "{} {last}", summary.generated_tokens);
+    assert!(
+        summary.generated_tokens >= budget && summary.generated_tokens - last < budget,
+        "{} {last}",
+        summary.generated_tokens
+    );
     assert_eq!(summary.budget_tokens, Some(budget));
-    let initial: usize = summary.generated_tokens - rounds.iter().map(|r| r.generated_tokens).sum::<usize>();
-    assert!(initial > 0 && initial <= 3 * 5, "the initial prompt's reasoning on 3 questions counts too");
+    let initial: usize =
+        summary.generated_tokens - rounds.iter().map(|r| r.generated_tokens).sum::<usize>();
+    assert!(
+        initial > 0 && initial <= 3 * 5,
+        "the initial prompt's reasoning on 3 questions counts too"
+    );
 }
 
 #[test]
@@ -840,7 +1066,12 @@ fn gcg_scores_the_answer_right_after_the_prompt_with_no_reasoning_span() {
     let train = Split::pick(&split.train, &task);
     let layout = Layout::new(&lm, &task, &Default::default(), ". Use").unwrap();
     for method in [Method::Greater, Method::Gcg] {
-        let cfg = OptimizeConfig { model: String::new(), method, max_reasoning: 5, ..OptimizeConfig::default() };
+        let cfg = OptimizeConfig {
+            model: String::new(),
+            method,
+            max_reasoning: 5,
+            ..OptimizeConfig::default()
+        };
         let opt = Optimizer::new(&lm, &task, &train, &cfg, no_interrupt()).unwrap();
         let prompt = opt.prompt_ids("Go on.").unwrap();
         let (reasoning, _) = opt.reason_and_score(&prompt).unwrap();
@@ -872,11 +1103,20 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         transfer_to: None,
         methods: vec![Method::Greater, Method::Ape, Method::Gcg],
     };
-    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| on_protocol_event(&out, &e).unwrap()).unwrap();
+    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| {
+        on_protocol_event(&out, &e).unwrap()
+    })
+    .unwrap();
     let row = &table.rows[0];
-    assert_eq!(row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(), [Method::Ape, Method::Gcg]);
+    assert_eq!(
+        row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(),
+        [Method::Ape, Method::Gcg]
+    );
     let read = |folder: &str| -> Summary {
-        serde_json::from_str(&std::fs::read_to_string(out.join(folder).join("summary.json")).unwrap()).unwrap()
+        serde_json::from_str(
+            &std::fs::read_to_string(out.join(folder).join("summary.json")).unwrap(),
+        )
+        .unwrap()
     };
     let (greater, ape, gcg) = (read("arithmetic"), read("arithmetic-ape"), read("arithmetic-gcg"));
     assert_eq!(ape.budget_tokens, Some(greater.generated_tokens));
@@ -888,8 +1128,14 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         assert_eq!(s.evaluations[..2], greater.evaluations[..2]);
     }
     let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
-    let cells = |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
-    let columns = format!("| {} | {} | {} |", cells(&row.optimised), cells(&row.baselines[0].optimised), cells(&row.baselines[1].optimised));
+    let cells =
+        |e: &EvalSummary| format!("{:.3} [{:.3}, {:.3}]", e.accuracy, e.interval.0, e.interval.1);
+    let columns = format!(
+        "| {} | {} | {} |",
+        cells(&row.optimised),
+        cells(&row.baselines[0].optimised),
+        cells(&row.baselines[1].optimised)
+    );
     assert!(md.contains("| optimised (greater) | ape | gcg |") && md.contains(&columns), "{md}");
     assert!(md.contains("mean gain of ape over zero-shot CoT"), "{md}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -897,7 +1143,11 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         assert!(html.contains(&accuracy_text(&b.optimised)));
     }
     for b in &table.baselines {
-        assert!(html.contains(&format!("Mean gain of {} over zero-shot CoT: {:+.3}", b.method.name(), b.mean_gain)));
+        assert!(html.contains(&format!(
+            "Mean gain of {} over zero-shot CoT: {:+.3}",
+            b.method.name(),
+            b.mean_gain
+        )));
     }
 }
 
@@ -952,14 +1202,17 @@ fn the_reference_preset_sets_every_method_setting_to_the_reference_value() {
     for (key, reference) in REFERENCE_SETTINGS {
         let got = &preset[key];
         match reference {
-            Some(value) => assert_eq!(got, &serde_json::from_str::<serde_json::Value>(value).unwrap(), "{key}"),
+            Some(value) => {
+                assert_eq!(got, &serde_json::from_str::<serde_json::Value>(value).unwrap(), "{key}")
+            }
             None => assert_eq!(got, &defaults[key], "{key} is not a method setting"),
         }
     }
     // A config file over the preset changes only the keys it names.
     let over = OptimizeConfig::reference().with_toml("max_reasoning = 256\n").unwrap();
     assert_eq!(over, OptimizeConfig { max_reasoning: 256, ..OptimizeConfig::reference() });
-    let err = OptimizeConfig::reference().with_toml("\nmax_reasonin = 256\n").unwrap_err().to_string();
+    let err =
+        OptimizeConfig::reference().with_toml("\nmax_reasonin = 256\n").unwrap_err().to_string();
     assert!(err.contains("line 2") && err.contains("max_reasonin"), "{err}");
 }
 
@@ -973,13 +1226,19 @@ fn settings_no_run_can_use_are_refused_with_their_name() {
         ("eval_batch", OptimizeConfig { eval_batch: 0, ..OptimizeConfig::default() }),
         ("temperature", OptimizeConfig { temperature: f64::NAN, ..OptimizeConfig::default() }),
         ("temperature", OptimizeConfig { temperature: 0.0, ..OptimizeConfig::default() }),
-        ("control_weight", OptimizeConfig { control_weight: f64::INFINITY, ..OptimizeConfig::default() }),
+        (
+            "control_weight",
+            OptimizeConfig { control_weight: f64::INFINITY, ..OptimizeConfig::default() },
+        ),
     ];
     for (name, settings) in bad {
         let err = settings.validate().unwrap_err().to_string();
         assert!(err.contains(name), "{name}: {err}");
     }
-    assert!(OptimizeConfig::default().validate().is_ok() && OptimizeConfig::reference().validate().is_ok());
+    assert!(
+        OptimizeConfig::default().validate().is_ok()
+            && OptimizeConfig::reference().validate().is_ok()
+    );
 }
 
 #[test]
@@ -998,7 +1257,10 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
     };
     assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
     let err = |s: greater::records::State, train| s.check(train).unwrap_err().to_string();
-    assert_eq!(err(state(vec![5, 6, 7], 1_000_000), 2), "position 1000000 is outside the prompt of 3 tokens");
+    assert_eq!(
+        err(state(vec![5, 6, 7], 1_000_000), 2),
+        "position 1000000 is outside the prompt of 3 tokens"
+    );
     assert_eq!(err(state(vec![], 0), 2), "the prompt is empty");
     assert_eq!(err(state(vec![5, 6, 7], 0), 3), "reasoning for 2 train questions, the run has 3");
 }
@@ -1019,7 +1281,10 @@ fn a_folder_in_use_is_refused_with_the_holders_pid_and_free_once_released() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("in use") && stderr.contains(&holder), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("in use") && stderr.contains(&holder),
+        "{stderr}"
+    );
     assert!(!tmp.path().join("config.json").exists());
     drop(held);
     assert!(dir.lock().is_ok(), "a released lock does not block");
@@ -1042,9 +1307,13 @@ fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
         transfer_to: None,
         methods,
     };
-    let err = config(&["arithmetic", "boolean", "arithmetic"], vec![]).check().unwrap_err().to_string();
+    let err =
+        config(&["arithmetic", "boolean", "arithmetic"], vec![]).check().unwrap_err().to_string();
     assert!(err.contains("task arithmetic is listed twice"), "{err}");
-    let err = config(&["arithmetic"], vec![Method::Greater, Method::Greater]).check().unwrap_err().to_string();
+    let err = config(&["arithmetic"], vec![Method::Greater, Method::Greater])
+        .check()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("method greater is listed twice"), "{err}");
     assert!(config(&["arithmetic", "boolean"], vec![Method::Greater, Method::Ape]).check().is_ok());
 }
@@ -1063,41 +1332,60 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
         "screen.toml",
     )
     .unwrap();
-    assert_eq!(configurations.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["not-worse", "short"]);
+    assert_eq!(
+        configurations.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["not-worse", "short"]
+    );
     let config = ScreenConfig {
         base: protocol_settings(&model),
         tasks: vec!["arithmetic".into(), "boolean".into()],
         configurations,
     };
-    let (table, _) = run_screen(Start::New(config.clone()), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (table, _) =
+        run_screen(Start::New(config.clone()), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 4);
     for row in &table.rows {
         let dir = out.join(&row.configuration).join(&row.task);
         let run: greater::records::RunConfig =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
         // No test split at all, so nothing could evaluate one; and no test file was written.
         assert!(run.split.test.is_empty() && run.settings.test == 0);
         assert_eq!(run.split.dev.len(), 2);
-        let names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         assert!(!names.iter().any(|n| n.starts_with("test-")), "{names:?}");
         assert!(names.iter().any(|n| n.starts_with("dev-")), "{names:?}");
-        assert_eq!(row.gain, row.best_searched.map(|b| b - row.zero_shot.max(row.initial)), "{row:?}");
+        assert_eq!(
+            row.gain,
+            row.best_searched.map(|b| b - row.zero_shot.max(row.initial)),
+            "{row:?}"
+        );
         assert_eq!(row.steps, if row.configuration == "not-worse" { 1 } else { 2 });
     }
     // Each configuration's changes reach its runs.
-    let short: greater::records::RunConfig =
-        serde_json::from_str(&std::fs::read_to_string(out.join("short/boolean/config.json")).unwrap()).unwrap();
+    let short: greater::records::RunConfig = serde_json::from_str(
+        &std::fs::read_to_string(out.join("short/boolean/config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!((short.settings.max_reasoning, short.settings.accept), (3, Accept::Always));
     // A resumed (here: finished) screening gives the same table, and the markdown names both.
-    let (again, config) = run_screen(Start::Resume(Changes::default()), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    let (again, config) =
+        run_screen(Start::Resume(Changes::default()), &out, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(again, table);
     write_screen_outputs(&out, &again, &config).unwrap();
     let md = std::fs::read_to_string(out.join("screen.md")).unwrap();
-    assert!(md.contains("| short | max_reasoning = 3 |") && md.contains("no test question"), "{md}");
+    assert!(
+        md.contains("| short | max_reasoning = 3 |") && md.contains("no test question"),
+        "{md}"
+    );
     // A screening without dev questions has nothing to judge on.
-    let no_dev = ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
-    assert!(run_screen(Start::New(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {}).is_err());
+    let no_dev =
+        ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
+    assert!(run_screen(Start::New(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {})
+        .is_err());
 }
 
 #[test]
@@ -1119,7 +1407,11 @@ fn a_step_log_torn_at_its_end_is_trimmed_and_torn_in_its_middle_is_refused_with_
 /// Runs the binary; (exit code, stdout, stderr).
 fn greater_cli(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_greater")).args(args).output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 /// A finished one-step run of the tiny model with train, dev and test questions.
@@ -1129,9 +1421,16 @@ fn finished_cli_run(tmp: &Path) -> (PathBuf, greater::records::RunConfig) {
     let settings = OptimizeConfig { dev: 3, test: 4, steps: 1, ..tiny_settings(&model, 1) };
     std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
     let out = tmp.join("run");
-    let (code, _, err) = greater_cli(&["optimize", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (code, _, err) = greater_cli(&[
+        "optimize",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{err}");
-    let recorded = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let recorded =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     (out, recorded)
 }
 
@@ -1140,17 +1439,33 @@ fn eval_prompt_from_scores_only_the_runs_test_questions_with_its_layout_and_budg
     let tmp = tempfile::tempdir().unwrap();
     let (run, config) = finished_cli_run(tmp.path());
     let (task, split) = config.settings.load_task().unwrap();
-    let questions = |ids: &[usize]| -> Vec<String> { Split::pick(ids, &task).iter().map(|e| e.question.clone()).collect() };
+    let questions = |ids: &[usize]| -> Vec<String> {
+        Split::pick(ids, &task).iter().map(|e| e.question.clone()).collect()
+    };
     let records = tmp.path().join("eval.jsonl");
     // Without a task or split flag: the run's task, split and test questions, whatever the
     // defaults would be (here the default task and sizes differ from the run's).
-    let (code, _, err) = greater_cli(&["eval", "--prompt-from", run.to_str().unwrap(), "--out", records.to_str().unwrap()]);
+    let (code, _, err) = greater_cli(&[
+        "eval",
+        "--prompt-from",
+        run.to_str().unwrap(),
+        "--out",
+        records.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{err}");
-    let scored: Vec<serde_json::Value> = std::fs::read_to_string(&records).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let scored_questions: Vec<String> = scored.iter().map(|r| r["question"].as_str().unwrap().to_string()).collect();
+    let scored: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let scored_questions: Vec<String> =
+        scored.iter().map(|r| r["question"].as_str().unwrap().to_string()).collect();
     assert_eq!(scored_questions, questions(&split.test));
     for q in questions(&split.train).iter().chain(&questions(&split.dev)) {
-        assert!(!scored_questions.contains(q), "a train or dev question of the run was scored: {q}");
+        assert!(
+            !scored_questions.contains(q),
+            "a train or dev question of the run was scored: {q}"
+        );
     }
     // The run's budget and connector.
     let best = std::fs::read_to_string(run.join("best_prompt.txt")).unwrap();
@@ -1158,9 +1473,23 @@ fn eval_prompt_from_scores_only_the_runs_test_questions_with_its_layout_and_budg
         assert_eq!(r["prompt"].as_str().unwrap(), best);
         assert!(r["reasoning_tokens"].as_u64().unwrap() <= config.settings.max_reasoning as u64);
     }
-    assert!(err.contains(&format!("{}-token reasoning budget, connector {:?}", config.settings.max_reasoning, config.settings.connector)), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}-token reasoning budget, connector {:?}",
+            config.settings.max_reasoning, config.settings.connector
+        )),
+        "{err}"
+    );
     // A flag that would choose other questions is refused, naming it.
-    let (code, _, err) = greater_cli(&["eval", "--prompt-from", run.to_str().unwrap(), "--train", "1", "--test", "4"]);
+    let (code, _, err) = greater_cli(&[
+        "eval",
+        "--prompt-from",
+        run.to_str().unwrap(),
+        "--train",
+        "1",
+        "--test",
+        "4",
+    ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--train, --test would choose others"), "{err}");
 }
@@ -1169,14 +1498,24 @@ fn eval_prompt_from_scores_only_the_runs_test_questions_with_its_layout_and_budg
 fn resume_refuses_flags_that_change_a_recorded_setting_and_honours_steps_and_data_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let (run, config) = finished_cli_run(tmp.path());
-    let (code, _, err) = greater_cli(&["optimize", "--resume", run.to_str().unwrap(), "--top-k", "7"]);
+    let (code, _, err) =
+        greater_cli(&["optimize", "--resume", run.to_str().unwrap(), "--top-k", "7"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("does not take --top-k"), "{err}");
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let (code, _, err) = greater_cli(&["optimize", "--resume", run.to_str().unwrap(), "--steps", "2", "--data-dir", data.to_str().unwrap()]);
+    let (code, _, err) = greater_cli(&[
+        "optimize",
+        "--resume",
+        run.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{err}");
-    let resumed: greater::records::RunConfig = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    let resumed: greater::records::RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(resumed.settings.steps, 2);
     assert_eq!(resumed.settings.data_dir, Some(data.canonicalize().unwrap().display().to_string()));
     assert_eq!(OptimizeConfig { steps: 1, data_dir: None, ..resumed.settings }, config.settings);
@@ -1192,16 +1531,34 @@ fn flags_typed_on_the_command_line_override_the_config_file_even_at_their_defaul
     let layered = base.layered(Some((file, "run.toml")), &flags, &given).unwrap();
     // top_k typed at its default value beats the file; top_q from the file; shortlist typed.
     assert_eq!((layered.top_k, layered.top_q, layered.shortlist), (base.top_k, 2, 5));
-    assert_eq!(OptimizeConfig { top_k: base.top_k, top_q: base.top_q, shortlist: base.shortlist, ..layered }, base);
+    assert_eq!(
+        OptimizeConfig {
+            top_k: base.top_k,
+            top_q: base.top_q,
+            shortlist: base.shortlist,
+            ..layered
+        },
+        base
+    );
     // A file's error names the file and the key.
-    let err = base.layered(Some(("top_kk = 1\n", "run.toml")), &flags, &|_| false).unwrap_err().to_string();
+    let err = base
+        .layered(Some(("top_kk = 1\n", "run.toml")), &flags, &|_| false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("run.toml") && err.contains("top_kk"), "{err}");
 }
 
 #[test]
 fn every_setting_is_a_flag_and_a_key_with_its_default_shown() {
     let keys = OptimizeConfig::keys();
-    let table = toml::Table::try_from(OptimizeConfig { data_dir: Some("d".into()), chat_template: Some("t".into()), initial_prompt: Some("p".into()), budget_tokens: Some(1), ..OptimizeConfig::default() }).unwrap();
+    let table = toml::Table::try_from(OptimizeConfig {
+        data_dir: Some("d".into()),
+        chat_template: Some("t".into()),
+        initial_prompt: Some("p".into()),
+        budget_tokens: Some(1),
+        ..OptimizeConfig::default()
+    })
+    .unwrap();
     let mut serialised: Vec<&String> = table.keys().collect();
     let mut flags: Vec<&String> = keys.iter().collect();
     serialised.sort();
@@ -1209,9 +1566,19 @@ fn every_setting_is_a_flag_and_a_key_with_its_default_shown() {
     assert_eq!(flags, serialised);
     let (code, help, _) = greater_cli(&["optimize", "--help"]);
     assert_eq!(code, Some(0));
-    for (flag, default) in [("--top-k", "[default: 40]"), ("--temperature", "[default: 0.2]"), ("--keep-current", "[default: true]"), ("--accept", "[default: always]")] {
-        let at = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("{flag} missing from --help"));
-        let next = ["\n  -", "\n      --"].iter().filter_map(|m| help[at + 1..].find(m)).min().map_or(help.len(), |n| at + 1 + n);
+    for (flag, default) in [
+        ("--top-k", "[default: 40]"),
+        ("--temperature", "[default: 0.2]"),
+        ("--keep-current", "[default: true]"),
+        ("--accept", "[default: always]"),
+    ] {
+        let at =
+            help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("{flag} missing from --help"));
+        let next = ["\n  -", "\n      --"]
+            .iter()
+            .filter_map(|m| help[at + 1..].find(m))
+            .min()
+            .map_or(help.len(), |n| at + 1 + n);
         assert!(help[at..next].contains(default), "{flag}: {}", &help[at..next]);
     }
 }
@@ -1221,17 +1588,38 @@ fn eval_json_prints_one_object_with_the_unparsed_count_and_quiet_prints_nothing_
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let records = tmp.path().join("eval.jsonl");
-    let args = ["eval", "-m", model.to_str().unwrap(), "--difficulty", "1", "--train", "0", "--test", "5", "--max-reasoning", "3"];
-    let (code, stdout, stderr) = greater_cli(&[&args[..], &["--json", "--quiet", "--out", records.to_str().unwrap()]].concat());
+    let args = [
+        "eval",
+        "-m",
+        model.to_str().unwrap(),
+        "--difficulty",
+        "1",
+        "--train",
+        "0",
+        "--test",
+        "5",
+        "--max-reasoning",
+        "3",
+    ];
+    let (code, stdout, stderr) = greater_cli(
+        &[&args[..], &["--json", "--quiet", "--out", records.to_str().unwrap()]].concat(),
+    );
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stderr, "", "--quiet prints no notes");
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     let value: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&records).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&records)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let unparsed = lines.iter().filter(|r| r["parsed_answer"].is_null()).count();
     assert_eq!(value["result"]["n"], 5);
     assert_eq!(value["result"]["unparsed"], unparsed);
-    assert_eq!(value["result"]["correct"], lines.iter().filter(|r| r["correct"].as_bool().unwrap()).count());
+    assert_eq!(
+        value["result"]["correct"],
+        lines.iter().filter(|r| r["correct"].as_bool().unwrap()).count()
+    );
     // The text output says the same count.
     let (code, stdout, stderr) = greater_cli(&args);
     assert_eq!(code, Some(0), "{stderr}");

@@ -41,19 +41,41 @@ fn choice_answers() {
 fn label_answers() {
     table(
         AnswerKind::YesNo,
-        &[(" yes", Some("yes")), ("Yes.", Some("yes")), ("NO, because", Some("no")), ("maybe", None), ("yesterday", None)],
+        &[
+            (" yes", Some("yes")),
+            ("Yes.", Some("yes")),
+            ("NO, because", Some("no")),
+            ("maybe", None),
+            ("yesterday", None),
+        ],
     );
     table(
         AnswerKind::TrueFalse,
-        &[("True", Some("True")), ("$false.", Some("False")), ("**True**", Some("True")), ("Truely", None), ("1", None)],
+        &[
+            ("True", Some("True")),
+            ("$false.", Some("False")),
+            ("**True**", Some("True")),
+            ("Truely", None),
+            ("1", None),
+        ],
     );
     table(
         AnswerKind::ValidInvalid,
-        &[("valid", Some("valid")), (" Invalid.", Some("invalid")), ("invalidated", None), ("yes", None)],
+        &[
+            ("valid", Some("valid")),
+            (" Invalid.", Some("invalid")),
+            ("invalidated", None),
+            ("yes", None),
+        ],
     );
     table(
         AnswerKind::TrueFalseUncertain,
-        &[("Uncertain", Some("Uncertain")), ("unknown", Some("Uncertain")), ("False.", Some("False")), ("Maybe", None)],
+        &[
+            ("Uncertain", Some("Uncertain")),
+            ("unknown", Some("Uncertain")),
+            ("False.", Some("False")),
+            ("Maybe", None),
+        ],
     );
 }
 
@@ -99,7 +121,10 @@ fn extractors_follow_the_paper() {
         "Therefore, the final answer (use exact format: '$A' or '$B' or '$C') is $"
     );
     // Labels: a space after `$`, and the trailing space the reference's texts have.
-    assert_eq!(AnswerKind::YesNo.default_extractor(), "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ ");
+    assert_eq!(
+        AnswerKind::YesNo.default_extractor(),
+        "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ "
+    );
     assert_eq!(
         AnswerKind::ValidInvalid.default_extractor(),
         "Therefore, the final answer (use exact format: '$ valid' or '$ invalid') is $ "
@@ -117,7 +142,10 @@ fn the_data_dir_may_be_the_benchmark_folder_itself() {
         return;
     }
     let inside = TaskOptions { data_dir: Some(data_dir().join("bbh")), ..opts() };
-    assert_eq!(Task::load("navigate", &inside).unwrap().examples, Task::load("navigate", &opts()).unwrap().examples);
+    assert_eq!(
+        Task::load("navigate", &inside).unwrap().examples,
+        Task::load("navigate", &opts()).unwrap().examples
+    );
     let gsm = TaskOptions { data_dir: Some(data_dir().join("gsm8k")), ..opts() };
     assert_eq!(Task::load("gsm8k", &gsm).unwrap().examples.len(), 1319);
 }
@@ -135,16 +163,28 @@ fn bbh_tasks_use_the_reference_extractors_and_the_data_spelling_as_target() {
         "Therefore, the final answer (use exactly this format: $NUMBER$, where NUMBER is a positive integer) is $"
     );
     let sports = load("sports_understanding");
-    assert_eq!(sports.extractor, "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ");
+    assert_eq!(
+        sports.extractor,
+        "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ "
+    );
     assert!(sports.examples.iter().all(|e| e.target == e.answer));
     let navigate = load("navigate");
-    assert_eq!(navigate.extractor, "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ ");
+    assert_eq!(
+        navigate.extractor,
+        "Therefore, the final answer (use exact format: '$ Yes' or '$ No') is $ "
+    );
     // The gold stays normalised for evaluation; the target keeps the data's casing.
     let e = &navigate.examples[0];
-    assert_eq!((e.answer.as_str(), e.target.as_str()), (e.target.to_lowercase().as_str(), e.target.as_str()));
+    assert_eq!(
+        (e.answer.as_str(), e.target.as_str()),
+        (e.target.to_lowercase().as_str(), e.target.as_str())
+    );
     assert!(navigate.examples.iter().all(|e| e.target == "Yes" || e.target == "No"));
     let hyperbaton = load("hyperbaton");
-    assert_eq!(hyperbaton.extractor, "Therefore, the final answer (use exact format: '$A' or '$B') is $");
+    assert_eq!(
+        hyperbaton.extractor,
+        "Therefore, the final answer (use exact format: '$A' or '$B') is $"
+    );
     assert!(hyperbaton.examples.iter().all(|e| e.target == e.answer && e.target.len() == 1));
 }
 
@@ -163,16 +203,26 @@ fn every_bbh_file_loads_in_full_with_parseable_golds() {
         eprintln!("SKIPPED: no BBH data at {}", dir.display());
         return;
     }
-    let tasks: Vec<_> = greater::tasks::builtin_tasks().into_iter().filter(|t| t.source.starts_with("bbh")).collect();
+    let tasks: Vec<_> = greater::tasks::builtin_tasks()
+        .into_iter()
+        .filter(|t| t.source.starts_with("bbh"))
+        .collect();
     assert_eq!(tasks.len(), 27);
     for info in tasks {
         let task = Task::load(&info.name, &opts()).unwrap();
-        let raw: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{}.json", info.name))).unwrap()).unwrap();
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{}.json", info.name))).unwrap(),
+        )
+        .unwrap();
         assert_eq!(task.examples.len(), raw["examples"].as_array().unwrap().len(), "{}", info.name);
         for e in &task.examples {
             // Golds are stored in normal form: parsing them again is the identity.
-            assert_eq!(task.kind.parse(&e.answer).as_deref(), Some(e.answer.as_str()), "{}", info.name);
+            assert_eq!(
+                task.kind.parse(&e.answer).as_deref(),
+                Some(e.answer.as_str()),
+                "{}",
+                info.name
+            );
         }
     }
     // The option text of a mis-split BBH option list names its letter.
@@ -195,7 +245,10 @@ fn gsm8k_and_folio_golds_parse() {
     for (name, n) in [("folio", 204), ("folio-train", 1004)] {
         let folio = Task::load(name, &opts()).unwrap();
         assert_eq!(folio.examples.len(), n);
-        assert!(folio.examples.iter().all(|e| ["True", "False", "Uncertain"].contains(&e.answer.as_str())));
+        assert!(folio
+            .examples
+            .iter()
+            .all(|e| ["True", "False", "Uncertain"].contains(&e.answer.as_str())));
         assert!(folio.examples[0].question.starts_with("Premises:\n- "));
     }
 }
@@ -212,7 +265,10 @@ fn splits_are_deterministic_and_disjoint() {
     // A larger test split draws from the same shuffle: the train split is unchanged.
     assert_eq!(Split::new(300, 50, 0, 200, 7).unwrap().train.len(), 50);
     let err = Split::new(187, 50, 100, 100, 0).unwrap_err().to_string();
-    assert_eq!(err, "the split needs 250 examples (train 50 + dev 100 + test 100) but the task has 187");
+    assert_eq!(
+        err,
+        "the split needs 250 examples (train 50 + dev 100 + test 100) but the task has 187"
+    );
 }
 
 /// Python evaluates the generated questions independently.
@@ -225,7 +281,12 @@ fn python_eval(expressions: &[String]) -> Vec<String> {
         .spawn()
         .expect("python3 runs");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(serde_json::to_string(expressions).unwrap().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(expressions).unwrap().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
 }
@@ -233,18 +294,27 @@ fn python_eval(expressions: &[String]) -> Vec<String> {
 #[test]
 fn generated_tasks_are_seeded_and_their_golds_are_right() {
     for (name, suffix) in [("arithmetic", " ="), ("boolean", " is")] {
-        let task = Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 }).unwrap();
+        let task =
+            Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 })
+                .unwrap();
         assert_eq!(task.examples.len(), 200);
-        let again = Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 }).unwrap();
+        let again =
+            Task::load(name, &TaskOptions { data_dir: None, seed: 5, difficulty: 3, count: 200 })
+                .unwrap();
         assert_eq!(task.examples, again.examples);
-        let other = Task::load(name, &TaskOptions { data_dir: None, seed: 6, difficulty: 3, count: 200 }).unwrap();
+        let other =
+            Task::load(name, &TaskOptions { data_dir: None, seed: 6, difficulty: 3, count: 200 })
+                .unwrap();
         assert_ne!(task.examples, other.examples);
-        let expressions: Vec<String> =
-            task.examples.iter().map(|e| e.question.strip_suffix(suffix).unwrap().to_string()).collect();
+        let expressions: Vec<String> = task
+            .examples
+            .iter()
+            .map(|e| e.question.strip_suffix(suffix).unwrap().to_string())
+            .collect();
         let golds: Vec<String> = task.examples.iter().map(|e| e.answer.clone()).collect();
         assert_eq!(python_eval(&expressions), golds, "{name}");
         // Difficulty is the number of binary operators.
-        let ops = task.examples[0].question.matches(|c| c == '+' || c == '*').count()
+        let ops = task.examples[0].question.matches(['+', '*']).count()
             + task.examples[0].question.matches(" - ").count()
             + task.examples[0].question.matches(" and ").count()
             + task.examples[0].question.matches(" or ").count();
@@ -297,7 +367,11 @@ fn custom_toml_tasks_read_jsonl_csv_and_json() {
     assert_eq!(task.examples.iter().map(|e| e.answer.as_str()).collect::<Vec<_>>(), vec!["B", "C"]);
 
     write(dir.path(), "yn.json", "[{\"q\": \"Is it?\", \"a\": \"Yes\"}]");
-    let toml = write(dir.path(), "yn.toml", "data = \"yn.json\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"yes_no\"\n");
+    let toml = write(
+        dir.path(),
+        "yn.toml",
+        "data = \"yn.json\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"yes_no\"\n",
+    );
     let yn = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
     assert_eq!((yn.examples[0].answer.as_str(), yn.examples[0].target.as_str()), ("yes", "Yes"));
 }
@@ -316,7 +390,11 @@ fn malformed_input_is_reported_with_file_and_line() {
     assert!(err.contains("d.jsonl:2: invalid JSON"), "{err}");
     // Invalid UTF-8 on line 3 is reported with that line.
     write(d, "d.jsonl", "");
-    std::fs::write(d.join("d.jsonl"), b"{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": 2}\n{\"q\": \"\xff\", \"a\": 3}\n").unwrap();
+    std::fs::write(
+        d.join("d.jsonl"),
+        b"{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": 2}\n{\"q\": \"\xff\", \"a\": 3}\n",
+    )
+    .unwrap();
     let err = load_err(write(d, "t.toml", base).to_str().unwrap());
     assert!(err.contains("d.jsonl:3: invalid UTF-8"), "{err}");
     let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\"}\n");
@@ -332,10 +410,18 @@ fn malformed_input_is_reported_with_file_and_line() {
     assert!(err.contains("d.csv:2: "), "{err}");
     let err = spec("data = \"d.jsonl\"\nquestoin = \"q\"\n", "d.jsonl", "{}\n");
     assert!(err.contains("t.toml: ") && err.contains("unknown field `questoin`"), "{err}");
-    let err = spec("data = \"missing.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n", "d.jsonl", "");
+    let err = spec(
+        "data = \"missing.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n",
+        "d.jsonl",
+        "",
+    );
     assert!(err.contains("cannot read") && err.contains("missing.jsonl"), "{err}");
 
-    let bad_bbh = write(d, "navigate.json", "{\"examples\": [\n {\"input\": \"Go\", \"target\": \"Yes\"},\n {\"input\": \"x\"}\n]}");
+    let bad_bbh = write(
+        d,
+        "navigate.json",
+        "{\"examples\": [\n {\"input\": \"Go\", \"target\": \"Yes\"},\n {\"input\": \"x\"}\n]}",
+    );
     let err = load_err(bad_bbh.to_str().unwrap());
     assert!(err.contains("navigate.json:3:"), "{err}");
     assert!(err.contains("missing field `target`"), "{err}");
@@ -381,7 +467,11 @@ fn reference_extractor_options_give_the_reference_scripts_extractor_for_its_21_t
     for (name, want) in REFERENCE_EXTRACTORS {
         let task = Task::load(name, &opts).unwrap();
         let data_options = task.extractor.clone();
-        assert_eq!(task.with_extractor_options(ExtractorOptions::Reference).extractor, want, "{name}");
+        assert_eq!(
+            task.with_extractor_options(ExtractorOptions::Reference).extractor,
+            want,
+            "{name}"
+        );
         // Where the data has more options, `data` lists them all.
         if name == "movie_recommendation" {
             assert!(data_options.contains("'$E'"), "{data_options}");

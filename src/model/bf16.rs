@@ -24,7 +24,9 @@ const CHUNK_ROWS: usize = 384;
 /// Whether this CPU has the bf16 dot product (and the AVX-512 around it).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16");
+    return is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512bf16");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -100,13 +102,17 @@ fn pack_left(a: &[f32], k: usize) -> (Vec<u16>, usize) {
 pub fn matmul(a: &[f32], k: usize, w: &[f32], rows: usize, cols: usize, right: Right) -> Vec<f32> {
     assert!(available(), "bf16::matmul without AVX512-BF16");
     let sum_len = if right == Right::Transposed { cols } else { rows };
-    assert!(k == sum_len && a.len().is_multiple_of(k) && w.len() == rows * cols, "bf16::matmul: shapes do not match");
+    assert!(
+        k == sum_len && a.len().is_multiple_of(k) && w.len() == rows * cols,
+        "bf16::matmul: shapes do not match"
+    );
     let m = a.len() / k;
     let (panels, pairs, n) = pack_right(w, rows, cols, right);
     let (left, padded) = pack_left(a, k);
     let mut y = vec![0f32; m * n];
     // At least four chunks per thread, so that a few hundred rows also keep every core busy.
-    let chunk_rows = m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(ROWS).min(CHUNK_ROWS);
+    let chunk_rows =
+        m.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(ROWS).min(CHUNK_ROWS);
     y.par_chunks_mut(chunk_rows * n).enumerate().for_each(|(chunk, out)| {
         let left = &left[chunk * chunk_rows * padded..][..out.len() / n * padded];
         for panel in 0..n.div_ceil(COLS) {
@@ -130,7 +136,15 @@ mod kernel {
 
     /// Columns `col..col + 32` (clipped to n) of `out` [rows, n] = `left` rows · panel `b`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn panel(left: &[u16], padded: usize, b: &[u16], pairs: usize, out: &mut [f32], n: usize, col: usize) {
+    pub unsafe fn panel(
+        left: &[u16],
+        padded: usize,
+        b: &[u16],
+        pairs: usize,
+        out: &mut [f32],
+        n: usize,
+        col: usize,
+    ) {
         let rows = left.len() / padded;
         let cols = COLS.min(n - col);
         let mut r = 0;
@@ -151,12 +165,22 @@ mod kernel {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn tile<const R: usize>(a: *const u16, padded: usize, b: &[u16], pairs: usize, y: *mut f32, n: usize, cols: usize) {
+    unsafe fn tile<const R: usize>(
+        a: *const u16,
+        padded: usize,
+        b: &[u16],
+        pairs: usize,
+        y: *mut f32,
+        n: usize,
+        cols: usize,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let bp = b.as_ptr();
         for p in 0..pairs {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * COLS * 2) as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * COLS * 2 + 32) as *const _));
+            let b0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(bp.add(p * COLS * 2) as *const _));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(bp.add(p * COLS * 2 + 32) as *const _));
             for (i, row) in acc.iter_mut().enumerate() {
                 let pair = (a.add(i * padded + 2 * p) as *const i32).read_unaligned();
                 let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
@@ -164,7 +188,13 @@ mod kernel {
                 row[1] = _mm512_dpbf16_ps(row[1], av, b1);
             }
         }
-        let mask = |lanes: usize| -> __mmask16 { if lanes >= 16 { u16::MAX } else { ((1u32 << lanes) - 1) as u16 } };
+        let mask = |lanes: usize| -> __mmask16 {
+            if lanes >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << lanes) - 1) as u16
+            }
+        };
         let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
         for (i, row) in acc.iter().enumerate() {
             _mm512_mask_storeu_ps(y.add(i * n), m0, row[0]);

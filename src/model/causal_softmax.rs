@@ -56,7 +56,10 @@ impl CustomOp1 for CausalSoftmax {
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),
             CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end], keys)),
-            other => candle_core::bail!("causal-softmax: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "causal-softmax: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         };
         Ok((out, layout.shape().clone()))
     }
@@ -70,7 +73,12 @@ impl CustomOp1 for CausalSoftmax {
 
 /// Softmax of `scores` [.., rows, past + len] along the last axis, where row `r` is the
 /// query at position `past + r % len` and sees only earlier keys within `window`.
-pub fn causal_softmax(scores: &Tensor, past: usize, len: usize, window: Option<usize>) -> Result<Tensor> {
+pub fn causal_softmax(
+    scores: &Tensor,
+    past: usize,
+    len: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let window = window.unwrap_or(usize::MAX);
     scores.contiguous()?.apply_op1(CausalSoftmax { past, len, window })
 }

@@ -25,10 +25,9 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
             "gemma3" | "gemma3_text" => Arch::Gemma3,
-            other => bail!(
-                "unsupported model architecture '{other}' (supported: {})",
-                Arch::SUPPORTED
-            ),
+            other => {
+                bail!("unsupported model architecture '{other}' (supported: {})", Arch::SUPPORTED)
+            }
         })
     }
 
@@ -94,9 +93,7 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn embed_scale(&self) -> Option<f64> {
-        self.arch
-            .is_gemma()
-            .then(|| (self.hidden_size as f64).sqrt())
+        self.arch.is_gemma().then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// Every `period`-th layer is global, the others slide (Gemma 3: period 6).
@@ -106,14 +103,17 @@ impl ModelConfig {
 
     /// Defaults shared by both file formats, then per-architecture adjustments.
     fn finish(mut self) -> Result<Self> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             bail!(
                 "invalid attention heads: {} query heads, {} key/value heads",
                 self.n_heads,
                 self.n_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} is odd; rotary embeddings need it even", self.head_dim);
         }
         if self.layer_is_sliding.len() != self.n_layers {
@@ -141,14 +141,20 @@ impl ModelConfig {
         let get_u = |k: &str| -> Result<Option<usize>> {
             match md.get(&format!("{p}.{k}")) {
                 None => Ok(None),
-                Some(v) => Ok(Some(v.to_u64().or_else(|_| v.to_u32().map(u64::from))
-                    .with_context(|| format!("{p}.{k} is not an integer"))? as usize)),
+                Some(v) => Ok(Some(
+                    v.to_u64()
+                        .or_else(|_| v.to_u32().map(u64::from))
+                        .with_context(|| format!("{p}.{k} is not an integer"))?
+                        as usize,
+                )),
             }
         };
         let get_f = |k: &str| -> Result<Option<f64>> {
             match md.get(&format!("{p}.{k}")) {
                 None => Ok(None),
-                Some(v) => Ok(Some(v.to_f32().with_context(|| format!("{p}.{k} is not a float"))? as f64)),
+                Some(v) => {
+                    Ok(Some(v.to_f32().with_context(|| format!("{p}.{k} is not a float"))? as f64))
+                }
             }
         };
         let need = |k: &str| -> Result<usize> {
@@ -178,7 +184,11 @@ impl ModelConfig {
             rope_freq_factors: Vec::new(),
             rope_linear_factor: get_f("rope.scaling.factor")?.unwrap_or(1.0),
             // llama.cpp's converter permutes llama's Q/K rows for its interleaved rope kernel.
-            rope_style: if arch == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
+            rope_style: if arch == Arch::Llama {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Halves
+            },
             max_position: get_u("context_length")?.unwrap_or(4096),
             sliding_window,
             layer_is_sliding: Vec::new(),
@@ -276,11 +286,8 @@ fn rope_scaling_from_hf(
     let Some(s) = scaling.filter(|s| s.is_object()) else {
         return Ok((Vec::new(), 1.0));
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind =
+        s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
     match kind {
         "default" => Ok((Vec::new(), 1.0)),

@@ -38,7 +38,8 @@ impl CustomOp1 for DecodeAttention {
             candle_core::bail!("decode-attention needs a contiguous f32 query");
         };
         let q = &q[qs..qe];
-        let guards: Vec<_> = self.keys.iter().chain(&self.values).map(|t| t.storage_and_layout()).collect();
+        let guards: Vec<_> =
+            self.keys.iter().chain(&self.values).map(|t| t.storage_and_layout()).collect();
         let mut caches = Vec::with_capacity(guards.len());
         for (g, layout) in &guards {
             let Storage::Cpu(CpuStorage::F32(data)) = &**g else {
@@ -72,10 +73,13 @@ impl CustomOp1 for DecodeAttention {
             for s in &mut scores {
                 *s /= sum;
             }
-            let value = |i: usize, at: usize| &v[v0 + (lo + i) * v_pos + at..v0 + (lo + i) * v_pos + hd];
+            let value =
+                |i: usize, at: usize| &v[v0 + (lo + i) * v_pos + at..v0 + (lo + i) * v_pos + hd];
             let mut blocks = dst.chunks_exact_mut(VALUE_BLOCK);
             for (c, block) in blocks.by_ref().enumerate() {
-                block.copy_from_slice(&weighted_sum::<VALUE_BLOCK>(&scores, |i| value(i, c * VALUE_BLOCK)));
+                block.copy_from_slice(&weighted_sum::<VALUE_BLOCK>(&scores, |i| {
+                    value(i, c * VALUE_BLOCK)
+                }));
             }
             let tail = blocks.into_remainder();
             let at = hd - tail.len();

@@ -36,7 +36,11 @@ mod avx512 {
         fn n(&self) -> usize;
         fn k(&self) -> usize;
         /// Rows `rows` as row-major f32, from storage or written into `scratch`.
-        fn f32_rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32];
+        fn f32_rows<'a>(
+            &'a self,
+            rows: std::ops::Range<usize>,
+            scratch: &'a mut Vec<f32>,
+        ) -> &'a [f32];
         /// The bytes that hold rows `rows`, for prefetching.
         fn bytes(&self, rows: std::ops::Range<usize>) -> &[u8];
     }
@@ -73,7 +77,11 @@ mod avx512 {
         fn k(&self) -> usize {
             self.k
         }
-        fn f32_rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        fn f32_rows<'a>(
+            &'a self,
+            rows: std::ops::Range<usize>,
+            scratch: &'a mut Vec<f32>,
+        ) -> &'a [f32] {
             let (lo, hi) = (rows.start * self.k, rows.end * self.k);
             scratch.resize(hi - lo, 0.0);
             // SAFETY: avx512f is available wherever a tile runs ([`matmul`] asserts it).
@@ -98,7 +106,9 @@ mod avx512 {
             let scale = _mm512_set1_ps(w.scale[first + b]);
             let offset = w.offset.as_ref().map(|o| _mm512_set1_ps(o[first + b]));
             for (c, dst) in block.chunks_exact_mut(16).enumerate() {
-                let ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(b * w.block + 16 * c) as *const __m128i));
+                let ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    q.add(b * w.block + 16 * c) as *const __m128i
+                ));
                 let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), scale);
                 if let Some(off) = offset {
                     v = _mm512_add_ps(v, off);
@@ -153,7 +163,15 @@ mod avx512 {
     /// taken X_ROWS at a time.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const C: usize>(x: &[f32], m: usize, k: usize, ws: &[f32], next: &[u8], dst: *mut f32, n: usize) {
+    unsafe fn tile<const C: usize>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        ws: &[f32],
+        next: &[u8],
+        dst: *mut f32,
+        n: usize,
+    ) {
         for i0 in (0..m).step_by(X_ROWS) {
             // The first group fetches the next tile, which the others then find in the cache.
             let next = if i0 == 0 { next } else { &[] };
@@ -188,11 +206,13 @@ mod avx512 {
                 _mm_prefetch::<_MM_HINT_T0>(next.as_ptr().add(64 * l) as *const i8);
             }
             // The last chunk of a row not a multiple of 16 long reads only its own lanes.
-            let lanes: __mmask16 = if k - o >= 16 { u16::MAX } else { ((1u32 << (k - o)) - 1) as u16 };
+            let lanes: __mmask16 =
+                if k - o >= 16 { u16::MAX } else { ((1u32 << (k - o)) - 1) as u16 };
             let mut xv = [_mm512_setzero_ps(); R];
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = _mm512_maskz_loadu_ps(lanes, xr.add(r * k + o));
             }
+            #[allow(clippy::needless_range_loop)] // c indexes the weights' rows and acc's columns
             for c in 0..C {
                 let wv = _mm512_maskz_loadu_ps(lanes, wr.add(c * k + o));
                 for r in 0..R {

@@ -62,7 +62,12 @@ impl CustomOp1 for Bf16InputGradient {
         let (m, n) = g_l.shape().dims2()?;
         let k = w_l.shape().dims2()?.1;
         match (&*w, g, g_l.contiguous_offsets(), w_l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(gd), Some((gs, ge)), Some((ws, we))) => {
+            (
+                Storage::Cpu(CpuStorage::F32(wd)),
+                CpuStorage::F32(gd),
+                Some((gs, ge)),
+                Some((ws, we)),
+            ) => {
                 let y = bf16::matmul(&gd[gs..ge], n, &wd[ws..we], n, k, Right::Plain);
                 Ok((CpuStorage::F32(y), Shape::from((m, k))))
             }
@@ -93,16 +98,27 @@ impl CustomOp1 for FrozenMatmul {
             _ => None,
         };
         match (&*w, x, x_l.contiguous_offsets(), w_l.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we))) if self.bf16 => {
-                Ok((CpuStorage::F32(bf16::matmul(&xd[xs..xe], k, &wd[ws..we], n, k, Right::Transposed)), Shape::from((m, n))))
-            }
-            (_, CpuStorage::F32(xd), Some((xs, xe)), _) if matches!(self.fast, Some(FastWeight::Int8(_))) => {
+            (
+                Storage::Cpu(CpuStorage::F32(wd)),
+                CpuStorage::F32(xd),
+                Some((xs, xe)),
+                Some((ws, we)),
+            ) if self.bf16 => Ok((
+                CpuStorage::F32(bf16::matmul(&xd[xs..xe], k, &wd[ws..we], n, k, Right::Transposed)),
+                Shape::from((m, n)),
+            )),
+            (_, CpuStorage::F32(xd), Some((xs, xe)), _)
+                if matches!(self.fast, Some(FastWeight::Int8(_))) =>
+            {
                 let Some(FastWeight::Int8(q)) = &self.fast else { unreachable!() };
                 Ok((CpuStorage::F32(int8::matmul(&xd[xs..xe], q)), Shape::from((m, n))))
             }
-            (Storage::Cpu(CpuStorage::F32(wd)), CpuStorage::F32(xd), Some((xs, xe)), Some((ws, we)))
-                if takes_few_rows(m, DType::F32, exact.is_some()) =>
-            {
+            (
+                Storage::Cpu(CpuStorage::F32(wd)),
+                CpuStorage::F32(xd),
+                Some((xs, xe)),
+                Some((ws, we)),
+            ) if takes_few_rows(m, DType::F32, exact.is_some()) => {
                 let y = match exact {
                     Some(p) => few_rows::matmul_packed(&xd[xs..xe], p, m),
                     None => few_rows::matmul(&xd[xs..xe], &wd[ws..we], m, k, n),
@@ -116,7 +132,9 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if self.bf16 {
-            return Ok(Some(grad.contiguous()?.apply_op1(Bf16InputGradient { weight: self.weight.clone() })?));
+            return Ok(Some(
+                grad.contiguous()?.apply_op1(Bf16InputGradient { weight: self.weight.clone() })?,
+            ));
         }
         Ok(Some(grad.matmul(&self.weight)?))
     }
@@ -133,7 +151,9 @@ const TRANSPOSED_ROWS: usize = 64;
 
 /// Whether a CPU product of `m` rows in `dtype` runs in [`few_rows`].
 fn takes_few_rows(m: usize, dtype: DType, packed: bool) -> bool {
-    m <= if packed { FEW_ROWS_PACKED } else { FEW_ROWS } && dtype == DType::F32 && few_rows::available()
+    m <= if packed { FEW_ROWS_PACKED } else { FEW_ROWS }
+        && dtype == DType::F32
+        && few_rows::available()
 }
 
 /// Rows from which the gradient pass's products run in bf16 when `bf16` is asked for: fewer
@@ -143,7 +163,12 @@ const BF16_ROWS: usize = 64;
 /// `x` [m, in] @ `weight`^T [in, out]; `fast`, when given, holds the same weight. Integer
 /// dot products (`FastWeight::Int8`) serve only passes without a gradient; the gradient
 /// pass multiplies by the f32 weight, in bf16 products with f32 sums when `bf16`.
-pub fn frozen_matmul(x: &Tensor, weight: &Tensor, fast: Option<&FastWeight>, bf16: bool) -> Result<Tensor> {
+pub fn frozen_matmul(
+    x: &Tensor,
+    weight: &Tensor,
+    fast: Option<&FastWeight>,
+    bf16: bool,
+) -> Result<Tensor> {
     let m = x.dim(0)?;
     let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
     if bf16 && on_cpu && x.track_op() && m >= BF16_ROWS {

@@ -20,19 +20,34 @@ impl CustomOp2 for WithGradient {
         "with-gradient"
     }
 
-    fn cpu_fwd(&self, _x: &CpuStorage, _xl: &Layout, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let Some((start, end)) = yl.contiguous_offsets() else {
             candle_core::bail!("with-gradient: the computed value must be contiguous")
         };
         let out = match y {
             CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
             CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-            other => candle_core::bail!("with-gradient: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+            other => candle_core::bail!(
+                "with-gradient: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
         };
         Ok((out, yl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.backward)(x, grad)?), None))
     }
 }

@@ -125,7 +125,10 @@ pub fn length_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
 
 /// [`run_all`] for requests with ids: each request's cache, hidden states and the
 /// next-token logits [vocab] after it.
-fn run_all_with_logits(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor, Tensor)>> {
+fn run_all_with_logits(
+    model: &Model,
+    requests: Vec<Request>,
+) -> Result<Vec<(KvCache, Tensor, Tensor)>> {
     if requests.iter().any(|r| r.ids.is_empty()) {
         bail!("cannot continue an empty prompt");
     }
@@ -133,35 +136,57 @@ fn run_all_with_logits(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvC
     if ran.is_empty() {
         return Ok(Vec::new());
     }
-    let lasts = ran.iter().map(|(_, h)| h.narrow(0, h.dim(0)? - 1, 1)).collect::<candle_core::Result<Vec<_>>>()?;
+    let lasts = ran
+        .iter()
+        .map(|(_, h)| h.narrow(0, h.dim(0)? - 1, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let logits = model.logits(&Tensor::cat(&lasts, 0)?)?;
     ran.into_iter().enumerate().map(|(i, (cache, h))| Ok((cache, h, logits.get(i)?))).collect()
 }
 
 /// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.
 pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
-    Ok(run_all_with_logits(model, requests)?.into_iter().map(|(cache, _, logits)| (cache, logits)).collect())
+    Ok(run_all_with_logits(model, requests)?
+        .into_iter()
+        .map(|(cache, _, logits)| (cache, logits))
+        .collect())
 }
 
 /// Continues every request, prefilled in batches and decoded together with the other
 /// still-running ones. Padding and batch-mates never enter a request's sums, so its tokens
 /// are the ones it would get alone.
-pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> Result<Vec<Generated>> {
+pub fn generate(
+    model: &Model,
+    requests: Vec<Request>,
+    cfg: &GenerateConfig,
+) -> Result<Vec<Generated>> {
     let n = requests.len();
     let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
-        .map(|i| cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64))))
+        .map(|i| {
+            cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64)))
+        })
         .collect();
     let mut out: Vec<Generated> = Vec::with_capacity(n);
     // (request index, cache, next token) of the sequences still running.
     let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-    for (i, (cache, prefill, logits)) in run_all_with_logits(model, requests)?.into_iter().enumerate() {
-        out.push(Generated { ids: Vec::new(), stop: StopReason::Budget, cache: KvCache::default(), fed: 0, prefill });
+    for (i, (cache, prefill, logits)) in
+        run_all_with_logits(model, requests)?.into_iter().enumerate()
+    {
+        out.push(Generated {
+            ids: Vec::new(),
+            stop: StopReason::Budget,
+            cache: KvCache::default(),
+            fed: 0,
+            prefill,
+        });
         if cfg.max_tokens == 0 {
             // Nothing to generate: the prompt is still fed, so the caller can continue it.
             out[i].cache = cache;
             continue;
         }
-        let next = pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?[0];
+        let next =
+            pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?
+                [0];
         running.push((i, cache, next));
     }
     loop {
@@ -187,12 +212,16 @@ pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> 
         }
         let toks: Vec<u32> = running.iter().map(|r| r.2).collect();
         let x = model.embed(&toks)?.unsqueeze(1)?;
-        let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
+        let mut caches: Vec<KvCache> =
+            running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
         let hidden = model.forward(&x, &mut caches, Pass::Fast)?;
         let logits = model.logits(&hidden.squeeze(1)?)?;
-        let mut batch_rngs: Vec<Option<ChaCha8Rng>> = running.iter().map(|r| rngs[r.0].take()).collect();
+        let mut batch_rngs: Vec<Option<ChaCha8Rng>> =
+            running.iter().map(|r| rngs[r.0].take()).collect();
         let next = pick(&logits, cfg.sampling.as_ref(), &mut batch_rngs)?;
-        for ((r, cache), (tok, rng)) in running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs)) {
+        for ((r, cache), (tok, rng)) in
+            running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs))
+        {
             r.1 = cache;
             r.2 = tok;
             rngs[r.0] = rng;
@@ -201,7 +230,11 @@ pub fn generate(model: &Model, requests: Vec<Request>, cfg: &GenerateConfig) -> 
 }
 
 /// Next token per row of `logits` [batch, vocab].
-fn pick(logits: &Tensor, sampling: Option<&Sampling>, rngs: &mut [Option<ChaCha8Rng>]) -> Result<Vec<u32>> {
+fn pick(
+    logits: &Tensor,
+    sampling: Option<&Sampling>,
+    rngs: &mut [Option<ChaCha8Rng>],
+) -> Result<Vec<u32>> {
     let Some(s) = sampling.filter(|s| s.temperature > 0.0) else {
         return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
     };

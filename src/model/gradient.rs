@@ -44,7 +44,8 @@ pub fn loss_and_gradients(
     inputs: &[OneHotInput],
     loss: impl Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<Vec<(f64, Vec<f32>)>> {
-    let lens: Vec<usize> = inputs.iter().map(|i| i.ids.len().saturating_sub(i.prefix.len())).collect();
+    let lens: Vec<usize> =
+        inputs.iter().map(|i| i.ids.len().saturating_sub(i.prefix.len())).collect();
     let mut out: Vec<Option<(f64, Vec<f32>)>> = vec![None; inputs.len()];
     for batch in length_batches(&lens, GRADIENT_BATCH_TOKENS) {
         let group: Vec<&OneHotInput> = batch.iter().map(|&i| &inputs[i]).collect();
@@ -64,7 +65,11 @@ pub fn loss_and_gradients(
 }
 
 /// The loss alone (no backward pass), e.g. for finite-difference checks.
-pub fn loss_value(model: &Model, input: &OneHotInput, loss: impl Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
+pub fn loss_value(
+    model: &Model,
+    input: &OneHotInput,
+    loss: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<f64> {
     let (_, values) = forward_losses(model, &[input], |_, logits| loss(logits))?;
     scalar(&values[0])
 }
@@ -110,9 +115,19 @@ fn forward_losses(
     inputs: &[&OneHotInput],
     loss: impl Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<(Vec<Var>, Vec<Tensor>)> {
-    let (weights, rows): (Vec<Var>, Vec<Tensor>) =
-        inputs.iter().map(|i| mixed_embeddings(model, i)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-    let longest = rows.iter().map(|r| r.dim(0)).collect::<candle_core::Result<Vec<_>>>()?.into_iter().max().unwrap_or(0);
+    let (weights, rows): (Vec<Var>, Vec<Tensor>) = inputs
+        .iter()
+        .map(|i| mixed_embeddings(model, i))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let longest = rows
+        .iter()
+        .map(|r| r.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
     let padded = rows
         .iter()
         .map(|r| {
@@ -130,9 +145,12 @@ fn forward_losses(
     let picked: Vec<u32> = inputs
         .iter()
         .enumerate()
-        .flat_map(|(b, i)| i.loss_positions.iter().map(move |&p| (b * longest + p - i.prefix.len()) as u32))
+        .flat_map(|(b, i)| {
+            i.loss_positions.iter().map(move |&p| (b * longest + p - i.prefix.len()) as u32)
+        })
         .collect();
-    let logits = model.logits(&hidden.index_select(&Tensor::new(picked.as_slice(), model.device())?, 0)?)?;
+    let logits =
+        model.logits(&hidden.index_select(&Tensor::new(picked.as_slice(), model.device())?, 0)?)?;
     let mut offset = 0;
     let mut values = Vec::with_capacity(inputs.len());
     for (j, input) in inputs.iter().enumerate() {

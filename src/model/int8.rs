@@ -92,7 +92,8 @@ impl Int8Weight {
     pub fn from_packed(p: &PackedWeight) -> Self {
         let (n, k, block) = (p.n, p.k, p.block);
         let (blocks, strips) = (k / block, n.div_ceil(STRIP));
-        let (min, max) = p.q.iter().fold((0i32, 0i32), |(lo, hi), &q| (lo.min(q as i32), hi.max(q as i32)));
+        let (min, max) =
+            p.q.iter().fold((0i32, 0i32), |(lo, hi), &q| (lo.min(q as i32), hi.max(q as i32)));
         let form = match max - min {
             0..=15 => Codes::Four,
             16..=31 => Codes::Five,
@@ -118,7 +119,11 @@ impl Int8Weight {
                 for g in 0..block / 4 {
                     for (e, v) in group.iter_mut().enumerate() {
                         let row = s * STRIP + e / 4;
-                        *v = if row < n { p.q[row * k + b * block + 4 * g + e % 4] as i32 } else { 0 };
+                        *v = if row < n {
+                            p.q[row * k + b * block + 4 * g + e % 4] as i32
+                        } else {
+                            0
+                        };
                     }
                     store_group(form, min, &group, &mut codes);
                 }
@@ -221,7 +226,9 @@ impl QuantRows {
             .zip(rows.sum.par_chunks_mut(per_row))
             .with_min_len(4)
             .for_each(|((((x, q), scale), start), sum)| {
-                for (b, (src, dst)) in x.chunks_exact(block).zip(q.chunks_exact_mut(block)).enumerate() {
+                for (b, (src, dst)) in
+                    x.chunks_exact(block).zip(q.chunks_exact_mut(block)).enumerate()
+                {
                     let (d, s) = quantize_block(src, dst);
                     (scale[b], start[b], sum[b]) = (d, -ZERO * s, d * s as f32);
                 }
@@ -330,7 +337,12 @@ struct StripCodes<'a> {
 impl<'a> StripCodes<'a> {
     fn of(w: &'a Int8Weight, s: usize) -> Self {
         let len = w.blocks() * w.block_bytes();
-        StripCodes { codes: &w.codes[s * len..][..len], form: w.form, bias: w.bias, block_bytes: w.block_bytes() }
+        StripCodes {
+            codes: &w.codes[s * len..][..len],
+            form: w.form,
+            bias: w.bias,
+            block_bytes: w.block_bytes(),
+        }
     }
 
     /// Every group unpacked to `q + 128` into `buf`, in the same order, by `kernel`'s
@@ -342,9 +354,16 @@ impl<'a> StripCodes<'a> {
         match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => pairs.for_each(|(src, dst)| avx512::unpack(self, src, dst)),
-            _ => pairs.for_each(|(src, dst)| unpack_group(self.form, self.bias, src, dst.try_into().unwrap())),
+            _ => pairs.for_each(|(src, dst)| {
+                unpack_group(self.form, self.bias, src, dst.try_into().unwrap())
+            }),
         }
-        StripCodes { codes: buf, form: Codes::Eight, bias: 0, block_bytes: self.block_bytes / self.form.bytes() * 64 }
+        StripCodes {
+            codes: buf,
+            form: Codes::Eight,
+            bias: 0,
+            block_bytes: self.block_bytes / self.form.bytes() * 64,
+        }
     }
 
     /// Group g of block b, as stored.
@@ -354,11 +373,23 @@ impl<'a> StripCodes<'a> {
 }
 
 /// Columns of strip `s` for every row of `x`; `unpacked` is this task's buffer.
-unsafe fn strip(kernel: Kernel, w: &Int8Weight, s: usize, x: &QuantRows, out: &Out, m: usize, unpacked: &mut Vec<u8>) {
+unsafe fn strip(
+    kernel: Kernel,
+    w: &Int8Weight,
+    s: usize,
+    x: &QuantRows,
+    out: &Out,
+    m: usize,
+    unpacked: &mut Vec<u8>,
+) {
     let cols = STRIP.min(w.n - s * STRIP);
     let stored = StripCodes::of(w, s);
     // Past a few rows, unpacking once is cheaper than once per pass of ROWS rows.
-    let codes = if m > UNPACK_ONCE_ROWS || kernel != Kernel::Avx512Vnni { stored.unpacked(kernel, unpacked) } else { stored };
+    let codes = if m > UNPACK_ONCE_ROWS || kernel != Kernel::Avx512Vnni {
+        stored.unpacked(kernel, unpacked)
+    } else {
+        stored
+    };
     let mut r = 0;
     while r < m {
         let rows = ROWS.min(m - r);
@@ -382,7 +413,15 @@ const UNPACK_ONCE_ROWS: usize = 8;
 
 /// Row `r` of y over strip `s` (groups unpacked), in plain Rust: the reference the SIMD
 /// kernels equal.
-unsafe fn scalar_row(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) {
+unsafe fn scalar_row(
+    w: &Int8Weight,
+    codes: StripCodes,
+    s: usize,
+    x: &QuantRows,
+    r: usize,
+    y: *mut f32,
+    cols: usize,
+) {
     let (k, block, blocks) = (w.k, w.block, w.blocks());
     let mut acc = [0f32; STRIP];
     for b in 0..blocks {
@@ -417,7 +456,16 @@ mod avx512 {
     /// `rows` (1 to 4) rows of y from row `r0` over strip `s`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn rows(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r0: usize, rows: usize, y: *mut f32, cols: usize) {
+    pub unsafe fn rows(
+        w: &Int8Weight,
+        codes: StripCodes,
+        s: usize,
+        x: &QuantRows,
+        r0: usize,
+        rows: usize,
+        y: *mut f32,
+        cols: usize,
+    ) {
         match (rows, codes.form) {
             (4, Codes::Eight) => group::<4, 8>(w, codes, s, x, r0, y, cols),
             (3, Codes::Eight) => group::<3, 8>(w, codes, s, x, r0, y, cols),
@@ -454,7 +502,8 @@ mod avx512 {
             return _mm512_loadu_si512(src as *const _);
         }
         let packed = _mm256_loadu_si256(src as *const __m256i);
-        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
+        let both =
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(packed), _mm256_srli_epi16::<4>(packed));
         let mut codes = _mm512_and_si512(both, _mm512_set1_epi8(15));
         if BITS == 5 {
             let high = (src.add(32) as *const u64).read_unaligned();
@@ -485,7 +534,8 @@ mod avx512 {
             for g in 0..block / 4 {
                 let wv = load_group::<BITS>(codes.group(b, g).as_ptr(), bias);
                 for (i, d) in dot.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32((xq.add(i * k + 4 * g) as *const i32).read_unaligned());
+                    let xv =
+                        _mm512_set1_epi32((xq.add(i * k + 4 * g) as *const i32).read_unaligned());
                     *d = _mm512_dpbusd_epi32(*d, wv, xv);
                 }
             }
@@ -518,7 +568,15 @@ mod avx2 {
     /// widened to 16-bit integers in four parts of 4 rows, each multiplied with the 4 bytes
     /// of x by `vpmaddwd` into 2 pair sums per row; the pairs are added at the block's end.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row(w: &Int8Weight, codes: StripCodes, s: usize, x: &QuantRows, r: usize, y: *mut f32, cols: usize) {
+    pub unsafe fn row(
+        w: &Int8Weight,
+        codes: StripCodes,
+        s: usize,
+        x: &QuantRows,
+        r: usize,
+        y: *mut f32,
+        cols: usize,
+    ) {
         let (k, block, blocks) = (w.k, w.block, w.blocks());
         let mut acc = [_mm256_setzero_ps(); 2];
         // hadd leaves rows in the order 0 1 4 5 2 3 6 7 of its two inputs.
@@ -532,14 +590,18 @@ mod avx2 {
                 let xv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(four));
                 for (p, pair) in pairs.iter_mut().enumerate() {
                     let bytes = _mm_loadu_si128(group.add(16 * p) as *const __m128i);
-                    *pair = _mm256_add_epi32(*pair, _mm256_madd_epi16(_mm256_cvtepu8_epi16(bytes), xv));
+                    *pair =
+                        _mm256_add_epi32(*pair, _mm256_madd_epi16(_mm256_cvtepu8_epi16(bytes), xv));
                 }
             }
             let xb = r * blocks + b;
             let start = _mm256_set1_epi32(x.start[xb]);
             let meta = (s * blocks + b) * STRIP;
             for h in 0..2 {
-                let rows = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(pairs[2 * h], pairs[2 * h + 1]), order);
+                let rows = _mm256_permutevar8x32_epi32(
+                    _mm256_hadd_epi32(pairs[2 * h], pairs[2 * h + 1]),
+                    order,
+                );
                 let dot = _mm256_add_epi32(rows, start);
                 let sw = _mm256_loadu_ps(w.scale.as_ptr().add(meta + 8 * h));
                 let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sw);

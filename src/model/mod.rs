@@ -1,5 +1,6 @@
 //! Model runtime: architectures, weights, generation and gradients.
 
+pub mod bf16;
 mod causal_softmax;
 pub mod config;
 mod decode_attention;
@@ -8,7 +9,6 @@ mod frozen_matmul;
 mod fused_backward;
 pub mod generate;
 pub mod gradient;
-pub mod bf16;
 pub mod int8;
 pub mod packed;
 pub mod transformer;
@@ -18,7 +18,17 @@ pub use config::{Arch, ModelConfig};
 pub use transformer::{KvCache, Model, Pass};
 
 /// The arithmetic of the passes without a gradient (decoding, prefill, scoring).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     /// f32 products, the same bits on every CPU with AVX-512.

@@ -96,7 +96,8 @@ fn unpack(dtype: GgmlDType, src: &[u8], q: &mut [i8], scale: &mut Vec<f32>, offs
         GgmlDType::Q4K => {
             // d, dmin, 12 bytes of scales and mins, then 64-weight chunks of 32 bytes: low
             // nibbles are the chunk's first sub-block, high nibbles its second.
-            let (d, dmin, scales, qs) = (half_at(src, 0), half_at(src, 2), &src[4..16], &src[16..144]);
+            let (d, dmin, scales, qs) =
+                (half_at(src, 0), half_at(src, 2), &src[4..16], &src[16..144]);
             for j in 0..8 {
                 let (sc, m) = q4k_scale_min(j, scales);
                 scale.push(d * sc as f32);
@@ -131,7 +132,7 @@ impl PackedWeight {
     /// not kept packed (floats, the other K-quants).
     pub fn from_ggml(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Result<Option<Self>> {
         let Some((weights, bytes, block)) = layout(dtype) else { return Ok(None) };
-        if k % weights != 0 || data.len() != n * k / weights * bytes {
+        if !k.is_multiple_of(weights) || data.len() != n * k / weights * bytes {
             bail!("{dtype:?} tensor [{n}, {k}]: {} bytes do not hold its blocks", data.len());
         }
         let mut q = vec![0i8; n * k];

@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::config::{Activation, Arch, ModelConfig, RopeStyle};
-use super::causal_softmax::causal_softmax;
-use super::decode_attention::DecodeAttention;
 use super::bf16;
+use super::causal_softmax::causal_softmax;
+use super::config::{Activation, Arch, ModelConfig, RopeStyle};
+use super::decode_attention::DecodeAttention;
 use super::few_rows;
 use super::frozen_matmul::{frozen_matmul, FastWeight};
 use super::fused_backward;
@@ -67,7 +67,13 @@ impl KvCache {
 
     /// Appends this layer's new keys/values and returns all of them. The differentiable
     /// pass concatenates (an in-place write would cut the gradient).
-    fn extend(&mut self, layer: usize, k: Tensor, v: Tensor, pass: Pass) -> Result<(Tensor, Tensor)> {
+    fn extend(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+        pass: Pass,
+    ) -> Result<(Tensor, Tensor)> {
         let (old, new) = (self.len, k.dim(2)?);
         let total = old + new;
         if layer == self.layers.len() {
@@ -146,7 +152,13 @@ struct RopeTable {
 
 impl RopeTable {
     /// Computed in f32 like the Hugging Face and candle references, so logits match them.
-    fn new(cfg: &ModelConfig, theta: f64, linear_factor: f64, dtype: DType, device: &Device) -> Result<Self> {
+    fn new(
+        cfg: &ModelConfig,
+        theta: f64,
+        linear_factor: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let n_pos = cfg.max_position.min(1 << 15);
         let inv_freq: Vec<f32> = (0..half)
@@ -249,15 +261,27 @@ fn quantized(weight: &Tensor) -> Result<Option<Int8Weight>> {
 }
 
 /// Uniformly random weights (GGUF names) drawn from `seed`: norms near 1, the rest small.
-pub fn random_weights(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut map = HashMap::new();
     for (name, shape, _) in tensor_layout(cfg) {
         let n: usize = shape.iter().product();
         let is_norm = name.ends_with("norm.weight");
-        let values: Vec<f64> = (0..n)
-            .map(|_| if is_norm { rng.random_range(0.8..1.2) } else { rng.random_range(-0.15..0.15) })
-            .collect();
+        let values: Vec<f64> =
+            (0..n)
+                .map(|_| {
+                    if is_norm {
+                        rng.random_range(0.8..1.2)
+                    } else {
+                        rng.random_range(-0.15..0.15)
+                    }
+                })
+                .collect();
         map.insert(name, Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?);
     }
     Ok(map)
@@ -279,7 +303,11 @@ impl Model {
         for (name, shape, required) in &layout {
             match source.get_packed(name, dtype, device, keep_packed)? {
                 Some((t, _)) if t.dims() != shape => {
-                    bail!("tensor '{name}' has shape {:?}, expected {:?} from the model config", t.dims(), shape)
+                    bail!(
+                        "tensor '{name}' has shape {:?}, expected {:?} from the model config",
+                        t.dims(),
+                        shape
+                    )
                 }
                 Some((t, packed)) => {
                     tensors.insert(name.clone(), t);
@@ -306,7 +334,12 @@ impl Model {
                     None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w))),
                 },
             };
-            Ok(Linear { weight, fast, bf16: precision == Precision::Mixed && on_cpu && bf16::available(), bias })
+            Ok(Linear {
+                weight,
+                fast,
+                bf16: precision == Precision::Mixed && on_cpu && bf16::available(),
+                bias,
+            })
         };
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
@@ -323,7 +356,8 @@ impl Model {
                 let weight = t(&name).with_context(|| format!("blk.{i}.{name}"))?;
                 linear(&format!("blk.{i}.{name}"), weight, t(&format!("{n}.bias")))
             };
-            let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let (q, k, v, o) =
+                (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             let mut t = |n: &str| take(format!("blk.{i}.{n}"));
             layers.push(Block {
@@ -343,7 +377,8 @@ impl Model {
                 sliding: cfg.layer_is_sliding[i],
             });
         }
-        let rope_global = RopeTable::new(&cfg, cfg.rope_theta, cfg.rope_linear_factor, dtype, device)?;
+        let rope_global =
+            RopeTable::new(&cfg, cfg.rope_theta, cfg.rope_linear_factor, dtype, device)?;
         let rope_local = match cfg.rope_local_theta {
             Some(theta) => Some(RopeTable::new(&cfg, theta, 1.0, dtype, device)?),
             None => None,
@@ -378,10 +413,8 @@ impl Model {
         if caches.len() != batch {
             bail!("forward: {} caches for a batch of {batch}", caches.len());
         }
-        let positions: Vec<u32> = caches
-            .iter()
-            .flat_map(|c| (c.len..c.len + len).map(|p| p as u32))
-            .collect();
+        let positions: Vec<u32> =
+            caches.iter().flat_map(|c| (c.len..c.len + len).map(|p| p as u32)).collect();
         let rope_global = self.rope_global.at(&positions, batch)?;
         let rope_local = match &self.rope_local {
             Some(t) => Some(t.at(&positions, batch)?),
@@ -431,8 +464,10 @@ impl Model {
             let empty = Tensor::zeros((0, self.cfg.hidden_size), self.dtype(), self.device())?;
             return Ok(vec![empty; ids.len()]);
         }
-        let padded: Vec<u32> =
-            ids.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, longest - s.len()))).collect();
+        let padded: Vec<u32> = ids
+            .iter()
+            .flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, longest - s.len())))
+            .collect();
         let x = self.embed(&padded)?.reshape((ids.len(), longest, self.cfg.hidden_size))?;
         let hidden = self.forward(&x, caches, Pass::Fast)?;
         // The padding's keys stay in the buffers' spare room, overwritten by the next append.
@@ -496,7 +531,8 @@ impl Model {
         if pass == Pass::Fast && len == 1 && q.dtype() == DType::F32 && q.device().is_cpu() {
             let (mut keys, mut values) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
             for (b, cache) in caches.iter_mut().enumerate() {
-                let (k_all, v_all) = cache.extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
+                let (k_all, v_all) =
+                    cache.extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
                 keys.push(k_all);
                 values.push(v_all);
             }
@@ -515,9 +551,11 @@ impl Model {
         let mut outputs = Vec::with_capacity(batch);
         // Each sequence attends over its own cache, so no padding enters any sum and a
         // sequence computes the same values alone or inside a batch.
+        #[allow(clippy::needless_range_loop)] // b indexes the batch's rows and its caches
         for b in 0..batch {
             let past = caches[b].len;
-            let (k_all, v_all) = caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
+            let (k_all, v_all) =
+                caches[b].extend(li, k.narrow(0, b, 1)?, v.narrow(0, b, 1)?, pass)?;
             let k_all = k_all.squeeze(0)?;
             let v_all = v_all.squeeze(0)?;
             // Query heads sharing a key/value head are stacked along the row axis.
@@ -600,7 +638,11 @@ impl Arch {
             rope_local_theta: (self == Arch::Gemma3).then_some(100.0),
             rope_freq_factors: Vec::new(),
             rope_linear_factor: 1.0,
-            rope_style: if self == Arch::Llama { RopeStyle::Interleaved } else { RopeStyle::Halves },
+            rope_style: if self == Arch::Llama {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Halves
+            },
             max_position: 64,
             sliding_window: gemma.then_some(3),
             layer_is_sliding: if gemma { vec![true, false] } else { vec![false, false] },
@@ -626,7 +668,14 @@ mod tests {
         for style in [RopeStyle::Halves, RopeStyle::Interleaved] {
             let fused = rope(&x, &cos, &sin, style, Pass::Fast).unwrap();
             let plain = rope_plain(&x, &cos, &sin, style).unwrap();
-            let diff = (fused - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (fused - plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff < 1e-6, "{style:?}: {diff}");
         }
     }

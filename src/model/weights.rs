@@ -14,15 +14,8 @@ use super::config::Arch;
 use super::packed::PackedWeight;
 
 pub enum WeightSource {
-    Gguf {
-        path: PathBuf,
-        content: gguf_file::Content,
-        file: Mutex<File>,
-    },
-    Safetensors {
-        arch: Arch,
-        tensors: candle_core::safetensors::MmapedSafetensors,
-    },
+    Gguf { path: PathBuf, content: gguf_file::Content, file: Mutex<File> },
+    Safetensors { arch: Arch, tensors: candle_core::safetensors::MmapedSafetensors },
     Map(HashMap<String, Tensor>),
 }
 
@@ -31,13 +24,20 @@ pub enum WeightSource {
 fn read_gguf_header(file: &mut File) -> Result<gguf_file::Content> {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(file)));
+    let read =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(file)));
     std::panic::set_hook(quiet);
     match read {
         Ok(content) => Ok(content?),
         Err(panic) => {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-            bail!("its header is malformed ({})", what.unwrap_or_else(|| "the reader stopped".into()))
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned());
+            bail!(
+                "its header is malformed ({})",
+                what.unwrap_or_else(|| "the reader stopped".into())
+            )
         }
     }
 }
@@ -46,9 +46,10 @@ impl WeightSource {
     /// Opens a GGUF file and checks that every tensor lies inside it, so a truncated
     /// download is reported up front rather than mid-load.
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let mut file =
-            File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
-        let content = read_gguf_header(&mut file).map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+        let mut file = File::open(path)
+            .with_context(|| format!("cannot open GGUF file {}", path.display()))?;
+        let content = read_gguf_header(&mut file)
+            .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
         let file_len = file.metadata()?.len();
         for (name, info) in &content.tensor_infos {
             let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());

@@ -12,8 +12,8 @@ use rand::seq::index::sample;
 use rand::Rng;
 
 use super::Optimizer;
-use crate::records::{Checked, Seconds, State, StepRecord};
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
+use crate::records::{Checked, Seconds, State, StepRecord};
 
 /// Instructions sampled (and then scored) together in one round.
 pub const PROPOSALS_PER_ROUND: usize = 4;
@@ -63,10 +63,18 @@ impl Optimizer<'_> {
         let mut requests = Vec::with_capacity(proposals);
         for _ in 0..proposals {
             let picked = sample(&mut rng, self.examples.len(), DEMOS.min(self.examples.len()));
-            let demos: Vec<(&str, &str)> =
-                picked.iter().map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str())).collect();
-            let text = format!("{}{start}", self.lm.chat_text(&self.cfg.system, &proposal_request(&demos, start))?);
-            requests.push(Request { prefix: Default::default(), ids: self.lm.tokenizer.encode(&text, false)? });
+            let demos: Vec<(&str, &str)> = picked
+                .iter()
+                .map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str()))
+                .collect();
+            let text = format!(
+                "{}{start}",
+                self.lm.chat_text(&self.cfg.system, &proposal_request(&demos, start))?
+            );
+            requests.push(Request {
+                prefix: Default::default(),
+                ids: self.lm.tokenizer.encode(&text, false)?,
+            });
         }
         let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rng.random() };
         let cfg = GenerateConfig {
@@ -92,8 +100,11 @@ impl Optimizer<'_> {
         secs.proposal = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let unscored: Vec<Vec<u32>> =
-            instructions.iter().filter(|(text, _)| !state.scores.contains_key(text)).map(|(_, ids)| ids.clone()).collect();
+        let unscored: Vec<Vec<u32>> = instructions
+            .iter()
+            .filter(|(text, _)| !state.scores.contains_key(text))
+            .map(|(_, ids)| ids.clone())
+            .collect();
         for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
             state.scores.insert(self.prompt_text(p)?, score);
@@ -107,7 +118,13 @@ impl Optimizer<'_> {
                 state.best_score = score.score;
                 state.best_prompt = ids.clone();
             }
-            checked.push(Checked { id: 0, text: String::new(), gradient: None, prompt: text.clone(), score });
+            checked.push(Checked {
+                id: 0,
+                text: String::new(),
+                gradient: None,
+                prompt: text.clone(),
+                score,
+            });
         }
         state.step += 1;
         state.generated_tokens += generated_tokens;

@@ -25,7 +25,12 @@ pub struct ProposalConfig {
 /// fewer than `min_candidates` tokens, widen k by 2 (same subsets). `ranked[e]` is example
 /// `e`'s admissible tokens, most likely first. The current token is always included; the
 /// result is sorted by token id.
-pub fn propose(ranked: &[Vec<u32>], current: u32, cfg: &ProposalConfig, rng: &mut impl Rng) -> Vec<u32> {
+pub fn propose(
+    ranked: &[Vec<u32>],
+    current: u32,
+    cfg: &ProposalConfig,
+    rng: &mut impl Rng,
+) -> Vec<u32> {
     let subsets = draw_subsets(ranked.len(), cfg.subsets, cfg.subset_size, rng);
     candidates_from_subsets(ranked, &subsets, current, cfg.top_k, cfg.min_candidates)
 }
@@ -56,7 +61,9 @@ pub fn candidates_from_subsets(
     loop {
         let mut union: BTreeSet<u32> = BTreeSet::new();
         for subset in subsets {
-            let mut members = subset.iter().map(|&e| ranked[e].iter().take(k).copied().collect::<BTreeSet<u32>>());
+            let mut members = subset
+                .iter()
+                .map(|&e| ranked[e].iter().take(k).copied().collect::<BTreeSet<u32>>());
             let first = members.next().unwrap_or_default();
             union.extend(members.fold(first, |acc, s| acc.intersection(&s).copied().collect()));
         }
@@ -70,7 +77,12 @@ pub fn candidates_from_subsets(
 
 /// The `m` candidates with the most negative gradient, best first, leaving out `excluded`
 /// (the current token, when it may not be kept); ties keep the lower token id.
-pub fn shortlist(candidates: &[u32], gradient: &[f32], excluded: Option<u32>, m: usize) -> Vec<(u32, f32)> {
+pub fn shortlist(
+    candidates: &[u32],
+    gradient: &[f32],
+    excluded: Option<u32>,
+    m: usize,
+) -> Vec<(u32, f32)> {
     let mut pairs: Vec<(u32, f32)> = candidates
         .iter()
         .copied()
@@ -108,7 +120,12 @@ pub fn combine_gradients(gradients: &[Vec<f32>], how: GradientSum) -> Vec<f32> {
 /// score, ties to the later one (the reference's `<=`); the last one when the sentence-end
 /// rule took it (`at_once`). Under [`Accept::NotWorse`] nothing is taken when that score is
 /// worse than the current prompt's.
-pub fn choose(scores: &[f64], at_once: bool, current: Option<f64>, accept: Accept) -> Option<usize> {
+pub fn choose(
+    scores: &[f64],
+    at_once: bool,
+    current: Option<f64>,
+    accept: Accept,
+) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, &s) in scores.iter().enumerate() {
         if best.is_none_or(|b| s <= scores[b]) {

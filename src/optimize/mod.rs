@@ -19,7 +19,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::layout::{Layout, QuestionIds};
-use crate::model::generate::{generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request};
+use crate::model::generate::{
+    generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request,
+};
 use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
 use crate::records::{Checked, Score, Seconds, State, StepRecord, TokenText};
@@ -162,15 +164,29 @@ impl<'a> Optimizer<'a> {
     fn prompt_hidden(&self, prompts: &[Vec<u32>]) -> Result<Vec<Tensor>> {
         let requests = prompts
             .iter()
-            .flat_map(|p| self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: p.clone() }))
+            .flat_map(|p| {
+                self.examples
+                    .iter()
+                    .map(move |ex| Request { prefix: ex.head_cache.clone(), ids: p.clone() })
+            })
             .collect();
         let mut hidden = run_all(&self.lm.model, requests)?.into_iter().map(|(_, h)| h);
-        prompts.iter().map(|_| Ok(Tensor::cat(&hidden.by_ref().take(self.examples.len()).collect::<Vec<_>>(), 0)?)).collect()
+        prompts
+            .iter()
+            .map(|_| {
+                Ok(Tensor::cat(&hidden.by_ref().take(self.examples.len()).collect::<Vec<_>>(), 0)?)
+            })
+            .collect()
     }
 
     /// Mean prompt NLL over the examples, and (for `row`) each example's admissible tokens
     /// for that prompt position, most likely first. `hidden` is the prompt's [`Self::prompt_hidden`].
-    fn prompt_stats(&self, prompt: &[u32], hidden: &Tensor, row: Option<usize>) -> Result<(f64, Vec<Vec<u32>>)> {
+    fn prompt_stats(
+        &self,
+        prompt: &[u32],
+        hidden: &Tensor,
+        row: Option<usize>,
+    ) -> Result<(f64, Vec<Vec<u32>>)> {
         let len = prompt.len();
         // One vocabulary projection for all examples: its weight is read once, not per example.
         let all = log_softmax(&self.lm.model.logits(hidden)?)?;
@@ -180,13 +196,16 @@ impl<'a> Optimizer<'a> {
         let mut memo: HashMap<u32, bool> = HashMap::new();
         for (e, ex) in self.examples.iter().enumerate() {
             // Row j predicts prompt token j; the last row predicts a token after the prompt.
-            let rows = Tensor::cat(&[ex.head_logprobs.unsqueeze(0)?, all.narrow(0, e * len, len)?], 0)?;
+            let rows =
+                Tensor::cat(&[ex.head_logprobs.unsqueeze(0)?, all.narrow(0, e * len, len)?], 0)?;
             let picked = rows.narrow(0, 0, len)?.gather(&targets, 1)?;
             nll_sum -= picked.mean_all()?.to_scalar::<f32>()? as f64;
             if let Some(r) = row {
                 let logprobs = rows.get(r)?.to_vec1::<f32>()?;
                 let mut order: Vec<u32> = (0..logprobs.len() as u32).collect();
-                order.sort_by(|&a, &b| logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b)));
+                order.sort_by(|&a, &b| {
+                    logprobs[b as usize].total_cmp(&logprobs[a as usize]).then(a.cmp(&b))
+                });
                 let mut keep = Vec::with_capacity(RANKED);
                 for t in order {
                     let ok = match memo.get(&t) {
@@ -214,7 +233,10 @@ impl<'a> Optimizer<'a> {
             .iter()
             .zip(replies)
             .map(|(p, rs)| {
-                let rows = rs.iter().map(|r| r.prefill.narrow(0, 0, p.len())).collect::<candle_core::Result<Vec<_>>>()?;
+                let rows = rs
+                    .iter()
+                    .map(|r| r.prefill.narrow(0, 0, p.len()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok(self.prompt_stats(p, &Tensor::cat(&rows, 0)?, None)?.0)
             })
             .collect()
@@ -233,7 +255,8 @@ impl<'a> Optimizer<'a> {
     /// the reasoning, the extractor and the gold answer of train example `e`.
     pub fn scored_ids(&self, e: usize, prompt: &[u32], reasoning: &[u32]) -> Vec<u32> {
         let ex = &self.examples[e];
-        [&ex.ids.head[..], prompt, &ex.ids.tail, reasoning, self.layout.extractor(), &ex.answer].concat()
+        [&ex.ids.head[..], prompt, &ex.ids.tail, reasoning, self.layout.extractor(), &ex.answer]
+            .concat()
     }
 
     /// Greedy reasoning of every example under each prompt, decoded in one batch.
@@ -242,10 +265,16 @@ impl<'a> Optimizer<'a> {
         let requests: Vec<Request> = prompts
             .iter()
             .flat_map(|p| {
-                self.examples.iter().map(move |ex| Request { prefix: ex.head_cache.clone(), ids: [&p[..], &ex.ids.tail].concat() })
+                self.examples.iter().map(move |ex| Request {
+                    prefix: ex.head_cache.clone(),
+                    ids: [&p[..], &ex.ids.tail].concat(),
+                })
             })
             .collect();
-        let cfg = GenerateConfig { cancel: Some(Arc::clone(&self.interrupt)), ..self.lm.generate_config(self.search_reasoning(), None) };
+        let cfg = GenerateConfig {
+            cancel: Some(Arc::clone(&self.interrupt)),
+            ..self.lm.generate_config(self.search_reasoning(), None)
+        };
         let mut replies = generate(&self.lm.model, requests, &cfg)?.into_iter();
         Ok(prompts.iter().map(|_| replies.by_ref().take(self.examples.len()).collect()).collect())
     }
@@ -278,7 +307,8 @@ impl<'a> Optimizer<'a> {
         let logits = self.lm.model.logits(&Tensor::cat(&states, 0)?)?;
         let picked = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let gold: Vec<u32> = examples().flat_map(|ex| ex.answer.iter().copied()).collect();
-        let gold_logprobs = log_softmax(&logits)?.gather(&Tensor::new(gold.as_slice(), logits.device())?.unsqueeze(1)?, 1)?;
+        let gold_logprobs = log_softmax(&logits)?
+            .gather(&Tensor::new(gold.as_slice(), logits.device())?.unsqueeze(1)?, 1)?;
         let gold_logprobs = gold_logprobs.flatten_all()?.to_vec1::<f32>()?;
         let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
         let n = self.examples.len();
@@ -293,8 +323,9 @@ impl<'a> Optimizer<'a> {
                 (rest, rest_lp) = (tail, lp_tail);
             }
             let answer_nll = answer_nll / n as f64;
-            let score =
-                mistakes as f64 / n as f64 + self.cfg.control_weight / 10.0 * nll + self.cfg.answer_weight * answer_nll;
+            let score = mistakes as f64 / n as f64
+                + self.cfg.control_weight / 10.0 * nll
+                + self.cfg.answer_weight * answer_nll;
             scores.push(Score { score, mistakes, n, nll, answer_nll });
         }
         Ok(scores)
@@ -310,13 +341,17 @@ impl<'a> Optimizer<'a> {
         candidates: &[u32],
         reasoning: &[Vec<u32>],
     ) -> Result<Vec<(f64, Vec<f32>)>> {
-        let hot = candidates.iter().position(|&c| c == prompt[position]).expect("current token is a candidate");
+        let hot = candidates
+            .iter()
+            .position(|&c| c == prompt[position])
+            .expect("current token is a candidate");
         let mut weights = vec![0f32; candidates.len()];
         weights[hot] = 1.0;
         let len = prompt.len();
         self.check_interrupt()?;
         // As many examples as there are reasonings (the first alone, for timing).
-        let ids: Vec<Vec<u32>> = reasoning.iter().enumerate().map(|(e, r)| self.scored_ids(e, prompt, r)).collect();
+        let ids: Vec<Vec<u32>> =
+            reasoning.iter().enumerate().map(|(e, r)| self.scored_ids(e, prompt, r)).collect();
         // Logits at p predict the token at p + 1. The first prompt token is predicted by the
         // head (cached, no gradient): its NLL enters the loss as a constant.
         let loss_positions: Vec<Vec<usize>> = self
@@ -345,7 +380,8 @@ impl<'a> Optimizer<'a> {
             let ex = &self.examples[e];
             let first_nll = -(ex.head_logprobs.get(prompt[0] as usize)?.to_scalar::<f32>()? as f64);
             let n_answer = ex.answer.len();
-            let answer = cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
+            let answer =
+                cross_entropy(&logits.narrow(0, 0, n_answer)?, &ex.answer, self.cfg.temperature)?;
             let mut nll_sum = (answer.ones_like()? * first_nll)?;
             if len > 1 {
                 let rest = cross_entropy(&logits.narrow(0, n_answer, len - 1)?, &prompt[1..], 1.0)?;
@@ -357,15 +393,25 @@ impl<'a> Optimizer<'a> {
 
     /// d loss / d one-hot over `candidates` at `position`, combined over the train examples
     /// as the settings say.
-    pub fn gradient(&self, prompt: &[u32], position: usize, candidates: &[u32], reasoning: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let per_example: Vec<Vec<f32>> =
-            self.example_gradients(prompt, position, candidates, reasoning)?.into_iter().map(|(_, g)| g).collect();
+    pub fn gradient(
+        &self,
+        prompt: &[u32],
+        position: usize,
+        candidates: &[u32],
+        reasoning: &[Vec<u32>],
+    ) -> Result<Vec<f32>> {
+        let per_example: Vec<Vec<f32>> = self
+            .example_gradients(prompt, position, candidates, reasoning)?
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect();
         Ok(combine_gradients(&per_example, self.cfg.gradient_sum))
     }
 
     /// One gradient pass on the first example at the current position (for timing).
     pub fn time_one_gradient(&self, state: &State) -> Result<()> {
-        let reasoning = state.reasoning.as_ref().map_or_else(|| vec![Vec::new()], |r| r[..1].to_vec());
+        let reasoning =
+            state.reasoning.as_ref().map_or_else(|| vec![Vec::new()], |r| r[..1].to_vec());
         self.gradient(&state.prompt, state.position, &[state.prompt[state.position]], &reasoning)?;
         Ok(())
     }
@@ -449,7 +495,11 @@ impl<'a> Optimizer<'a> {
 
         // 2. Candidates from the model's own next-token distribution at the position.
         let t = Instant::now();
-        let (_, ranked) = self.prompt_stats(prompt, &self.prompt_hidden(&[prompt.clone()])?[0], Some(position))?;
+        let (_, ranked) = self.prompt_stats(
+            prompt,
+            &self.prompt_hidden(std::slice::from_ref(prompt))?[0],
+            Some(position),
+        )?;
         let proposal = ProposalConfig {
             top_k: self.cfg.top_k,
             subsets: self.cfg.top_q,
@@ -474,7 +524,8 @@ impl<'a> Optimizer<'a> {
         let (prompt, position) = (state.prompt.clone(), state.position);
         let prompt_before = self.prompt_text(&prompt)?;
         // 1-4. Reasoning, candidates, gradient, shortlist.
-        let Shortlist { reasoning, reasoning_score, candidates, mut short, mut seconds } = self.shortlist(state)?;
+        let Shortlist { reasoning, reasoning_score, candidates, mut short, mut seconds } =
+            self.shortlist(state)?;
         let mut generated_tokens = 0;
         if let Some(score) = reasoning_score {
             state.scores.insert(prompt_before.clone(), score);
@@ -489,7 +540,8 @@ impl<'a> Optimizer<'a> {
         // 6. Move to the chosen prompt; remember the best.
         let current_score = state.scores.get(&prompt_before).map(|s| s.score);
         let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
-        let chosen = choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
+        let chosen =
+            choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
         remember_best(state, &checked);
         if let Some(c) = chosen.as_ref().filter(|c| c.id != prompt[position]) {
             state.prompt[position] = c.id;
@@ -534,15 +586,24 @@ impl<'a> Optimizer<'a> {
     /// prompt of the same text was scored before). The checked prompts in shortlist order,
     /// the new reasonings by prompt, and the tokens decoded.
     #[allow(clippy::type_complexity)]
-    fn check(&self, state: &mut State, short: &[(u32, f32)]) -> Result<(Vec<Checked>, HashMap<Vec<u32>, Vec<Vec<u32>>>, usize)> {
+    fn check(
+        &self,
+        state: &mut State,
+        short: &[(u32, f32)],
+    ) -> Result<(Vec<Checked>, HashMap<Vec<u32>, Vec<Vec<u32>>>, usize)> {
         let with = |token: u32| {
             let mut p = state.prompt.clone();
             p[state.position] = token;
             p
         };
-        let texts: Vec<String> = short.iter().map(|&(tok, _)| self.prompt_text(&with(tok))).collect::<Result<_>>()?;
-        let unscored: Vec<Vec<u32>> =
-            short.iter().zip(&texts).filter(|(_, text)| !state.scores.contains_key(*text)).map(|(&(tok, _), _)| with(tok)).collect();
+        let texts: Vec<String> =
+            short.iter().map(|&(tok, _)| self.prompt_text(&with(tok))).collect::<Result<_>>()?;
+        let unscored: Vec<Vec<u32>> = short
+            .iter()
+            .zip(&texts)
+            .filter(|(_, text)| !state.scores.contains_key(*text))
+            .map(|(&(tok, _), _)| with(tok))
+            .collect();
         let mut fresh = HashMap::new();
         let mut tokens = 0;
         for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
@@ -553,7 +614,13 @@ impl<'a> Optimizer<'a> {
         let mut checked = Vec::with_capacity(short.len());
         for (&(id, gradient), text) in short.iter().zip(texts) {
             let score = state.scores[&text].clone();
-            checked.push(Checked { id, text: self.lm.tokenizer.decode_with_special(&[id])?, gradient: Some(gradient), prompt: text, score });
+            checked.push(Checked {
+                id,
+                text: self.lm.tokenizer.decode_with_special(&[id])?,
+                gradient: Some(gradient),
+                prompt: text,
+                score,
+            });
         }
         Ok((checked, fresh, tokens))
     }
@@ -561,7 +628,8 @@ impl<'a> Optimizer<'a> {
     /// Stage 7: the next position after a step whose prompt scored `score`; a prompt that
     /// grows gets its filler token and loses its reasoning.
     fn move_on(&self, state: &mut State, score: Option<f64>) -> Result<()> {
-        let last = self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
+        let last =
+            self.lm.tokenizer.decode_with_special(&state.prompt[state.prompt.len() - 1..])?;
         let restart = restarts(score, self.cfg.restart_below);
         state.position = match next_position(state.position, state.prompt.len(), &last, restart) {
             Next::At(p) => p,
@@ -583,7 +651,11 @@ impl<'a> Optimizer<'a> {
                 Ok(*ids.last().expect("'_' has a token"))
             }
             Filler::Likely => {
-                let (_, ranked) = self.prompt_stats(prompt, &self.prompt_hidden(&[prompt.to_vec()])?[0], Some(prompt.len()))?;
+                let (_, ranked) = self.prompt_stats(
+                    prompt,
+                    &self.prompt_hidden(&[prompt.to_vec()])?[0],
+                    Some(prompt.len()),
+                )?;
                 Ok(most_often_first(&ranked).unwrap_or(prompt[prompt.len() - 1]))
             }
         }
@@ -594,9 +666,12 @@ impl<'a> Optimizer<'a> {
 pub fn in_vocabulary(vocabulary: Vocabulary, text: &str) -> bool {
     match vocabulary {
         Vocabulary::Reference => {
-            matches!(text, "." | "," | " ") || (!text.is_empty() && text.chars().all(|c| c.is_ascii_alphabetic() || c == ' '))
+            matches!(text, "." | "," | " ")
+                || (!text.is_empty() && text.chars().all(|c| c.is_ascii_alphabetic() || c == ' '))
         }
-        Vocabulary::Ascii => !text.trim().is_empty() && text.bytes().all(|b| (0x20..0x7f).contains(&b)),
+        Vocabulary::Ascii => {
+            !text.trim().is_empty() && text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        }
     }
 }
 

@@ -12,17 +12,25 @@ use anyhow::{bail, Result};
 use super::ape::PROPOSALS_PER_ROUND;
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
-use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
-use crate::records::{human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State, StepRecord, Summary, TaskRecord, Transfer};
-use crate::settings::{Method, OptimizeConfig, StartFrom};
 use crate::catalog;
+use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
+use crate::records::{
+    human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State,
+    StepRecord, Summary, TaskRecord, Transfer,
+};
 use crate::runtime::LanguageModel;
+use crate::settings::{Method, OptimizeConfig, StartFrom};
 use crate::store::RunDir;
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
 /// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
 /// train score (each prompt once). Scores zero-shot CoT on train when the search has not.
-fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, initial: &str) -> Result<Vec<Contender>> {
+fn contenders(
+    optimizer: &Optimizer,
+    state: &mut State,
+    s: &OptimizeConfig,
+    initial: &str,
+) -> Result<Vec<Contender>> {
     let initial = optimizer.prompt_text(&optimizer.prompt_ids(initial)?)?;
     if !state.scores.contains_key(ZERO_SHOT_COT) {
         let score = optimizer.score_text(ZERO_SHOT_COT)?;
@@ -30,10 +38,21 @@ fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, init
     }
     let train = |p: &str| state.scores[p].clone();
     let mut out = vec![
-        Contender { label: Label::ZeroShotCot, prompt: ZERO_SHOT_COT.into(), train: train(ZERO_SHOT_COT), dev: None },
-        Contender { label: Label::Initial, prompt: initial.clone(), train: train(&initial), dev: None },
+        Contender {
+            label: Label::ZeroShotCot,
+            prompt: ZERO_SHOT_COT.into(),
+            train: train(ZERO_SHOT_COT),
+            dev: None,
+        },
+        Contender {
+            label: Label::Initial,
+            prompt: initial.clone(),
+            train: train(&initial),
+            dev: None,
+        },
     ];
-    let searched = state.scores.iter().filter(|(p, _)| **p != initial && p.as_str() != ZERO_SHOT_COT);
+    let searched =
+        state.scores.iter().filter(|(p, _)| **p != initial && p.as_str() != ZERO_SHOT_COT);
     let searched = best_by_train(searched, s.dev_candidates);
     for (i, (prompt, train)) in searched.into_iter().enumerate() {
         out.push(Contender { label: Label::Train(i + 1), prompt, train, dev: None });
@@ -45,9 +64,16 @@ fn contenders(optimizer: &Optimizer, state: &mut State, s: &OptimizeConfig, init
 pub enum Event<'a> {
     Info(String),
     /// Steps to run (from `done`) and the budget line.
-    Start { done: usize, total: usize, budget: String },
+    Start {
+        done: usize,
+        total: usize,
+        budget: String,
+    },
     Step(&'a StepRecord, &'a State),
-    EvalStart { label: &'a str, questions: usize },
+    EvalStart {
+        label: &'a str,
+        questions: usize,
+    },
     EvalProgress(usize),
     /// The run in this folder has finished and written its summary.
     Finished(&'a Path),
@@ -73,14 +99,22 @@ fn evaluate_reported(
 
 /// Evaluates the transfer of the finished run in `out` to `model`; kept in
 /// `transfer-<model>.json` and read from there when it measured the same prompt.
-pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Transfer> {
+pub fn transfer(
+    out: &Path,
+    model: &str,
+    interrupt: &Arc<AtomicBool>,
+    report: &mut dyn FnMut(Event),
+) -> Result<Transfer> {
     let dir = RunDir::open(out)?;
     if !dir.exists("summary.json") {
         bail!("{} holds no finished run (no summary.json) to transfer", out.display());
     }
     let summary: Summary = dir.read_json("summary.json")?;
     let name = Path::new(model).file_stem().and_then(|n| n.to_str()).unwrap_or(model);
-    let file = format!("transfer-{}.json", name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_"));
+    let file = format!(
+        "transfer-{}.json",
+        name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_")
+    );
     if dir.exists(&file) {
         let done: Transfer = dir.read_json(&file)?;
         if done.model == model && done.optimised.prompt == summary.best_prompt {
@@ -90,15 +124,27 @@ pub fn transfer(out: &Path, model: &str, interrupt: &Arc<AtomicBool>, report: &m
     let config: RunConfig = dir.read_json("config.json")?;
     let (task, split) = config.settings.load_task()?;
     if split != config.split {
-        bail!("the task's data changed since the run: the split differs from {}/config.json", out.display());
+        bail!(
+            "the task's data changed since the run: the split differs from {}/config.json",
+            out.display()
+        );
     }
     // The target model's own chat template, not a file given for the source model.
-    let target = OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
+    let target =
+        OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
     let lm = open_model(&target, report)?;
     let test = Split::pick(&config.split.test, &task);
     let eval_cfg = config.settings.eval_config(Some(Arc::clone(interrupt)));
     let mut measure = |label: Label, prompt: &str| -> Result<EvalSummary> {
-        let r = evaluate_reported(&lm, &task, &test, prompt, &eval_cfg, &format!("transfer to {model}: {label}"), report)?;
+        let r = evaluate_reported(
+            &lm,
+            &task,
+            &test,
+            prompt,
+            &eval_cfg,
+            &format!("transfer to {model}: {label}"),
+            report,
+        )?;
         Ok(EvalSummary::new(label, prompt, &r))
     };
     let result = Transfer {
@@ -140,7 +186,12 @@ impl Changes {
 }
 
 /// Starts a run in `out`, or continues the one there.
-pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut dyn FnMut(Event)) -> Result<Summary> {
+pub fn run(
+    start: Start,
+    out: &Path,
+    interrupt: &Arc<AtomicBool>,
+    report: &mut dyn FnMut(Event),
+) -> Result<Summary> {
     // The lock is held until the run returns.
     let (dir, _lock, config, lm, task) = match start {
         Start::New(s) => {
@@ -150,7 +201,10 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             let lock = dir.lock()?;
             let lm = open_model(&s, report)?;
             let config = RunConfig {
-                initial_prompt: s.initial_prompt.clone().unwrap_or_else(|| task.initial_prompt.clone()),
+                initial_prompt: s
+                    .initial_prompt
+                    .clone()
+                    .unwrap_or_else(|| task.initial_prompt.clone()),
                 model_path: lm.path.display().to_string(),
                 model_sha256: catalog::model_sha256(&lm.path)?,
                 task: TaskRecord {
@@ -171,7 +225,10 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             let dir = RunDir::open(out)?;
             let lock = dir.lock()?;
             let mut config: RunConfig = dir.read_json("config.json")?;
-            config.settings.validate().map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
+            config
+                .settings
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
             if changes.apply(&mut config.settings) {
                 dir.write_json("config.json", &config)?;
             }
@@ -182,7 +239,10 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
             let lm = open_model(&config.settings, report)?;
             let sha = catalog::model_sha256(&lm.path)?;
             if sha != config.model_sha256 {
-                bail!("the model file changed since the run started (sha256 {sha}, recorded {})", config.model_sha256);
+                bail!(
+                    "the model file changed since the run started (sha256 {sha}, recorded {})",
+                    config.model_sha256
+                );
             }
             report(Event::Info(format!("resuming {}", out.display())));
             (dir, lock, config, lm, task)
@@ -194,10 +254,15 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
 
     let mut state: State = if dir.exists("checkpoint.json") {
         let state: State = dir.read_json("checkpoint.json")?;
-        state.check(train.len()).map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
+        state
+            .check(train.len())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
         state
     } else {
-        report(Event::Info(format!("scoring the initial prompt on {} train questions", train.len())));
+        report(Event::Info(format!(
+            "scoring the initial prompt on {} train questions",
+            train.len()
+        )));
         let t = Instant::now();
         let starts = match s.start {
             StartFrom::Initial => vec![config.initial_prompt.as_str()],
@@ -225,18 +290,28 @@ pub fn run(start: Start, out: &Path, interrupt: &Arc<AtomicBool>, report: &mut d
     let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         let file = format!("{split}-{}.json", c.label.file_stem());
-        let done: Option<EvalSummary> = if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
+        let done: Option<EvalSummary> =
+            if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
         // An earlier evaluation stands only if it measured the same prompt.
         if let Some(done) = done.filter(|d| d.prompt == c.prompt) {
             return Ok(done);
         }
-        let r = evaluate_reported(&lm, &task, examples, &c.prompt, &eval_cfg, &format!("{split}: {}", c.label), report)?;
+        let r = evaluate_reported(
+            &lm,
+            &task,
+            examples,
+            &c.prompt,
+            &eval_cfg,
+            &format!("{split}: {}", c.label),
+            report,
+        )?;
         write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
         let summary = EvalSummary::new(c.label, &c.prompt, &r);
         dir.write_json(&file, &summary)?;
         Ok(summary)
     };
-    let chosen = choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
+    let chosen =
+        choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
     let best_prompt = contenders[chosen].prompt.clone();
     dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
 
@@ -281,12 +356,13 @@ fn search(
     report: &mut dyn FnMut(Event),
 ) -> Result<Option<usize>> {
     let calibration: Calibration = dir.read_json("calibration.json")?;
-    let log_step = |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
-        dir.append_step(&record)?;
-        dir.write_json("checkpoint.json", state)?;
-        report(Event::Step(&record, state));
-        Ok(())
-    };
+    let log_step =
+        |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
+            dir.append_step(&record)?;
+            dir.write_json("checkpoint.json", state)?;
+            report(Event::Step(&record, state));
+            Ok(())
+        };
     if s.method == Method::Ape {
         let budget = ape_budget(s, &calibration, n_train);
         if state.generated_tokens < budget {
@@ -359,7 +435,8 @@ fn budget_line(
 /// starting prompt's reasoning, then the shortlist's on every train question each step, at
 /// the starting prompt's mean reasoning length.
 fn ape_budget(s: &OptimizeConfig, c: &Calibration, n_train: usize) -> usize {
-    s.budget_tokens.unwrap_or((((1 + s.steps * s.shortlist) * n_train) as f64 * c.mean_reasoning) as usize)
+    s.budget_tokens
+        .unwrap_or((((1 + s.steps * s.shortlist) * n_train) as f64 * c.mean_reasoning) as usize)
 }
 
 /// Tokens one `ape` proposal should cost: a short instruction, then its reasoning on every
@@ -369,7 +446,12 @@ fn proposal_cost(c: &Calibration, n_train: usize) -> f64 {
 }
 
 /// The rounds `ape` should need for the rest of its budget, and the budget line.
-fn ape_budget_line(c: &Calibration, state: &State, budget: usize, n_train: usize) -> (usize, String) {
+fn ape_budget_line(
+    c: &Calibration,
+    state: &State,
+    budget: usize,
+    n_train: usize,
+) -> (usize, String) {
     let per_round = PROPOSALS_PER_ROUND as f64 * proposal_cost(c, n_train);
     let left = budget - state.generated_tokens;
     let rounds = (left as f64 / per_round).ceil().max(1.0) as usize;
@@ -382,4 +464,3 @@ fn ape_budget_line(c: &Calibration, state: &State, budget: usize, n_train: usize
     );
     (state.step + rounds, line)
 }
-

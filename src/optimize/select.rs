@@ -8,9 +8,14 @@ use crate::tasks::Example;
 
 /// The prompts with the `n` lowest train scores (ties: the shorter text, then the text),
 /// best first.
-pub fn best_by_train<'a>(scores: impl Iterator<Item = (&'a String, &'a Score)>, n: usize) -> Vec<(String, Score)> {
+pub fn best_by_train<'a>(
+    scores: impl Iterator<Item = (&'a String, &'a Score)>,
+    n: usize,
+) -> Vec<(String, Score)> {
     let mut all: Vec<(String, Score)> = scores.map(|(p, s)| (p.clone(), s.clone())).collect();
-    all.sort_by(|a, b| a.1.score.total_cmp(&b.1.score).then(a.0.len().cmp(&b.0.len())).then(a.0.cmp(&b.0)));
+    all.sort_by(|a, b| {
+        a.1.score.total_cmp(&b.1.score).then(a.0.len().cmp(&b.0.len())).then(a.0.cmp(&b.0))
+    });
     all.truncate(n);
     all
 }

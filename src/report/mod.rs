@@ -6,17 +6,20 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
+use minijinja::value::{Serde, Value};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use minijinja::value::{Serde, Value};
 use serde::Serialize;
 
 pub mod text;
 
 use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
-use crate::records::{EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds, StepRecord, Summary};
+use crate::records::{
+    EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds,
+    StepRecord, Summary,
+};
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
 use text::{protocol_markdown, screen_markdown, summary_table, verdict};
@@ -38,8 +41,13 @@ pub fn report_html(dir: &Path) -> Result<String> {
 pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf> {
     let html = report_html(dir)?;
     let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
-    let folder = RunDir::folder(path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
+    let folder = RunDir::folder(
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
+    )?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
     folder.write_atomic(name, html.as_bytes())?;
     Ok(path)
 }
@@ -74,8 +82,13 @@ pub fn write_run_outputs(dir: &Path) -> Result<()> {
 }
 
 /// A protocol's `protocol.md` and `report.html` for the tasks it has finished.
-pub fn write_protocol_outputs(dir: &Path, table: &ProtocolTable, config: &ProtocolConfig) -> Result<()> {
-    RunDir::folder(dir)?.write_atomic("protocol.md", protocol_markdown(table, config).as_bytes())?;
+pub fn write_protocol_outputs(
+    dir: &Path,
+    table: &ProtocolTable,
+    config: &ProtocolConfig,
+) -> Result<()> {
+    RunDir::folder(dir)?
+        .write_atomic("protocol.md", protocol_markdown(table, config).as_bytes())?;
     write_report(dir, None)?;
     Ok(())
 }
@@ -120,7 +133,8 @@ struct AccuracyRow {
 fn run_page(dir: &RunDir) -> Result<String> {
     let config: RunConfig = dir.read_json("config.json")?;
     let steps: Vec<StepRecord> = dir.read_steps()?;
-    let summary: Option<Summary> = if dir.exists("summary.json") { Some(dir.read_json("summary.json")?) } else { None };
+    let summary: Option<Summary> =
+        if dir.exists("summary.json") { Some(dir.read_json("summary.json")?) } else { None };
     let s = &config.settings;
     let title = format!("greater run: {} on {}", config.task.name, s.model);
     let setup = match s.method {
@@ -139,10 +153,21 @@ fn run_page(dir: &RunDir) -> Result<String> {
     if let Some(sm) = &summary {
         let mut bars = Vec::new();
         for e in &sm.evaluations {
-            bars.push(Bar { group: e.label.to_string(), series: 0, value: e.accuracy, interval: e.interval });
-            let dev = sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
+            bars.push(Bar {
+                group: e.label.to_string(),
+                series: 0,
+                value: e.accuracy,
+                interval: e.interval,
+            });
+            let dev =
+                sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
             if let Some(d) = dev {
-                bars.push(Bar { group: e.label.to_string(), series: 1, value: d.accuracy, interval: d.interval });
+                bars.push(Bar {
+                    group: e.label.to_string(),
+                    series: 1,
+                    value: d.accuracy,
+                    interval: d.interval,
+                });
             }
         }
         figures.push(("Accuracy with 95% intervals", bars_svg(&bars, &["test", "dev"])?));
@@ -192,13 +217,21 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     }
     let table: ProtocolTable = dir.read_json("protocol.json")?;
     let s = &config.settings;
-    let setup = format!("{}; {} of {} tasks done", config.setup(), table.rows.len(), config.tasks.len());
+    let setup =
+        format!("{}; {} of {} tasks done", config.setup(), table.rows.len(), config.tasks.len());
     let mut bars = Vec::new();
     let mut lines = Vec::new();
     for r in &table.rows {
         let baselines = r.baselines.iter().map(|b| &b.optimised);
-        for (series, e) in [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate() {
-            bars.push(Bar { group: r.task.clone(), series, value: e.accuracy, interval: e.interval });
+        for (series, e) in
+            [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate()
+        {
+            bars.push(Bar {
+                group: r.task.clone(),
+                series,
+                value: e.accuracy,
+                interval: e.interval,
+            });
         }
         let folder = task_folder(&r.task);
         lines.push(TaskLine {
@@ -211,20 +244,34 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
             selected: r.selected.to_string(),
             steps: r.steps,
             prompt: r.optimised.prompt.clone(),
-            report: dir.path.join(&folder).join("report.html").exists().then(|| format!("{folder}/report.html")),
-            transfer: r.transfer.as_ref().map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
+            report: dir
+                .path
+                .join(&folder)
+                .join("report.html")
+                .exists()
+                .then(|| format!("{folder}/report.html")),
+            transfer: r
+                .transfer
+                .as_ref()
+                .map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
         });
     }
-    let pooled = |p: &crate::records::Pooled| format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1);
+    let pooled = |p: &crate::records::Pooled| {
+        format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
+    };
     let gain_text = |mean: f64, interval: Option<(f64, f64)>| match interval {
         Some((lo, hi)) => format!("{mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])"),
         None => format!("{mean:+.3}"),
     };
     let gain = gain_text(table.mean_gain, table.gain_interval);
-    let baseline_gains: Vec<[String; 2]> =
-        table.baselines.iter().map(|b| [b.method.name().to_string(), gain_text(b.mean_gain, b.gain_interval)]).collect();
+    let baseline_gains: Vec<[String; 2]> = table
+        .baselines
+        .iter()
+        .map(|b| [b.method.name().to_string(), gain_text(b.mean_gain, b.gain_interval)])
+        .collect();
     let methods: Vec<&str> = config.methods().iter().map(|m| m.name()).collect();
-    let mut series = vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
+    let mut series =
+        vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
     series.extend(methods[1..].iter().map(|m| m.to_string()));
     let series: Vec<&str> = series.iter().map(String::as_str).collect();
     let figures = vec![("Test accuracy per task with 95% intervals", bars_svg(&bars, &series)?)];
@@ -246,7 +293,10 @@ fn environment() -> Result<minijinja::Environment<'static>> {
 }
 
 fn accuracy_cell(e: &EvalSummary) -> String {
-    format!("{:.3} [{:.3}, {:.3}] ({} of {})", e.accuracy, e.interval.0, e.interval.1, e.correct, e.n)
+    format!(
+        "{:.3} [{:.3}, {:.3}] ({} of {})",
+        e.accuracy, e.interval.0, e.interval.1, e.correct, e.n
+    )
 }
 
 /// The first step that produced `prompt` (0: it was there before the search).
@@ -293,10 +343,16 @@ fn step_row(r: &StepRecord) -> StepRow {
 /// shared end; the middle is widened to whole words, so a changed token is marked with the
 /// word it belongs to.
 pub fn split_change(old: &str, new: &str) -> (String, String, String) {
-    let mut prefix: usize = old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let mut prefix: usize =
+        old.chars().zip(new.chars()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
     let (old_rest, new_rest) = (&old[prefix..], &new[prefix..]);
-    let suffix: usize =
-        old_rest.chars().rev().zip(new_rest.chars().rev()).take_while(|(a, b)| a == b).map(|(a, _)| a.len_utf8()).sum();
+    let suffix: usize = old_rest
+        .chars()
+        .rev()
+        .zip(new_rest.chars().rev())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a.len_utf8())
+        .sum();
     let mut end = new.len() - suffix;
     if old == new {
         return (new.to_string(), String::new(), String::new());
@@ -321,8 +377,13 @@ fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Resu
     Ok(out.replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1))
 }
 
-const SERIES: [RGBColor; 5] =
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
+const SERIES: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
 
 /// Train score per step (a dot per step), best so far, and the dev accuracy of the prompts
 /// measured on dev, at the step that found them.
@@ -330,7 +391,9 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
     let points: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, step_score(r))).collect();
     let best: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, r.best_score)).collect();
     // Headroom above the data for the legend.
-    let top = points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max) * 1.4;
+    let top =
+        points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max)
+            * 1.4;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
         let mut chart = cartesian(root, -0.5..last, 0.0..top)?;
@@ -345,14 +408,20 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
         chart
             .draw_series(LineSeries::new(points.iter().copied(), train.stroke_width(2)))?
             .label("train score of the step's prompt (lower is better)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], train.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], train.stroke_width(2))
+            });
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, train.filled())))?;
         chart
             .draw_series(LineSeries::new(best.iter().copied(), best_color.stroke_width(2)))?
             .label("best train score so far")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], best_color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], best_color.stroke_width(2))
+            });
         chart
-            .draw_series(dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, dev_color.filled())))?
+            .draw_series(
+                dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, dev_color.filled())),
+            )?
             .label("dev accuracy (higher is better)")
             .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, dev_color.filled()));
         legend(&mut chart)?;
@@ -363,18 +432,32 @@ fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
 type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// A chart over `x` and `y` with room for the axis labels.
-fn cartesian<'a, 'b: 'a>(root: &'a DrawingArea<SVGBackend<'b>, Shift>, x: Range<f64>, y: Range<f64>) -> Result<Chart<'a, 'b>> {
-    Ok(ChartBuilder::on(root).margin(12).x_label_area_size(36).y_label_area_size(48).build_cartesian_2d(x, y)?)
+fn cartesian<'a, 'b: 'a>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    x: Range<f64>,
+    y: Range<f64>,
+) -> Result<Chart<'a, 'b>> {
+    Ok(ChartBuilder::on(root)
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(x, y)?)
 }
 
 /// Step ticks at whole numbers only.
 fn step_label(x: &f64) -> String {
     // As an integer: the tick at 0 of an axis from -0.5 reads "0", not "-0".
-    if (x - x.round()).abs() < 1e-6 { format!("{}", x.round() as i64) } else { String::new() }
+    if (x - x.round()).abs() < 1e-6 {
+        format!("{}", x.round() as i64)
+    } else {
+        String::new()
+    }
 }
 
 /// The legend in the top right corner, above the data (each chart leaves room there).
-fn legend<'a, 'b: 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, SVGBackend<'b>, CT>) -> Result<()> {
+fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, CT>,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -413,7 +496,11 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
             .x_labels(groups.len().max(1) * 2 + 1)
             .x_label_formatter(&|x| {
                 let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 { groups.get(i as usize).map_or(String::new(), |g| g.to_string()) } else { String::new() }
+                if (x - i).abs() < 1e-6 && i >= 0.0 {
+                    groups.get(i as usize).map_or(String::new(), |g| g.to_string())
+                } else {
+                    String::new()
+                }
             })
             .y_desc("accuracy")
             .label_style(FONT)
@@ -424,13 +511,25 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
             chart
                 .draw_series(mine.iter().map(|b| {
                     let x = x_of(b);
-                    Rectangle::new([(x - width * 0.45, 0.0), (x + width * 0.45, b.value)], color.filled())
+                    Rectangle::new(
+                        [(x - width * 0.45, 0.0), (x + width * 0.45, b.value)],
+                        color.filled(),
+                    )
                 }))?
                 .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-            chart.draw_series(
-                mine.iter().map(|b| ErrorBar::new_vertical(x_of(b), b.interval.0, b.value, b.interval.1, BLACK.stroke_width(1), 8)),
-            )?;
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+            chart.draw_series(mine.iter().map(|b| {
+                ErrorBar::new_vertical(
+                    x_of(b),
+                    b.interval.0,
+                    b.value,
+                    b.interval.1,
+                    BLACK.stroke_width(1),
+                    8,
+                )
+            }))?;
         }
         legend(&mut chart)?;
         Ok(())
@@ -461,7 +560,9 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
                     Rectangle::new([(x - 0.35, lo), (x + 0.35, hi)], color.filled())
                 }))?
                 .label(name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
         }
         legend(&mut chart)?;
         Ok(())
@@ -478,9 +579,15 @@ mod tests {
             let (x, y, z) = split_change(a, b);
             [x, y, z]
         };
-        assert_eq!(split("more impactful reasoning and", "more impactful wording and"), ["more impactful ", "wording", " and"]);
+        assert_eq!(
+            split("more impactful reasoning and", "more impactful wording and"),
+            ["more impactful ", "wording", " and"]
+        );
         assert_eq!(split("proper logical", "more logical"), ["", "more", " logical"]);
-        assert_eq!(split("think step by step.", "think step by step._"), ["think step by ", "step._", ""]);
+        assert_eq!(
+            split("think step by step.", "think step by step._"),
+            ["think step by ", "step._", ""]
+        );
         assert_eq!(split("same", "same"), ["same", "", ""]);
     }
 }

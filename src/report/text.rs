@@ -1,7 +1,10 @@
 //! The Markdown and plain-text renderings of the records: a run's summary table and verdict,
 //! a protocol's and a screening's tables.
 
-use crate::records::{human_duration, EvalSummary, Pooled, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, SearchTrace, Summary, TaskRow};
+use crate::records::{
+    human_duration, EvalSummary, Pooled, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig,
+    ScreenTable, SearchTrace, Summary, TaskRow,
+};
 use crate::settings::Method;
 
 /// Share of test reasonings (cut by the budget, or whose answer did not parse) above which
@@ -9,8 +12,14 @@ use crate::settings::Method;
 const WARNING_SHARE: f64 = 0.1;
 
 /// (counted, of how many) over the evaluations that counted it, when over the share.
-fn over_share(evaluations: &[EvalSummary], count: impl Fn(&EvalSummary) -> Option<usize>) -> Option<(usize, usize)> {
-    let (c, n) = evaluations.iter().filter_map(|e| Some((count(e)?, e.n))).fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
+fn over_share(
+    evaluations: &[EvalSummary],
+    count: impl Fn(&EvalSummary) -> Option<usize>,
+) -> Option<(usize, usize)> {
+    let (c, n) = evaluations
+        .iter()
+        .filter_map(|e| Some((count(e)?, e.n)))
+        .fold((0, 0), |(c, n), (ec, en)| (c + ec, n + en));
     (n > 0 && c as f64 > WARNING_SHARE * n as f64).then_some((c, n))
 }
 
@@ -76,7 +85,11 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
         ));
     }
     out.push_str(&format!("\n{}\n", verdict(summary)));
-    for line in [budget_warning(&summary.evaluations, budget), unparsed_warning(&summary.evaluations)].into_iter().flatten() {
+    for line in
+        [budget_warning(&summary.evaluations, budget), unparsed_warning(&summary.evaluations)]
+            .into_iter()
+            .flatten()
+    {
         out.push_str(&format!("\n{line}\n"));
     }
     out.push_str(&format!(
@@ -86,11 +99,20 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     out.push_str("| prompt | train score | train mistakes | dev accuracy | 95% interval | text |\n|---|---|---|---|---|---|\n");
     for c in &summary.contenders {
         let dev = c.dev.as_ref().map_or(("-".to_string(), "-".to_string()), |d| {
-            (format!("{:.3} ({}/{})", d.accuracy, d.correct, d.n), format!("[{:.3}, {:.3}]", d.interval.0, d.interval.1))
+            (
+                format!("{:.3} ({}/{})", d.accuracy, d.correct, d.n),
+                format!("[{:.3}, {:.3}]", d.interval.0, d.interval.1),
+            )
         });
         out.push_str(&format!(
             "| {} | {:.3} | {}/{} | {} | {} | {} |\n",
-            c.label, c.train.score, c.train.mistakes, c.train.n, dev.0, dev.1, c.prompt.replace('|', "\\|")
+            c.label,
+            c.train.score,
+            c.train.mistakes,
+            c.train.n,
+            dev.0,
+            dev.1,
+            c.prompt.replace('|', "\\|")
         ));
     }
     out
@@ -101,7 +123,11 @@ fn cell(e: &EvalSummary) -> String {
 
 /// Per task, how many test reasonings of zero-shot CoT, the initial and the optimised prompt
 /// `count` counts (tasks of versions that did not count it are left out): "`what`: task a/b, ...".
-fn per_task_line(t: &ProtocolTable, what: &str, count: fn(&EvalSummary) -> Option<usize>) -> Option<String> {
+fn per_task_line(
+    t: &ProtocolTable,
+    what: &str,
+    count: fn(&EvalSummary) -> Option<usize>,
+) -> Option<String> {
     let tasks: Vec<String> = t
         .rows
         .iter()
@@ -111,14 +137,17 @@ fn per_task_line(t: &ProtocolTable, what: &str, count: fn(&EvalSummary) -> Optio
             Some(format!("{} {counted}/{}", r.task, evals.iter().map(|e| e.n).sum::<usize>()))
         })
         .collect();
-    (!tasks.is_empty()).then(|| format!("{what} (zero-shot CoT, initial and optimised together): {}\n\n", tasks.join(", ")))
+    (!tasks.is_empty()).then(|| {
+        format!("{what} (zero-shot CoT, initial and optimised together): {}\n\n", tasks.join(", "))
+    })
 }
 
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     let methods = config.methods();
     let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
     let target = config.transfer_to.as_deref();
-    let mut head = format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
+    let mut head =
+        format!("| task | zero-shot CoT | initial | optimised ({}) |", methods[0].name());
     for m in &methods[1..] {
         head.push_str(&format!(" {} |", m.name()));
     }
@@ -130,7 +159,13 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     let columns = head.matches('|').count() - 1;
     out.push_str(&format!("{head}\n|{}\n", "---|".repeat(columns)));
     for r in &t.rows {
-        let mut line = format!("| {} | {} | {} | {} |", r.task, cell(&r.zero_shot_cot), cell(&r.initial), cell(&r.optimised));
+        let mut line = format!(
+            "| {} | {} | {} | {} |",
+            r.task,
+            cell(&r.zero_shot_cot),
+            cell(&r.initial),
+            cell(&r.optimised)
+        );
         for b in &r.baselines {
             line.push_str(&format!(" {} |", cell(&b.optimised)));
         }
@@ -142,14 +177,21 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
             human_duration(r.wall_seconds)
         ));
         match (&r.transfer, target) {
-            (Some(tr), _) => line.push_str(&format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised))),
+            (Some(tr), _) => {
+                line.push_str(&format!(" {} | {} |", cell(&tr.zero_shot_cot), cell(&tr.optimised)))
+            }
             (None, Some(_)) => line.push_str(" - | - |"),
             (None, None) => {}
         }
         out.push_str(&format!("{line} {} |\n", r.optimised.prompt.replace('|', "\\|")));
     }
     let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
-    let mut line = format!("| all tasks (pooled) | {} | {} | {} |", p(&t.zero_shot_cot), p(&t.initial), p(&t.optimised));
+    let mut line = format!(
+        "| all tasks (pooled) | {} | {} | {} |",
+        p(&t.zero_shot_cot),
+        p(&t.initial),
+        p(&t.optimised)
+    );
     for b in &t.baselines {
         line.push_str(&format!(" {} |", p(&b.optimised)));
     }
@@ -161,14 +203,18 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     }
     out.push_str(&format!("{line} |\n\n"));
     let budget = config.settings.max_reasoning;
-    let cut = per_task_line(t, &format!("test reasonings cut at the {budget}-token budget"), |e| e.cut_by_budget);
+    let cut = per_task_line(t, &format!("test reasonings cut at the {budget}-token budget"), |e| {
+        e.cut_by_budget
+    });
     let unparsed = per_task_line(t, "test answers that did not parse", |e| e.unparsed);
     for line in [cut, unparsed].into_iter().flatten() {
         out.push_str(&line);
     }
-    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| match interval {
+    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| {
+        match interval {
         Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
         None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),
+    }
     };
     out.push_str(&gain(methods[0].name(), t.mean_gain, t.gain_interval));
     for b in &t.baselines {
@@ -181,7 +227,8 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
 /// The search traces as a table: a gain is made on train, kept through dev selection and
 /// confirmed on test, and each column shows one of those stages.
 fn search_markdown(t: &ProtocolTable, method: Method) -> String {
-    let traced: Vec<(&TaskRow, &SearchTrace)> = t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
+    let traced: Vec<(&TaskRow, &SearchTrace)> =
+        t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
     if traced.is_empty() {
         return String::new();
     }
@@ -214,7 +261,6 @@ fn search_markdown(t: &ProtocolTable, method: Method) -> String {
     }
     out
 }
-
 
 /// A screening's table: a row per (configuration, task), then each configuration's mean gain.
 pub fn screen_markdown(table: &ScreenTable, config: &ScreenConfig) -> String {

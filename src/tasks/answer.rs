@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AnswerKind {
     /// A letter among the first `options` letters.
-    Choice { options: usize },
+    Choice {
+        options: usize,
+    },
     YesNo,
     TrueFalse,
     ValidInvalid,
@@ -34,14 +36,26 @@ impl AnswerKind {
     pub fn default_extractor(self) -> String {
         match self {
             AnswerKind::Choice { options } => {
-                let letters: Vec<String> = (0..options).map(|i| format!("'${}'", (b'A' + i as u8) as char)).collect();
-                format!("Therefore, the final answer (use exact format: {}) is $", letters.join(" or "))
+                let letters: Vec<String> =
+                    (0..options).map(|i| format!("'${}'", (b'A' + i as u8) as char)).collect();
+                format!(
+                    "Therefore, the final answer (use exact format: {}) is $",
+                    letters.join(" or ")
+                )
             }
             AnswerKind::Integer => Self::integer_extractor("a positive or negative integer"),
             AnswerKind::Text => "Therefore, the final answer is $".into(),
             kind => {
-                let labels: Vec<String> = kind.labels().unwrap().iter().map(|l| format!("'$ {}'", capitalised(l))).collect();
-                format!("Therefore, the final answer (use exact format: {}) is $ ", labels.join(" or "))
+                let labels: Vec<String> = kind
+                    .labels()
+                    .unwrap()
+                    .iter()
+                    .map(|l| format!("'$ {}'", capitalised(l)))
+                    .collect();
+                format!(
+                    "Therefore, the final answer (use exact format: {}) is $ ",
+                    labels.join(" or ")
+                )
             }
         }
     }
@@ -75,7 +89,9 @@ impl AnswerKind {
 
     pub fn describe(self) -> String {
         match self {
-            AnswerKind::Choice { options } => format!("choice A-{}", (b'A' + options as u8 - 1) as char),
+            AnswerKind::Choice { options } => {
+                format!("choice A-{}", (b'A' + options as u8 - 1) as char)
+            }
             AnswerKind::YesNo => "yes/no".into(),
             AnswerKind::TrueFalse => "True/False".into(),
             AnswerKind::ValidInvalid => "valid/invalid".into(),
@@ -100,7 +116,9 @@ impl AnswerKind {
             kind => {
                 let word: String = text.chars().take_while(|c| c.is_alphabetic()).collect();
                 // FOLIO's training split says "Unknown" where its validation split says "Uncertain".
-                let word = if kind == AnswerKind::TrueFalseUncertain && word.eq_ignore_ascii_case("unknown") {
+                let word = if kind == AnswerKind::TrueFalseUncertain
+                    && word.eq_ignore_ascii_case("unknown")
+                {
                     "Uncertain".to_string()
                 } else {
                     word
@@ -130,7 +148,8 @@ fn strip_wrapping(s: &str) -> &str {
 
 fn parse_choice(text: &str, options: usize) -> Option<String> {
     // "(A)", "A", "A.", "A)", "A: text", "Option A".
-    let text = text.strip_prefix("Option ").or_else(|| text.strip_prefix("option ")).unwrap_or(text);
+    let text =
+        text.strip_prefix("Option ").or_else(|| text.strip_prefix("option ")).unwrap_or(text);
     let text = text.strip_prefix('(').unwrap_or(text);
     let mut chars = text.chars();
     let letter = chars.next()?.to_ascii_uppercase();

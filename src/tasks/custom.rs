@@ -38,8 +38,10 @@ struct Spec {
 type Row = serde_json::Map<String, Value>;
 
 pub fn load(path: &Path) -> Result<Task> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read task file {}", path.display()))?;
-    let spec: Spec = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read task file {}", path.display()))?;
+    let spec: Spec =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let kind = match (spec.answer_kind.as_str(), spec.choices) {
         ("choice", Some(n)) if (2..=26).contains(&n) => AnswerKind::Choice { options: n },
         ("choice", _) => bail!("{}: answer_kind = \"choice\" needs choices = N (2 to 26)", path.display()),
@@ -60,7 +62,10 @@ pub fn load(path: &Path) -> Result<Task> {
         match (&spec.question, &spec.question_template) {
             (Some(f), None) => field(row, f, place),
             (None, Some(t)) => fill_template(t, row, place),
-            _ => bail!("{}: give exactly one of question = \"field\" or question_template = \"...\"", path.display()),
+            _ => bail!(
+                "{}: give exactly one of question = \"field\" or question_template = \"...\"",
+                path.display()
+            ),
         }
     };
     let examples = rows
@@ -71,9 +76,9 @@ pub fn load(path: &Path) -> Result<Task> {
             example(kind, question, &field(row, &spec.answer, &place)?, &place)
         })
         .collect::<Result<Vec<_>>>()?;
-    let name = spec
-        .name
-        .unwrap_or_else(|| path.file_stem().and_then(|s| s.to_str()).unwrap_or("custom").to_string());
+    let name = spec.name.unwrap_or_else(|| {
+        path.file_stem().and_then(|s| s.to_str()).unwrap_or("custom").to_string()
+    });
     let mut task = Task::new(&name, kind, examples, data.display().to_string());
     if let Some(e) = spec.extractor {
         task.extractor = e;
@@ -88,12 +93,16 @@ pub fn load(path: &Path) -> Result<Task> {
 fn read_rows(path: &Path) -> Result<Vec<(String, Row)>> {
     let shown = path.display().to_string();
     match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") => Ok(read_jsonl(path)?.into_iter().map(|(l, r)| (format!("{shown}:{l}"), r)).collect()),
+        Some("jsonl") => {
+            Ok(read_jsonl(path)?.into_iter().map(|(l, r)| (format!("{shown}:{l}"), r)).collect())
+        }
         Some("json") => {
             let text = read(path)?;
             let value: Value = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{shown}:{}:{}: {e}", e.line(), e.column()))?;
-            let Value::Array(items) = value else { bail!("{shown}: expected a JSON array of objects") };
+            let Value::Array(items) = value else {
+                bail!("{shown}: expected a JSON array of objects")
+            };
             items
                 .into_iter()
                 .enumerate()
@@ -104,7 +113,8 @@ fn read_rows(path: &Path) -> Result<Vec<(String, Row)>> {
                 .collect()
         }
         Some("csv") => {
-            let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {shown}"))?;
+            let mut reader =
+                csv::Reader::from_path(path).with_context(|| format!("cannot read {shown}"))?;
             let headers = reader.headers().map_err(|e| anyhow::anyhow!("{shown}:1: {e}"))?.clone();
             reader
                 .records()
@@ -114,7 +124,11 @@ fn read_rows(path: &Path) -> Result<Vec<(String, Row)>> {
                         anyhow::anyhow!("{shown}:{line}: {e}")
                     })?;
                     let line = rec.position().map(|p| p.line()).unwrap_or(0);
-                    let row: Row = headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), Value::String(v.into()))).collect();
+                    let row: Row = headers
+                        .iter()
+                        .zip(rec.iter())
+                        .map(|(h, v)| (h.to_string(), Value::String(v.into())))
+                        .collect();
                     Ok((format!("{shown}:{line}"), row))
                 })
                 .collect()

@@ -36,7 +36,11 @@ fn render<T>(e: &Expr<T>, leaf: &dyn Fn(&T) -> String, top: bool) -> String {
         Expr::Unary(op, inner) => format!("{op} {}", render(inner, leaf, false)),
         Expr::Binary(l, op, r) => {
             let s = format!("{} {op} {}", render(l, leaf, false), render(r, leaf, false));
-            if top { s } else { format!("({s})") }
+            if top {
+                s
+            } else {
+                format!("({s})")
+            }
         }
     }
 }
@@ -75,7 +79,11 @@ pub fn arithmetic(n: usize, difficulty: usize, seed: u64) -> Vec<Example> {
         .map(|_| {
             let e = random_tree(&mut rng, difficulty.max(1), &["+", "-", "*"], &mut leaf);
             let answer = eval_int(&e).to_string();
-            Example { question: format!("{} =", render(&e, &|v| v.to_string(), true)), target: answer.clone(), answer }
+            Example {
+                question: format!("{} =", render(&e, &|v| v.to_string(), true)),
+                target: answer.clone(),
+                answer,
+            }
         })
         .collect()
 }
@@ -91,7 +99,8 @@ pub fn boolean(n: usize, difficulty: usize, seed: u64) -> Vec<Example> {
                 e = Expr::Unary("not", Box::new(e));
             }
             // A negated operation keeps its parentheses: "not (A and B)".
-            let text = render(&e, &|v: &bool| if *v { "True".into() } else { "False".into() }, true);
+            let text =
+                render(&e, &|v: &bool| if *v { "True".into() } else { "False".into() }, true);
             let answer = if eval_bool(&e) { "True" } else { "False" };
             Example { question: format!("{text} is"), answer: answer.into(), target: answer.into() }
         })

@@ -57,6 +57,9 @@ pub struct TaskOptions {
     pub count: usize,
 }
 
+/// Reads a benchmark file into examples.
+type Loader = fn(&Path) -> Result<Vec<Example>>;
+
 /// A built-in task: name, answer kind, where its data comes from.
 pub struct TaskInfo {
     pub name: String,
@@ -64,7 +67,8 @@ pub struct TaskInfo {
     pub source: &'static str,
 }
 
-const GENERATED: &[(&str, AnswerKind)] = &[("arithmetic", AnswerKind::Integer), ("boolean", AnswerKind::TrueFalse)];
+const GENERATED: &[(&str, AnswerKind)] =
+    &[("arithmetic", AnswerKind::Integer), ("boolean", AnswerKind::TrueFalse)];
 
 impl Task {
     fn new(name: &str, kind: AnswerKind, examples: Vec<Example>, source: String) -> Self {
@@ -97,7 +101,10 @@ impl Task {
                 "arithmetic" => generated::arithmetic(opts.count, opts.difficulty, opts.seed),
                 _ => generated::boolean(opts.count, opts.difficulty, opts.seed),
             };
-            let source = format!("generated {name}: {} questions, difficulty {}, seed {}", opts.count, opts.difficulty, opts.seed);
+            let source = format!(
+                "generated {name}: {} questions, difficulty {}, seed {}",
+                opts.count, opts.difficulty, opts.seed
+            );
             return Ok(Task::new(name, kind, examples, source));
         }
         let path = Path::new(spec);
@@ -108,7 +115,12 @@ impl Task {
                 let Some(kind) = sources::bbh_kind(name) else {
                     bail!("{}: not named after a BBH task; describe other data with a .toml task file", path.display());
                 };
-                return Ok(Task::new(name, kind, sources::load_bbh(path, kind)?, path.display().to_string()));
+                return Ok(Task::new(
+                    name,
+                    kind,
+                    sources::load_bbh(path, kind)?,
+                    path.display().to_string(),
+                ));
             }
             _ => {}
         }
@@ -120,16 +132,25 @@ impl Task {
         };
         if let Some(kind) = sources::bbh_kind(spec) {
             let path = data_file(&format!("bbh/{spec}.json"))?;
-            return Ok(Task::new(spec, kind, sources::load_bbh(&path, kind)?, path.display().to_string()));
+            return Ok(Task::new(
+                spec,
+                kind,
+                sources::load_bbh(&path, kind)?,
+                path.display().to_string(),
+            ));
         }
-        let (rel, loader): (&str, fn(&Path) -> Result<Vec<Example>>) = match spec {
+        let (rel, loader): (&str, Loader) = match spec {
             "gsm8k" => ("gsm8k/test.jsonl", sources::load_gsm8k),
             "gsm8k-train" => ("gsm8k/train.jsonl", sources::load_gsm8k),
             "folio" => ("folio/validation.jsonl", sources::load_folio),
             "folio-train" => ("folio/train.jsonl", sources::load_folio),
             _ => bail!("{}", unknown_task_message(spec)),
         };
-        let kind = if spec.starts_with("gsm8k") { AnswerKind::Integer } else { AnswerKind::TrueFalseUncertain };
+        let kind = if spec.starts_with("gsm8k") {
+            AnswerKind::Integer
+        } else {
+            AnswerKind::TrueFalseUncertain
+        };
         let path = data_file(rel)?;
         Ok(Task::new(spec, kind, loader(&path)?, path.display().to_string()))
     }
@@ -164,7 +185,9 @@ impl Task {
 fn benchmark_file(dir: &Path, rel: &str) -> PathBuf {
     let direct = dir.join(rel);
     match rel.split_once('/') {
-        Some((top, rest)) if !direct.exists() && dir.file_name().is_some_and(|n| n == top) => dir.join(rest),
+        Some((top, rest)) if !direct.exists() && dir.file_name().is_some_and(|n| n == top) => {
+            dir.join(rest)
+        }
         _ => direct,
     }
 }
@@ -175,12 +198,28 @@ pub fn builtin_tasks() -> Vec<TaskInfo> {
         .iter()
         .map(|&(n, kind)| TaskInfo { name: n.into(), kind, source: "generated, no file" })
         .collect();
-    out.extend(sources::BBH.iter().map(|&(n, kind)| TaskInfo { name: n.into(), kind, source: "bbh/<name>.json" }));
+    out.extend(sources::BBH.iter().map(|&(n, kind)| TaskInfo {
+        name: n.into(),
+        kind,
+        source: "bbh/<name>.json",
+    }));
     out.extend([
         TaskInfo { name: "gsm8k".into(), kind: AnswerKind::Integer, source: "gsm8k/test.jsonl" },
-        TaskInfo { name: "gsm8k-train".into(), kind: AnswerKind::Integer, source: "gsm8k/train.jsonl" },
-        TaskInfo { name: "folio".into(), kind: AnswerKind::TrueFalseUncertain, source: "folio/validation.jsonl" },
-        TaskInfo { name: "folio-train".into(), kind: AnswerKind::TrueFalseUncertain, source: "folio/train.jsonl" },
+        TaskInfo {
+            name: "gsm8k-train".into(),
+            kind: AnswerKind::Integer,
+            source: "gsm8k/train.jsonl",
+        },
+        TaskInfo {
+            name: "folio".into(),
+            kind: AnswerKind::TrueFalseUncertain,
+            source: "folio/validation.jsonl",
+        },
+        TaskInfo {
+            name: "folio-train".into(),
+            kind: AnswerKind::TrueFalseUncertain,
+            source: "folio/train.jsonl",
+        },
     ]);
     out
 }
@@ -204,7 +243,13 @@ pub struct Split {
 }
 
 impl Split {
-    pub fn new(n_examples: usize, train: usize, dev: usize, test: usize, seed: u64) -> Result<Split> {
+    pub fn new(
+        n_examples: usize,
+        train: usize,
+        dev: usize,
+        test: usize,
+        seed: u64,
+    ) -> Result<Split> {
         let need = train + dev + test;
         if need > n_examples {
             bail!("the split needs {need} examples (train {train} + dev {dev} + test {test}) but the task has {n_examples}");

@@ -92,21 +92,32 @@ pub enum ExtractorOptions {
 pub fn bbh_extractor(name: &str, kind: AnswerKind, options: ExtractorOptions) -> String {
     let reference = REFERENCE_OPTIONS.iter().find(|(n, _)| *n == name).map(|&(_, o)| o);
     match (name, kind, reference, options) {
-        ("sports_understanding", ..) => "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ".into(),
+        ("sports_understanding", ..) => {
+            "Therefore, the final answer (use exact format: '$ yes' or '$ no') is $ ".into()
+        }
         ("object_counting", ..) => AnswerKind::integer_extractor("a positive integer"),
-        (_, Choice { .. }, Some(options), ExtractorOptions::Reference) => Choice { options }.default_extractor(),
+        (_, Choice { .. }, Some(options), ExtractorOptions::Reference) => {
+            Choice { options }.default_extractor()
+        }
         _ => kind.default_extractor(),
     }
 }
 
 /// A question with its gold answer in normal form and as the data spells it, or an error
 /// naming where the gold came from.
-pub fn example(kind: AnswerKind, question: String, raw: &str, place: &dyn Fn() -> String) -> Result<Example> {
+pub fn example(
+    kind: AnswerKind,
+    question: String,
+    raw: &str,
+    place: &dyn Fn() -> String,
+) -> Result<Example> {
     let answer = match kind.parse(raw) {
         Some(gold) => gold,
         None => match (kind, option_by_text(&question, raw)) {
             (Choice { .. }, Some(letter)) => letter,
-            _ => bail!("{}: gold answer '{raw}' is not a valid {} answer", place(), kind.describe()),
+            _ => {
+                bail!("{}: gold answer '{raw}' is not a valid {} answer", place(), kind.describe())
+            }
         },
     };
     let target = kind.target(raw, &answer);
@@ -175,7 +186,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Val
 }
 
 /// A string field of a JSON row (numbers and booleans are written out).
-pub fn field(row: &serde_json::Map<String, Value>, name: &str, place: &dyn Fn() -> String) -> Result<String> {
+pub fn field(
+    row: &serde_json::Map<String, Value>,
+    name: &str,
+    place: &dyn Fn() -> String,
+) -> Result<String> {
     match row.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),

@@ -101,7 +101,11 @@ impl ChatTemplate {
         // which keeps prompts (and so runs) reproducible.
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("invalid chat template: {e}"))?;
-        Ok(ChatTemplate { env, bos: bos.unwrap_or_default().into(), eos: eos.unwrap_or_default().into() })
+        Ok(ChatTemplate {
+            env,
+            bos: bos.unwrap_or_default().into(),
+            eos: eos.unwrap_or_default().into(),
+        })
     }
 
     /// One user turn after `system`, ready for the reply.
@@ -109,7 +113,9 @@ impl ChatTemplate {
         let user_only = [Message::new("user", user)];
         match system {
             SystemTurn::Template => self.render(&user_only, true),
-            SystemTurn::Text(text) => self.render(&[Message::new("system", text), user_only[0].clone()], true),
+            SystemTurn::Text(text) => {
+                self.render(&[Message::new("system", text), user_only[0].clone()], true)
+            }
             SystemTurn::None => self.without_system(user),
         }
     }
@@ -121,7 +127,9 @@ impl ChatTemplate {
     fn without_system(&self, user: &str) -> Result<String> {
         let plain = self.render(&[Message::new("user", user)], true)?;
         // A template without a system role (it raises, or drops the text) has no system turn.
-        let Ok(marked) = self.render(&[Message::new("system", SYSTEM_MARK), Message::new("user", user)], true) else {
+        let Ok(marked) =
+            self.render(&[Message::new("system", SYSTEM_MARK), Message::new("user", user)], true)
+        else {
             return Ok(plain);
         };
         let Some((a, b)) = marked.split_once(SYSTEM_MARK) else { return Ok(plain) };

@@ -61,7 +61,11 @@ fn string_array(content: &Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-fn number_array<T>(content: &Content, key: &str, conv: impl Fn(&GgufValue) -> Option<T>) -> Result<Option<Vec<T>>> {
+fn number_array<T>(
+    content: &Content,
+    key: &str,
+    conv: impl Fn(&GgufValue) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
     let Some(v) = md(content, key) else { return Ok(None) };
     let values = v.to_vec().with_context(|| format!("{key} is not an array"))?;
     values
@@ -88,7 +92,8 @@ pub fn vocab_from_gguf(content: &Content) -> Result<GgufVocab> {
         "llama" => false,
         other => bail!("unsupported GGUF tokenizer model '{other}' (supported: gpt2, llama)"),
     };
-    let add_space_prefix = md_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(!byte_level);
+    let add_space_prefix =
+        md_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(!byte_level);
     let add_bos = md_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(!byte_level);
     let bos_id = md_u32(content, "tokenizer.ggml.bos_token_id");
 
@@ -119,7 +124,8 @@ pub fn vocab_from_gguf(content: &Content) -> Result<GgufVocab> {
             .collect();
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
         steps.push(byte_level.clone());
-        let normalizer = if pre.starts_with("qwen2") { json!({"type": "NFC"}) } else { Value::Null };
+        let normalizer =
+            if pre.starts_with("qwen2") { json!({"type": "NFC"}) } else { Value::Null };
         (json!(merges), normalizer, json!({"type": "Sequence", "pretokenizers": steps}), byte_level)
     } else {
         let scores = number_array(content, "tokenizer.ggml.scores", |v| v.to_f32().ok())?
@@ -128,7 +134,8 @@ pub fn vocab_from_gguf(content: &Content) -> Result<GgufVocab> {
         if add_space_prefix {
             normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
         }
-        normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        normalizers
+            .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
         let mut decoders = vec![
             json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
             json!({"type": "ByteFallback"}),
@@ -144,7 +151,8 @@ pub fn vocab_from_gguf(content: &Content) -> Result<GgufVocab> {
             json!({"type": "Sequence", "decoders": decoders}),
         )
     };
-    let unk = md_u32(content, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize).cloned());
+    let unk = md_u32(content, "tokenizer.ggml.unknown_token_id")
+        .and_then(|i| tokens.get(i as usize).cloned());
     let post_processor = match bos_id.and_then(|i| tokens.get(i as usize)) {
         Some(bos) if add_bos => json!({
             "type": "TemplateProcessing",

@@ -13,7 +13,8 @@ use serde_json::Value;
 pub use chat::{ChatTemplate, Message, SystemTurn};
 
 /// Token strings that end an assistant turn in common chat formats.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|end_of_text|>"];
+const END_OF_TURN: &[&str] =
+    &["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|end_of_text|>"];
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -29,7 +30,12 @@ fn tokenizer_error(e: tokenizers::Error) -> anyhow::Error {
 }
 
 impl Tokenizer {
-    fn new(inner: tokenizers::Tokenizer, bos: Option<String>, eos: Option<String>, extra_stop: &[u32]) -> Self {
+    fn new(
+        inner: tokenizers::Tokenizer,
+        bos: Option<String>,
+        eos: Option<String>,
+        extra_stop: &[u32],
+    ) -> Self {
         let special_ids: HashSet<u32> = inner
             .get_added_tokens_decoder()
             .into_iter()
@@ -66,7 +72,9 @@ impl Tokenizer {
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let token = |key: &str| -> Option<String> {
             let v = config?.get(key)?;
-            v.as_str().map(str::to_string).or_else(|| v.get("content")?.as_str().map(str::to_string))
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content")?.as_str().map(str::to_string))
         };
         let (bos, eos) = (token("bos_token"), token("eos_token"));
         Ok(Self::new(inner, bos, eos, &[]))
@@ -97,7 +105,8 @@ impl Tokenizer {
         let anchor = self.encode("\n", false)?;
         let anchor_text = self.decode_with_special(&anchor)?;
         let text = self.decode_with_special(&[&anchor[..], ids].concat())?;
-        Ok(text.strip_prefix(anchor_text.as_str()).map_or_else(|| self.decode_with_special(ids), |t| Ok(t.to_string()))?)
+        text.strip_prefix(anchor_text.as_str())
+            .map_or_else(|| self.decode_with_special(ids), |t| Ok(t.to_string()))
     }
 
     /// Text of `ids`, special tokens left out.
@@ -121,6 +130,7 @@ impl Tokenizer {
 
 /// Reads a JSON file, naming it in errors.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }

@@ -36,7 +36,8 @@ pub fn tiny_vocab() -> Vec<String> {
 /// Every byte as a GPT-2 byte-level token, one merge ("ab"), and an end token: any text
 /// tokenizes.
 pub fn byte_vocab() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut shifted = 0;
     let mut v: Vec<String> = (0..256u32)
         .map(|b| {
@@ -57,7 +58,13 @@ pub const TINY_TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor
 
 /// A tiny llama GGUF with f32 random weights, a byte-level vocabulary whose last token is
 /// the end token, and (optionally) a chat template. Returns the same model built in memory.
-pub fn write_tiny_gguf(path: &Path, arch: &str, with_template: bool, vocab: Vec<String>, context: usize) -> Model {
+pub fn write_tiny_gguf(
+    path: &Path,
+    arch: &str,
+    with_template: bool,
+    vocab: Vec<String>,
+    context: usize,
+) -> Model {
     let n = vocab.len();
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     let tokenizer = vec![
@@ -65,7 +72,9 @@ pub fn write_tiny_gguf(path: &Path, arch: &str, with_template: bool, vocab: Vec<
         ("tokenizer.ggml.tokens".into(), strings(vocab)),
         (
             "tokenizer.ggml.token_type".into(),
-            Value::Array([vec![1i32; n - 1], vec![3]].concat().into_iter().map(Value::I32).collect()),
+            Value::Array(
+                [vec![1i32; n - 1], vec![3]].concat().into_iter().map(Value::I32).collect(),
+            ),
         ),
         ("tokenizer.ggml.merges".into(), strings(vec!["a b".into()])),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(n as u32 - 1)),
@@ -77,19 +86,30 @@ pub fn write_tiny_gguf(path: &Path, arch: &str, with_template: bool, vocab: Vec<
 /// and Mistral do: `<unk> <s> </s>`, the 256 byte pieces, `▁`, letters, `.` and `,`, and
 /// a few merged pieces (`▁t`, `he`, `▁the`, `▁Use`).
 pub fn write_tiny_sentencepiece_gguf(path: &Path) -> Model {
-    let mut pieces: Vec<(String, i32)> = vec![("<unk>".into(), 2), ("<s>".into(), 3), ("</s>".into(), 3)];
+    let mut pieces: Vec<(String, i32)> =
+        vec![("<unk>".into(), 2), ("<s>".into(), 3), ("</s>".into(), 3)];
     pieces.extend((0..256).map(|b| (format!("<0x{b:02X}>"), 6)));
     pieces.push(("\u{2581}".into(), 1));
     pieces.extend(('a'..='z').chain('A'..='Z').chain(".,'".chars()).map(|c| (c.to_string(), 1)));
-    pieces.extend(["\u{2581}t", "he", "\u{2581}the", "\u{2581}U", "se", "\u{2581}Use"].map(|p| (p.to_string(), 1)));
+    pieces.extend(
+        ["\u{2581}t", "he", "\u{2581}the", "\u{2581}U", "se", "\u{2581}Use"]
+            .map(|p| (p.to_string(), 1)),
+    );
     let n = pieces.len();
     // Scores: merged pieces above single ones, so merges happen.
-    let scores: Vec<Value> = pieces.iter().map(|(p, _)| Value::F32(p.chars().count() as f32)).collect();
+    let scores: Vec<Value> =
+        pieces.iter().map(|(p, _)| Value::F32(p.chars().count() as f32)).collect();
     let tokenizer = vec![
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(pieces.iter().map(|(p, _)| Value::String(p.clone())).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(pieces.iter().map(|(p, _)| Value::String(p.clone())).collect()),
+        ),
         ("tokenizer.ggml.scores".into(), Value::Array(scores)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(pieces.iter().map(|&(_, t)| Value::I32(t)).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(pieces.iter().map(|&(_, t)| Value::I32(t)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
