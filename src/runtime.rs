@@ -187,10 +187,9 @@ fn keep_freed_memory() {
 
 /// After each of its parallel ops, candle's worker thread spins for up to 25,000 rounds
 /// before it sleeps. The few-row products run on rayon's threads in between, so with as many
-/// threads as cores that spinning takes a core from them: 8% of a Qwen dev evaluation's
-/// cycles were the spin, and Qwen evaluations ran 2-7% faster without it (six paired runs,
-/// 2-core machine; runs of one binary differ by 5-8%). Call at the start of a program,
-/// before any other thread; a value the user set is kept.
+/// threads as cores that spinning takes a core from them (a profile of an evaluation shows
+/// it). Call at the start of a program, before any other thread; a value the user set is
+/// kept.
 pub fn stop_candle_spinning() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");

@@ -3,17 +3,13 @@
 //! (and allocate) a weight-sized gradient nobody reads; this op returns only d/dx.
 //!
 //! With few rows (decoding, scoring) on a CPU with AVX-512 the product runs in
-//! [`few_rows`], which reads each weight row once instead of packing the weight first
-//! (against gemm's faster orientation below, SmolLM2 and Qwen 0.5B shapes at 1 to 16 rows:
-//! 1.3x to 2.8x on the vocabulary heads, 0.8x to 3.4x on the layers, whose sub-millisecond
-//! timings were noisy; from 24 rows on mixed or slower, for f32 weights). A GGUF weight kept
-//! packed ([`PackedWeight`]) takes that path up to 64 rows: Qwen 0.5B's step with 20 train
-//! questions (60 sequences decoding) went from 191.6 to 185.4 s, SmolLM2's decoding at batch
-//! 32 from 218 to 306 tokens/s. Otherwise, without a gradient and with a few dozen rows,
-//! `(W @ x^T)^T` is computed instead: on this machine's gemm that orientation
-//! was 1.2x to 7x faster for every layer shape of SmolLM2 and Qwen 0.5B at 15 to 60 rows
-//! (`m15 k1536 n576`: 0.28 ms against 1.94 ms); from a few hundred rows on both run alike
-//! and the transposing copy costs more.
+//! [`few_rows`], which reads each weight row once instead of packing the weight first; with
+//! more rows gemm's packing pays for itself. A GGUF weight kept packed ([`PackedWeight`])
+//! takes that path further, since its integers are a fraction of the f32 bytes to read.
+//! Otherwise, without a gradient and with a few dozen rows, `(W @ x^T)^T` is computed
+//! instead: gemm is faster in that orientation at those sizes, while from a few hundred rows
+//! on both run alike and the transposing copy costs more. The thresholds below come from
+//! `cargo bench --bench runtime` (see BENCHMARKS.md).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
@@ -145,8 +141,8 @@ impl CustomOp1 for FrozenMatmul {
 const FEW_ROWS: usize = 16;
 const FEW_ROWS_PACKED: usize = 64;
 
-/// Rows up to which the transposed orientation is used when [`few_rows`] is not (measured:
-/// 64 beat 0 and unbounded in decoding at batch 8 and 32 and in a 300-token prefill).
+/// Rows up to which the transposed orientation is used when [`few_rows`] is not (chosen
+/// against 0 and unbounded in decoding at batch 8 and 32 and in a prefill).
 const TRANSPOSED_ROWS: usize = 64;
 
 /// Whether a CPU product of `m` rows in `dtype` runs in [`few_rows`].

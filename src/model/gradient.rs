@@ -21,9 +21,9 @@ pub struct OneHotInput<'a> {
     pub loss_positions: &'a [usize],
 }
 
-/// Padded positions per batched gradient pass: bounds the memory its graph keeps (about
-/// 1.7 MB per position on SmolLM2-135M, 4 MB on Qwen 0.5B). Examples this short run many to
-/// a pass, where alone their matrix products would have too few rows to be efficient.
+/// Padded positions per batched gradient pass: bounds the memory its graph keeps (a few MB
+/// per position for these models). Examples this short run many to a pass, where alone
+/// their matrix products would have too few rows to be efficient.
 const GRADIENT_BATCH_TOKENS: usize = 512;
 
 /// Loss value and d loss / d weights, for a loss built from the logits
