@@ -19,7 +19,7 @@ use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::LanguageModel;
 use greater::screen::{run_screen, ScreenEvent};
-use greater::settings::{Method, OptimizeConfig, Preset, SEARCH};
+use greater::settings::{Method, OptimizeConfig, Preset, Size, SEARCH};
 use greater::store::RunDir;
 use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 
@@ -232,12 +232,16 @@ struct OptimizeArgs {
     /// --config and the other flags.
     #[arg(long, value_enum)]
     preset: Option<Preset>,
+    /// Question counts, steps and reasoning budget by name, before --config and the other
+    /// flags [default: light's, or demo's without --model, --task, --config or --preset].
+    #[arg(long, value_enum)]
+    size: Option<Size>,
     /// A TOML file with any of the settings (keys as the flags, with underscores).
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
     /// Continue the run in this folder with its recorded settings; only --steps (to run
     /// more or fewer) and --data-dir (where the data moved) may be given.
-    #[arg(long, short = 'r', conflicts_with_all = ["preset", "config", "out"])]
+    #[arg(long, short = 'r', conflicts_with_all = ["preset", "size", "config", "out"])]
     resume: Option<PathBuf>,
     /// Run folder [default: greater-runs/<task>-<time>].
     #[arg(long, short = 'o')]
@@ -255,12 +259,14 @@ impl OptimizeArgs {
             && self.config.is_none()
             && !given.has("model")
             && !given.has("task")
-            && self.preset.is_none();
+            && self.preset.is_none()
+            && self.size.is_none();
         let base = match self.preset {
             Some(Preset::Reference) => OptimizeConfig::reference(),
             None if demo => OptimizeConfig::demo(),
             None => OptimizeConfig::default(),
         };
+        let base = self.size.map_or(base.clone(), |size| size.apply(base));
         let c = given.layered(&base, self.config.as_deref())?;
         if demo {
             note(&format!(
