@@ -786,16 +786,17 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             }
         }
         Command::Models => {
-            println!("{:<20} {:<8} {:>10}  path / description", "alias", "cached", "size");
             for e in catalog::CATALOG {
+                let wheels: Vec<String> =
+                    e.wheels.iter().map(|(p, v)| format!("{p}=={v}")).collect();
+                println!("{} ({})", e.alias, e.description);
+                println!("  cached:  {}", if e.is_cached() { "yes" } else { "no" });
+                println!("  file:    {} ({:.1} MB)", e.path().display(), e.size as f64 / 1e6);
+                println!("  sha256:  {}", e.sha256);
                 println!(
-                    "{:<20} {:<8} {:>7.1} MB  {}\n{:<41}{}",
-                    e.alias,
-                    if e.is_cached() { "yes" } else { "no" },
-                    e.size as f64 / 1e6,
-                    e.path().display(),
-                    "",
-                    e.description
+                    "  source:  PyPI wheel{} {} (the GGUF parts, joined in this order)",
+                    if wheels.len() > 1 { "s" } else { "" },
+                    wheels.join(", ")
                 );
             }
         }

@@ -1629,3 +1629,38 @@ fn eval_json_prints_one_object_with_the_unparsed_count_and_quiet_prints_nothing_
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains(&format!("answers that did not parse: {unparsed}/5")), "{stdout}");
 }
+
+#[test]
+fn the_example_task_and_settings_files_load_and_run_a_one_step_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let opts = greater::tasks::TaskOptions { data_dir: None, seed: 0, difficulty: 1, count: 0 };
+    let task = Task::load(examples.join("word_problems.toml").to_str().unwrap(), &opts).unwrap();
+    assert_eq!((task.name.as_str(), task.examples.len()), ("word_problems", 80));
+    assert_eq!(task.examples[0].answer, "26");
+    let out = tmp.path().join("run");
+    let (code, _, err) = greater_cli(&[
+        "optimize",
+        "--config",
+        examples.join("settings.toml").to_str().unwrap(),
+        "--task",
+        examples.join("word_problems.toml").to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--max-reasoning",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let config: greater::records::RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    // The file's settings, under the typed flags.
+    let s = &config.settings;
+    assert_eq!((s.train, s.dev, s.test, s.steps, s.max_reasoning), (20, 30, 30, 1, 4));
+    assert_eq!(s.precision, greater::model::Precision::Mixed);
+    assert_eq!(steps_without_timings(&out).len(), 1);
+}
