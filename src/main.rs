@@ -793,11 +793,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 println!("  cached:  {}", if e.is_cached() { "yes" } else { "no" });
                 println!("  file:    {} ({:.1} MB)", e.path().display(), e.size as f64 / 1e6);
                 println!("  sha256:  {}", e.sha256);
-                println!(
-                    "  source:  PyPI wheel{} {} (the GGUF parts, joined in this order)",
-                    if wheels.len() > 1 { "s" } else { "" },
-                    wheels.join(", ")
-                );
+                let parts =
+                    if wheels.len() > 1 { "s (the GGUF's parts, joined in this order)" } else { "" };
+                println!("  source:  PyPI wheel{parts}: {}", wheels.join(", "));
             }
         }
     }
