@@ -793,8 +793,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 println!("  cached:  {}", if e.is_cached() { "yes" } else { "no" });
                 println!("  file:    {} ({:.1} MB)", e.path().display(), e.size as f64 / 1e6);
                 println!("  sha256:  {}", e.sha256);
-                let parts =
-                    if wheels.len() > 1 { "s (the GGUF's parts, joined in this order)" } else { "" };
+                let parts = if wheels.len() > 1 {
+                    "s (the GGUF's parts, joined in this order)"
+                } else {
+                    ""
+                };
                 println!("  source:  PyPI wheel{parts}: {}", wheels.join(", "));
             }
         }
