@@ -1,0 +1,15 @@
+from typing import Any, Callable, Optional
+
+__version__: str
+
+def optimize(
+    settings: str,
+    out: str,
+    on_event: Callable[[str, str], Any],
+    size: Optional[str] = None,
+    preset: Optional[str] = None,
+    resume: bool = False,
+    steps: Optional[int] = None,
+) -> str: ...
+def evaluate(settings: str, prompt: str, on_event: Callable[[str, str], Any], size: Optional[str] = None) -> str: ...
+def defaults(size: Optional[str] = None) -> str: ...

@@ -1,0 +1,191 @@
+//! The native half of the `greater` Python package: settings arrive as JSON objects with the
+//! TOML keys, results leave as JSON text, events go to a Python callable. The Python half
+//! (`python/greater/__init__.py`) turns them into `Run`s, progress bars and exceptions.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clap::ValueEnum;
+use greater::eval::evaluate as evaluate_prompt;
+use greater::model::generate::Cancelled;
+use greater::optimize::run::{run, Changes, Event, Start};
+use greater::report::on_run_event;
+use greater::runtime::LanguageModel;
+use greater::settings::{OptimizeConfig, Preset, Size};
+use greater::tasks::Split;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+/// Settings: the defaults (or `preset`), then `size`, then the keys of `json` (an object
+/// whose keys are the TOML keys). Errors name the key.
+fn settings_from(json: &str, size: Option<&str>, preset: Option<&str>) -> PyResult<OptimizeConfig> {
+    let value = |what: &str, name: &str| PyValueError::new_err(format!("unknown {what} {name:?}"));
+    let base = match preset {
+        Some(p) => match Preset::from_str(p, true).map_err(|_| value("preset", p))? {
+            Preset::Reference => OptimizeConfig::reference(),
+        },
+        None => OptimizeConfig::default(),
+    };
+    let base = match size {
+        Some(s) => Size::from_str(s, true).map_err(|_| value("size", s))?.apply(base),
+        None => base,
+    };
+    let keys: toml::Table =
+        serde_json::from_str(json).map_err(|e| PyValueError::new_err(format!("settings: {e}")))?;
+    let text =
+        toml::to_string(&keys).map_err(|e| PyValueError::new_err(format!("settings: {e}")))?;
+    let settings =
+        base.with_toml(&text).map_err(|e| PyValueError::new_err(format!("setting {e}")))?;
+    settings.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(settings)
+}
+
+/// A run's events as (kind, JSON text) for the Python callable; Ctrl-C and an exception in
+/// the callable stop the run at its next check.
+struct Events {
+    callback: Py<PyAny>,
+    interrupt: Arc<AtomicBool>,
+    error: Mutex<Option<PyErr>>,
+}
+
+impl Events {
+    fn send(&self, event: &Event) {
+        let (kind, data) = match event {
+            Event::Info(message) => ("info", serde_json::json!({ "message": message })),
+            Event::Start { done, total, budget } => {
+                ("start", serde_json::json!({ "done": done, "total": total, "budget": budget }))
+            }
+            Event::Step(record, state) => (
+                "step",
+                serde_json::json!({ "record": record, "best_score": state.best_score, "position": state.position }),
+            ),
+            Event::EvalStart { label, questions } => {
+                ("eval_start", serde_json::json!({ "label": label, "questions": questions }))
+            }
+            Event::EvalProgress(done) => ("eval_progress", serde_json::json!({ "done": done })),
+            Event::Finished(dir) => ("finished", serde_json::json!({ "folder": dir })),
+        };
+        Python::attach(|py| {
+            let result =
+                py.check_signals().and_then(|_| self.callback.call1(py, (kind, data.to_string())));
+            if let Err(e) = result {
+                self.interrupt.store(true, Ordering::SeqCst);
+                self.error.lock().expect("not poisoned").get_or_insert(e);
+            }
+        });
+    }
+
+    /// The run's result as Python sees it: the callable's exception first, then Ctrl-C as
+    /// KeyboardInterrupt (the checkpoint of the last finished step stays), then errors.
+    fn finish<T>(self, result: anyhow::Result<T>) -> PyResult<T> {
+        if let Some(e) = self.error.into_inner().expect("not poisoned") {
+            return Err(e);
+        }
+        result.map_err(|e| {
+            if e.downcast_ref::<Cancelled>().is_some() {
+                PyKeyboardInterrupt::new_err(
+                    "interrupted: finished steps are saved; resume with resume=True",
+                )
+            } else {
+                PyRuntimeError::new_err(format!("{e:#}"))
+            }
+        })
+    }
+}
+
+/// Ctrl-C sets `interrupt` while the native code runs (Python's own handler cannot run then).
+fn on_ctrl_c(interrupt: &Arc<AtomicBool>) -> PyResult<signal_hook::SigId> {
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(interrupt))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot watch Ctrl-C: {e}")))
+}
+
+/// Runs (or with `resume`, continues) an optimisation in `out`; returns summary.json's text.
+#[pyfunction]
+#[pyo3(signature = (settings, out, on_event, size=None, preset=None, resume=false, steps=None))]
+#[allow(clippy::too_many_arguments)]
+fn optimize(
+    py: Python<'_>,
+    settings: &str,
+    out: PathBuf,
+    on_event: Py<PyAny>,
+    size: Option<&str>,
+    preset: Option<&str>,
+    resume: bool,
+    steps: Option<usize>,
+) -> PyResult<String> {
+    let start = if resume {
+        Start::Resume(Changes { steps, data_dir: None })
+    } else {
+        Start::New(settings_from(settings, size, preset)?)
+    };
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let events =
+        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
+    let hook = on_ctrl_c(&interrupt)?;
+    let result = py.detach(|| {
+        run(start, &out, &interrupt, &mut |e| {
+            if let Err(err) = on_run_event(&e) {
+                eprintln!("warning: could not write a report: {err:#}");
+            }
+            events.send(&e);
+        })
+    });
+    signal_hook::low_level::unregister(hook);
+    let summary = events.finish(result)?;
+    serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Scores `prompt` on the test questions the settings choose; returns the report (with one
+/// record per question) as JSON text.
+#[pyfunction]
+#[pyo3(signature = (settings, prompt, on_event, size=None))]
+fn evaluate(
+    py: Python<'_>,
+    settings: &str,
+    prompt: &str,
+    on_event: Py<PyAny>,
+    size: Option<&str>,
+) -> PyResult<String> {
+    let settings = settings_from(settings, size, None)?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let events =
+        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
+    let hook = on_ctrl_c(&interrupt)?;
+    let result = py.detach(|| -> anyhow::Result<serde_json::Value> {
+        let (task, split) = settings.load_task()?;
+        let test = Split::pick(&split.test, &task);
+        if test.is_empty() {
+            anyhow::bail!("the test split is empty: pass test=N");
+        }
+        let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| {
+            events.send(&Event::Info(m.to_string()))
+        })?;
+        let label = "eval";
+        events.send(&Event::EvalStart { label, questions: test.len() });
+        let cfg = settings.eval_config(Some(Arc::clone(&interrupt)));
+        let report = evaluate_prompt(&lm, &task, &test, prompt, &cfg, &mut |done| {
+            events.send(&Event::EvalProgress(done))
+        })?;
+        Ok(serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "report": report, "records": report.records }))
+    });
+    signal_hook::low_level::unregister(hook);
+    Ok(events.finish(result)?.to_string())
+}
+
+/// Every setting's key with its default, as JSON text (after `size`).
+#[pyfunction]
+#[pyo3(signature = (size=None))]
+fn defaults(size: Option<&str>) -> PyResult<String> {
+    let settings = settings_from("{}", size, None)?;
+    serde_json::to_string(&settings).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+#[pymodule]
+fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(optimize, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(defaults, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,71 @@
+"""The Python package against the wheel built from this repository, on SmolLM2 (fetched by
+the Rust tests before these run) with tiny question counts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import greater
+
+TINY = dict(model="smollm2-135m", difficulty=1, train=2, dev=0, test=2, max_reasoning=8, progress=False)
+
+
+def test_optimize_returns_a_run_equal_to_its_folder(tmp_path):
+    events = []
+    run = greater.optimize(task="arithmetic", out=tmp_path / "run", steps=1, callback=lambda k, d: events.append(k), **TINY)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert run.finished and run.summary == summary
+    assert run.prompt == summary["best_prompt"] == (tmp_path / "run" / "best_prompt.txt").read_text()
+    for e in summary["evaluations"]:
+        acc = run.accuracy[e["label"]]
+        assert (acc.value, acc.correct, acc.n, list(acc.interval)) == (e["accuracy"], e["correct"], e["n"], e["interval"])
+    assert list(run.accuracy) == ["zero-shot CoT", "initial", "optimised"]
+    assert run.last_step == 1 and run.steps[0]["step"] == 1
+    assert run.settings["train"] == 2 and run.settings["max_reasoning"] == 8
+    assert "step" in events and events[-1] == "finished"
+    # The CLI's outputs are there too.
+    assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "summary.md").exists()
+
+
+def test_a_task_from_python_records_runs(tmp_path):
+    records = [{"question": f"What is {a} plus {b}?", "answer": a + b} for a in range(1, 5) for b in range(1, 4)]
+    task = greater.Task(records, answer_kind="integer", name="sums")
+    run = greater.optimize(task=task, out=tmp_path / "sums", steps=1, **TINY)
+    assert run.finished and run.accuracy["optimised"].n == 2
+    assert Path(run.settings["task"]).read_text().startswith('name = "sums"')
+    with pytest.raises(ValueError, match="answer_kind"):
+        greater.Task(records, answer_kind="number")
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [({"top_kk": 3}, "top_kk"), ({"temperature": float("nan")}, "temperature"), ({"shortlist": 0}, "shortlist"), ({"size": "huge"}, "huge")],
+)
+def test_a_bad_setting_raises_value_error_naming_it(tmp_path, bad, named):
+    with pytest.raises(ValueError, match=named):
+        greater.optimize(task="arithmetic", out=tmp_path / "bad", **{**TINY, **bad})
+    assert not (tmp_path / "bad" / "steps.jsonl").exists()
+
+
+def test_load_run_of_an_interrupted_run_reports_its_last_step(tmp_path):
+    def stop_after_first_step(kind, data):
+        if kind == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        greater.optimize(task="arithmetic", out=tmp_path / "cut", steps=5, callback=stop_after_first_step, **TINY)
+    run = greater.load_run(tmp_path / "cut")
+    assert not run.finished and run.prompt is None and run.accuracy == {}
+    assert run.last_step == 1
+    # It resumes to the end.
+    done = greater.optimize(out=tmp_path / "cut", resume=True, progress=False, steps=2)
+    assert done.finished and done.last_step == 2
+
+
+def test_evaluate_scores_the_settings_test_questions():
+    result = greater.evaluate(task="arithmetic", prompt="Add the numbers.", **TINY)
+    report = result["report"]
+    assert report["n"] == 2 == len(result["records"])
+    assert report["correct"] == sum(r["correct"] for r in result["records"])
+    assert greater.defaults()["top_k"] == 40 and greater.defaults("paper")["train"] == 50
