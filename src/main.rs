@@ -13,10 +13,12 @@ use greater::catalog;
 use greater::eval::{evaluate, write_records};
 use greater::model::generate::{Cancelled, Sampling};
 use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
-use greater::protocol::{run_protocol, ProtocolEvent, PAPER_TASKS};
+use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
 use greater::records::{ProtocolConfig, RunConfig, ScreenConfig};
 use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
-use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
+use greater::report::{
+    on_protocol_event, on_run_event, write_protocol_outputs, write_screen_outputs,
+};
 use greater::runtime::LanguageModel;
 use greater::screen::{run_screen, ScreenEvent};
 use greater::settings::{Method, OptimizeConfig, Preset, Size, SEARCH};
@@ -489,6 +491,12 @@ struct ProtocolArgs {
     /// task [default: --method].
     #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "resume")]
     methods: Vec<Method>,
+    /// Run only this share of the tasks, I/N with I from 0 (task i when i mod N = I), beside
+    /// the other shards on the same --out: one job of a Slurm array each, for instance. The
+    /// table covers the tasks finished so far; the last shard to finish (or --resume)
+    /// writes it whole.
+    #[arg(long)]
+    shard: Option<Shard>,
 }
 
 /// Flags of `greater screen`: the base settings of `greater optimize`, tasks and a file of
@@ -584,7 +592,8 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
         }
     };
     let mut progress = Progress::default();
-    let result = run_protocol(start, &out, &interrupt, &mut |event| match event {
+    let shard = args.shard.unwrap_or(Shard::ALL);
+    let result = run_protocol(start, &out, shard, &interrupt, &mut |event| match event {
         ProtocolEvent::Task { index, total, name, steps } => {
             progress.next_run(format!("task {}/{total} {name} | ", index + 1), index, total, steps)
         }
@@ -592,6 +601,15 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
         ProtocolEvent::Table(..) => warn_on_error(on_protocol_event(&out, &event)),
     });
     finish(result, &mut progress, "protocol", &out, |(table, config)| {
+        write_protocol_outputs(&out, &table, &config)?;
+        if table.rows.len() < config.tasks.len() {
+            note(&format!(
+                "{} of {} tasks finished; the other shards (or greater protocol --resume {}) finish the rest",
+                table.rows.len(),
+                config.tasks.len(),
+                out.display()
+            ));
+        }
         print_result(
             &format!(
                 "{}\ntable written to {}",

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::eval::wilson_interval;
-use crate::optimize::run::{run, transfer, Changes, Event, Start};
+use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
 use crate::records::{
     Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable,
     SearchTrace, StepRecord, Summary, TaskRow, Transfer,
@@ -95,51 +95,69 @@ pub enum ProtocolEvent<'a> {
     Table(&'a ProtocolTable, &'a ProtocolConfig),
 }
 
-/// Starts a protocol in `out` (with `Some(config)`) or continues the one there; returns the
-/// table and the protocol's configuration.
+/// Which tasks of a protocol one process runs: those whose index modulo `count` is `index`
+/// (`--shard I/N`, I from 0). Several shards may run at once on one protocol folder, on one
+/// machine or on a shared file system: each run folder has its own lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// Every task: one process.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    pub fn takes(self, task_index: usize) -> bool {
+        task_index % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    /// "I/N" with 0 <= I < N.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parsed = s
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!("{s:?}: a shard is I/N with 0 <= I < N, e.g. 0/4")),
+        }
+    }
+}
+
+/// Starts a protocol in `out` (or continues the one there) and runs `shard`'s share of its
+/// tasks; returns the table of every task finished so far (by any shard) and the protocol's
+/// configuration. The folder's lock is held only while its shared files are written.
 pub fn run_protocol(
     start: Start<ProtocolConfig>,
     out: &Path,
+    shard: Shard,
     interrupt: &Arc<AtomicBool>,
     report: &mut dyn FnMut(ProtocolEvent),
 ) -> Result<(ProtocolTable, ProtocolConfig)> {
     let dir = RunDir::folder(out)?;
-    let _lock = dir.lock()?;
-    let (config, changes) = match start {
-        Start::New(c) => {
-            if dir.exists("protocol-config.json") {
-                bail!("{} already holds a protocol: continue it with --resume {0}", out.display());
-            }
-            c.check()?;
-            dir.write_json("protocol-config.json", &c)?;
-            (c, Changes::default())
-        }
-        Start::Resume(changes) => {
-            let mut c: ProtocolConfig = dir.read_json("protocol-config.json")?;
-            if changes.apply(&mut c.settings) {
-                dir.write_json("protocol-config.json", &c)?;
-            }
-            (c, changes)
-        }
+    let (config, changes) = {
+        let _lock = dir.lock_briefly()?;
+        begin(&dir, start, shard)?
     };
-    let mut progress: BTreeMap<String, f64> =
-        if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
-    let mut rows = Vec::new();
-    let mut result = table(Vec::new());
     let methods = config.methods();
     let total = config.tasks.len() * methods.len();
+    let mut table = finished_table(&dir, &config)?;
     for (t_index, task) in config.tasks.iter().enumerate() {
-        let first_dir = out.join(task_folder(task));
-        let mut summaries = Vec::with_capacity(methods.len());
+        if !shard.takes(t_index) {
+            continue;
+        }
         let mut greater_tokens = None;
         for (m_index, &method) in methods.iter().enumerate() {
-            let index = t_index * methods.len() + m_index;
             let folder = method_folder(task, &methods, m_index);
             let name = if methods.len() > 1 {
                 format!("{task} ({})", method.name())
             } else {
                 task.clone()
             };
+            let index = t_index * methods.len() + m_index;
             report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
             let run_dir = out.join(&folder);
             let summary: Summary = if run_dir.join("summary.json").exists() {
@@ -154,33 +172,107 @@ pub fn run_protocol(
                         _ => config.settings.budget_tokens,
                     };
                     if m_index > 0 {
-                        share_baselines(&first_dir, &run_dir)?;
+                        share_baselines(&out.join(task_folder(task)), &run_dir)?;
                     }
-                    Start::New(OptimizeConfig {
+                    let settings = OptimizeConfig {
                         task: task.clone(),
                         method,
                         budget_tokens,
                         ..config.settings.clone()
-                    })
+                    };
+                    Start::New(settings)
                 };
                 let t = Instant::now();
                 let result =
                     run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
-                *progress.entry(folder.clone()).or_default() += t.elapsed().as_secs_f64();
-                dir.write_json("progress.json", &progress)?;
+                add_wall_seconds(&dir, &folder, t.elapsed().as_secs_f64())?;
                 result?
             };
             if method == Method::Greater {
                 greater_tokens = Some(summary.generated_tokens);
             }
-            summaries.push((summary, progress.get(&folder).copied().unwrap_or(0.0)));
         }
-        let transfer = match &config.transfer_to {
-            Some(model) => Some(transfer(&first_dir, model, interrupt, &mut |e| {
+        if let Some(model) = &config.transfer_to {
+            transfer(&out.join(task_folder(task)), model, interrupt, &mut |e| {
                 report(ProtocolEvent::Run(e))
-            })?),
+            })?;
+        }
+        table = finished_table(&dir, &config)?;
+        report(ProtocolEvent::Table(&table, &config));
+    }
+    Ok((table, config))
+}
+
+/// The configuration of a new protocol written (a shard may find it written by another
+/// shard, and then it must be the same), or an existing one read with `changes` applied.
+fn begin(
+    dir: &RunDir,
+    start: Start<ProtocolConfig>,
+    shard: Shard,
+) -> Result<(ProtocolConfig, Changes)> {
+    match start {
+        Start::New(c) => {
+            if dir.exists("protocol-config.json") {
+                let existing: ProtocolConfig = dir.read_json("protocol-config.json")?;
+                let same = serde_json::to_value(&existing)? == serde_json::to_value(&c)?;
+                if shard == Shard::ALL || !same {
+                    bail!(
+                        "{} already holds a protocol: continue it with --resume {0}",
+                        dir.path.display()
+                    );
+                }
+                return Ok((existing, Changes::default()));
+            }
+            c.check()?;
+            dir.write_json("protocol-config.json", &c)?;
+            Ok((c, Changes::default()))
+        }
+        Start::Resume(changes) => {
+            let mut c: ProtocolConfig = dir.read_json("protocol-config.json")?;
+            if changes.apply(&mut c.settings) {
+                dir.write_json("protocol-config.json", &c)?;
+            }
+            Ok((c, changes))
+        }
+    }
+}
+
+/// Adds a run's wall seconds to `progress.json` (several shards may write it).
+fn add_wall_seconds(dir: &RunDir, folder: &str, seconds: f64) -> Result<()> {
+    let _lock = dir.lock_briefly()?;
+    let mut progress: BTreeMap<String, f64> =
+        if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
+    *progress.entry(folder.to_string()).or_default() += seconds;
+    dir.write_json("progress.json", &progress)
+}
+
+/// The table of the tasks whose every run (and transfer) has finished, in the protocol's
+/// order, read from their folders and written to `protocol.json`.
+fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable> {
+    let _lock = dir.lock_briefly()?;
+    let progress: BTreeMap<String, f64> =
+        if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
+    let methods = config.methods();
+    let mut rows = Vec::new();
+    for task in &config.tasks {
+        let folders: Vec<String> =
+            (0..methods.len()).map(|m| method_folder(task, &methods, m)).collect();
+        if !folders.iter().all(|f| dir.path.join(f).join("summary.json").exists()) {
+            continue;
+        }
+        let first_dir = RunDir::open(&dir.path.join(&folders[0]))?;
+        let transfer: Option<Transfer> = match &config.transfer_to {
+            Some(model) => match read_transfer(&first_dir, model)? {
+                Some(t) => Some(t),
+                None => continue,
+            },
             None => None,
         };
+        let mut summaries = Vec::with_capacity(methods.len());
+        for f in &folders {
+            let summary: Summary = RunDir::open(&dir.path.join(f))?.read_json("summary.json")?;
+            summaries.push((summary, progress.get(f).copied().unwrap_or(0.0)));
+        }
         let (first, wall) = &summaries[0];
         let baselines = methods
             .iter()
@@ -188,18 +280,17 @@ pub fn run_protocol(
             .skip(1)
             .map(|(&m, (s, w))| method_row(task, m, s, *w))
             .collect::<Result<_>>()?;
-        let search = search_trace(&RunDir::open(&first_dir)?.read_steps()?, &first.contenders);
+        let search = search_trace(&first_dir.read_steps()?, &first.contenders);
         rows.push(TaskRow {
             transfer,
             baselines,
             search,
             ..task_row(task, methods[0], first, *wall)?
         });
-        result = table(rows.clone());
-        dir.write_json("protocol.json", &result)?;
-        report(ProtocolEvent::Table(&result, &config));
     }
-    Ok((result, config))
+    let result = table(rows);
+    dir.write_json("protocol.json", &result)?;
+    Ok(result)
 }
 
 /// Zero-shot CoT and the initial prompt are the same prompts on the same questions for every

@@ -62,6 +62,16 @@ impl RunDir {
     /// An advisory lock on the folder for as long as the returned guard lives: a second
     /// process that would write here refuses at once, naming the holder's pid.
     pub fn lock(&self) -> Result<DirLock> {
+        self.flock(false)
+    }
+
+    /// The same lock for a short write of files several processes share (a protocol's
+    /// shards): waits for the holder instead of refusing.
+    pub fn lock_briefly(&self) -> Result<DirLock> {
+        self.flock(true)
+    }
+
+    fn flock(&self, wait: bool) -> Result<DirLock> {
         let path = self.file(".lock");
         let mut file = OpenOptions::new()
             .create(true)
@@ -74,7 +84,8 @@ impl RunDir {
         {
             use std::os::fd::AsRawFd;
             // SAFETY: flock on a descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mode = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+            if unsafe { libc::flock(file.as_raw_fd(), mode) } != 0 {
                 let holder = fs::read_to_string(&path).unwrap_or_default();
                 bail!(
                     "{} is in use by another greater process (pid {}): wait for it to end or stop it",

@@ -22,7 +22,7 @@ use greater::optimize::run::{run, Changes, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
-use greater::protocol::run_protocol;
+use greater::protocol::{run_protocol, Shard};
 use greater::records::{
     Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary,
 };
@@ -756,10 +756,11 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         transfer_to: Some(target.clone()),
         methods: Vec::new(),
     };
-    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| {
-        on_protocol_event(&out, &e).unwrap()
-    })
-    .unwrap();
+    let (table, _) =
+        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
+            on_protocol_event(&out, &e).unwrap()
+        })
+        .unwrap();
     assert_eq!(table.rows.len(), 2);
     // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
     // second model, kept in the task's folder.
@@ -1107,10 +1108,11 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         transfer_to: None,
         methods: vec![Method::Greater, Method::Ape, Method::Gcg],
     };
-    let (table, _) = run_protocol(Start::New(config), &out, &no_interrupt(), &mut |e| {
-        on_protocol_event(&out, &e).unwrap()
-    })
-    .unwrap();
+    let (table, _) =
+        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
+            on_protocol_event(&out, &e).unwrap()
+        })
+        .unwrap();
     let row = &table.rows[0];
     assert_eq!(
         row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(),
@@ -1663,4 +1665,101 @@ fn the_example_task_and_settings_files_load_and_run_a_one_step_search() {
     assert_eq!((s.train, s.dev, s.test, s.steps, s.max_reasoning), (20, 30, 30, 1, 4));
     assert_eq!(s.precision, greater::model::Precision::Mixed);
     assert_eq!(steps_without_timings(&out).len(), 1);
+}
+
+/// A protocol table without its timings (wall seconds and the seconds of evaluations).
+fn table_without_timings(out: &Path) -> serde_json::Value {
+    let mut table: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("wall_seconds");
+                map.remove("seconds");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut table);
+    table
+}
+
+#[test]
+fn two_shards_at_once_give_the_single_process_table_and_a_killed_shard_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, toml::to_string(&protocol_settings(&model)).unwrap()).unwrap();
+    let protocol = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_greater"));
+        c.args(["protocol", "--config", config.to_str().unwrap(), "--tasks", "arithmetic,boolean"])
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let single = tmp.path().join("single");
+    let status = protocol(&single, &[]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // Two shards started together on one folder.
+    let sharded = tmp.path().join("sharded");
+    let children: Vec<_> = ["0/2", "1/2"]
+        .iter()
+        .map(|s| protocol(&sharded, &["--shard", s]).spawn().unwrap())
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(table_without_timings(&sharded), table_without_timings(&single));
+    assert!(sharded.join("protocol.md").exists());
+    // A shard killed mid-run; --resume (any process) finishes its task.
+    let killed = tmp.path().join("killed");
+    let long = tmp.path().join("long.toml");
+    std::fs::write(
+        &long,
+        toml::to_string(&OptimizeConfig { steps: 200, ..protocol_settings(&model) }).unwrap(),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["protocol", "--config", long.to_str().unwrap(), "--tasks", "arithmetic,boolean"])
+        .args(["--shard", "1/2", "--out", killed.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = killed.join("boolean").join("steps.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !log.exists() || std::fs::read_to_string(&log).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the shard never finished a step");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (code, _, err) =
+        greater_cli(&["protocol", "--resume", killed.to_str().unwrap(), "--steps", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    let table: ProtocolTable =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("protocol.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(),
+        ["arithmetic", "boolean"]
+    );
+    assert_eq!(table.rows[1].steps, 3);
+}
+
+#[test]
+fn a_shard_is_i_of_n_from_zero() {
+    assert_eq!("1/4".parse::<Shard>(), Ok(Shard { index: 1, count: 4 }));
+    assert!(
+        "4/4".parse::<Shard>().is_err()
+            && "x".parse::<Shard>().is_err()
+            && "0/0".parse::<Shard>().is_err()
+    );
+    let takes: Vec<usize> = (0..7).filter(|&t| Shard { index: 1, count: 3 }.takes(t)).collect();
+    assert_eq!(takes, [1, 4]);
 }

@@ -97,6 +97,27 @@ fn evaluate_reported(
     evaluate(lm, task, examples, prompt, cfg, &mut |done| report(Event::EvalProgress(done)))
 }
 
+/// The file a transfer of the run to `model` is kept in.
+fn transfer_file(model: &str) -> String {
+    let name = Path::new(model).file_stem().and_then(|n| n.to_str()).unwrap_or(model);
+    let name = name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_");
+    format!("transfer-{name}.json")
+}
+
+/// The finished run's transfer to `model`, if one was measured for its returned prompt.
+pub fn read_transfer(dir: &RunDir, model: &str) -> Result<Option<Transfer>> {
+    if !dir.exists("summary.json") {
+        bail!("{} holds no finished run (no summary.json) to transfer", dir.path.display());
+    }
+    let summary: Summary = dir.read_json("summary.json")?;
+    let file = transfer_file(model);
+    if !dir.exists(&file) {
+        return Ok(None);
+    }
+    let done: Transfer = dir.read_json(&file)?;
+    Ok((done.model == model && done.optimised.prompt == summary.best_prompt).then_some(done))
+}
+
 /// Evaluates the transfer of the finished run in `out` to `model`; kept in
 /// `transfer-<model>.json` and read from there when it measured the same prompt.
 pub fn transfer(
@@ -106,21 +127,10 @@ pub fn transfer(
     report: &mut dyn FnMut(Event),
 ) -> Result<Transfer> {
     let dir = RunDir::open(out)?;
-    if !dir.exists("summary.json") {
-        bail!("{} holds no finished run (no summary.json) to transfer", out.display());
+    if let Some(done) = read_transfer(&dir, model)? {
+        return Ok(done);
     }
     let summary: Summary = dir.read_json("summary.json")?;
-    let name = Path::new(model).file_stem().and_then(|n| n.to_str()).unwrap_or(model);
-    let file = format!(
-        "transfer-{}.json",
-        name.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.' && c != '-', "_")
-    );
-    if dir.exists(&file) {
-        let done: Transfer = dir.read_json(&file)?;
-        if done.model == model && done.optimised.prompt == summary.best_prompt {
-            return Ok(done);
-        }
-    }
     let config: RunConfig = dir.read_json("config.json")?;
     let (task, split) = config.settings.load_task()?;
     if split != config.split {
@@ -152,7 +162,7 @@ pub fn transfer(
         zero_shot_cot: measure(Label::ZeroShotCot, ZERO_SHOT_COT)?,
         optimised: measure(Label::Optimised, &summary.best_prompt)?,
     };
-    dir.write_json(&file, &result)?;
+    dir.write_json(&transfer_file(model), &result)?;
     Ok(result)
 }
 
