@@ -10,9 +10,11 @@ use clap::ValueEnum;
 use greater::eval::evaluate as evaluate_prompt;
 use greater::model::generate::Cancelled;
 use greater::optimize::run::{run, Changes, Event, Start};
-use greater::report::on_run_event;
+use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
+use greater::records::ProtocolConfig;
+use greater::report::{on_protocol_event, on_run_event, write_protocol_outputs};
 use greater::runtime::LanguageModel;
-use greater::settings::{OptimizeConfig, Preset, Size};
+use greater::settings::{Method, OptimizeConfig, Preset, Size};
 use greater::tasks::Split;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -173,6 +175,78 @@ fn evaluate(
     Ok(events.finish(result)?.to_string())
 }
 
+/// Runs (or with `resume`, continues) a protocol in `out`, or its `shard` (index, count);
+/// returns the table of the tasks finished so far as JSON text.
+#[pyfunction]
+#[pyo3(signature = (settings, tasks, out, on_event, methods=None, transfer_to=None, size=None, preset=None, shard=None, resume=false))]
+#[allow(clippy::too_many_arguments)]
+fn protocol(
+    py: Python<'_>,
+    settings: &str,
+    tasks: Vec<String>,
+    out: PathBuf,
+    on_event: Py<PyAny>,
+    methods: Option<Vec<String>>,
+    transfer_to: Option<String>,
+    size: Option<&str>,
+    preset: Option<&str>,
+    shard: Option<(usize, usize)>,
+    resume: bool,
+) -> PyResult<String> {
+    let shard = match shard {
+        Some((index, count)) if index < count => Shard { index, count },
+        Some((index, count)) => {
+            return Err(PyValueError::new_err(format!(
+                "shard ({index}, {count}): the index must be below the count"
+            )))
+        }
+        None => Shard::ALL,
+    };
+    let start = if resume {
+        Start::Resume(Changes::default())
+    } else {
+        let methods = methods
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                Method::from_str(m, true)
+                    .map_err(|_| PyValueError::new_err(format!("unknown method {m:?}")))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let settings = settings_from(settings, size, preset)?;
+        let tasks = if tasks.is_empty() {
+            PAPER_TASKS.iter().map(|t| t.to_string()).collect()
+        } else {
+            tasks
+        };
+        Start::New(ProtocolConfig { settings, tasks, transfer_to, methods })
+    };
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let events =
+        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
+    let hook = on_ctrl_c(&interrupt)?;
+    let result = py.detach(|| {
+        run_protocol(start, &out, shard, &interrupt, &mut |event| {
+            if let Err(err) = on_protocol_event(&out, &event) {
+                eprintln!("warning: could not write a report: {err:#}");
+            }
+            match event {
+                ProtocolEvent::Run(e) => events.send(&e),
+                ProtocolEvent::Task { index, total, name, .. } => {
+                    events.send(&Event::Info(format!("task {}/{total}: {name}", index + 1)))
+                }
+                ProtocolEvent::Table(..) => {}
+            }
+        })
+    });
+    signal_hook::low_level::unregister(hook);
+    let (table, config) = events.finish(result)?;
+    if let Err(err) = write_protocol_outputs(&out, &table, &config) {
+        eprintln!("warning: could not write a report: {err:#}");
+    }
+    serde_json::to_string(&table).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// Every setting's key with its default, as JSON text (after `size`).
 #[pyfunction]
 #[pyo3(signature = (size=None))]
@@ -185,6 +259,7 @@ fn defaults(size: Option<&str>) -> PyResult<String> {
 fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(protocol, m)?)?;
     m.add_function(wrap_pyfunction!(defaults, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

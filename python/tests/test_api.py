@@ -69,3 +69,15 @@ def test_evaluate_scores_the_settings_test_questions():
     assert report["n"] == 2 == len(result["records"])
     assert report["correct"] == sum(r["correct"] for r in result["records"])
     assert greater.defaults()["top_k"] == 40 and greater.defaults("paper")["train"] == 50
+
+
+def test_protocol_shards_from_python_give_the_whole_table(tmp_path):
+    settings = dict(TINY, steps=1)
+    out = tmp_path / "p"
+    first = greater.protocol(tasks=["arithmetic", "boolean"], out=out, shard=(0, 2), **settings)
+    assert [r["task"] for r in first["rows"]] == ["arithmetic"]
+    second = greater.protocol(tasks=["arithmetic", "boolean"], out=out, shard=(1, 2), **settings)
+    assert [r["task"] for r in second["rows"]] == ["arithmetic", "boolean"]
+    assert greater.protocol(out=out, resume=True, progress=False) == json.loads((out / "protocol.json").read_text())
+    with pytest.raises(ValueError, match="shard"):
+        greater.protocol(tasks=["arithmetic"], out=tmp_path / "q", shard=(2, 2), **settings)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from . import _greater
 
-__all__ = ["Accuracy", "Run", "Task", "defaults", "evaluate", "load_run", "optimize"]
+__all__ = ["Accuracy", "Run", "Task", "defaults", "evaluate", "load_run", "optimize", "protocol"]
 __version__ = _greater.__version__
 
 #: Called with (kind, data) for every event of a run: "info", "start", "step",
@@ -269,6 +269,49 @@ def evaluate(
     per question: question, reasoning, raw and parsed answer, gold, correct).
     """
     text = _greater.evaluate(_settings_json(model, task, settings), prompt, _Progress(progress, callback), size=size)
+    return json.loads(text)
+
+
+def protocol(
+    model: Optional[str] = None,
+    tasks: Optional[Sequence[str]] = None,
+    *,
+    out: Union[str, os.PathLike],
+    methods: Optional[Sequence[str]] = None,
+    transfer_to: Optional[str] = None,
+    size: Optional[str] = None,
+    preset: Optional[str] = None,
+    shard: Optional[tuple] = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Optional[EventCallback] = None,
+    **settings: Any,
+) -> dict:
+    """Runs ``optimize`` with one configuration over ``tasks`` (default: the paper's five),
+    a run folder each under ``out``, and returns the table (a dict, as protocol.json).
+
+    methods: e.g. ["greater", "ape", "gcg"]; transfer_to: a second model each task's prompt
+    is also measured on. shard=(i, n) runs only task j where j % n == i, beside other
+    shards on the same ``out`` (other processes or machines, e.g. Ray tasks); the table
+    covers the tasks finished so far, and ``protocol(out=..., resume=True)`` (or the last
+    shard) gives the whole one.
+    """
+    if resume:
+        if settings or model is not None or tasks is not None or methods or transfer_to or size or preset:
+            raise ValueError("resume=True keeps the recorded settings")
+        text = _greater.protocol("{}", [], str(out), _Progress(progress, callback), shard=shard, resume=True)
+    else:
+        text = _greater.protocol(
+            _settings_json(model, None, settings),
+            list(tasks or []),
+            str(out),
+            _Progress(progress, callback),
+            methods=list(methods) if methods else None,
+            transfer_to=transfer_to,
+            size=size,
+            preset=preset,
+            shard=shard,
+        )
     return json.loads(text)
 
 

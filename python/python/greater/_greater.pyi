@@ -13,3 +13,15 @@ def optimize(
 ) -> str: ...
 def evaluate(settings: str, prompt: str, on_event: Callable[[str, str], Any], size: Optional[str] = None) -> str: ...
 def defaults(size: Optional[str] = None) -> str: ...
+def protocol(
+    settings: str,
+    tasks: list[str],
+    out: str,
+    on_event: Callable[[str, str], Any],
+    methods: Optional[list[str]] = None,
+    transfer_to: Optional[str] = None,
+    size: Optional[str] = None,
+    preset: Optional[str] = None,
+    shard: Optional[tuple[int, int]] = None,
+    resume: bool = False,
+) -> str: ...
