@@ -87,6 +87,21 @@ pub struct EvalReport {
 }
 
 /// Accuracy of `prompt` on `examples`; `progress` is told how many are done.
+///
+/// ```no_run
+/// use greater::eval::evaluate;
+/// use greater::runtime::LanguageModel;
+/// use greater::settings::OptimizeConfig;
+/// use greater::tasks::Split;
+///
+/// let settings = OptimizeConfig { test: 20, ..OptimizeConfig::default() };
+/// let (task, split) = settings.load_task()?;
+/// let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
+/// let test = Split::pick(&split.test, &task);
+/// let report = evaluate(&lm, &task, &test, "Let's think step by step.", &settings.eval_config(None), &mut |_| {})?;
+/// println!("{:.3} [{:.3}, {:.3}], {} unparsed", report.accuracy, report.interval.0, report.interval.1, report.unparsed);
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 pub fn evaluate(
     lm: &LanguageModel,
     task: &Task,

@@ -388,6 +388,17 @@ impl OptimizeConfig {
     /// The one place where settings are layered: `self` (the defaults, a preset or the
     /// demo), then the keys of a TOML file (`(text, its name for errors)`), then the flags
     /// that were given on the command line (`given(key)`) with their values in `flags`.
+    ///
+    /// ```
+    /// use greater::settings::OptimizeConfig;
+    ///
+    /// let flags = OptimizeConfig { top_k: 20, ..OptimizeConfig::default() };
+    /// let file = "top_k = 11\nshortlist = 5\n";
+    /// // --top-k typed on the command line beats the file; shortlist comes from the file.
+    /// let s = OptimizeConfig::reference().layered(Some((file, "run.toml")), &flags, &|key| key == "top_k")?;
+    /// assert_eq!((s.top_k, s.shortlist, s.train), (20, 5, 50));
+    /// # Ok::<(), anyhow::Error>(())
+    /// ```
     pub fn layered(
         &self,
         file: Option<(&str, &str)>,

@@ -195,7 +195,27 @@ impl Changes {
     }
 }
 
-/// Starts a run in `out`, or continues the one there.
+/// Starts a run in `out`, or continues the one there: the search, then the returned prompt
+/// chosen on dev and measured with the baselines on test. Writes the run's records (JSON)
+/// as it goes; `report(event)` is told of each step and evaluation
+/// ([`crate::report::on_run_event`] writes the Markdown and HTML the CLI writes). Setting
+/// `interrupt` stops it at the next check with [`crate::model::generate::Cancelled`]; the
+/// finished steps stay, and `Start::Resume` continues them.
+///
+/// ```no_run
+/// use std::sync::{atomic::AtomicBool, Arc};
+/// use greater::optimize::run::{run, Changes, Event, Start};
+///
+/// // Two more steps of an interrupted run, printing each step's prompt.
+/// let more = Changes { steps: Some(12), ..Changes::default() };
+/// let stop = Arc::new(AtomicBool::new(false));
+/// run(Start::Resume(more), "runs/demo".as_ref(), &stop, &mut |event| {
+///     if let Event::Step(record, _) = event {
+///         println!("step {}: {:?}", record.step, record.prompt);
+///     }
+/// })?;
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 pub fn run(
     start: Start,
     out: &Path,
