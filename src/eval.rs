@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
@@ -53,7 +53,7 @@ fn reason(
     generate(&lm.model, requests, &gen_cfg)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub question: String,
     pub prompt: String,

@@ -339,6 +339,7 @@ fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Resul
     let main = method_row(task, method, s, wall_seconds)?;
     Ok(TaskRow {
         task: task.to_string(),
+        majority_floor: Some(s.majority_floor),
         zero_shot_cot: test_evaluation(task, s, Label::ZeroShotCot)?,
         initial: test_evaluation(task, s, Label::Initial)?,
         optimised: main.optimised,

@@ -471,6 +471,9 @@ pub struct MethodPooled {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRow {
     pub task: String,
+    /// The test split's majority-class floor (None in tables of versions without it).
+    #[serde(default)]
+    pub majority_floor: Option<f64>,
     pub zero_shot_cot: EvalSummary,
     pub initial: EvalSummary,
     pub optimised: EvalSummary,

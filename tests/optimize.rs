@@ -1763,3 +1763,58 @@ fn a_shard_is_i_of_n_from_zero() {
     let takes: Vec<usize> = (0..7).filter(|&t| Shard { index: 1, count: 3 }.takes(t)).collect();
     assert_eq!(takes, [1, 4]);
 }
+
+/// Text as minijinja writes it into HTML.
+fn html_escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#x27;")
+        .replace('/', "&#x2f;")
+}
+
+#[test]
+fn the_report_shows_each_test_question_with_its_gold_and_every_prompts_parsed_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(OptimizeConfig { dev: 2, test: 4, ..tiny_settings(&model, 2) }), &out);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let viewer = &html[html.find("<table id=\"questions\">").expect("a question viewer")..];
+    let viewer = &viewer[..viewer.find("</table>").unwrap()];
+    let rows: Vec<&str> = viewer.split("<tr class=").skip(1).collect();
+    assert_eq!(rows.len(), 4);
+    for (label_index, e) in summary.evaluations.iter().enumerate() {
+        let first = summary.evaluations.iter().find(|f| f.prompt == e.prompt).unwrap();
+        let records =
+            std::fs::read_to_string(out.join(format!("test-{}.jsonl", first.label.file_stem())))
+                .unwrap();
+        for (q, line) in records.lines().enumerate() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            let row = rows[q];
+            let question = format!(
+                "<td>{}</td><td>{}</td>",
+                html_escaped(r["question"].as_str().unwrap()),
+                html_escaped(r["gold"].as_str().unwrap())
+            );
+            assert!(row.contains(&question), "question {q}: {row}");
+            let cells: Vec<&str> = row.split("<td class=\"").skip(1).collect();
+            let parsed =
+                r["parsed_answer"].as_str().map_or("(no answer)".to_string(), html_escaped);
+            let verdict = if r["correct"].as_bool().unwrap() { "right" } else { "wrong" };
+            assert!(
+                cells[label_index].starts_with(&format!("{verdict}\">{parsed}<details>")),
+                "{}: {}",
+                e.label,
+                cells[label_index]
+            );
+        }
+    }
+    // Rows where the prompts' answers differ are marked for the filter, and counted.
+    let differ = rows.iter().filter(|r| r.starts_with("\"differ\"")).count();
+    assert_eq!(differ + rows.iter().filter(|r| r.starts_with("\"agree\"")).count(), 4);
+    assert!(html.contains(&format!("only the {differ} questions (of 4)")), "{html}");
+}

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Serde, Value};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 pub mod text;
 
+use crate::eval::Record;
 use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
@@ -22,16 +23,17 @@ use crate::records::{
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
-use text::{protocol_markdown, screen_markdown, summary_table, verdict};
+use text::{protocol_markdown, screen_markdown, search_table, summary_table, verdict};
 
 const TEMPLATE: &str = include_str!("report.html");
 const SIZE: (u32, u32) = (780, 300);
 const FONT: (&str, u32) = ("sans-serif", 14);
 
-/// The report of the run or protocol in `dir`, as HTML.
-pub fn report_html(dir: &Path) -> Result<String> {
+/// The report of the run or protocol in `dir`, as HTML, with its links relative to the
+/// folder `written_in`.
+pub fn report_html(dir: &Path, written_in: &Path) -> Result<String> {
     if dir.join("protocol-config.json").exists() {
-        protocol_page(&RunDir::folder(dir)?)
+        protocol_page(&RunDir::folder(dir)?, written_in)
     } else {
         run_page(&RunDir::open(dir)?)
     }
@@ -39,7 +41,6 @@ pub fn report_html(dir: &Path) -> Result<String> {
 
 /// Writes `report.html` into `dir` (or to `out`) and returns where.
 pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf> {
-    let html = report_html(dir)?;
     let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
     let folder = RunDir::folder(
         path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
@@ -48,6 +49,7 @@ pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| anyhow!("{}: not a file name", path.display()))?;
+    let html = report_html(dir, &folder.path)?;
     folder.write_atomic(name, html.as_bytes())?;
     Ok(path)
 }
@@ -128,6 +130,62 @@ struct AccuracyRow {
     train: String,
     dev: String,
     test: String,
+    /// Test reasonings cut at the budget, and answers that did not parse.
+    cut: String,
+    unparsed: String,
+}
+
+/// One test question under each measured prompt, for the question viewer.
+#[derive(Serialize)]
+struct QuestionRow {
+    question: String,
+    gold: String,
+    answers: Vec<AnswerCell>,
+    /// Every prompt gave the same parsed answer.
+    agree: bool,
+}
+
+#[derive(Serialize)]
+struct AnswerCell {
+    parsed: String,
+    correct: bool,
+    cut: bool,
+    reasoning: String,
+}
+
+/// The test questions with each evaluation's answer, read from the records the run wrote
+/// (an evaluation of a prompt measured under an earlier label shares that one's file).
+fn question_rows(dir: &RunDir, evaluations: &[EvalSummary]) -> Result<Vec<QuestionRow>> {
+    let mut columns: Vec<Vec<Record>> = Vec::new();
+    for e in evaluations {
+        let first = evaluations.iter().find(|f| f.prompt == e.prompt).unwrap_or(e);
+        let path = dir.path.join(format!("test-{}.jsonl", first.label.file_stem()));
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        columns.push(read_records(&path)?);
+    }
+    let n = columns.iter().map(Vec::len).min().unwrap_or(0);
+    Ok((0..n)
+        .map(|q| {
+            let answers: Vec<AnswerCell> = columns
+                .iter()
+                .map(|c| AnswerCell {
+                    parsed: c[q].parsed_answer.clone().unwrap_or_else(|| "(no answer)".into()),
+                    correct: c[q].correct,
+                    cut: c[q].cut_by_budget,
+                    reasoning: c[q].reasoning.clone(),
+                })
+                .collect();
+            let agree = answers.iter().all(|a| a.parsed == answers[0].parsed);
+            QuestionRow {
+                question: columns[0][q].question.clone(),
+                gold: columns[0][q].gold.clone(),
+                answers,
+                agree,
+            }
+        })
+        .collect())
 }
 
 fn run_page(dir: &RunDir) -> Result<String> {
@@ -141,16 +199,28 @@ fn run_page(dir: &RunDir) -> Result<String> {
         Method::Ape => format!("{}, {} rounds of proposals", config.setup(), steps.len()),
         _ => format!("{}, {} of {} steps", config.setup(), steps.len(), s.steps),
     };
-    let dev_points: Vec<(usize, f64)> = summary
-        .iter()
-        .flat_map(|sm| &sm.contenders)
-        .filter_map(|c| Some((step_of(&steps, &c.prompt), c.dev.as_ref()?.accuracy)))
-        .collect();
-    let mut figures = vec![("Optimisation", curve_svg(&steps, &dev_points)?)];
+    let mut figures = vec![(
+        "Train score of each step's prompt (dots; lower is better) and the best so far (red line)"
+            .to_string(),
+        train_svg(&steps)?,
+    )];
     let mut rows = Vec::new();
+    let mut questions = Vec::new();
+    let mut labels = Vec::new();
     let mut verdict_line = "The run has not finished: no held-out accuracy yet.".to_string();
     let mut returned = String::new();
     if let Some(sm) = &summary {
+        let dev_points: Vec<(usize, f64)> = sm
+            .contenders
+            .iter()
+            .filter_map(|c| Some((step_of(&steps, &c.prompt), c.dev.as_ref()?.accuracy)))
+            .collect();
+        if !dev_points.is_empty() {
+            figures.push((
+                "Dev accuracy of the prompts measured on dev, at the step that found them (0: a starting prompt)".into(),
+                dev_svg(&dev_points)?,
+            ));
+        }
         let mut bars = Vec::new();
         for e in &sm.evaluations {
             bars.push(Bar {
@@ -170,7 +240,14 @@ fn run_page(dir: &RunDir) -> Result<String> {
                 });
             }
         }
-        figures.push(("Accuracy with 95% intervals", bars_svg(&bars, &["test", "dev"])?));
+        let floor = vec![Some(sm.majority_floor); sm.evaluations.len()];
+        figures.push((
+            format!(
+                "Accuracy with 95% intervals: test ({}), dev ({}); dashed: the test split's majority-class floor ({:.3})",
+                SERIES_NAMES[0], SERIES_NAMES[1], sm.majority_floor
+            ),
+            bars_svg(&bars, 2, &floor)?,
+        ));
         for c in &sm.contenders {
             let test = sm.evaluations.iter().find(|e| e.prompt == c.prompt);
             rows.push(AccuracyRow {
@@ -179,28 +256,68 @@ fn run_page(dir: &RunDir) -> Result<String> {
                 train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
                 dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
                 test: test.map_or("-".into(), accuracy_cell),
+                cut: test
+                    .and_then(|e| Some(format!("{}/{}", e.cut_by_budget?, e.n)))
+                    .unwrap_or("-".into()),
+                unparsed: test
+                    .and_then(|e| Some(format!("{}/{}", e.unparsed?, e.n)))
+                    .unwrap_or("-".into()),
             });
         }
+        questions = question_rows(dir, &sm.evaluations)?;
+        labels = sm.evaluations.iter().map(|e| e.label.to_string()).collect();
         verdict_line = verdict(sm);
         returned = format!("{} (chosen by {}): {}", sm.selected, sm.selected_by, sm.best_prompt);
     }
-    figures.push(("Seconds per step", seconds_svg(&steps)?));
+    figures.push((
+        format!(
+            "Seconds per step: {}",
+            Seconds::PARTS
+                .iter()
+                .zip(SERIES_NAMES)
+                .map(|(p, c)| format!("{p} ({c})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        seconds_svg(&steps)?,
+    ));
+    let disagreements = questions.iter().filter(|q| !q.agree).count();
     let env = environment()?;
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title, setup, verdict => verdict_line, returned, figures, accuracy => Value::from(Serde(&rows)),
+        budget => s.max_reasoning, questions => Value::from(Serde(&questions)), question_labels => labels, disagreements,
         steps => Value::from(Serde(steps.iter().map(step_row).collect::<Vec<_>>())),
     })?;
     Ok(html)
 }
 
+/// Records of an evaluation (one JSON line per question).
+fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct TaskLine {
+    /// The task's number on the chart's axis.
+    number: usize,
     task: String,
     zero_shot_cot: String,
     initial: String,
     optimised: String,
     /// The other methods' returned prompts on test, in the protocol's order.
     baselines: Vec<String>,
+    floor: String,
+    /// Test reasonings cut at the budget and answers that did not parse, over zero-shot
+    /// CoT, the initial and the optimised prompt together.
+    cut: String,
+    unparsed: String,
     dev: String,
     selected: String,
     steps: usize,
@@ -210,7 +327,24 @@ struct TaskLine {
     transfer: Option<[String; 2]>,
 }
 
-fn protocol_page(dir: &RunDir) -> Result<String> {
+/// "a/b" summed over `evals`, or "-" when one did not count it.
+fn count_cell(evals: &[&EvalSummary], count: fn(&EvalSummary) -> Option<usize>) -> String {
+    let counted: Option<usize> = evals.iter().map(|e| count(e)).sum();
+    counted.map_or("-".into(), |c| format!("{c}/{}", evals.iter().map(|e| e.n).sum::<usize>()))
+}
+
+/// `target` as a path relative to the folder `from` (both absolute), with `/` separators.
+fn relative(from: &Path, target: &Path) -> String {
+    let (f, t): (Vec<_>, Vec<_>) = (from.components().collect(), target.components().collect());
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let up = std::iter::repeat_n("..".to_string(), f.len() - common);
+    let down = t[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    up.chain(down).collect::<Vec<_>>().join("/")
+}
+
+/// The protocol page; its links to each task's report are relative to `written_in`, the
+/// folder the page is written to.
+fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let config: ProtocolConfig = dir.read_json("protocol-config.json")?;
     if !dir.exists("protocol.json") {
         bail!("{}: the protocol has finished no task yet", dir.path.display());
@@ -219,37 +353,53 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     let s = &config.settings;
     let setup =
         format!("{}; {} of {} tasks done", config.setup(), table.rows.len(), config.tasks.len());
+    let here = dir.path.canonicalize()?;
+    let written_in = written_in.canonicalize()?;
+    // Tables of versions that did not record the floor: the task's run has it.
+    let floors: Vec<Option<f64>> = table
+        .rows
+        .iter()
+        .map(|r| {
+            let run = || {
+                RunDir::open(&here.join(task_folder(&r.task)))
+                    .ok()?
+                    .read_json::<Summary>("summary.json")
+                    .ok()
+            };
+            r.majority_floor.or_else(|| run().map(|s| s.majority_floor))
+        })
+        .collect();
     let mut bars = Vec::new();
     let mut lines = Vec::new();
-    for r in &table.rows {
+    for (i, r) in table.rows.iter().enumerate() {
         let baselines = r.baselines.iter().map(|b| &b.optimised);
         for (series, e) in
             [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate()
         {
             bars.push(Bar {
-                group: r.task.clone(),
+                group: (i + 1).to_string(),
                 series,
                 value: e.accuracy,
                 interval: e.interval,
             });
         }
-        let folder = task_folder(&r.task);
+        let report = here.join(task_folder(&r.task)).join("report.html");
+        let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
         lines.push(TaskLine {
+            number: i + 1,
             task: r.task.clone(),
             zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
             initial: accuracy_cell(&r.initial),
             optimised: accuracy_cell(&r.optimised),
             baselines: r.baselines.iter().map(|b| accuracy_cell(&b.optimised)).collect(),
+            floor: floors[i].map_or("-".into(), |f| format!("{f:.3}")),
+            cut: count_cell(&evals, |e| e.cut_by_budget),
+            unparsed: count_cell(&evals, |e| e.unparsed),
             dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
             selected: r.selected.to_string(),
             steps: r.steps,
             prompt: r.optimised.prompt.clone(),
-            report: dir
-                .path
-                .join(&folder)
-                .join("report.html")
-                .exists()
-                .then(|| format!("{folder}/report.html")),
+            report: report.exists().then(|| relative(&written_in, &report)),
             transfer: r
                 .transfer
                 .as_ref()
@@ -273,15 +423,25 @@ fn protocol_page(dir: &RunDir) -> Result<String> {
     let mut series =
         vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
     series.extend(methods[1..].iter().map(|m| m.to_string()));
-    let series: Vec<&str> = series.iter().map(String::as_str).collect();
-    let figures = vec![("Test accuracy per task with 95% intervals", bars_svg(&bars, &series)?)];
+    let colours: Vec<String> =
+        series.iter().zip(SERIES_NAMES.iter().cycle()).map(|(s, c)| format!("{s} ({c})")).collect();
+    let numbers: Vec<String> = lines.iter().map(|l| format!("{} {}", l.number, l.task)).collect();
+    let caption = format!(
+        "Test accuracy per task with 95% intervals: {}; dashed: the majority-class floor. Tasks: {}",
+        colours.join(", "),
+        numbers.join(", ")
+    );
+    let figures = vec![(caption, bars_svg(&bars, series.len(), &floors)?)];
+    let search = search_table(&table, config.methods()[0]);
     let env = environment()?;
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
+        budget => s.max_reasoning,
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
         methods => methods[1..].to_vec(), pooled_baselines => table.baselines.iter().map(|b| pooled(&b.optimised)).collect::<Vec<_>>(),
         gain, baseline_gains, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
+        tables => Value::from(Serde(search.into_iter().collect::<Vec<_>>())),
     })?;
     Ok(html)
 }
@@ -377,6 +537,8 @@ fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Resu
     Ok(out.replacen(" xmlns=\"http://www.w3.org/2000/svg\"", "", 1))
 }
 
+/// The colours of the series, and their names for the captions (the charts carry no legend,
+/// which would cover data: each caption says which colour is which).
 const SERIES: [RGBColor; 5] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -384,47 +546,46 @@ const SERIES: [RGBColor; 5] = [
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
 ];
+const SERIES_NAMES: [&str; 5] = ["blue", "orange", "green", "red", "purple"];
 
-/// Train score per step (a dot per step), best so far, and the dev accuracy of the prompts
-/// measured on dev, at the step that found them.
-fn curve_svg(steps: &[StepRecord], dev: &[(usize, f64)]) -> Result<String> {
+/// Train score of each step's prompt (dots and line) and the best so far, on their own axis.
+fn train_svg(steps: &[StepRecord]) -> Result<String> {
     let points: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, step_score(r))).collect();
     let best: Vec<(f64, f64)> = steps.iter().map(|r| (r.step as f64, r.best_score)).collect();
-    // Headroom above the data for the legend.
-    let top =
-        points.iter().chain(&best).map(|p| p.1).chain(dev.iter().map(|d| d.1)).fold(1.0, f64::max)
-            * 1.4;
+    let top = points.iter().chain(&best).map(|p| p.1).fold(0.1, f64::max) * 1.1;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
         let mut chart = cartesian(root, -0.5..last, 0.0..top)?;
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc("train score / dev accuracy")
+            .y_desc("train score")
             .x_label_formatter(&step_label)
             .label_style(FONT)
             .draw()?;
-        let (train, best_color, dev_color) = (SERIES[0], SERIES[3], SERIES[2]);
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), train.stroke_width(2)))?
-            .label("train score of the step's prompt (lower is better)")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], train.stroke_width(2))
-            });
+        let (train, best_color) = (SERIES[0], SERIES[3]);
+        chart.draw_series(LineSeries::new(points.iter().copied(), train.stroke_width(2)))?;
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, train.filled())))?;
+        chart.draw_series(LineSeries::new(best.iter().copied(), best_color.stroke_width(2)))?;
+        Ok(())
+    })
+}
+
+/// Dev accuracy (0 to 1) of the prompts measured on dev, at the step that found them.
+fn dev_svg(dev: &[(usize, f64)]) -> Result<String> {
+    let last = dev.iter().map(|d| d.0).max().unwrap_or(0) as f64 + 0.5;
+    svg(|root| {
+        let mut chart = cartesian(root, -0.5..last, 0.0..1.0)?;
         chart
-            .draw_series(LineSeries::new(best.iter().copied(), best_color.stroke_width(2)))?
-            .label("best train score so far")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], best_color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, dev_color.filled())),
-            )?
-            .label("dev accuracy (higher is better)")
-            .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, dev_color.filled()));
-        legend(&mut chart)?;
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("dev accuracy")
+            .x_label_formatter(&step_label)
+            .label_style(FONT)
+            .draw()?;
+        chart.draw_series(
+            dev.iter().map(|&(s, a)| TriangleMarker::new((s as f64, a), 7, SERIES[2].filled())),
+        )?;
         Ok(())
     })
 }
@@ -454,20 +615,6 @@ fn step_label(x: &f64) -> String {
     }
 }
 
-/// The legend in the top right corner, above the data (each chart leaves room there).
-fn legend<'a, 'b: 'a, CT: CoordTranslate>(
-    chart: &mut ChartContext<'a, SVGBackend<'b>, CT>,
-) -> Result<()> {
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(FONT)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
-    Ok(())
-}
-
 struct Bar {
     group: String,
     series: usize,
@@ -475,21 +622,23 @@ struct Bar {
     interval: (f64, f64),
 }
 
-/// Bars grouped by `group`, one colour per series, each with its interval as an error bar.
-fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
+/// Accuracy bars (0 to 1) grouped by `group` (short labels: they must not collide), one
+/// colour per series, each with its interval as an error bar; a dashed line across a group
+/// at its majority-class floor where `floors` has one (one entry per group, in order).
+fn bars_svg(bars: &[Bar], series: usize, floors: &[Option<f64>]) -> Result<String> {
     let mut groups: Vec<&str> = Vec::new();
     for b in bars {
         if !groups.contains(&b.group.as_str()) {
             groups.push(&b.group);
         }
     }
-    let width = 0.8 / series.len() as f64;
+    let width = 0.8 / series.max(1) as f64;
     let x_of = |b: &Bar| {
         let g = groups.iter().position(|g| *g == b.group).unwrap_or(0) as f64;
         g - 0.4 + width * (b.series as f64 + 0.5)
     };
     svg(|root| {
-        let mut chart = cartesian(root, -0.5..groups.len() as f64 - 0.5, 0.0..1.3)?;
+        let mut chart = cartesian(root, -0.5..groups.len() as f64 - 0.5, 0.0..1.0)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -505,21 +654,16 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
             .y_desc("accuracy")
             .label_style(FONT)
             .draw()?;
-        for (s, name) in series.iter().enumerate() {
+        for s in 0..series {
             let color = SERIES[s % SERIES.len()];
             let mine: Vec<&Bar> = bars.iter().filter(|b| b.series == s).collect();
-            chart
-                .draw_series(mine.iter().map(|b| {
-                    let x = x_of(b);
-                    Rectangle::new(
-                        [(x - width * 0.45, 0.0), (x + width * 0.45, b.value)],
-                        color.filled(),
-                    )
-                }))?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                });
+            chart.draw_series(mine.iter().map(|b| {
+                let x = x_of(b);
+                Rectangle::new(
+                    [(x - width * 0.45, 0.0), (x + width * 0.45, b.value)],
+                    color.filled(),
+                )
+            }))?;
             chart.draw_series(mine.iter().map(|b| {
                 ErrorBar::new_vertical(
                     x_of(b),
@@ -531,14 +675,24 @@ fn bars_svg(bars: &[Bar], series: &[&str]) -> Result<String> {
                 )
             }))?;
         }
-        legend(&mut chart)?;
+        for (g, floor) in floors.iter().enumerate() {
+            if let Some(f) = floor {
+                let (from, to) = (g as f64 - 0.45, g as f64 + 0.45);
+                chart.draw_series(DashedLineSeries::new(
+                    [(from, *f), (to, *f)],
+                    6,
+                    4,
+                    BLACK.stroke_width(2),
+                ))?;
+            }
+        }
         Ok(())
     })
 }
 
 /// Seconds of each step, stacked: reasoning, proposal, gradient, checking.
 fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
-    let top = steps.iter().map(|r| r.seconds.total()).fold(1.0, f64::max) * 1.5;
+    let top = steps.iter().map(|r| r.seconds.total()).fold(1.0, f64::max) * 1.1;
     let last = steps.len().max(1) as f64 + 0.5;
     svg(|root| {
         let mut chart = cartesian(root, 0.5..last, 0.0..top)?;
@@ -550,21 +704,15 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
             .x_label_formatter(&step_label)
             .label_style(FONT)
             .draw()?;
-        for (k, name) in Seconds::PARTS.into_iter().enumerate() {
+        for k in 0..Seconds::PARTS.len() {
             let color = SERIES[k];
-            chart
-                .draw_series(steps.iter().map(|r| {
-                    let p = r.seconds.parts();
-                    let (lo, hi) = (p[..k].iter().sum::<f64>(), p[..=k].iter().sum::<f64>());
-                    let x = r.step as f64;
-                    Rectangle::new([(x - 0.35, lo), (x + 0.35, hi)], color.filled())
-                }))?
-                .label(name)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                });
+            chart.draw_series(steps.iter().map(|r| {
+                let p = r.seconds.parts();
+                let (lo, hi) = (p[..k].iter().sum::<f64>(), p[..=k].iter().sum::<f64>());
+                let x = r.step as f64;
+                Rectangle::new([(x - 0.35, lo), (x + 0.35, hi)], color.filled())
+            }))?;
         }
-        legend(&mut chart)?;
         Ok(())
     })
 }

@@ -220,46 +220,73 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     for b in &t.baselines {
         out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
     }
-    out.push_str(&search_markdown(t, methods[0]));
+    out.push_str(&search_table(t, methods[0]).map_or(String::new(), |t| t.markdown()));
     out
 }
 
 /// The search traces as a table: a gain is made on train, kept through dev selection and
 /// confirmed on test, and each column shows one of those stages.
-fn search_markdown(t: &ProtocolTable, method: Method) -> String {
+/// A table as titled header and rows of text cells, rendered as Markdown here and as HTML in
+/// the report page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TextTable {
+    pub title: String,
+    pub note: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl TextTable {
+    pub fn markdown(&self) -> String {
+        let line = |cells: &[String]| format!("| {} |\n", cells.join(" | ").replace('\n', " "));
+        let mut out = format!("\n## {}\n\n{}\n\n", self.title, self.note);
+        out += &line(&self.header);
+        out += &format!("|{}\n", "---|".repeat(self.header.len()));
+        for row in &self.rows {
+            out += &line(row);
+        }
+        out
+    }
+}
+
+/// Where the first method's search gained or lost on each task, from its step log and its
+/// dev evaluations (None before any task has a trace).
+pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
     let traced: Vec<(&TaskRow, &SearchTrace)> =
         t.rows.iter().filter_map(|r| Some((r, r.search.as_ref()?))).collect();
     if traced.is_empty() {
-        return String::new();
+        return None;
     }
-    let mut out = format!(
-        "\n## Where {} gained or lost\n\nFrom each task's `steps.jsonl` and its dev evaluations.\n\n\
-         | task | train mistakes: start -> fewest checked | steps lowering the best train score | \
-         steps moving to a worse prompt | current prompt shortlisted / kept | \
-         dev: better of zero-shot CoT and initial -> returned | test: zero-shot CoT -> optimised |\n\
-         |---|---|---|---|---|---|---|\n",
-        method.name()
-    );
     let dev = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.3}"));
-    for (r, s) in traced {
-        out.push_str(&format!(
-            "| {} | {} -> {} of {} | {} of {} | {} | {} / {} | {} -> {} | {:.3} -> {:.3} |\n",
-            r.task,
-            s.start_mistakes,
-            s.fewest_mistakes,
-            s.train_n,
-            s.improving_steps,
-            r.steps,
-            s.worse_moves,
-            s.current_shortlisted,
-            s.current_kept,
-            dev(s.dev_baseline),
-            dev(r.dev_accuracy),
-            r.zero_shot_cot.accuracy,
-            r.optimised.accuracy
-        ));
-    }
-    out
+    let rows = traced
+        .into_iter()
+        .map(|(r, s)| {
+            vec![
+                r.task.clone(),
+                format!("{} -> {} of {}", s.start_mistakes, s.fewest_mistakes, s.train_n),
+                format!("{} of {}", s.improving_steps, r.steps),
+                s.worse_moves.to_string(),
+                format!("{} / {}", s.current_shortlisted, s.current_kept),
+                format!("{} -> {}", dev(s.dev_baseline), dev(r.dev_accuracy)),
+                format!("{:.3} -> {:.3}", r.zero_shot_cot.accuracy, r.optimised.accuracy),
+            ]
+        })
+        .collect();
+    let header = [
+        "task",
+        "train mistakes: start -> fewest checked",
+        "steps lowering the best train score",
+        "steps moving to a worse prompt",
+        "current prompt shortlisted / kept",
+        "dev: better of zero-shot CoT and initial -> returned",
+        "test: zero-shot CoT -> optimised",
+    ];
+    Some(TextTable {
+        title: format!("Where {} gained or lost", method.name()),
+        note: "From each task's `steps.jsonl` and its dev evaluations.".into(),
+        header: header.iter().map(|h| h.to_string()).collect(),
+        rows,
+    })
 }
 
 /// A screening's table: a row per (configuration, task), then each configuration's mean gain.
