@@ -1818,3 +1818,43 @@ fn the_report_shows_each_test_question_with_its_gold_and_every_prompts_parsed_an
     assert_eq!(differ + rows.iter().filter(|r| r.starts_with("\"agree\"")).count(), 4);
     assert!(html.contains(&format!("only the {differ} questions (of 4)")), "{html}");
 }
+
+#[test]
+fn a_failed_start_leaves_a_folder_that_a_corrected_start_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, toml::to_string(&protocol_settings(&model)).unwrap()).unwrap();
+    // A protocol over a task whose data file is missing: refused before anything is written.
+    let task = tmp.path().join("mine.toml");
+    std::fs::write(
+        &task,
+        "data = \"mine.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("p");
+    let args =
+        ["protocol", "--config", config.to_str().unwrap(), "--tasks", task.to_str().unwrap()];
+    let (code, _, err) = greater_cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("mine.jsonl"), "{err}");
+    assert!(!out.join("protocol-config.json").exists());
+    // Corrected (the data written), the same start is accepted.
+    let rows: String =
+        (1..=10).map(|i| format!("{{\"q\": \"{i} + {i} =\", \"a\": \"{}\"}}\n", 2 * i)).collect();
+    std::fs::write(tmp.path().join("mine.jsonl"), rows).unwrap();
+    let (code, _, err) = greater_cli(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    let table: ProtocolTable =
+        serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
+    assert_eq!(table.rows.len(), 1);
+    // A run whose model cannot be opened: a corrected --model on the same --out is accepted.
+    let run = tmp.path().join("run");
+    let base = ["optimize", "--config", config.to_str().unwrap(), "--out", run.to_str().unwrap()];
+    let (code, _, err) = greater_cli(&[&base[..], &["--model", "no-such-model.gguf"]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no-such-model"), "{err}");
+    assert!(!run.join("config.json").exists());
+    let (code, _, err) = greater_cli(&base);
+    assert_eq!(code, Some(0), "{err}");
+}
