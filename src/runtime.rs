@@ -40,6 +40,15 @@ impl LanguageModel {
         } else {
             open_gguf(&path, &device, opts.precision)?
         };
+        // An id past the embedding would fail deep inside the first forward pass.
+        if tokenizer.id_bound() > model.cfg.vocab_size {
+            bail!(
+                "{}: the tokenizer has ids up to {} but the model's embedding has {} rows (vocab_size)",
+                path.display(),
+                tokenizer.id_bound() - 1,
+                model.cfg.vocab_size
+            );
+        }
         let source = match &opts.chat_template {
             Some(p) => Some(
                 std::fs::read_to_string(p)

@@ -245,3 +245,35 @@ fn a_gguf_with_alignment_zero_is_an_error_not_a_panic() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn model_values_no_forward_can_use_are_refused_naming_the_key() {
+    let with = |key: &str, value: serde_json::Value| {
+        let mut json = tiny_gemma3_config_json();
+        json[key] = value;
+        ModelConfig::from_hf_json(&json).unwrap_err().to_string()
+    };
+    let err = with("rms_norm_eps", serde_json::json!(0.0));
+    assert!(err.contains("norm epsilon") && err.contains("rms_norm_eps"), "{err}");
+    let err = with("rope_theta", serde_json::json!(-1.0));
+    assert!(err.contains("rope_theta") && err.contains("-1"), "{err}");
+    let err = with("rope_local_base_freq", serde_json::json!(0.0));
+    assert!(err.contains("rope_local_base_freq"), "{err}");
+    let err = with("hidden_size", serde_json::json!(0));
+    assert!(err.contains("hidden size is 0"), "{err}");
+}
+
+#[test]
+fn a_tokenizer_with_ids_past_the_embedding_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_folder(dir.path());
+    let path = dir.path().join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let extra = serde_json::json!({"id": 44, "content": "<|extra|>", "single_word": false, "lstrip": false,
+                                   "rstrip": false, "normalized": false, "special": true});
+    tokenizer["added_tokens"].as_array_mut().unwrap().push(extra);
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let err = open_err(dir.path());
+    assert!(err.contains("ids up to 40") && err.contains("40 rows"), "{err}");
+}

@@ -96,6 +96,41 @@ impl ModelConfig {
         self.arch.is_gemma().then(|| (self.hidden_size as f64).sqrt())
     }
 
+    /// An error naming the first value no forward pass can use: sizes of 0, a norm epsilon or
+    /// rotary base that is not a finite positive number, a softcap or scale that is not finite.
+    fn check_values(&self) -> Result<()> {
+        let sizes = [
+            ("vocabulary size", self.vocab_size),
+            ("hidden size", self.hidden_size),
+            ("intermediate size", self.intermediate_size),
+            ("layer count", self.n_layers),
+            ("head dimension", self.head_dim),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            bail!("invalid model: {name} is 0");
+        }
+        let positive = [
+            ("norm epsilon (rms_norm_eps / layer_norm_rms_epsilon)", Some(self.rms_eps)),
+            ("rotary base (rope_theta / rope.freq_base)", Some(self.rope_theta)),
+            ("local rotary base (rope_local_base_freq)", self.rope_local_theta),
+            ("rotary linear factor", Some(self.rope_linear_factor)),
+            ("attention scale (query_pre_attn_scalar)", Some(self.attn_scale)),
+            ("attention softcap (attn_logit_softcapping)", self.attn_softcap),
+            ("final softcap (final_logit_softcapping)", self.final_softcap),
+        ];
+        for (name, value) in positive {
+            if let Some(v) = value.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                bail!("invalid model: {name} is {v}; it must be a finite number above 0");
+            }
+        }
+        if let Some(f) = self.rope_freq_factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            bail!(
+                "invalid model: a rotary frequency factor is {f}; they must be finite and above 0"
+            );
+        }
+        Ok(())
+    }
+
     /// Every `period`-th layer is global, the others slide (Gemma 3: period 6).
     fn sliding_pattern(n_layers: usize, period: usize) -> Vec<bool> {
         (0..n_layers).map(|i| (i + 1) % period != 0).collect()
@@ -116,6 +151,7 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} is odd; rotary embeddings need it even", self.head_dim);
         }
+        self.check_values()?;
         if self.layer_is_sliding.len() != self.n_layers {
             self.layer_is_sliding = match (self.arch, self.sliding_window) {
                 (Arch::Gemma2, Some(_)) => (0..self.n_layers).map(|i| i % 2 == 0).collect(),

@@ -25,6 +25,13 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
 }
 
+impl Tokenizer {
+    /// One more than the largest id the tokenizer can produce (added tokens included).
+    pub fn id_bound(&self) -> usize {
+        self.inner.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1)
+    }
+}
+
 fn tokenizer_error(e: tokenizers::Error) -> anyhow::Error {
     anyhow::anyhow!("tokenizer: {e}")
 }
