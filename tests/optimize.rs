@@ -1858,3 +1858,72 @@ fn a_failed_start_leaves_a_folder_that_a_corrected_start_accepts() {
     let (code, _, err) = greater_cli(&base);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Every field of `old` (a record written before a change of the record layout) is in
+/// `new` with the same value, apart from timings ("seconds"); `new` may have more.
+fn same_where_both_have(old: &serde_json::Value, new: &serde_json::Value, path: &str) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            for (k, v) in o.iter().filter(|(k, _)| k.as_str() != "seconds") {
+                let there = n.get(k).unwrap_or_else(|| panic!("{path}/{k} is gone"));
+                same_where_both_have(v, there, &format!("{path}/{k}"));
+            }
+        }
+        (Value::Array(o), Value::Array(n)) => {
+            assert_eq!(o.len(), n.len(), "{path}: length");
+            for (i, (a, b)) in o.iter().zip(n).enumerate() {
+                same_where_both_have(a, b, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(old, new, "{path}"),
+    }
+}
+
+#[test]
+fn a_fixed_seed_run_writes_the_records_of_the_code_before_the_redesign() {
+    // tests/fixtures/before-redesign: the same command run by the binary of 4bb5631, before
+    // the records, settings and report moved (the CLI then had the same flags).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (code, _, err) = greater_cli(&[
+        "optimize",
+        "--model",
+        "smollm2-135m",
+        "--task",
+        "arithmetic",
+        "--difficulty",
+        "1",
+        "--train",
+        "3",
+        "--dev",
+        "2",
+        "--test",
+        "2",
+        "--steps",
+        "3",
+        "--max-reasoning",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-redesign");
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    same_where_both_have(
+        &json(fixture.join("summary.json")),
+        &json(out.join("summary.json")),
+        "summary",
+    );
+    let lines = |path: PathBuf| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (old, new) = (lines(fixture.join("steps.jsonl")), lines(out.join("steps.jsonl")));
+    same_where_both_have(&serde_json::Value::Array(old), &serde_json::Value::Array(new), "steps");
+}
