@@ -65,6 +65,7 @@ pub fn loss_and_gradients(
 }
 
 /// The loss alone (no backward pass), e.g. for finite-difference checks.
+#[cfg(feature = "testing")]
 pub fn loss_value(
     model: &Model,
     input: &OneHotInput,

@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use super::bf16;
 use super::causal_softmax::causal_softmax;
@@ -261,12 +259,15 @@ fn quantized(weight: &Tensor) -> Result<Option<Int8Weight>> {
 }
 
 /// Uniformly random weights (GGUF names) drawn from `seed`: norms near 1, the rest small.
+#[cfg(feature = "testing")]
 pub fn random_weights(
     cfg: &ModelConfig,
     seed: u64,
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut map = HashMap::new();
     for (name, shape, _) in tensor_layout(cfg) {
@@ -387,6 +388,7 @@ impl Model {
     }
 
     /// A model with the weights of [`random_weights`], for tests of the maths.
+    #[cfg(feature = "testing")]
     pub fn random(cfg: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let weights = random_weights(&cfg, seed, dtype, device)?;
         Model::load(&WeightSource::Map(weights), cfg, dtype, device, Precision::F32)
@@ -622,6 +624,7 @@ fn rope_plain(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Resul
 
 impl Arch {
     /// A tiny configuration of this architecture, for random-weight tests.
+    #[cfg(feature = "testing")]
     pub fn tiny_config(self) -> ModelConfig {
         let gemma = self.is_gemma();
         ModelConfig {

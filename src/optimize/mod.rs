@@ -122,6 +122,7 @@ impl<'a> Optimizer<'a> {
     }
 
     /// What the model reads for train example `e` under `prompt`, before its reasoning.
+    #[cfg(feature = "testing")]
     pub fn user_ids(&self, e: usize, prompt: &[u32]) -> Result<Vec<u32>> {
         self.layout.user_turn(&self.examples[e].ids, prompt)
     }
