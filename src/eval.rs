@@ -136,7 +136,7 @@ pub fn evaluate(
                 prompt: prompt.to_string(),
                 reasoning: lm.tokenizer.decode(&r.ids)?,
                 reasoning_tokens: r.ids.len(),
-                cut_by_budget: r.stop == StopReason::Budget,
+                cut_by_budget: r.stop != StopReason::StopToken,
                 correct: parsed_answer.as_deref() == Some(example.answer.as_str()),
                 raw_answer,
                 parsed_answer,

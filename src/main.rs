@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use greater::catalog;
 use greater::eval::{evaluate, write_records};
-use greater::model::generate::{Cancelled, Sampling};
+use greater::model::generate::{Cancelled, Sampling, StopReason};
 use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
 use greater::records::{ProtocolConfig, RunConfig, ScreenConfig};
@@ -760,14 +760,28 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Generate { settings, prompt, temp, top_p } => {
             let given = Given { settings: &settings, matches: sub };
             given.refuse_others(GENERATE_KEYS, "generate")?;
+            if temp.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+                anyhow::bail!(
+                    "--temp must be a finite number above 0 (leave it out to decode greedily)"
+                );
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                anyhow::bail!("--top-p must be above 0 and at most 1, not {top_p}");
+            }
             let lm =
                 LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
             let ids = lm.chat_ids(&settings.system, &prompt)?;
             let sampling =
                 temp.map(|temperature| Sampling { temperature, top_p, seed: settings.seed });
-            let reply =
+            let replies =
                 lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
-            println!("{}", reply[0].trim());
+            let (reply, stop) = &replies[0];
+            println!("{}", reply.trim());
+            if *stop == StopReason::ContextLimit {
+                note(
+                    "(stopped at the end of the model's context; the reply above is what it made)",
+                );
+            }
         }
         Command::Eval { settings, prompt, prompt_from, out } => {
             let given = Given { settings: &settings, matches: sub };

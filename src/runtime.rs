@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use crate::catalog;
-use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
+use crate::model::generate::{generate, GenerateConfig, Request, Sampling, StopReason};
 use crate::model::weights::WeightSource;
 use crate::model::{Model, ModelConfig, Precision};
 use crate::tokenizer::{read_json, ChatTemplate, SystemTurn, Tokenizer};
@@ -102,14 +102,19 @@ impl LanguageModel {
     }
 
     /// Replies to each prompt (ids), decoded to text.
-    pub fn complete(&self, prompts: &[Vec<u32>], cfg: &GenerateConfig) -> Result<Vec<String>> {
+    /// Replies to `prompts`, each with why it stopped.
+    pub fn complete(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerateConfig,
+    ) -> Result<Vec<(String, StopReason)>> {
         let requests = prompts
             .iter()
             .map(|ids| Request { prefix: Default::default(), ids: ids.clone() })
             .collect();
         generate(&self.model, requests, cfg)?
-            .iter()
-            .map(|g| self.tokenizer.decode(&g.ids))
+            .into_iter()
+            .map(|g| Ok((self.tokenizer.decode(&g.ids)?, g.stop)))
             .collect()
     }
 }

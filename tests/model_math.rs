@@ -359,3 +359,19 @@ fn the_mixed_gradient_pass_stays_near_f32_and_runs_in_bf16_only_where_the_cpu_ha
         assert_eq!(g32 == gmx, !bf16::available(), "{arch:?}");
     }
 }
+
+#[test]
+fn generation_at_the_end_of_the_context_keeps_what_it_made() {
+    use greater::model::generate::StopReason;
+    let cfg = greater::model::ModelConfig { max_position: 12, ..Arch::Llama.tiny_config() };
+    let model = Model::random(cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let request = || Request { prefix: Default::default(), ids: vec![1, 2, 3, 4, 5] };
+    let gen = |max_tokens| GenerateConfig { max_tokens, ..Default::default() };
+    let full = generate(&model, vec![request()], &gen(100)).unwrap();
+    // 5 prompt tokens and 7 made fill the 12 positions; the 8th is kept, never fed.
+    assert_eq!(full[0].stop, StopReason::ContextLimit);
+    assert_eq!(full[0].ids.len(), 8);
+    // The same tokens as a run whose budget ends there.
+    let budget = generate(&model, vec![request()], &gen(8)).unwrap();
+    assert_eq!((budget[0].stop.clone(), &budget[0].ids), (StopReason::Budget, &full[0].ids));
+}

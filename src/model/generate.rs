@@ -51,6 +51,8 @@ pub struct Request {
 pub enum StopReason {
     StopToken,
     Budget,
+    /// The model's context was full: the tokens made so far are kept.
+    ContextLimit,
 }
 
 #[derive(Debug, Clone)]
@@ -196,8 +198,14 @@ pub fn generate(
             if !stop {
                 out.ids.push(*tok);
             }
-            if stop || out.ids.len() >= cfg.max_tokens {
-                out.stop = if stop { StopReason::StopToken } else { StopReason::Budget };
+            // The next token would sit past the last position the model has.
+            let full = cache.len() >= model.cfg.max_position;
+            if stop || out.ids.len() >= cfg.max_tokens || full {
+                out.stop = match (stop, out.ids.len() >= cfg.max_tokens) {
+                    (true, _) => StopReason::StopToken,
+                    (false, true) => StopReason::Budget,
+                    (false, false) => StopReason::ContextLimit,
+                };
                 out.fed = out.ids.len() - usize::from(!stop);
                 out.cache = std::mem::take(cache);
                 return false;
