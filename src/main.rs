@@ -25,6 +25,10 @@ use greater::settings::{Method, OptimizeConfig, Preset, Size, SEARCH};
 use greater::store::RunDir;
 use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 
+/// Bounds what a chat template may allocate while it renders (see `tokenizer::budget`).
+#[global_allocator]
+static ALLOC: greater::tokenizer::BudgetedAlloc = greater::tokenizer::BudgetedAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "greater",

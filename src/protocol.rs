@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
@@ -297,13 +297,16 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
 /// method: their dev and test evaluations in the first method's folder are copied to the
 /// new run's (a run reuses an evaluation only when it measured the same prompt).
 fn share_baselines(first: &Path, run_dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(run_dir)?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create folder {}", run_dir.display()))?;
     for split in ["dev", "test"] {
         for label in [Label::ZeroShotCot.file_stem(), Label::Initial.file_stem()] {
             for ext in ["json", "jsonl"] {
                 let name = format!("{split}-{label}.{ext}");
                 if first.join(&name).exists() {
-                    std::fs::copy(first.join(&name), run_dir.join(&name))?;
+                    let to = run_dir.join(&name);
+                    std::fs::copy(first.join(&name), &to)
+                        .with_context(|| format!("cannot write {}", to.display()))?;
                 }
             }
         }

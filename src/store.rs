@@ -107,12 +107,16 @@ impl RunDir {
     /// Writes `name` so that a reader sees the old or the new content, never a mix.
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let tmp = self.file(&format!(".{name}.tmp"));
-        let mut f =
-            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.file(name))?;
-        Ok(())
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+        }
+        let path = self.file(name);
+        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
     }
 
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
@@ -131,12 +135,18 @@ impl RunDir {
     }
 
     pub fn append_step<T: Serialize>(&self, record: &T) -> Result<()> {
-        let mut f = OpenOptions::new().create(true).append(true).open(self.file("steps.jsonl"))?;
+        let path = self.file("steps.jsonl");
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
-        f.write_all(&line)?;
-        f.sync_all()?;
-        Ok(())
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&line)?;
+                f.sync_all()
+            })
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     /// The step lines written so far.
@@ -168,8 +178,13 @@ impl RunDir {
             }
             return Ok(());
         }
-        let lines: Vec<String> =
-            BufReader::new(File::open(&path)?).lines().take(n).collect::<Result<_, _>>()?;
+        let lines: Vec<String> = BufReader::new(
+            File::open(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .lines()
+        .take(n)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot read {}", path.display()))?;
         if lines.len() < n {
             bail!(
                 "{} has {} step lines, but the checkpoint is at step {n}",

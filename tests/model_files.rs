@@ -218,6 +218,19 @@ fn cli_reports_bad_models_and_prompts_with_exit_code_2() {
         greater_cli(&["generate", "--model", bare.to_str().unwrap(), "--prompt", "hi"]);
     assert_eq!(code, 2);
     assert!(err.contains("has no chat template; pass one with --chat-template FILE"), "{err}");
+
+    // A template that doubles a string forty times ends with an error, not an abort.
+    let doubling = dir.path().join("doubling.jinja");
+    std::fs::write(
+        &doubling,
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    )
+    .unwrap();
+    let template = doubling.to_str().unwrap();
+    let (code, err) =
+        greater_cli(&["generate", "-m", model, "--chat-template", template, "-p", "hi"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot render the chat template: it allocated more than"), "{err}");
 }
 
 #[test]

@@ -1927,3 +1927,36 @@ fn a_fixed_seed_run_writes_the_records_of_the_code_before_the_redesign() {
     let (old, new) = (lines(fixture.join("steps.jsonl")), lines(out.join("steps.jsonl")));
     same_where_both_have(&serde_json::Value::Array(old), &serde_json::Value::Array(new), "steps");
 }
+
+#[test]
+fn a_full_disk_is_reported_with_the_file_that_could_not_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let (code, _, stderr) = greater_cli(&[
+        "eval",
+        "-m",
+        model.to_str().unwrap(),
+        "--difficulty",
+        "1",
+        "--train",
+        "0",
+        "--test",
+        "2",
+        "--max-reasoning",
+        "2",
+        "--out",
+        "/dev/full",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write /dev/full: No space left on device"), "{stderr}");
+
+    // A run folder's file whose write fails the same way names itself; the old content stays.
+    use greater::store::RunDir;
+    let dir = RunDir::create(&tmp.path().join("run")).unwrap();
+    dir.write_json("summary.json", &1).unwrap();
+    std::os::unix::fs::symlink("/dev/full", tmp.path().join("run/.summary.json.tmp")).unwrap();
+    let err = format!("{:#}", dir.write_json("summary.json", &2).unwrap_err());
+    assert!(err.contains("cannot write") && err.contains(".summary.json.tmp"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(dir.read_json::<i32>("summary.json").unwrap(), 1);
+}

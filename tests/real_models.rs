@@ -302,3 +302,19 @@ fn a_chat_template_that_never_ends_errors_out_within_seconds() {
     assert!(err.contains("cannot render the chat template") && err.contains("fuel"), "{err}");
     assert!(t.elapsed().as_secs() < 10);
 }
+
+#[global_allocator]
+static ALLOC: greater::tokenizer::BudgetedAlloc = greater::tokenizer::BudgetedAlloc;
+
+#[test]
+fn a_chat_template_that_doubles_a_string_errors_out_instead_of_exhausting_memory() {
+    let doubling = "{% set ns = namespace(s='0123456789abcdef') %}{% for i in range(40) %}\
+{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}";
+    let chat = ChatTemplate::new(doubling, None, None).unwrap();
+    let err = chat.render_turn(&SystemTurn::Template, "Hi").unwrap_err().to_string();
+    assert!(err.contains("cannot render the chat template") && err.contains("MiB"), "{err}");
+    // The same loop at a size that fits renders, so the budget is what stopped it.
+    let fits = doubling.replace("range(40)", "range(10)");
+    let chat = ChatTemplate::new(&fits, None, None).unwrap();
+    assert_eq!(chat.render_turn(&SystemTurn::Template, "Hi").unwrap(), "16384");
+}

@@ -19,6 +19,10 @@ use greater::tasks::Split;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+/// Bounds what a chat template may allocate while it renders (see `tokenizer::budget`).
+#[global_allocator]
+static ALLOC: greater::tokenizer::BudgetedAlloc = greater::tokenizer::BudgetedAlloc;
+
 /// Settings: the defaults (or `preset`), then `size`, then the keys of `json` (an object
 /// whose keys are the TOML keys). Errors name the key.
 fn settings_from(json: &str, size: Option<&str>, preset: Option<&str>) -> PyResult<OptimizeConfig> {

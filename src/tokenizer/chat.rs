@@ -3,10 +3,13 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
+
+use super::budget::with_budget;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message {
@@ -70,12 +73,15 @@ impl<'de> serde::Deserialize<'de> for SystemTurn {
 
 /// Instructions a chat template may run per rendering.
 const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Bytes a rendering may allocate in all (see [`super::budget`]): many times what a turn with
+/// a long question needs.
+const TEMPLATE_BYTES: usize = 512 << 20;
 
 /// Stands for the system text while the template's own system turn is located.
 const SYSTEM_MARK: &str = "\u{2}SYSTEM\u{2}";
 
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
     bos: String,
     eos: String,
 }
@@ -102,7 +108,7 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(ChatTemplate {
-            env,
+            env: Arc::new(env),
             bos: bos.unwrap_or_default().into(),
             eos: eos.unwrap_or_default().into(),
         })
@@ -144,14 +150,25 @@ impl ChatTemplate {
         Ok(format!("{}{}", &a[..a.len() - header.len()], &b[at..]))
     }
 
+    /// The conversation as the template writes it, within the template's fuel and memory
+    /// budget.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").expect("template added in new");
-        tmpl.render(context! {
-            messages => minijinja::value::Serde(messages),
+        let env = Arc::clone(&self.env);
+        let ctx = context! {
+            messages => minijinja::value::Serde(messages.to_vec()),
             add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
+            bos_token => self.bos.clone(),
+            eos_token => self.eos.clone(),
+        };
+        let rendered = with_budget(TEMPLATE_BYTES, move || {
+            env.get_template("chat").expect("template added in new").render(ctx)
         })
-        .map_err(|e| anyhow!("cannot render the chat template: {e}"))
+        .map_err(|over| {
+            anyhow!(
+                "cannot render the chat template: it allocated more than {} MiB",
+                over.bytes >> 20
+            )
+        })?;
+        rendered.map_err(|e| anyhow!("cannot render the chat template: {e}"))
     }
 }

@@ -1,5 +1,6 @@
 //! Tokenizer (from `tokenizer.json` or GGUF metadata) and the model's chat template.
 
+pub mod budget;
 pub mod chat;
 mod gguf;
 
@@ -10,6 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file::Content;
 use serde_json::Value;
 
+pub use budget::BudgetedAlloc;
 pub use chat::{ChatTemplate, Message, SystemTurn};
 
 /// Token strings that end an assistant turn in common chat formats.
