@@ -8,7 +8,7 @@
 //! The reference writes the user turn as `{question}. Use{prompt}`, the prompt starting with a
 //! space ("... (B) 3/7. Use proper logical reasoning ..."); zero-shot CoT goes in the same slot.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::runtime::LanguageModel;
 use crate::tasks::Task;
@@ -63,10 +63,15 @@ impl<'a> Layout<'a> {
         let text =
             self.lm.chat_text(&self.system, &format!("{question}{}{SLOT}", self.connector))?;
         let (head, tail) = text.split_once(SLOT).expect("the chat template keeps the user text");
-        Ok(QuestionIds {
+        let ids = QuestionIds {
             head: self.lm.tokenizer.encode(head, false)?,
             tail: self.lm.tokenizer.encode_continuation(tail)?,
-        })
+        };
+        let start: String = question.chars().take(60).collect();
+        self.lm
+            .check_context(ids.head.len() + ids.tail.len())
+            .with_context(|| format!("the question that starts {start:?}"))?;
+        Ok(ids)
     }
 
     /// Prompt ids as they follow the connector: the text with its separating space (none

@@ -68,9 +68,17 @@ fn truncated_gguf_is_reported_with_the_tensor_and_sizes() {
     assert!(err.contains("truncated GGUF file: tensor"), "{err}");
     assert!(err.contains(&format!("the file has {} bytes", bytes.len() - 100)), "{err}");
     // Cut inside the header: still an error naming the file, not a panic.
-    std::fs::write(&path, &bytes[..200]).unwrap();
+    for cut in [0, 3, 20, 200] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let err = open_err(&path);
+        assert!(err.contains("tiny.gguf: not a readable GGUF file"), "{err}");
+        assert!(!err.contains("failed to fill whole buffer"), "{err}");
+    }
+    std::fs::write(&path, &bytes[..3]).unwrap();
+    assert!(open_err(&path).ends_with("it does not start with the bytes GGUF"));
+    std::fs::write(&path, &bytes[..20]).unwrap();
     let err = open_err(&path);
-    assert!(err.contains("tiny.gguf: not a readable GGUF file"), "{err}");
+    assert!(err.ends_with("the file ends inside its header (truncated?)"), "{err}");
 }
 
 #[test]
@@ -80,6 +88,7 @@ fn wrong_magic_is_not_a_gguf() {
     std::fs::write(&path, b"PK\x03\x04 this is a zip, not a model").unwrap();
     let err = open_err(&path);
     assert!(err.contains("model.gguf: not a readable GGUF file"), "{err}");
+    assert!(err.ends_with("it does not start with the bytes GGUF"), "{err}");
 }
 
 #[test]
@@ -274,6 +283,10 @@ fn model_values_no_forward_can_use_are_refused_naming_the_key() {
     assert!(err.contains("rope_local_base_freq"), "{err}");
     let err = with("hidden_size", serde_json::json!(0));
     assert!(err.contains("hidden size is 0"), "{err}");
+    let err = with("hidden_size", serde_json::json!("896"));
+    assert_eq!(err, "config.json: hidden_size is \"896\", not a whole number");
+    let err = with("rope_theta", serde_json::json!([1]));
+    assert_eq!(err, "config.json: rope_theta is [1], not a number");
 }
 
 #[test]

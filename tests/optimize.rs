@@ -1960,3 +1960,35 @@ fn a_full_disk_is_reported_with_the_file_that_could_not_be_written() {
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(dir.read_json::<i32>("summary.json").unwrap(), 1);
 }
+
+#[test]
+fn a_question_longer_than_the_context_is_named_and_an_empty_csv_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let task = tmp.path().join("t.toml");
+    std::fs::write(
+        &task,
+        "data = \"q.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n",
+    )
+    .unwrap();
+    let long = format!("Count the dots: {}", ". ".repeat(600));
+    std::fs::write(
+        tmp.path().join("q.jsonl"),
+        format!("{}\n", serde_json::json!({"q": long, "a": "600"})),
+    )
+    .unwrap();
+    let args = ["eval", "-m", model.to_str().unwrap(), "-t", task.to_str().unwrap()];
+    let split = ["--train", "0", "--dev", "0", "--test", "1"];
+    let (code, _, stderr) = greater_cli(&[&args[..], &split].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("the question that starts \"Count the dots: . . ."), "{stderr}");
+    assert!(stderr.contains("but the model's context holds 512"), "{stderr}");
+
+    // A CSV with its header and no rows.
+    std::fs::write(&task, std::fs::read_to_string(&task).unwrap().replace("q.jsonl", "q.csv"))
+        .unwrap();
+    std::fs::write(tmp.path().join("q.csv"), "q,a\n").unwrap();
+    let (code, _, stderr) = greater_cli(&[&args[..], &split].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("q.csv: no examples"), "{stderr}");
+}

@@ -244,31 +244,43 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .context("config.json has no model_type")?;
         let arch = Arch::from_name(model_type)?;
-        let u = |k: &str| json.get(k).and_then(Value::as_u64).map(|v| v as usize);
-        let f = |k: &str| json.get(k).and_then(Value::as_f64);
-        let need = |k: &str| u(k).with_context(|| format!("config.json lacks {k}"));
+        // Absent (or null) is None; present with another type is an error naming the key.
+        let typed = |k: &str, what: &str, read: &dyn Fn(&Value) -> Option<f64>| -> Result<_> {
+            match json.get(k).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => read(v)
+                    .map(Some)
+                    .with_context(|| format!("config.json: {k} is {v}, not {what}")),
+            }
+        };
+        let u = |k: &str| -> Result<Option<usize>> {
+            Ok(typed(k, "a whole number", &|v| v.as_u64().map(|n| n as f64))?.map(|n| n as usize))
+        };
+        let f = |k: &str| typed(k, "a number", &Value::as_f64);
+        let need = |k: &str| u(k)?.with_context(|| format!("config.json lacks {k}"));
         let hidden_size = need("hidden_size")?;
         let n_heads = need("num_attention_heads")?;
-        let head_dim = u("head_dim").unwrap_or(hidden_size / n_heads.max(1));
+        let head_dim = u("head_dim")?.unwrap_or(hidden_size / n_heads.max(1));
         let n_layers = need("num_hidden_layers")?;
         let sliding_window = match arch {
-            Arch::Llama | Arch::Gemma2 | Arch::Gemma3 => u("sliding_window"),
+            Arch::Llama | Arch::Gemma2 | Arch::Gemma3 => u("sliding_window")?,
             // Qwen configs carry a window that is only used when use_sliding_window is set.
             Arch::Qwen2 | Arch::Qwen3 => json
                 .get("use_sliding_window")
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
                 .then(|| u("sliding_window"))
+                .transpose()?
                 .flatten(),
         };
         let layer_is_sliding = match json.get("layer_types").and_then(Value::as_array) {
             Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
-            None => match u("sliding_window_pattern") {
+            None => match u("sliding_window_pattern")? {
                 Some(period) if sliding_window.is_some() => Self::sliding_pattern(n_layers, period),
                 _ => Vec::new(),
             },
         };
-        let rope_theta = f("rope_theta").unwrap_or(10_000.0);
+        let rope_theta = f("rope_theta")?.unwrap_or(10_000.0);
         let (rope_freq_factors, rope_linear_factor) =
             rope_scaling_from_hf(json.get("rope_scaling"), rope_theta, head_dim)?;
         let activation = match json
@@ -281,7 +293,7 @@ impl ModelConfig {
             Some("silu") => Activation::Silu,
             Some(other) => bail!("unsupported activation '{other}' in config.json"),
         };
-        let attn_scale = match f("query_pre_attn_scalar") {
+        let attn_scale = match f("query_pre_attn_scalar")? {
             Some(s) if arch.is_gemma() => 1.0 / s.sqrt(),
             _ => 1.0 / (head_dim as f64).sqrt(),
         };
@@ -292,20 +304,21 @@ impl ModelConfig {
             intermediate_size: need("intermediate_size")?,
             n_layers,
             n_heads,
-            n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
+            n_kv_heads: u("num_key_value_heads")?.unwrap_or(n_heads),
             head_dim,
-            rms_eps: f("rms_norm_eps").unwrap_or(1e-6),
+            rms_eps: f("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_local_theta: (arch == Arch::Gemma3)
-                .then(|| f("rope_local_base_freq").unwrap_or(10_000.0)),
+                .then(|| f("rope_local_base_freq").map(|v| v.unwrap_or(10_000.0)))
+                .transpose()?,
             rope_freq_factors,
             rope_linear_factor,
             rope_style: RopeStyle::Halves,
-            max_position: u("max_position_embeddings").unwrap_or(4096),
+            max_position: u("max_position_embeddings")?.unwrap_or(4096),
             sliding_window,
             layer_is_sliding,
-            attn_softcap: f("attn_logit_softcapping"),
-            final_softcap: f("final_logit_softcapping"),
+            attn_softcap: f("attn_logit_softcapping")?,
+            final_softcap: f("final_logit_softcapping")?,
             attn_scale,
             activation,
         }

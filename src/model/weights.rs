@@ -22,12 +22,20 @@ pub enum WeightSource {
 /// candle's GGUF reader, whose panics on some malformed headers (an alignment of 0 divides
 /// by zero) become errors instead of ending the process.
 fn read_gguf_header(file: &mut File) -> Result<gguf_file::Content> {
+    let mut magic = [0u8; 4];
+    if std::io::Read::read_exact(file, &mut magic).is_err() || &magic != b"GGUF" {
+        bail!("it does not start with the bytes GGUF");
+    }
+    std::io::Seek::rewind(file)?;
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let read =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(file)));
     std::panic::set_hook(quiet);
     match read {
+        Ok(Err(candle_core::Error::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            bail!("the file ends inside its header (truncated?)")
+        }
         Ok(content) => Ok(content?),
         Err(panic) => {
             let what = panic

@@ -58,6 +58,9 @@ pub fn load(path: &Path) -> Result<Task> {
     };
     let data = path.parent().unwrap_or(Path::new(".")).join(&spec.data);
     let rows = read_rows(&data)?;
+    if rows.is_empty() {
+        bail!("{}: no examples", data.display());
+    }
     let question_of = |row: &Row, place: &dyn Fn() -> String| -> Result<String> {
         match (&spec.question, &spec.question_template) {
             (Some(f), None) => field(row, f, place),

@@ -8,7 +8,7 @@ mod sources;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -166,7 +166,8 @@ impl Task {
     ) -> Result<(Task, Split)> {
         let count = (train + dev + test).max(300);
         let task = Task::load(spec, &TaskOptions { data_dir, seed, difficulty, count })?;
-        let split = Split::new(task.examples.len(), train, dev, test, seed)?;
+        let split = Split::new(task.examples.len(), train, dev, test, seed)
+            .with_context(|| format!("task {} from {}", task.name, task.source))?;
         Ok((task, split))
     }
 
