@@ -1272,6 +1272,25 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
 }
 
 #[test]
+fn a_checkpoint_without_the_initial_prompts_score_resumes_by_scoring_it_again() {
+    // Found by tests/fuzz.rs: a checkpoint whose score keys were edited made the final
+    // selection look up the initial prompt's train score and panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    let stop = no_interrupt();
+    let first = run(Start::New(tiny_settings(&model, 1)), &out, &stop, &mut |_| {}).unwrap();
+    let path = out.join("checkpoint.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(state["scores"].as_object_mut().unwrap().remove("Go on.").is_some());
+    std::fs::write(&path, state.to_string()).unwrap();
+    let resumed = Start::Resume(Changes { steps: None, data_dir: None });
+    let again = run(resumed, &out, &stop, &mut |_| {}).unwrap();
+    assert_eq!(again.contenders[1].train, first.contenders[1].train);
+}
+
+#[test]
 fn a_folder_in_use_is_refused_with_the_holders_pid_and_free_once_released() {
     use greater::store::RunDir;
     let tmp = tempfile::tempdir().unwrap();

@@ -24,7 +24,8 @@ use crate::store::RunDir;
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
 /// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
-/// train score (each prompt once). Scores zero-shot CoT on train when the search has not.
+/// train score (each prompt once). Scores zero-shot CoT (and the initial prompt, when a
+/// checkpoint lost it) on train when the search has not.
 fn contenders(
     optimizer: &Optimizer,
     state: &mut State,
@@ -32,9 +33,11 @@ fn contenders(
     initial: &str,
 ) -> Result<Vec<Contender>> {
     let initial = optimizer.prompt_text(&optimizer.prompt_ids(initial)?)?;
-    if !state.scores.contains_key(ZERO_SHOT_COT) {
-        let score = optimizer.score_text(ZERO_SHOT_COT)?;
-        state.scores.insert(ZERO_SHOT_COT.to_string(), score);
+    for prompt in [ZERO_SHOT_COT, initial.as_str()] {
+        if !state.scores.contains_key(prompt) {
+            let score = optimizer.score_text(prompt)?;
+            state.scores.insert(prompt.to_string(), score);
+        }
     }
     let train = |p: &str| state.scores[p].clone();
     let mut out = vec![
