@@ -895,55 +895,46 @@ fn the_report_shows_the_summary_accuracies_and_one_point_per_step() {
 }
 
 #[test]
-fn a_protocol_killed_after_its_first_task_resumes_with_the_second() {
+fn a_protocol_killed_at_several_points_resumes_to_the_uninterrupted_table() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    let out = tmp.path().join("protocol");
     let config = tmp.path().join("run.toml");
-    std::fs::write(&config, toml::to_string(&protocol_settings(&model)).unwrap()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args([
-            "protocol",
-            "--config",
-            config.to_str().unwrap(),
-            "--tasks",
-            "arithmetic,boolean",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = out.join("arithmetic").join("summary.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !first.exists() {
-        assert!(std::time::Instant::now() < deadline, "the first task never finished");
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    // Long enough that a kill lands before the end.
+    let settings = OptimizeConfig { steps: 40, ..protocol_settings(&model) };
+    std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
+    let protocol = |out: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_greater"));
+        c.args(["protocol", "--config", config.to_str().unwrap(), "--tasks", "arithmetic,boolean"])
+            .args(["--out", out.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let whole = tmp.path().join("whole");
+    assert!(protocol(&whole).status().unwrap().success());
+    // Kill points, each a file that has just appeared: the first task's split written, its
+    // first step logged, its summary written, the second task's first step logged.
+    let points = [
+        "arithmetic/config.json",
+        "arithmetic/steps.jsonl",
+        "arithmetic/summary.json",
+        "boolean/steps.jsonl",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let out = tmp.path().join(format!("killed{i}"));
+        let mut child = protocol(&out).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !out.join(point).exists() {
+            assert!(std::time::Instant::now() < deadline, "{point} never appeared");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!out.join("boolean/summary.json").exists(), "killed at {point} after the end");
+        let (code, _, err) = greater_cli(&["protocol", "--resume", out.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "killed at {point}: {err}");
+        assert_eq!(table_without_timings(&out), table_without_timings(&whole), "killed at {point}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !out.join("boolean").join("summary.json").exists(),
-        "the second task finished before the kill"
-    );
-    let first_steps = std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["protocol", "--resume", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    assert_eq!(
-        std::fs::read_to_string(out.join("arithmetic").join("steps.jsonl")).unwrap(),
-        first_steps
-    );
-    let table: ProtocolTable =
-        serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
-    assert_eq!(
-        table.rows.iter().map(|r| r.task.as_str()).collect::<Vec<_>>(),
-        ["arithmetic", "boolean"]
-    );
-    assert!(out.join("boolean").join("summary.json").exists());
 }
 
 /// Each step of a fixed-seed SmolLM2 run as one line: position, the shortlist in gradient
