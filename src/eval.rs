@@ -16,8 +16,10 @@ use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 use crate::tokenizer::SystemTurn;
 
+/// How a prompt is evaluated: batch, reasoning budget and layout.
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
+    /// Questions decoded together.
     pub batch: usize,
     /// Token budget of the reasoning.
     pub max_reasoning: usize,
@@ -53,35 +55,52 @@ fn reason(
     generate(&lm.model, requests, &gen_cfg)
 }
 
+/// One question's evaluation (a line of `eval --out` and of a run's `test-*.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
+    /// The question.
     pub question: String,
+    /// The prompt evaluated.
     pub prompt: String,
+    /// The model's reasoning.
     pub reasoning: String,
-    /// Tokens of the reasoning, and whether it ran into the budget: then the extractor
-    /// forced an answer before the model had ended its turn.
+    /// Tokens of the reasoning.
     pub reasoning_tokens: usize,
+    /// Whether the reasoning ran into the budget: then the extractor forced an answer before
+    /// the model had ended its turn.
     pub cut_by_budget: bool,
+    /// What the model wrote after the extractor.
     pub raw_answer: String,
+    /// The answer parsed from it (None: nothing the task's parser accepts).
     pub parsed_answer: Option<String>,
+    /// The gold answer.
     pub gold: String,
+    /// Whether the parsed answer equals the gold one.
     pub correct: bool,
 }
 
+/// A prompt's accuracy on a list of questions, with every question's record.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// Questions evaluated.
     pub n: usize,
+    /// Questions answered correctly.
     pub correct: usize,
+    /// Share of questions answered correctly.
     pub accuracy: f64,
     /// 95% Wilson score interval.
     pub interval: (f64, f64),
+    /// Share of the commonest gold answer: what always giving it would score.
     pub majority_floor: f64,
     /// Reasonings that ran into the budget (see [`Record::cut_by_budget`]).
     pub cut_by_budget: usize,
     /// Answers the task's parser found nothing in (counted wrong).
     pub unparsed: usize,
+    /// Tokens decoded (reasoning and answers).
     pub tokens_generated: usize,
+    /// Wall seconds.
     pub seconds: f64,
+    /// One record per question, in the questions' order.
     #[serde(skip)]
     pub records: Vec<Record>,
 }

@@ -29,6 +29,7 @@ pub struct QuestionIds {
     pub tail: Vec<u32>,
 }
 
+/// How every sequence is laid out: chat turn, question, connector, prompt, reasoning, extractor, answer. The optimiser and the evaluator build their ids here, so both read the same tokens.
 pub struct Layout<'a> {
     lm: &'a LanguageModel,
     system: SystemTurn,
@@ -41,6 +42,7 @@ pub struct Layout<'a> {
 }
 
 impl<'a> Layout<'a> {
+    /// The layout of `task` on `lm`, with `system` before the user turn and `connector` between question and prompt.
     pub fn new(
         lm: &'a LanguageModel,
         task: &Task,
@@ -59,6 +61,7 @@ impl<'a> Layout<'a> {
         })
     }
 
+    /// The ids around the prompt slot for `question`; an error naming the question when it does not fit the model's context.
     pub fn question(&self, question: &str) -> Result<QuestionIds> {
         let text =
             self.lm.chat_text(&self.system, &format!("{question}{}{SLOT}", self.connector))?;

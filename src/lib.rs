@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! greater: prompt optimisation for local language models with gradients over reasoning.
 //!
 //! Pipeline: [`model`] (weights, forward, generation, gradients) and [`tokenizer`]

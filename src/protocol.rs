@@ -84,12 +84,18 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
 /// that run's own events.
 pub enum ProtocolEvent<'a> {
+    /// A task's run starts.
     Task {
+        /// Its index among the protocol's runs, from 0.
         index: usize,
+        /// Runs in the protocol.
         total: usize,
+        /// The task's name.
         name: &'a str,
+        /// Steps its run takes.
         steps: usize,
     },
+    /// An event of the run under way.
     Run(Event<'a>),
     /// A task has finished: the table of the tasks finished so far.
     Table(&'a ProtocolTable, &'a ProtocolConfig),
@@ -100,7 +106,9 @@ pub enum ProtocolEvent<'a> {
 /// machine or on a shared file system: each run folder has its own lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
+    /// This shard's index, from 0.
     pub index: usize,
+    /// Shards in all.
     pub count: usize,
 }
 
@@ -108,6 +116,7 @@ impl Shard {
     /// Every task: one process.
     pub const ALL: Shard = Shard { index: 0, count: 1 };
 
+    /// Whether this shard runs the task at `task_index`.
     pub fn takes(self, task_index: usize) -> bool {
         task_index % self.count == self.index
     }
@@ -383,6 +392,7 @@ fn gain_over_zero_shot<'r>(
     (mean, interval)
 }
 
+/// The table of `rows`: pooled accuracies and the mean gain over zero-shot CoT.
 pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
     let (mean_gain, gain_interval) =
         gain_over_zero_shot(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));

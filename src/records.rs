@@ -29,7 +29,9 @@ use crate::tasks::{Split, Task};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum Label {
+    /// Zero-shot chain of thought, "Let's think step by step.": the baseline.
     ZeroShotCot,
+    /// The prompt the search started from.
     Initial,
     /// The n-th best searched prompt by train score (from 1).
     Train(usize),
@@ -88,6 +90,7 @@ pub enum SelectedBy {
     /// No dev split: the lowest train score.
     #[serde(rename = "train score")]
     TrainScore,
+    /// The best dev accuracy among the contenders.
     #[serde(rename = "dev accuracy")]
     DevAccuracy,
 }
@@ -104,9 +107,13 @@ impl fmt::Display for SelectedBy {
 /// A prompt that may be returned, with what was measured of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Contender {
+    /// Which prompt this is.
     pub label: Label,
+    /// The prompt's text.
     pub prompt: String,
+    /// Its score on the train questions.
     pub train: Score,
+    /// Its dev evaluation, when there is a dev split.
     pub dev: Option<EvalSummary>,
 }
 
@@ -119,7 +126,9 @@ pub struct Contender {
 pub struct Score {
     /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL
     pub score: f64,
+    /// Train questions answered wrongly.
     pub mistakes: usize,
+    /// Train questions scored.
     pub n: usize,
     /// Mean negative log-likelihood of the prompt tokens.
     pub nll: f64,
@@ -157,12 +166,17 @@ impl State {
 pub struct State {
     /// Steps finished.
     pub step: usize,
+    /// Token index in `prompt` that the next step changes.
     pub position: usize,
+    /// The current prompt's ids.
     pub prompt: Vec<u32>,
     /// Reasoning of the current prompt per train example, when the last check produced it.
     pub reasoning: Option<Vec<Vec<u32>>>,
+    /// The prompt with the lowest train score so far.
     pub best_prompt: Vec<u32>,
+    /// Its train score.
     pub best_score: f64,
+    /// Steps since the best score last fell (for `patience`).
     pub steps_since_best: usize,
     /// Tokens of the initial prompt (the sentence-end rule applies from half of it).
     pub initial_len: usize,
@@ -173,9 +187,12 @@ pub struct State {
     pub generated_tokens: usize,
 }
 
+/// A token: its id and its text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenText {
+    /// Token id.
     pub id: u32,
+    /// The token as text (special tokens spelled out).
     pub text: String,
 }
 
@@ -183,10 +200,15 @@ pub struct TokenText {
 /// no gradient.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checked {
+    /// The candidate token placed at the step's position.
     pub id: u32,
+    /// Its text.
     pub text: String,
+    /// Its gradient score (higher ranks it first).
     pub gradient: Option<f32>,
+    /// The whole prompt with the token in place.
     pub prompt: String,
+    /// Its real score on train.
     pub score: Score,
 }
 
@@ -205,6 +227,7 @@ pub struct Seconds {
 }
 
 impl Seconds {
+    /// The parts' names, in the order of [`Self::parts`].
     pub const PARTS: [&'static str; 4] = ["reasoning", "proposal", "gradient", "checking"];
 
     /// The parts in the order of [`Self::PARTS`].
@@ -212,6 +235,7 @@ impl Seconds {
         [self.reasoning, self.proposal, self.gradient, self.checking]
     }
 
+    /// Seconds of the whole step.
     pub fn total(&self) -> f64 {
         self.parts().iter().sum()
     }
@@ -232,17 +256,27 @@ impl fmt::Display for Seconds {
 /// One line of the step log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
+    /// Step number, from 1.
     pub step: usize,
+    /// The position the step changed.
     pub position: usize,
+    /// The prompt the step began with.
     pub prompt_before: String,
+    /// The proposal's candidate tokens for the position.
     pub candidates: Vec<TokenText>,
     /// The gradient shortlist, best first, with its real scores.
     pub checked: Vec<Checked>,
+    /// The token the step chose (None: nothing was checked).
     pub chosen: Option<TokenText>,
+    /// The prompt after the step.
     pub prompt: String,
+    /// The position the next step changes.
     pub next_position: usize,
+    /// The best prompt so far by train score.
     pub best_prompt: String,
+    /// Its train score.
     pub best_score: f64,
+    /// Wall time of the step by part.
     pub seconds: Seconds,
     /// Reasoning tokens decoded in this step.
     #[serde(default)]
@@ -256,12 +290,19 @@ pub struct StepRecord {
 /// What `config.json` records: enough to resume and to reproduce.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
+    /// Every setting of the run.
     pub settings: OptimizeConfig,
+    /// The prompt the search started from (the task's, or the settings').
     pub initial_prompt: String,
+    /// The model file the run used.
     pub model_path: String,
+    /// Its sha256: a resume refuses another file.
     pub model_sha256: String,
+    /// The task as loaded.
     pub task: TaskRecord,
+    /// The train, dev and test question indices.
     pub split: Split,
+    /// The greater version that started the run.
     pub greater_version: String,
 }
 
@@ -284,23 +325,37 @@ impl RunConfig {
     }
 }
 
+/// What a run records of its task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {
+    /// Task name.
     pub name: String,
+    /// The answer kind, as text ("integer", "multiple choice (A)-(E)", ...).
     pub answer_kind: String,
+    /// The extractor sentence that asks for the final answer.
     pub extractor: String,
+    /// Where the questions came from (file or generator).
     pub source: String,
+    /// Questions in the task.
     pub examples: usize,
 }
 
+/// A prompt's accuracy on a split, without the per-question records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalSummary {
+    /// Which prompt.
     pub label: Label,
+    /// Its text.
     pub prompt: String,
+    /// Share of questions answered correctly.
     pub accuracy: f64,
+    /// Questions answered correctly.
     pub correct: usize,
+    /// Questions evaluated.
     pub n: usize,
+    /// 95% Wilson interval of the accuracy.
     pub interval: (f64, f64),
+    /// Wall seconds of the evaluation.
     pub seconds: f64,
     /// Reasonings that ran into the reasoning budget (None in run folders of versions that
     /// did not count them).
@@ -313,6 +368,7 @@ pub struct EvalSummary {
 }
 
 impl EvalSummary {
+    /// The summary of evaluation `r` of `prompt`.
     pub fn new(label: Label, prompt: &str, r: &EvalReport) -> Self {
         EvalSummary {
             label,
@@ -328,14 +384,18 @@ impl EvalSummary {
     }
 }
 
+/// What `summary.json` holds: the returned prompt and how it was measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    /// Steps the search ran.
     pub steps: usize,
     /// The returned prompt (also in best_prompt.txt).
     pub best_prompt: String,
     /// The contender it came from, and what chose it.
     pub selected: Label,
+    /// Whether dev accuracy or the train score chose it.
     pub selected_by: SelectedBy,
+    /// The lowest train score the search reached.
     pub best_train_score: f64,
     /// Tokens the search decoded (reasoning on train, `ape`'s proposals).
     #[serde(default)]
@@ -343,6 +403,7 @@ pub struct Summary {
     /// `ape`'s budget in generated tokens.
     #[serde(default)]
     pub budget_tokens: Option<usize>,
+    /// The test split's majority-class floor: what always giving the commonest answer scores.
     pub majority_floor: f64,
     /// Every prompt that could be returned: train score and dev accuracy.
     pub contenders: Vec<Contender>,
@@ -353,7 +414,9 @@ pub struct Summary {
 /// Decoding speed and reasoning length measured on the initial prompt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
+    /// Reasoning tokens decoded per second.
     pub tokens_per_second: f64,
+    /// Mean reasoning length in tokens.
     pub mean_reasoning: f64,
 }
 
@@ -361,8 +424,11 @@ pub struct Calibration {
 /// transfer setting): the run's test questions, layout and reasoning budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transfer {
+    /// The other model.
     pub model: String,
+    /// Zero-shot CoT on it.
     pub zero_shot_cot: EvalSummary,
+    /// The run's returned prompt on it.
     pub optimised: EvalSummary,
 }
 
@@ -380,9 +446,12 @@ pub fn human_duration(secs: f64) -> String {
 // A protocol: one configuration over tasks
 // ---------------------------------------------------------------------------------------
 
+/// What `protocol-config.json` holds: the settings every run shares and the tasks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProtocolConfig {
+    /// Settings of every run (each task replaces `task`).
     pub settings: OptimizeConfig,
+    /// The tasks, in the table's order.
     pub tasks: Vec<String>,
     /// A second model on which each task's returned prompt and zero-shot CoT are evaluated.
     #[serde(default)]
@@ -437,6 +506,7 @@ impl ProtocolConfig {
         )
     }
 
+    /// The methods to run on every task, the first filling the "optimised" column.
     pub fn methods(&self) -> Vec<Method> {
         if self.methods.is_empty() {
             vec![self.settings.method]
@@ -449,38 +519,56 @@ impl ProtocolConfig {
 /// Another method's result on a task (a baseline beside the first method).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MethodRow {
+    /// The method.
     pub method: Method,
+    /// Its returned prompt on test.
     pub optimised: EvalSummary,
+    /// The returned prompt's dev accuracy (None without a dev split).
     pub dev_accuracy: Option<f64>,
+    /// The contender it returned.
     pub selected: Label,
+    /// Steps it ran.
     pub steps: usize,
+    /// Tokens it decoded.
     pub generated_tokens: usize,
+    /// Wall seconds of its run.
     pub wall_seconds: f64,
 }
 
 /// A method's pooled test accuracy and its mean gain over zero-shot CoT.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MethodPooled {
+    /// The method.
     pub method: Method,
+    /// Its returned prompts' accuracy pooled over the tasks.
     pub optimised: Pooled,
+    /// Mean over tasks of its gain over zero-shot CoT.
     pub mean_gain: f64,
+    /// 95% interval of that mean (None with fewer than two tasks).
     pub gain_interval: Option<(f64, f64)>,
 }
 
 /// One task's line of the table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRow {
+    /// Task name.
     pub task: String,
     /// The test split's majority-class floor (None in tables of versions without it).
     #[serde(default)]
     pub majority_floor: Option<f64>,
+    /// Zero-shot CoT on test.
     pub zero_shot_cot: EvalSummary,
+    /// The initial prompt on test.
     pub initial: EvalSummary,
+    /// The returned prompt on test.
     pub optimised: EvalSummary,
     /// Dev accuracy of the returned prompt (None without a dev split).
     pub dev_accuracy: Option<f64>,
+    /// The contender returned.
     pub selected: Label,
+    /// Steps the search ran.
     pub steps: usize,
+    /// Wall seconds of the task's run (time lost to a stopped session not counted).
     pub wall_seconds: f64,
     /// Tokens the search decoded.
     #[serde(default)]
@@ -500,6 +588,7 @@ pub struct TaskRow {
 /// helped and those that hurt, and whether the gradient ever ranked the current token high.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SearchTrace {
+    /// Train questions.
     pub train_n: usize,
     /// Train mistakes of the prompt the search started from.
     pub start_mistakes: usize,
@@ -509,8 +598,9 @@ pub struct SearchTrace {
     pub improving_steps: usize,
     /// Steps that moved to a prompt with a higher train score than the one they began with.
     pub worse_moves: usize,
-    /// Steps whose checked shortlist held the current prompt, and those that kept it.
+    /// Steps whose checked shortlist held the current prompt.
     pub current_shortlisted: usize,
+    /// Steps that kept the current prompt.
     pub current_kept: usize,
     /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
     pub dev_baseline: Option<f64>,
@@ -519,21 +609,31 @@ pub struct SearchTrace {
 /// Accuracy pooled over every task's test questions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pooled {
+    /// Share of questions answered correctly.
     pub accuracy: f64,
+    /// Questions answered correctly.
     pub correct: usize,
+    /// Questions.
     pub n: usize,
+    /// 95% Wilson interval.
     pub interval: (f64, f64),
 }
 
+/// What `protocol.json` holds: a row per finished task and the pooled results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProtocolTable {
+    /// One row per finished task, in the protocol's order.
     pub rows: Vec<TaskRow>,
+    /// Zero-shot CoT, pooled.
     pub zero_shot_cot: Pooled,
+    /// The initial prompt, pooled.
     pub initial: Pooled,
+    /// The returned prompts, pooled.
     pub optimised: Pooled,
-    /// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
-    /// per-task differences (None with fewer than two tasks).
+    /// Mean over tasks of (optimised - zero-shot CoT).
     pub mean_gain: f64,
+    /// 95% normal interval of the mean gain from the per-task differences (None with fewer
+    /// than two tasks).
     pub gain_interval: Option<(f64, f64)>,
     /// Pooled zero-shot CoT and returned-prompt accuracy on the transfer model.
     #[serde(default)]
@@ -550,7 +650,9 @@ pub struct ProtocolTable {
 /// What a screening runs: base settings, tasks, and named changes to the settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenConfig {
+    /// Settings every run starts from.
     pub base: OptimizeConfig,
+    /// The tasks each configuration runs on.
     pub tasks: Vec<String>,
     /// (name, TOML text of the settings it changes), in the order they run.
     pub configurations: Vec<(String, String)>,
@@ -612,20 +714,28 @@ impl ScreenConfig {
 /// One (configuration, task): dev accuracies and what the search did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenRow {
+    /// The configuration's name.
     pub configuration: String,
+    /// The task.
     pub task: String,
+    /// Dev questions.
     pub dev_n: usize,
+    /// Zero-shot CoT's dev accuracy.
     pub zero_shot: f64,
+    /// The initial prompt's dev accuracy.
     pub initial: f64,
-    /// The best dev accuracy of a searched prompt, and that prompt (None: the search
-    /// scored no prompt but the baselines).
+    /// The best dev accuracy of a searched prompt (None: the search scored no prompt but
+    /// the baselines).
     pub best_searched: Option<f64>,
+    /// That prompt.
     pub best_prompt: Option<String>,
     /// best_searched - max(zero_shot, initial).
     pub gain: Option<f64>,
-    /// Train mistakes of the initial prompt and the fewest of any checked prompt.
+    /// Train mistakes of the initial prompt.
     pub train_mistakes_initial: usize,
+    /// The fewest train mistakes of any checked prompt.
     pub train_mistakes_best: usize,
+    /// Steps the search ran.
     pub steps: usize,
     /// Dev reasonings cut at the reasoning budget, over every prompt measured on dev.
     pub dev_cut: usize,
@@ -636,6 +746,7 @@ pub struct ScreenRow {
 /// The rows and, per configuration, the mean gain over its tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScreenTable {
+    /// One per (configuration, task), in the order they ran.
     pub rows: Vec<ScreenRow>,
 }
 

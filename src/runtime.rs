@@ -13,14 +13,19 @@ use crate::model::weights::WeightSource;
 use crate::model::{Model, ModelConfig, Precision};
 use crate::tokenizer::{read_json, ChatTemplate, SystemTurn, Tokenizer};
 
+/// A model ready to use: weights, tokenizer, chat template, and the file they came from.
 pub struct LanguageModel {
+    /// The transformer.
     pub model: Model,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
+    /// Its chat template (None: a base model, unless one is given).
     pub chat: Option<ChatTemplate>,
     /// The file or folder the weights came from.
     pub path: PathBuf,
 }
 
+/// How a model is opened.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// A Jinja chat template file that replaces (or supplies) the model's own.
@@ -83,6 +88,7 @@ impl LanguageModel {
         Ok(ids)
     }
 
+    /// An error when `n_tokens` do not fit the model's context.
     pub fn check_context(&self, n_tokens: usize) -> Result<()> {
         let limit = self.model.cfg.max_position.min(1 << 15);
         if n_tokens >= limit {

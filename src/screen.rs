@@ -64,12 +64,18 @@ impl ScreenRow {
 pub enum ScreenEvent<'a> {
     /// A run starts: its index among all, their number, configuration and task.
     Run {
+        /// Its index among all runs, from 0.
         index: usize,
+        /// Runs in the screening.
         total: usize,
+        /// The configuration's name.
         configuration: &'a str,
+        /// The task.
         task: &'a str,
+        /// Steps the run takes.
         steps: usize,
     },
+    /// An event of the run under way.
     Event(Event<'a>),
 }
 

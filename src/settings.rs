@@ -37,6 +37,7 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's name as the command line spells it.
     pub fn name(self) -> &'static str {
         match self {
             Method::Greater => "greater",
@@ -230,8 +231,11 @@ pub struct OptimizeConfig {
 /// Help headings, which are also the groups a subcommand takes (`eval` takes no search
 /// setting).
 pub const MODEL: &str = "Model";
+/// Heading of the task and split settings.
 pub const TASK: &str = "Task and split";
+/// Heading of the prompt layout and reasoning settings.
 pub const LAYOUT: &str = "Prompt layout and reasoning";
+/// Heading of the search settings.
 pub const SEARCH: &str = "Search";
 
 /// Where the search starts.
@@ -239,6 +243,7 @@ pub const SEARCH: &str = "Search";
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum StartFrom {
+    /// The initial prompt (the reference).
     Initial,
     /// The initial prompt or zero-shot CoT, whichever scores better on train.
     Better,

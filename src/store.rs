@@ -21,7 +21,9 @@ use serde::Serialize;
 
 use crate::settings::Method;
 
+/// A run's folder: atomic JSON files, the step log, and the lock that keeps a second writer out.
 pub struct RunDir {
+    /// The folder.
     pub path: PathBuf,
 }
 
@@ -52,6 +54,7 @@ impl RunDir {
         Ok(RunDir { path: path.to_path_buf() })
     }
 
+    /// An existing run folder.
     pub fn open(path: &Path) -> Result<Self> {
         if !path.join("config.json").exists() {
             bail!("{} holds no run (no config.json)", path.display());
@@ -119,10 +122,12 @@ impl RunDir {
         fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
     }
 
+    /// Writes `value` as pretty JSON, atomically.
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
         self.write_atomic(name, &serde_json::to_vec_pretty(value)?)
     }
 
+    /// Reads `name` as JSON; an error naming the file when it is missing or unreadable.
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
         let path = self.file(name);
         let text =
@@ -130,10 +135,12 @@ impl RunDir {
         serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))
     }
 
+    /// Whether the folder holds `name`.
     pub fn exists(&self, name: &str) -> bool {
         self.file(name).exists()
     }
 
+    /// Appends one line to `steps.jsonl` and syncs it; an error naming the file.
     pub fn append_step<T: Serialize>(&self, record: &T) -> Result<()> {
         let path = self.file("steps.jsonl");
         let mut line = serde_json::to_vec(record)?;

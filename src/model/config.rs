@@ -7,14 +7,20 @@ use serde_json::Value;
 /// The decoder families greater knows how to run and differentiate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// Llama and Mistral.
     Llama,
+    /// Qwen 2 and 2.5 (biases on q, k, v).
     Qwen2,
+    /// Qwen 3 (norms on q and k).
     Qwen3,
+    /// Gemma 2 (softcaps, post-norms, sliding windows).
     Gemma2,
+    /// Gemma 3 (q/k norms, post-norms, local rotary base).
     Gemma3,
 }
 
 impl Arch {
+    /// The names `from_name` accepts, for error messages.
     pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3";
 
     /// Maps a GGUF `general.architecture` or HF `model_type` to an [`Arch`].
@@ -31,9 +37,11 @@ impl Arch {
         })
     }
 
+    /// Qwen 2 adds biases to the q, k and v projections.
     pub fn has_qkv_bias(self) -> bool {
         self == Arch::Qwen2
     }
+    /// RMS norms on each head's q and k.
     pub fn has_qk_norm(self) -> bool {
         matches!(self, Arch::Qwen3 | Arch::Gemma3)
     }
@@ -41,6 +49,7 @@ impl Arch {
     pub fn has_post_norms(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
+    /// The Gemma family: scaled embeddings, GELU, norm weights stored as (w - 1).
     pub fn is_gemma(self) -> bool {
         matches!(self, Arch::Gemma2 | Arch::Gemma3)
     }
@@ -55,23 +64,37 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// SiLU (Llama, Qwen).
     Silu,
+    /// GELU, tanh approximation (Gemma).
     GeluTanh,
 }
 
+/// A model's shape and numerics, whatever file it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// The decoder family.
     pub arch: Arch,
+    /// Rows of the embedding (and of the output head).
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub n_layers: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
     pub n_kv_heads: usize,
+    /// Width of one head.
     pub head_dim: usize,
+    /// Epsilon of the RMS norms.
     pub rms_eps: f64,
+    /// Rotary base.
     pub rope_theta: f64,
     /// Gemma 3 uses a different rotary base on its sliding-window layers.
     pub rope_local_theta: Option<f64>,
@@ -79,19 +102,26 @@ pub struct ModelConfig {
     pub rope_freq_factors: Vec<f64>,
     /// Linear position scaling of the global layers (Gemma 3 large models).
     pub rope_linear_factor: f64,
+    /// How rotary embeddings pair dimensions.
     pub rope_style: RopeStyle,
+    /// Positions the model was trained for: generation stops there.
     pub max_position: usize,
+    /// Attention window of the sliding layers.
     pub sliding_window: Option<usize>,
     /// Which layers use the sliding window (all false without one).
     pub layer_is_sliding: Vec<bool>,
+    /// Softcap of the attention logits (Gemma 2).
     pub attn_softcap: Option<f64>,
+    /// Softcap of the output logits (Gemma 2).
     pub final_softcap: Option<f64>,
     /// Multiplier of q·k (usually 1/sqrt(head_dim)).
     pub attn_scale: f64,
+    /// The MLP's gate activation.
     pub activation: Activation,
 }
 
 impl ModelConfig {
+    /// The factor embeddings are multiplied by (Gemma: sqrt(hidden_size)).
     pub fn embed_scale(&self) -> Option<f64> {
         self.arch.is_gemma().then(|| (self.hidden_size as f64).sqrt())
     }

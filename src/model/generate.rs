@@ -11,15 +11,21 @@ use rand_chacha::ChaCha8Rng;
 
 use super::transformer::{KvCache, Model, Pass};
 
+/// Seeded sampling: temperature, then nucleus (top-p).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
+    /// Divides the logits before the softmax.
     pub temperature: f64,
+    /// Mass of the most likely tokens kept.
     pub top_p: f64,
+    /// Seed of the first sequence's draws (sequence i uses seed + i).
     pub seed: u64,
 }
 
+/// How [`generate`] decodes.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateConfig {
+    /// Tokens each sequence may add.
     pub max_tokens: usize,
     /// Ids that end a sequence (EOS, end of turn); the stop id is not returned.
     pub stop_ids: Vec<u32>,
@@ -43,24 +49,33 @@ impl std::error::Error for Cancelled {}
 /// One sequence to continue: an optional already-computed prefix and the ids after it.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
+    /// Cache of the ids before `ids` (empty: start of sequence).
     pub prefix: KvCache,
+    /// Ids to run after the prefix; generation continues after the last.
     pub ids: Vec<u32>,
 }
 
+/// Why a sequence stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
+    /// It produced a stop id.
     StopToken,
+    /// It reached `max_tokens`.
     Budget,
     /// The model's context was full: the tokens made so far are kept.
     ContextLimit,
 }
 
+/// One sequence's continuation.
 #[derive(Debug, Clone)]
 pub struct Generated {
+    /// The tokens generated, without the stop id.
     pub ids: Vec<u32>,
+    /// Why it stopped.
     pub stop: StopReason,
     /// The request's prefix and ids, then `ids[..fed]`: continue from here with `ids[fed..]`.
     pub cache: KvCache,
+    /// How many of `ids` the cache holds.
     pub fed: usize,
     /// Final-normed hidden states of the request's ids, [ids.len(), hidden], from the
     /// prefill: what a caller needs of the request's own tokens without another forward.
@@ -146,7 +161,7 @@ fn run_all_with_logits(
     ran.into_iter().enumerate().map(|(i, (cache, h))| Ok((cache, h, logits.get(i)?))).collect()
 }
 
-/// [`run_all`], keeping the cache and the next-token logits [vocab] after each request.
+/// [`run_all`], keeping the cache and the next-token logits `[vocab]` after each request.
 pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
     Ok(run_all_with_logits(model, requests)?
         .into_iter()

@@ -14,8 +14,11 @@ pub struct OneHotInput<'a> {
     pub prefix: &'a KvCache,
     /// The whole sequence; the id at `position` is ignored.
     pub ids: &'a [u32],
+    /// The position whose token is replaced by a one-hot mixture.
     pub position: usize,
+    /// The tokens the mixture ranges over.
     pub candidates: &'a [u32],
+    /// Each candidate's weight in the mixture (the gradient is taken at these).
     pub weights: &'a [f32],
     /// Positions whose next-token logits the loss reads, in this order.
     pub loss_positions: &'a [usize],

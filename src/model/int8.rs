@@ -59,7 +59,9 @@ impl Codes {
 
 /// A weight [n, k] as unsigned block integers in strips of 16 rows.
 pub struct Int8Weight {
+    /// Rows (outputs).
     pub n: usize,
+    /// Columns (inputs), a multiple of the block.
     pub k: usize,
     /// Weights per scale: 16 or 32.
     block: usize,
@@ -210,6 +212,7 @@ pub struct QuantRows {
 }
 
 impl QuantRows {
+    /// `x` [rows, k] quantised per block of `block` values.
     pub fn new(x: &[f32], k: usize, block: usize) -> Self {
         let (m, per_row) = (x.len() / k, k / block);
         let mut rows = QuantRows {
@@ -251,11 +254,14 @@ pub enum Kernel {
 /// What a CPU reports, for [`Kernel::choose`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Features {
+    /// AVX-512 with VNNI (`vpdpbusd` on 512-bit vectors).
     pub avx512_vnni: bool,
+    /// AVX2.
     pub avx2: bool,
 }
 
 impl Features {
+    /// The features of the CPU this runs on.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         return Features {

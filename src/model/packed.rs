@@ -11,9 +11,11 @@ use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+/// A weight as its GGUF block integers: small integers with a scale (and an offset) per block.
 pub struct PackedWeight {
-    /// Rows and columns of the weight, [n, k] (k a multiple of `block`).
+    /// Rows of the weight [n, k] (k a multiple of `block`).
     pub n: usize,
+    /// Columns.
     pub k: usize,
     /// Weights per scale: 16 or 32.
     pub block: usize,
@@ -21,6 +23,7 @@ pub struct PackedWeight {
     pub q: Vec<i8>,
     /// One per block, row-major: weight = q * scale (+ offset).
     pub scale: Vec<f32>,
+    /// One per block for formats with an offset (Q4_1, Q5_1, K-quants): weight = q * scale + offset.
     pub offset: Option<Vec<f32>>,
 }
 

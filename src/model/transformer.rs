@@ -22,7 +22,9 @@ use super::Precision;
 /// kernels are faster but record no backward op, so they silently cut the gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
+    /// Fused kernels, no gradient: generation, prefill and scoring.
     Fast,
+    /// Every op records its backward: the gradient pass.
     Differentiable,
 }
 
@@ -50,9 +52,11 @@ impl Clone for KvCache {
 }
 
 impl KvCache {
+    /// Positions cached.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -197,7 +201,9 @@ impl RopeTable {
     }
 }
 
+/// A decoder-only transformer of any supported family: embedding, blocks, final norm, head.
 pub struct Model {
+    /// Its shape and numerics.
     pub cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Block>,
@@ -289,6 +295,7 @@ pub fn random_weights(
 }
 
 impl Model {
+    /// Loads the weights of `source` for `cfg` in `dtype` on `device`; `precision` chooses the products of passes without a gradient.
     pub fn load(
         source: &WeightSource,
         mut cfg: ModelConfig,
@@ -394,9 +401,11 @@ impl Model {
         Model::load(&WeightSource::Map(weights), cfg, dtype, device, Precision::F32)
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embed.device()
     }
+    /// The dtype of the activations.
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
     }
@@ -459,7 +468,7 @@ impl Model {
     /// Continues sequence `b` of `caches` with `ids[b]`, all in one batched forward: shorter
     /// sequences are padded at their end and their caches cut back to their real length.
     /// Attention is causal and per sequence, so padding never reaches a real position.
-    /// Returns each sequence's final-normed hidden states [ids[b].len(), hidden].
+    /// Returns each sequence's final-normed hidden states `[ids[b].len(), hidden]`.
     pub fn forward_ragged(&self, caches: &mut [KvCache], ids: &[&[u32]]) -> Result<Vec<Tensor>> {
         let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
         if longest == 0 {

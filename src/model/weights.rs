@@ -13,9 +13,25 @@ use candle_core::{DType, Device, Tensor};
 use super::config::Arch;
 use super::packed::PackedWeight;
 
+/// Where a model's tensors come from.
 pub enum WeightSource {
-    Gguf { path: PathBuf, content: gguf_file::Content, file: Mutex<File> },
-    Safetensors { arch: Arch, tensors: candle_core::safetensors::MmapedSafetensors },
+    /// A GGUF file.
+    Gguf {
+        /// The file's path, for messages.
+        path: PathBuf,
+        /// Its header: metadata and where each tensor lies.
+        content: gguf_file::Content,
+        /// The open file the tensors are read from.
+        file: Mutex<File>,
+    },
+    /// A Hugging Face folder's safetensors shards, whose names are mapped to GGUF's.
+    Safetensors {
+        /// The family, which decides the name mapping and Gemma's norm offset.
+        arch: Arch,
+        /// The shards, memory-mapped.
+        tensors: candle_core::safetensors::MmapedSafetensors,
+    },
+    /// Tensors in memory, by GGUF name (random test models).
     Map(HashMap<String, Tensor>),
 }
 

@@ -8,6 +8,7 @@ use rand::Rng;
 
 use crate::settings::{Accept, GradientSum};
 
+/// How candidate tokens are proposed (stage 2 of a step).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposalConfig {
     /// Initial k of each example's top-k (reference: 40).

@@ -38,9 +38,11 @@ pub struct Shortlist {
     pub reasoning: Vec<Vec<u32>>,
     /// Its score, when the reasoning was generated here.
     pub reasoning_score: Option<Score>,
+    /// The candidate tokens the proposal admitted for the position.
     pub candidates: Vec<u32>,
     /// The best candidates by gradient, best first, with their gradients.
     pub short: Vec<(u32, f32)>,
+    /// Wall time of the stages so far.
     pub seconds: Seconds,
 }
 
@@ -59,6 +61,7 @@ struct TrainExample {
 /// How many admissible tokens of each example's ranking the proposal may use.
 const RANKED: usize = 64;
 
+/// GReaTer's optimiser over one task's train questions: each step proposes tokens for one prompt position, ranks them by the gradient of the answer loss through the reasoning, checks the best few for real and moves on.
 pub struct Optimizer<'a> {
     lm: &'a LanguageModel,
     cfg: &'a OptimizeConfig,
@@ -72,6 +75,7 @@ fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 }
 
 impl<'a> Optimizer<'a> {
+    /// Prepares the train questions (their ids, caches and answers) for `cfg`'s layout.
     pub fn new(
         lm: &'a LanguageModel,
         task: &Task,
@@ -117,6 +121,7 @@ impl<'a> Optimizer<'a> {
         self.layout.prompt_ids(text)
     }
 
+    /// The prompt's text as it reads back from `ids`: the key scores are kept under.
     pub fn prompt_text(&self, ids: &[u32]) -> Result<String> {
         self.layout.prompt_text(ids)
     }

@@ -65,18 +65,27 @@ fn contenders(
 
 /// What the run reports as it goes; the CLI draws it.
 pub enum Event<'a> {
+    /// A line to show.
     Info(String),
     /// Steps to run (from `done`) and the budget line.
     Start {
+        /// Steps already done.
         done: usize,
+        /// Steps the run will have done.
         total: usize,
+        /// The budget line: tokens and time the search is expected to take.
         budget: String,
     },
+    /// A step finished: its record and the state after it.
     Step(&'a StepRecord, &'a State),
+    /// An evaluation of a contender starts.
     EvalStart {
+        /// The contender's label.
         label: &'a str,
+        /// Questions to evaluate.
         questions: usize,
     },
+    /// Questions of the evaluation under way done so far.
     EvalProgress(usize),
     /// The run in this folder has finished and written its summary.
     Finished(&'a Path),
@@ -171,6 +180,7 @@ pub fn transfer(
 
 /// How a run (or a protocol, or a screening: `C` is what it records) begins.
 pub enum Start<C = OptimizeConfig> {
+    /// Start a run with these settings in a new (or empty) folder.
     New(C),
     /// Continue the run in the folder with its recorded settings, but for these changes.
     Resume(Changes),
@@ -180,7 +190,9 @@ pub enum Start<C = OptimizeConfig> {
 /// computes, only how long it goes on and where its data now lives.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Changes {
+    /// Steps to run in all (more than recorded: the search goes on).
     pub steps: Option<usize>,
+    /// The folder holding the benchmark data, when it moved.
     pub data_dir: Option<String>,
 }
 

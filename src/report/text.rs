@@ -64,6 +64,7 @@ pub fn verdict(summary: &Summary) -> String {
     )
 }
 
+/// The Markdown table of a run's test accuracies (zero-shot CoT, initial, optimised) with their intervals.
 pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     let mut out = format!("# greater run\n\n{}, {} steps\n\n", config.setup(), summary.steps);
     let budget = config.settings.max_reasoning;
@@ -142,6 +143,7 @@ fn per_task_line(
     })
 }
 
+/// The Markdown of a protocol's table (`protocol.md`).
 pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     let methods = config.methods();
     let mut out = format!("# greater protocol\n\n{}\n\n", config.setup());
@@ -230,13 +232,18 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
 /// the report page.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TextTable {
+    /// Heading.
     pub title: String,
+    /// Text under the heading.
     pub note: String,
+    /// Column names.
     pub header: Vec<String>,
+    /// Cells, row by row.
     pub rows: Vec<Vec<String>>,
 }
 
 impl TextTable {
+    /// The table as Markdown.
     pub fn markdown(&self) -> String {
         let line = |cells: &[String]| format!("| {} |\n", cells.join(" | ").replace('\n', " "));
         let mut out = format!("\n## {}\n\n{}\n\n", self.title, self.note);

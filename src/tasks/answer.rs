@@ -3,17 +3,24 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What kind of answer a task takes: it decides the extractor, the parser and how gold answers are normalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AnswerKind {
     /// A letter among the first `options` letters.
     Choice {
+        /// How many letters, from (A).
         options: usize,
     },
+    /// Yes or No.
     YesNo,
+    /// True or False.
     TrueFalse,
+    /// valid or invalid.
     ValidInvalid,
+    /// True, False or Uncertain (FOLIO).
     TrueFalseUncertain,
+    /// An integer (GSM8K, counting, arithmetic).
     Integer,
     /// Exact match after normalisation (case, spaces, surrounding punctuation).
     Text,
@@ -87,6 +94,7 @@ impl AnswerKind {
         }
     }
 
+    /// The kind as text ("integer", "multiple choice (A)-(E)", ...).
     pub fn describe(self) -> String {
         match self {
             AnswerKind::Choice { options } => {

@@ -23,8 +23,10 @@ pub const PAPER_INITIAL_PROMPT: &str =
 /// The zero-shot chain-of-thought baseline.
 pub const ZERO_SHOT_COT: &str = "Let's think step by step.";
 
+/// A question with its gold answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Example {
+    /// The question text.
     pub question: String,
     /// Gold answer in the normal form of the task's answer kind.
     pub answer: String,
@@ -33,13 +35,18 @@ pub struct Example {
     pub target: String,
 }
 
+/// Questions, gold answers and how to read the model's answers.
 #[derive(Debug, Clone)]
 pub struct Task {
+    /// Task name.
     pub name: String,
+    /// What kind of answer it takes (parser and extractor follow from it).
     pub kind: AnswerKind,
     /// Appended after the reasoning; ends with `$`.
     pub extractor: String,
+    /// The prompt a search starts from.
     pub initial_prompt: String,
+    /// Every question of the task.
     pub examples: Vec<Example>,
     /// Where the examples came from (a path, or the generator and its seed).
     pub source: String,
@@ -50,8 +57,9 @@ pub struct Task {
 pub struct TaskOptions {
     /// Folder holding `bbh/`, `gsm8k/` and `folio/` (as in the BBH / GSM8K / FOLIO releases).
     pub data_dir: Option<PathBuf>,
-    /// Generated tasks: seed and number of operators per question.
+    /// Generated tasks: the seed.
     pub seed: u64,
+    /// Generated tasks: operators per question.
     pub difficulty: usize,
     /// Generated tasks: how many questions to make.
     pub count: usize,
@@ -62,8 +70,11 @@ type Loader = fn(&Path) -> Result<Vec<Example>>;
 
 /// A built-in task: name, answer kind, where its data comes from.
 pub struct TaskInfo {
+    /// Task name.
     pub name: String,
+    /// Its answer kind.
     pub kind: AnswerKind,
+    /// Where its data comes from ("generated", "bbh/NAME.json", ...).
     pub source: &'static str,
 }
 
@@ -237,13 +248,18 @@ fn unknown_task_message(spec: &str) -> String {
 /// Disjoint train / dev / test example indices, drawn from a seeded shuffle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
+    /// Seed of the shuffle.
     pub seed: u64,
+    /// Indices of the questions the search optimises on.
     pub train: Vec<usize>,
+    /// Indices of the questions that choose the returned prompt.
     pub dev: Vec<usize>,
+    /// Indices of the held-out questions.
     pub test: Vec<usize>,
 }
 
 impl Split {
+    /// `train`, `dev` and `test` disjoint questions of `n_examples`, shuffled by `seed`; an error when there are too few.
     pub fn new(
         n_examples: usize,
         train: usize,
@@ -265,6 +281,7 @@ impl Split {
         })
     }
 
+    /// The examples at `indices`.
     pub fn pick<'a>(indices: &[usize], task: &'a Task) -> Vec<&'a Example> {
         indices.iter().map(|&i| &task.examples[i]).collect()
     }

@@ -11,13 +11,17 @@ use serde::Serialize;
 
 use super::budget::with_budget;
 
+/// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message {
+    /// "system", "user" or "assistant".
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
 impl Message {
+    /// A message of `role` with `content`.
     pub fn new(role: &str, content: &str) -> Self {
         Message { role: role.into(), content: content.into() }
     }
@@ -80,6 +84,7 @@ const TEMPLATE_BYTES: usize = 512 << 20;
 /// Stands for the system text while the template's own system turn is located.
 const SYSTEM_MARK: &str = "\u{2}SYSTEM\u{2}";
 
+/// A model's Jinja chat template, rendered with limits (fuel and memory).
 pub struct ChatTemplate {
     env: Arc<Environment<'static>>,
     bos: String,

@@ -18,9 +18,12 @@ pub use chat::{ChatTemplate, Message, SystemTurn};
 const END_OF_TURN: &[&str] =
     &["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|end_of_text|>"];
 
+/// A tokenizer with what generation and layouts need: BOS/EOS, stop ids, special ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The beginning-of-sequence text, when the model has one.
     pub bos: Option<String>,
+    /// The end-of-sequence text, when the model has one.
     pub eos: Option<String>,
     /// Ids that end generation: EOS, end of turn.
     pub stop_ids: Vec<u32>,
@@ -128,10 +131,12 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(tokenizer_error)
     }
 
+    /// Whether `id` is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
     }
 
+    /// The id of a whole token's text, when the vocabulary has it.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
         self.inner.token_to_id(piece)
     }
