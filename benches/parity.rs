@@ -1,4 +1,4 @@
-//! What the `mixed` precision changes against `f32`, on the real models:
+//! What the `mixed` and `mixed16` precisions change against `f32`, on the real models:
 //! - logits of a 300-token prefill: the largest absolute difference, and how often the
 //!   top token differs, per model;
 //! - zero-shot CoT on 100 questions of object_counting and navigate (Qwen 0.5B, 256
@@ -10,8 +10,9 @@
 //!
 //! Not a speed bench: it may run beside other work.
 //!
-//!     cargo bench --bench parity                  # all three parts
+//!     cargo bench --bench parity                  # all three parts, both precisions
 //!     cargo bench --bench parity -- logits        # parts whose name contains "logits"
+//!     cargo bench --bench parity -- "zero-shot mixed16"
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -49,11 +50,14 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
-fn logits(alias: &str) {
-    let (f32_logits, mixed_logits) = (
-        prefill_logits(&open(alias, Precision::F32)),
-        prefill_logits(&open(alias, Precision::Mixed)),
-    );
+/// The precision's name on the command line.
+fn name(p: Precision) -> String {
+    format!("{p:?}").to_lowercase()
+}
+
+fn logits(alias: &str, precision: Precision) {
+    let (f32_logits, mixed_logits) =
+        (prefill_logits(&open(alias, Precision::F32)), prefill_logits(&open(alias, precision)));
     let mut max_diff = 0f32;
     let mut top_differs = 0;
     for (a, b) in f32_logits.iter().zip(&mixed_logits) {
@@ -62,12 +66,14 @@ fn logits(alias: &str) {
     }
     let spread = f32_logits.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     println!(
-        "{alias}: logits of a 300-token prefill, mixed against f32: max abs difference {max_diff:.4} (largest |logit| {spread:.1}); top token differs at {top_differs} of 300 positions"
+        "{alias}: logits of a 300-token prefill, {} against f32: max abs difference {max_diff:.4} (largest |logit| {spread:.1}); top token differs at {top_differs} of 300 positions",
+        name(precision)
     );
 }
 
-fn zero_shot(data: &Path) {
-    let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
+fn zero_shot(data: &Path, precision: Precision) {
+    let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, precision));
+    let other = name(precision);
     for name in ["object_counting", "navigate"] {
         let (task, split) =
             Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, 100)).unwrap();
@@ -92,7 +98,7 @@ fn zero_shot(data: &Path) {
         let same_reasoning =
             a.records.iter().zip(&b.records).filter(|(x, y)| x.reasoning == y.reasoning).count();
         println!(
-            "{QWEN} zero-shot CoT, {name}, 100 test questions: same answer on {same}, same reasoning on {same_reasoning}; accuracy f32 {:.2}, mixed {:.2} ({:+.0} points); {:.0} s against {:.0} s",
+            "{QWEN} zero-shot CoT, {name}, 100 test questions: same answer on {same}, same reasoning on {same_reasoning}; accuracy f32 {:.2}, {other} {:.2} ({:+.0} points); {:.0} s against {:.0} s",
             a.accuracy,
             b.accuracy,
             100.0 * (b.accuracy - a.accuracy),
@@ -102,8 +108,9 @@ fn zero_shot(data: &Path) {
     }
 }
 
-fn shortlists(data: &Path) {
-    let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, Precision::Mixed));
+fn shortlists(data: &Path, precision: Precision) {
+    let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, precision));
+    let other = name(precision);
     let (task, _) =
         Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, 0)).unwrap();
     let train: Vec<_> = task.examples[..10].iter().collect();
@@ -131,10 +138,10 @@ fn shortlists(data: &Path) {
                 .map(|&id| f32_lm.tokenizer.decode_with_special(&[id]).unwrap())
                 .collect::<Vec<_>>()
         };
-        println!("step {step}: f32 shortlist {:?}, mixed {:?}", text(&want), text(&got));
+        println!("step {step}: f32 shortlist {:?}, {other} {:?}", text(&want), text(&got));
     }
     println!(
-        "{QWEN} object_counting, 10 steps: the mixed shortlist holds the same tokens as f32's in {same_set} of 10, in the same order in {same}"
+        "{QWEN} object_counting, 10 steps: the {other} shortlist holds the same tokens as f32's in {same_set} of 10, in the same order in {same}"
     );
 }
 
@@ -144,14 +151,20 @@ fn main() {
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wanted =
         |part: &str| filters.is_empty() || filters.iter().any(|f| part.contains(f.as_str()));
-    if wanted("logits") {
-        logits("smollm2-135m");
-        logits(QWEN);
+    for p in [Precision::Mixed, Precision::Mixed16] {
+        if wanted(&format!("logits {}", name(p))) {
+            logits("smollm2-135m", p);
+            logits(QWEN, p);
+        }
     }
-    if wanted("zero-shot") {
-        zero_shot(&data);
+    for p in [Precision::Mixed, Precision::Mixed16] {
+        if wanted(&format!("zero-shot {}", name(p))) {
+            zero_shot(&data, p);
+        }
     }
-    if wanted("shortlists") {
-        shortlists(&data);
+    for p in [Precision::Mixed, Precision::Mixed16] {
+        if wanted(&format!("shortlists {}", name(p))) {
+            shortlists(&data, p);
+        }
     }
 }

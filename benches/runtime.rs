@@ -106,9 +106,10 @@ fn gemm_ceiling(cfg: &ModelConfig) -> (f64, Option<f64>) {
 
 /// GFLOP/s of the products that decoding runs at `m` rows (1: batch 1; 60: a checking batch
 /// of 3 prompts x 20 examples) over a Q8_0 weight of the up projection's shape: the f32
-/// few-row product over its packed integers, and the integer product (mixed precision);
+/// few-row product over its packed integers, and the integer product with 8- and 16-bit
+/// inputs (`mixed`, `mixed16`);
 /// the best of three rounds of 20.
-fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64) {
+fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64, f64) {
     use candle_core::quantized::{GgmlDType, QTensor};
     use greater::model::{few_rows, int8, packed::PackedWeight};
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
@@ -124,7 +125,11 @@ fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64) {
         let best = (0..3).map(|_| round()).fold(f64::INFINITY, f64::min);
         2.0 * (m * d * f) as f64 / best / 1e9
     };
-    (rate(&|| few_rows::matmul_packed(&x, &packed, m)), rate(&|| int8::matmul(&x, &ints)))
+    (
+        rate(&|| few_rows::matmul_packed(&x, &packed, m)),
+        rate(&|| int8::matmul(&x, &ints, int8::InputBits::Eight)),
+        rate(&|| int8::matmul(&x, &ints, int8::InputBits::Sixteen)),
+    )
 }
 
 /// Greedy decoding tokens/s at batch 1, 8 and 32 (prefill subtracted), and the seconds of a
@@ -177,22 +182,24 @@ fn bench(alias: &str) {
     let base = quantized_baseline_decode(&lm, &prompts[0]);
     println!("baseline: candle-transformers quantised decode, batch 1: {base:.1} tokens/s");
     let (f32_rates, f32_prefill) = decode_and_prefill(&lm, &prompts);
-    let mixed_lm = open(Precision::Mixed);
-    let (mixed_rates, mixed_prefill) = decode_and_prefill(&mixed_lm, &prompts);
-    for ((batch, exact), (_, mixed)) in f32_rates.iter().zip(&mixed_rates) {
+    for p in [Precision::Mixed, Precision::Mixed16] {
+        let other = format!("{p:?}").to_lowercase();
+        let (mixed_rates, mixed_prefill) = decode_and_prefill(&open(p), &prompts);
+        for ((batch, exact), (_, mixed)) in f32_rates.iter().zip(&mixed_rates) {
+            println!(
+                "greedy decode, batch {batch}: f32 {exact:.1} tokens/s ({:.2}x baseline), {other} {mixed:.1} tokens/s ({:.2}x f32, {:.2}x baseline)",
+                exact / base,
+                mixed / exact,
+                mixed / base
+            );
+        }
         println!(
-            "greedy decode, batch {batch}: f32 {exact:.1} tokens/s ({:.2}x baseline), mixed {mixed:.1} tokens/s ({:.2}x f32, {:.2}x baseline)",
-            exact / base,
-            mixed / exact,
-            mixed / base
+            "prefill, 300 tokens: f32 {f32_prefill:.2} s ({:.0} tokens/s), {other} {mixed_prefill:.2} s ({:.0} tokens/s, {:.2}x f32)",
+            300.0 / f32_prefill,
+            300.0 / mixed_prefill,
+            f32_prefill / mixed_prefill
         );
     }
-    println!(
-        "prefill, 300 tokens: f32 {f32_prefill:.2} s ({:.0} tokens/s), mixed {mixed_prefill:.2} s ({:.0} tokens/s, {:.2}x f32)",
-        300.0 / f32_prefill,
-        300.0 / mixed_prefill,
-        f32_prefill / mixed_prefill
-    );
 
     let ids = long_ids(&lm, 400);
     let candidates: Vec<u32> = ids[100..120].to_vec();
@@ -225,6 +232,8 @@ fn bench(alias: &str) {
                 .unwrap();
         })
     };
+    // The gradient pass is the same for `mixed` and `mixed16` (bf16 products).
+    let mixed_lm = open(Precision::Mixed);
     let (t_bwd, t_mixed) = (gradient_pass(model), gradient_pass(&mixed_lm.model));
     println!(
         "forward+backward, 400 tokens, warm, best of 3: f32 {t_bwd:.2} s ({:.2}x the differentiable forward alone, {t_fwd:.2} s), mixed {t_mixed:.2} s ({:.2}x f32)",
@@ -249,11 +258,12 @@ fn bench(alias: &str) {
     if greater::model::few_rows::available() {
         let (d, f) = (model.cfg.hidden_size, model.cfg.intermediate_size);
         for m in [1, 60] {
-            let (exact, mixed) = decode_product_rates(&model.cfg, m);
+            let (exact, mixed, mixed16) = decode_product_rates(&model.cfg, m);
             println!(
-                "decoding's product, {m} rows x {d} x {f} over packed Q8_0: f32 {exact:.0} GFLOP/s, integer ({:?}) {mixed:.0} GFLOP/s ({:.2}x)",
+                "decoding's product, {m} rows x {d} x {f} over packed Q8_0: f32 {exact:.0} GFLOP/s, integer ({:?}) {mixed:.0} GFLOP/s ({:.2}x), with 16-bit inputs {mixed16:.0} GFLOP/s ({:.2}x)",
                 greater::model::int8::Kernel::best(),
-                mixed / exact
+                mixed / exact,
+                mixed16 / exact
             );
         }
     }

@@ -218,11 +218,14 @@ fn main() {
         .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str())))
     {
         let exact = bench(setup, &data, Precision::F32);
-        let mixed = bench(setup, &data, Precision::Mixed);
-        println!(
-            "{}: mixed {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x",
-            setup.name,
-            exact / mixed
-        );
+        for p in [Precision::Mixed, Precision::Mixed16] {
+            let mixed = bench(setup, &data, p);
+            println!(
+                "{}: {} {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x",
+                setup.name,
+                format!("{p:?}").to_lowercase(),
+                exact / mixed
+            );
+        }
     }
 }

@@ -105,9 +105,10 @@ pub struct OptimizeConfig {
     /// A Jinja chat template file to use instead of the model's own.
     #[arg(long, help_heading = MODEL)]
     pub chat_template: Option<String>,
-    /// Arithmetic of decoding, prefill and scoring: f32, or mixed (8-bit integer dot
-    /// products; bf16 gradient products where the CPU has them). A run folder from before
-    /// this setting resumes in the f32 it ran with.
+    /// Arithmetic of decoding, prefill and scoring: f32, mixed (integer dot products with
+    /// 8-bit inputs, llama.cpp's; bf16 gradient products where the CPU has them) or mixed16
+    /// (the same with 16-bit inputs: within rounding of f32). A run folder from before this
+    /// setting resumes in the f32 it ran with.
     #[arg(long, value_enum, help_heading = MODEL)]
     #[serde(default = "Precision::before_setting")]
     pub precision: Precision,

@@ -1,35 +1,62 @@
-//! The `mixed` precision's integer product: every kernel the CPU has (and the scalar one)
-//! against a plain scalar computation of the same quantised arithmetic, bit for bit, on the
-//! block integers of every GGUF format kept packed; the dispatch; the error against f32.
+//! The `mixed` and `mixed16` precisions' integer product: every kernel the CPU has (and the
+//! scalar one) against a plain scalar computation of the same quantised arithmetic, bit for
+//! bit, with 8- and 16-bit inputs, on the block integers of every GGUF format kept packed;
+//! the dispatch; the error against f32.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use greater::model::int8::{self, Features, Int8Weight, Kernel};
+use greater::model::int8::{self, Features, InputBits, Int8Weight, Kernel};
 use greater::model::packed::PackedWeight;
 
-/// y = x · w^T the obvious way: each row of x quantised per block (round(x / d), d = max|x|
-/// / 127), each block's integer products summed exactly, then scaled and summed over blocks.
-fn reference(x: &[f32], w: &PackedWeight) -> Vec<f32> {
+/// Row `xs` of one block as the kernels see it: (scale, integers) of each row of bytes it
+/// becomes: one (round(x / d), d = max|x| / 127), or for 16 bits two whose integers add up
+/// to round(x / d) with d = max|x| / 16256 (the high one at 128 d, the low at d).
+fn quantised(xs: &[f32], bits: InputBits) -> Vec<(f32, Vec<i32>)> {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    match bits {
+        InputBits::Eight => {
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            vec![(d, xs.iter().map(|v| (v * inv).round() as i8 as i32).collect())]
+        }
+        InputBits::Sixteen => {
+            let d = amax / 16256.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let q: Vec<i32> = xs.iter().map(|v| (v * inv).round() as i32).collect();
+            let hi: Vec<i32> = q.iter().map(|q| (q + 64).div_euclid(128)).collect();
+            let lo = q.iter().zip(&hi).map(|(q, h)| q - 128 * h).collect();
+            vec![(128.0 * d, hi), (d, lo)]
+        }
+    }
+}
+
+/// y = x · w^T the obvious way: each row of x quantised per block ([`quantised`]), each
+/// block's integer products summed exactly, then scaled and summed over blocks, and the
+/// rows of bytes of one row of x added.
+fn reference(x: &[f32], w: &PackedWeight, bits: InputBits) -> Vec<f32> {
     let (n, k, b) = (w.n, w.k, w.block);
     let (m, blocks) = (x.len() / k, k / b);
     let mut y = vec![0f32; m * n];
     for r in 0..m {
+        let parts: Vec<Vec<(f32, Vec<i32>)>> =
+            (0..blocks).map(|blk| quantised(&x[r * k + blk * b..][..b], bits)).collect();
         for c in 0..n {
-            let mut acc = 0f32;
-            for blk in 0..blocks {
-                let xs = &x[r * k + blk * b..][..b];
-                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let qx: Vec<i32> = xs.iter().map(|v| (v * inv).round() as i8 as i32).collect();
-                let qw = &w.q[c * k + blk * b..][..b];
-                let dot: i32 = qw.iter().zip(&qx).map(|(&a, &b)| a as i32 * b).sum();
-                acc = (dot as f32 * w.scale[c * blocks + blk]).mul_add(d, acc);
-                if let Some(off) = &w.offset {
-                    let sum: i32 = qx.iter().sum();
-                    acc = off[c * blocks + blk].mul_add(d * sum as f32, acc);
+            let mut total = 0f32;
+            for part in 0..parts[0].len() {
+                let mut acc = 0f32;
+                for (blk, block) in parts.iter().enumerate() {
+                    let (d, qx) = &block[part];
+                    let qw = &w.q[c * k + blk * b..][..b];
+                    let dot: i32 = qw.iter().zip(qx).map(|(&a, &b)| a as i32 * b).sum();
+                    acc = (dot as f32 * w.scale[c * blocks + blk]).mul_add(*d, acc);
+                    if let Some(off) = &w.offset {
+                        let sum: i32 = qx.iter().sum();
+                        acc = off[c * blocks + blk].mul_add(d * sum as f32, acc);
+                    }
                 }
+                total += acc;
             }
-            y[r * n + c] = acc;
+            y[r * n + c] = total;
         }
     }
     y
@@ -56,24 +83,27 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Every kernel equals `reference` bit for bit, for batches of 1 to 9 rows (one with a
-/// block of zeros), and each row alone gives the same bits as in the batch.
+/// Every kernel equals `reference` bit for bit with 8- and 16-bit inputs, for batches of 1
+/// to 9 rows (one with a block of zeros), and each row alone gives the same bits as in the
+/// batch.
 fn check(packed: &PackedWeight, what: &str) {
     let w = Int8Weight::from_packed(packed);
     let k = packed.k;
     for m in [1, 2, 3, 4, 5, 9] {
         let mut x: Vec<f32> = (0..m * k).map(|i| value(i, m) * (1 + i % 5) as f32).collect();
         x[..packed.block].fill(0.0);
-        let want = reference(&x, packed);
-        for kernel in kernels() {
-            let got = int8::matmul_with(kernel, &x, &w);
-            assert_eq!(bits(&got), bits(&want), "{what}, {m} rows, {kernel:?}");
-            let last = &x[(m - 1) * k..];
-            assert_eq!(
-                bits(&int8::matmul_with(kernel, last, &w)),
-                bits(&want[(m - 1) * packed.n..]),
-                "{what} row alone"
-            );
+        for input in [InputBits::Eight, InputBits::Sixteen] {
+            let want = reference(&x, packed, input);
+            for kernel in kernels() {
+                let got = int8::matmul_with(kernel, &x, &w, input);
+                assert_eq!(bits(&got), bits(&want), "{what}, {m} rows, {kernel:?}, {input:?}");
+                let last = &x[(m - 1) * k..];
+                assert_eq!(
+                    bits(&int8::matmul_with(kernel, last, &w, input)),
+                    bits(&want[(m - 1) * packed.n..]),
+                    "{what} row alone, {input:?}"
+                );
+            }
         }
     }
 }
@@ -144,24 +174,35 @@ fn f32_weights_are_quantised_to_8_bit_blocks_of_32() {
     let packed = PackedWeight { n, k, block: 32, q, scale, offset: None };
     let x: Vec<f32> = (0..3 * k).map(|i| value(i, 5)).collect();
     assert_eq!(
-        bits(&int8::matmul(&x, &Int8Weight::quantize(&w, n, k))),
-        bits(&reference(&x, &packed))
+        bits(&int8::matmul(&x, &Int8Weight::quantize(&w, n, k), InputBits::Eight)),
+        bits(&reference(&x, &packed, InputBits::Eight))
     );
     assert!(Int8Weight::fits(64) && !Int8Weight::fits(48));
 }
 
 #[test]
-fn the_integer_product_is_within_a_percent_of_f32() {
+fn the_integer_product_is_within_a_percent_of_f32_and_16_bit_inputs_far_closer() {
     let (m, n, k) = (4, 64, 896);
     let w: Vec<f32> = (0..n * k).map(|i| value(i, 11)).collect();
-    let x: Vec<f32> = (0..m * k).map(|i| value(i, 12)).collect();
-    let y = int8::matmul(&x, &Int8Weight::quantize(&w, n, k));
+    let x: Vec<f32> = (0..m * k).map(|i| value(i, 12) * (1 + i % 3) as f32).collect();
+    let q = Int8Weight::quantize(&w, n, k);
+    // Against the same quantised weight in f64: what the input's rounding alone costs.
+    let mut wq = Vec::new();
+    for block in w.chunks(32) {
+        let d = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+        wq.extend(block.iter().map(|v| (v * (1.0 / d)).round() as f64 * d as f64));
+    }
     let exact: Vec<f64> = (0..m * n)
-        .map(|o| (0..k).map(|j| x[o / n * k + j] as f64 * w[o % n * k + j] as f64).sum())
+        .map(|o| (0..k).map(|j| x[o / n * k + j] as f64 * wq[o % n * k + j]).sum())
         .collect();
     let norm = exact.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let err = y.iter().zip(&exact).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
-    assert!(err <= 0.01 * norm, "relative error {}", err / norm);
+    let error = |bits| {
+        let y = int8::matmul(&x, &q, bits);
+        y.iter().zip(&exact).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt() / norm
+    };
+    let (e8, e16) = (error(InputBits::Eight), error(InputBits::Sixteen));
+    assert!(e8 <= 0.01, "8-bit inputs: relative error {e8}");
+    assert!(e16 <= 1e-4 && e16 * 50.0 <= e8, "16-bit inputs: relative error {e16} (8-bit {e8})");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::bf16::{self, Right};
 use super::few_rows;
-use super::int8::{self, Int8Weight};
+use super::int8::{self, InputBits, Int8Weight};
 use super::packed::PackedWeight;
 
 /// A weight's block integers, which products without a gradient read instead of its f32
@@ -28,8 +28,9 @@ pub enum FastWeight {
     /// Precision `f32`: integers that give back the f32 weights bit for bit, for the
     /// few-row product.
     Exact(Arc<PackedWeight>),
-    /// Precision `mixed`: integer dot products with the input quantised per block.
-    Int8(Arc<Int8Weight>),
+    /// Precisions `mixed` and `mixed16`: integer dot products with the input quantised per
+    /// block to these bits.
+    Int8(Arc<Int8Weight>, InputBits),
 }
 
 struct FrozenMatmul {
@@ -104,10 +105,10 @@ impl CustomOp1 for FrozenMatmul {
                 Shape::from((m, n)),
             )),
             (_, CpuStorage::F32(xd), Some((xs, xe)), _)
-                if matches!(self.fast, Some(FastWeight::Int8(_))) =>
+                if matches!(self.fast, Some(FastWeight::Int8(..))) =>
             {
-                let Some(FastWeight::Int8(q)) = &self.fast else { unreachable!() };
-                Ok((CpuStorage::F32(int8::matmul(&xd[xs..xe], q)), Shape::from((m, n))))
+                let Some(FastWeight::Int8(q, bits)) = &self.fast else { unreachable!() };
+                Ok((CpuStorage::F32(int8::matmul(&xd[xs..xe], q, *bits)), Shape::from((m, n))))
             }
             (
                 Storage::Cpu(CpuStorage::F32(wd)),
@@ -171,11 +172,11 @@ pub fn frozen_matmul(
         return x.apply_op1(FrozenMatmul { weight: weight.clone(), fast: None, bf16: true });
     }
     let fast = match fast {
-        Some(FastWeight::Int8(_)) if !on_cpu || x.track_op() => None,
+        Some(FastWeight::Int8(..)) if !on_cpu || x.track_op() => None,
         other => other.cloned(),
     };
     let few = match &fast {
-        Some(FastWeight::Int8(_)) => true,
+        Some(FastWeight::Int8(..)) => true,
         other => on_cpu && takes_few_rows(m, x.dtype(), other.is_some()),
     };
     if !few && !x.track_op() && m <= TRANSPOSED_ROWS {

@@ -3,7 +3,9 @@
 //!
 //! The weight keeps its GGUF block integers (or is quantised to 8-bit blocks of 32 when its
 //! file has none), and each row of `x` is quantised per block of the same length to 8-bit
-//! integers with one f32 scale, as llama.cpp does for its Q8 activations. Within a block
+//! integers with one f32 scale, as llama.cpp does for its Q8 activations (or, for the
+//! `mixed16` precision, to 16-bit integers written as two rows of bytes, see
+//! [`InputBits::Sixteen`], which brings the result within rounding of f32's). Within a block
 //! the products are summed exactly in 32-bit integers; blocks are then summed in f32:
 //!
 //! ```text
@@ -201,7 +203,46 @@ fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// Rows of `x` [m, k] quantised per block of the weight's length.
+/// How finely each row of `x` is quantised per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputBits {
+    /// Integers in [-127, 127] (llama.cpp's Q8 activations): one row of bytes.
+    Eight,
+    /// Integers in [-16256, 16256], 128 times finer, each written as a high byte `h` and a
+    /// low byte `l` (`q = 128 h + l`) in two rows whose products add up to the whole one:
+    /// the same kernels, twice the integer work.
+    Sixteen,
+}
+
+impl InputBits {
+    /// Rows of bytes per row of `x`.
+    fn parts(self) -> usize {
+        match self {
+            InputBits::Eight => 1,
+            InputBits::Sixteen => 2,
+        }
+    }
+}
+
+/// `hi` and `lo` such that round(src / d) = 128 hi + lo, with d = max|src| / 16256 (0 when
+/// the block is all zeros); returns d and the sums of `hi` and `lo`.
+fn quantize_block_16(src: &[f32], hi: &mut [i8], lo: &mut [i8]) -> (f32, i32, i32) {
+    let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / (127.0 * 128.0);
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (mut sum_hi, mut sum_lo) = (0, 0);
+    for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(src) {
+        let q = (v * inv).round() as i32;
+        let high = (q + 64).div_euclid(128);
+        (*h, *l) = (high as i8, (q - 128 * high) as i8);
+        sum_hi += high;
+        sum_lo += q - 128 * high;
+    }
+    (d, sum_hi, sum_lo)
+}
+
+/// Rows of `x` [m, k] quantised per block of the weight's length, as `bits.parts()` rows of
+/// bytes each.
 pub struct QuantRows {
     q: Vec<i8>,
     /// Per row and block: the scale, `-128 * sum(q)` (the start of its integer sum) and
@@ -213,30 +254,45 @@ pub struct QuantRows {
 
 impl QuantRows {
     /// `x` [rows, k] quantised per block of `block` values.
-    pub fn new(x: &[f32], k: usize, block: usize) -> Self {
-        let (m, per_row) = (x.len() / k, k / block);
-        let mut rows = QuantRows {
-            q: vec![0; m * k],
-            scale: vec![0.0; m * per_row],
-            start: vec![0; m * per_row],
-            sum: vec![0.0; m * per_row],
+    pub fn new(x: &[f32], k: usize, block: usize, bits: InputBits) -> Self {
+        let (parts, per_row) = (bits.parts(), k / block);
+        let rows = x.len() / k * parts;
+        let mut out = QuantRows {
+            q: vec![0; rows * k],
+            scale: vec![0.0; rows * per_row],
+            start: vec![0; rows * per_row],
+            sum: vec![0.0; rows * per_row],
         };
         // Rows in parallel: with a few dozen rows this is a measurable part of a product.
         x.par_chunks(k)
-            .zip(rows.q.par_chunks_mut(k))
-            .zip(rows.scale.par_chunks_mut(per_row))
-            .zip(rows.start.par_chunks_mut(per_row))
-            .zip(rows.sum.par_chunks_mut(per_row))
+            .zip(out.q.par_chunks_mut(parts * k))
+            .zip(out.scale.par_chunks_mut(parts * per_row))
+            .zip(out.start.par_chunks_mut(parts * per_row))
+            .zip(out.sum.par_chunks_mut(parts * per_row))
             .with_min_len(4)
             .for_each(|((((x, q), scale), start), sum)| {
-                for (b, (src, dst)) in
-                    x.chunks_exact(block).zip(q.chunks_exact_mut(block)).enumerate()
-                {
-                    let (d, s) = quantize_block(src, dst);
-                    (scale[b], start[b], sum[b]) = (d, -ZERO * s, d * s as f32);
+                for (b, src) in x.chunks_exact(block).enumerate() {
+                    let at = b * block..(b + 1) * block;
+                    let mut set = |part: usize, d: f32, s: i32| {
+                        let i = part * per_row + b;
+                        (scale[i], start[i], sum[i]) = (d, -ZERO * s, d * s as f32);
+                    };
+                    match bits {
+                        InputBits::Eight => {
+                            let (d, s) = quantize_block(src, &mut q[at]);
+                            set(0, d, s);
+                        }
+                        InputBits::Sixteen => {
+                            let (hi, lo) = q.split_at_mut(k);
+                            let (d, s_hi, s_lo) =
+                                quantize_block_16(src, &mut hi[at.clone()], &mut lo[at]);
+                            set(0, 128.0 * d, s_hi);
+                            set(1, d, s_lo);
+                        }
+                    }
                 }
             });
-        rows
+        out
     }
 }
 
@@ -299,14 +355,15 @@ struct Out(*mut f32);
 // SAFETY: tasks write disjoint columns of y and nothing reads y meanwhile.
 unsafe impl Sync for Out {}
 
-/// y [m, n] = x [m, k] · w^T with the fastest kernel of this CPU.
-pub fn matmul(x: &[f32], w: &Int8Weight) -> Vec<f32> {
-    matmul_with(Kernel::best(), x, w)
+/// y [m, n] = x [m, k] · w^T with the fastest kernel of this CPU, `x` quantised to `bits`.
+pub fn matmul(x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
+    matmul_with(Kernel::best(), x, w, bits)
 }
 
 /// y [m, n] = x [m, k] · w^T with `kernel`, which the CPU must support
-/// ([`Kernel::choose`] of [`Features::detect`] or a slower one).
-pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight) -> Vec<f32> {
+/// ([`Kernel::choose`] of [`Features::detect`] or a slower one). With [`InputBits::Sixteen`]
+/// a row's result is its high part's plus its low part's.
+pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
     assert!(x.len().is_multiple_of(w.k), "int8::matmul: x is not [m, {}]", w.k);
     let f = Features::detect();
     let runs = match kernel {
@@ -315,8 +372,8 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight) -> Vec<f32> {
         Kernel::Scalar => true,
     };
     assert!(runs, "int8::matmul: {kernel:?} kernel on a CPU without its features ({f:?})");
-    let m = x.len() / w.k;
-    let xq = QuantRows::new(x, w.k, w.block);
+    let m = x.len() / w.k * bits.parts();
+    let xq = QuantRows::new(x, w.k, w.block, bits);
     let mut y = vec![0f32; m * w.n];
     let out = Out(y.as_mut_ptr());
     // Two strips per task: a task's weights (2 x 16 rows) are read from memory once and
@@ -328,6 +385,10 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight) -> Vec<f32> {
             unsafe { strip(kernel, w, s, &xq, &out, m, unpacked) };
         }
     });
+    if bits == InputBits::Sixteen {
+        let n = w.n;
+        return y.chunks_exact(2 * n).flat_map(|p| (0..n).map(move |c| p[c] + p[n + c])).collect();
+    }
     y
 }
 

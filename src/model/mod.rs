@@ -38,9 +38,21 @@ pub enum Precision {
     /// 8 bits per block (llama.cpp's arithmetic); the gradient pass's products in bf16 with
     /// f32 sums where the CPU has AVX512-BF16, f32 elsewhere.
     Mixed,
+    /// As `mixed`, with the input of the integer products quantised to 16 bits per block
+    /// (two rows of bytes, twice the integer work): results within rounding of `f32`'s.
+    Mixed16,
 }
 
 impl Precision {
+    /// How the input of the integer products is quantised (None: f32 products).
+    pub fn input_bits(self) -> Option<int8::InputBits> {
+        match self {
+            Precision::F32 => None,
+            Precision::Mixed => Some(int8::InputBits::Eight),
+            Precision::Mixed16 => Some(int8::InputBits::Sixteen),
+        }
+    }
+
     /// What a run folder written before the setting existed ran with.
     pub fn before_setting() -> Self {
         Precision::F32

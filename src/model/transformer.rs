@@ -305,7 +305,8 @@ impl Model {
     ) -> Result<Self> {
         // Integer copies only where a product can read them.
         let on_cpu = dtype == DType::F32 && device.is_cpu();
-        let keep_packed = on_cpu && (few_rows::available() || precision == Precision::Mixed);
+        let bits = precision.input_bits();
+        let keep_packed = on_cpu && (few_rows::available() || bits.is_some());
         let layout = tensor_layout(&cfg);
         let (mut tensors, mut packs) = (HashMap::new(), HashMap::new());
         for (name, shape, required) in &layout {
@@ -334,20 +335,15 @@ impl Model {
         // The embedding's integers serve only a tied vocabulary head; unused ones go with `packs`.
         let mut linear = |name: &str, weight: Tensor, bias: Option<Tensor>| -> Result<Linear> {
             let packed = packs.remove(name);
-            let fast = match precision {
-                Precision::F32 => packed.map(|p| FastWeight::Exact(Arc::new(p))),
-                Precision::Mixed if !on_cpu => None,
-                Precision::Mixed => match packed {
-                    Some(p) => Some(FastWeight::Int8(Arc::new(Int8Weight::from_packed(&p)))),
-                    None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w))),
+            let fast = match bits {
+                None => packed.map(|p| FastWeight::Exact(Arc::new(p))),
+                Some(_) if !on_cpu => None,
+                Some(bits) => match packed {
+                    Some(p) => Some(FastWeight::Int8(Arc::new(Int8Weight::from_packed(&p)), bits)),
+                    None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w), bits)),
                 },
             };
-            Ok(Linear {
-                weight,
-                fast,
-                bf16: precision == Precision::Mixed && on_cpu && bf16::available(),
-                bias,
-            })
+            Ok(Linear { weight, fast, bf16: bits.is_some() && on_cpu && bf16::available(), bias })
         };
         let mut take = |name: String| tensors.remove(&name);
         let embed = take("token_embd.weight".into()).context("embedding")?;
