@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
@@ -181,7 +181,11 @@ pub fn run_protocol(
                         _ => config.settings.budget_tokens,
                     };
                     if m_index > 0 {
-                        share_baselines(&out.join(task_folder(task)), &run_dir)?;
+                        // Zero-shot CoT and the initial prompt are the same prompts on the
+                        // same questions for every method: measured once, in the first's.
+                        let first = RunDir::open(&out.join(task_folder(task)))?;
+                        let baselines = [Label::ZeroShotCot, Label::Initial];
+                        RunDir::folder(&run_dir)?.copy_evaluations(&first, &baselines)?;
                     }
                     let settings = OptimizeConfig {
                         task: task.clone(),
@@ -300,27 +304,6 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
     let result = table(rows);
     dir.write_json("protocol.json", &result)?;
     Ok(result)
-}
-
-/// Zero-shot CoT and the initial prompt are the same prompts on the same questions for every
-/// method: their dev and test evaluations in the first method's folder are copied to the
-/// new run's (a run reuses an evaluation only when it measured the same prompt).
-fn share_baselines(first: &Path, run_dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create folder {}", run_dir.display()))?;
-    for split in ["dev", "test"] {
-        for label in [Label::ZeroShotCot.file_stem(), Label::Initial.file_stem()] {
-            for ext in ["json", "jsonl"] {
-                let name = format!("{split}-{label}.{ext}");
-                if first.join(&name).exists() {
-                    let to = run_dir.join(&name);
-                    std::fs::copy(first.join(&name), &to)
-                        .with_context(|| format!("cannot write {}", to.display()))?;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 fn test_evaluation(task: &str, s: &Summary, label: Label) -> Result<EvalSummary> {

@@ -7,6 +7,8 @@
 //! checkpoint.json   the state after the last finished step
 //! best_prompt.txt   the best prompt, byte for byte
 //! summary.json / summary.md   held-out accuracies at the end
+//! dev-LABEL.json / test-LABEL.json    a prompt's evaluation (LABEL: zero_shot_cot, initial,
+//!                                     train__1, ...), its questions' records in .jsonl
 //! report.html       the charts and tables of the run (`greater report`)
 //! .lock             held by the process writing the folder, with its pid
 //! ```
@@ -19,6 +21,8 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::eval::{write_records, EvalReport};
+use crate::records::{EvalSummary, Label};
 use crate::settings::Method;
 
 /// A run's folder: atomic JSON files, the step log, and the lock that keeps a second writer out.
@@ -209,6 +213,55 @@ impl RunDir {
             text.push('\n');
         }
         self.write_atomic("steps.jsonl", text.as_bytes())
+    }
+}
+
+/// Evaluations kept in a run folder, so that a resumed run (or another method of a protocol)
+/// measures a prompt on a split once. The folder's model and split are those of its
+/// `config.json`, which a resume checks; an evaluation stands only for the prompt it measured.
+impl RunDir {
+    fn evaluation_file(split: &str, label: Label) -> String {
+        format!("{split}-{}.json", label.file_stem())
+    }
+
+    /// The evaluation of `prompt` under `label` on `split` kept here, or else `measure`'s,
+    /// which is then kept with its questions' records.
+    pub fn evaluation(
+        &self,
+        split: &str,
+        label: Label,
+        prompt: &str,
+        measure: impl FnOnce() -> Result<EvalReport>,
+    ) -> Result<EvalSummary> {
+        let file = Self::evaluation_file(split, label);
+        if self.exists(&file) {
+            let done: EvalSummary = self.read_json(&file)?;
+            if done.prompt == prompt {
+                return Ok(done);
+            }
+        }
+        let r = measure()?;
+        write_records(&self.file(&file.replace(".json", ".jsonl")), &r.records)?;
+        let summary = EvalSummary::new(label, prompt, &r);
+        self.write_json(&file, &summary)?;
+        Ok(summary)
+    }
+
+    /// Copies the dev and test evaluations of `labels` kept in `from` into this folder.
+    pub fn copy_evaluations(&self, from: &RunDir, labels: &[Label]) -> Result<()> {
+        for split in ["dev", "test"] {
+            for &label in labels {
+                let file = Self::evaluation_file(split, label);
+                for name in [file.replace(".json", ".jsonl"), file] {
+                    if from.exists(&name) {
+                        let to = self.file(&name);
+                        fs::copy(from.file(&name), &to)
+                            .with_context(|| format!("cannot write {}", to.display()))?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -106,6 +106,22 @@ fn on_ctrl_c(interrupt: &Arc<AtomicBool>) -> PyResult<signal_hook::SigId> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot watch Ctrl-C: {e}")))
 }
 
+/// Runs `work` without the GIL, with Ctrl-C setting the interrupt flag it is given and its
+/// events sent to `on_event`; its result as [`Events::finish`] makes it.
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    on_event: Py<PyAny>,
+    work: impl FnOnce(&Arc<AtomicBool>, &Events) -> anyhow::Result<T> + Send,
+) -> PyResult<T> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let events =
+        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
+    let hook = on_ctrl_c(&interrupt)?;
+    let result = py.detach(|| work(&interrupt, &events));
+    signal_hook::low_level::unregister(hook);
+    events.finish(result)
+}
+
 /// Runs (or with `resume`, continues) an optimisation in `out`; returns summary.json's text.
 #[pyfunction]
 #[pyo3(signature = (settings, out, on_event, size=None, preset=None, resume=false, steps=None))]
@@ -125,20 +141,14 @@ fn optimize(
     } else {
         Start::New(settings_from(settings, size, preset)?)
     };
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let events =
-        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
-    let hook = on_ctrl_c(&interrupt)?;
-    let result = py.detach(|| {
-        run(start, &out, &interrupt, &mut |e| {
+    let summary = run_detached(py, on_event, |interrupt, events| {
+        run(start, &out, interrupt, &mut |e| {
             if let Err(err) = on_run_event(&e) {
                 eprintln!("warning: could not write a report: {err:#}");
             }
             events.send(&e);
         })
-    });
-    signal_hook::low_level::unregister(hook);
-    let summary = events.finish(result)?;
+    })?;
     serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
@@ -154,11 +164,7 @@ fn evaluate(
     size: Option<&str>,
 ) -> PyResult<String> {
     let settings = settings_from(settings, size, None)?;
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let events =
-        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
-    let hook = on_ctrl_c(&interrupt)?;
-    let result = py.detach(|| -> anyhow::Result<serde_json::Value> {
+    let result = run_detached(py, on_event, |interrupt, events| {
         let (task, split) = settings.load_task()?;
         let test = Split::pick(&split.test, &task);
         if test.is_empty() {
@@ -169,14 +175,15 @@ fn evaluate(
         })?;
         let label = "eval";
         events.send(&Event::EvalStart { label, questions: test.len() });
-        let cfg = settings.eval_config(Some(Arc::clone(&interrupt)));
+        let cfg = settings.eval_config(Some(Arc::clone(interrupt)));
         let report = evaluate_prompt(&lm, &task, &test, prompt, &cfg, &mut |done| {
             events.send(&Event::EvalProgress(done))
         })?;
-        Ok(serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "report": report, "records": report.records }))
-    });
-    signal_hook::low_level::unregister(hook);
-    Ok(events.finish(result)?.to_string())
+        Ok(
+            serde_json::json!({ "task": task.name, "model": settings.model, "prompt": prompt, "report": report, "records": report.records }),
+        )
+    })?;
+    Ok(result.to_string())
 }
 
 /// Runs (or with `resume`, continues) a protocol in `out`, or its `shard` (index, count);
@@ -225,12 +232,8 @@ fn protocol(
         };
         Start::New(ProtocolConfig { settings, tasks, transfer_to, methods })
     };
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let events =
-        Events { callback: on_event, interrupt: Arc::clone(&interrupt), error: Mutex::new(None) };
-    let hook = on_ctrl_c(&interrupt)?;
-    let result = py.detach(|| {
-        run_protocol(start, &out, shard, &interrupt, &mut |event| {
+    let (table, config) = run_detached(py, on_event, |interrupt, events| {
+        run_protocol(start, &out, shard, interrupt, &mut |event| {
             if let Err(err) = on_protocol_event(&out, &event) {
                 eprintln!("warning: could not write a report: {err:#}");
             }
@@ -242,9 +245,7 @@ fn protocol(
                 ProtocolEvent::Table(..) => {}
             }
         })
-    });
-    signal_hook::low_level::unregister(hook);
-    let (table, config) = events.finish(result)?;
+    })?;
     if let Err(err) = write_protocol_outputs(&out, &table, &config) {
         eprintln!("warning: could not write a report: {err:#}");
     }

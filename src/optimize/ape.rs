@@ -4,7 +4,6 @@
 //! is, round after round until the token budget is spent. The best few by train score then
 //! meet the dev split like any other run's prompts.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -50,49 +49,60 @@ pub fn reply_start(connector: &str) -> &str {
     connector.trim_start_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
 }
 
-impl Optimizer<'_> {
+/// The APE baseline over a prepared train set: only the optimiser's public surface (its
+/// model, settings, train pairs, random draws and scoring), none of GReaTer's step.
+pub struct Ape<'o, 'a> {
+    train: &'o Optimizer<'a>,
+}
+
+impl<'o, 'a> Ape<'o, 'a> {
+    /// APE over `train`'s questions, scored as GReaTer scores its candidates.
+    pub fn new(train: &'o Optimizer<'a>) -> Self {
+        Ape { train }
+    }
+
     /// One APE round: `proposals` instructions sampled from random train demonstrations,
     /// the new ones scored on train. A round is a step of the log; its checked prompts are
     /// the round's proposals.
-    pub fn ape_round(&self, state: &mut State, proposals: usize) -> Result<StepRecord> {
-        let prompt_before = self.prompt_text(&state.best_prompt)?;
+    pub fn round(&self, state: &mut State, proposals: usize) -> Result<StepRecord> {
+        let train = self.train;
+        let prompt_before = train.prompt_text(&state.best_prompt)?;
         let mut secs = Seconds::default();
         let t = Instant::now();
-        let mut rng = self.step_rng(state.step);
-        let start = reply_start(&self.cfg.connector);
+        let mut rng = train.step_rng(state.step);
+        let (lm, settings) = (train.model(), train.settings());
+        let start = reply_start(&settings.connector);
+        let pairs = train.train_pairs();
         let mut requests = Vec::with_capacity(proposals);
         for _ in 0..proposals {
-            let picked = sample(&mut rng, self.examples.len(), DEMOS.min(self.examples.len()));
-            let demos: Vec<(&str, &str)> = picked
-                .iter()
-                .map(|i| (self.examples[i].question.as_str(), self.examples[i].target.as_str()))
-                .collect();
+            let picked = sample(&mut rng, pairs.len(), DEMOS.min(pairs.len()));
+            let demos: Vec<(&str, &str)> = picked.iter().map(|i| pairs[i]).collect();
             let text = format!(
                 "{}{start}",
-                self.lm.chat_text(&self.cfg.system, &proposal_request(&demos, start))?
+                lm.chat_text(&settings.system, &proposal_request(&demos, start))?
             );
             requests.push(Request {
                 prefix: Default::default(),
-                ids: self.lm.tokenizer.encode(&text, false)?,
+                ids: lm.tokenizer.encode(&text, false)?,
             });
         }
         let sampling = Sampling { temperature: TEMPERATURE, top_p: 1.0, seed: rng.random() };
         let cfg = GenerateConfig {
-            cancel: Some(Arc::clone(&self.interrupt)),
-            ..self.lm.generate_config(MAX_INSTRUCTION_TOKENS, Some(sampling))
+            cancel: Some(train.interrupt()),
+            ..lm.generate_config(MAX_INSTRUCTION_TOKENS, Some(sampling))
         };
-        let replies = generate(&self.lm.model, requests, &cfg)?;
+        let replies = generate(&lm.model, requests, &cfg)?;
         // A reply that stops at once still decoded its stop token.
         let mut generated_tokens: usize = replies.iter().map(|g| g.ids.len().max(1)).sum();
         let mut instructions: Vec<(String, Vec<u32>)> = Vec::new();
         for g in &replies {
-            let text = instruction_from_reply(&self.lm.tokenizer.decode(&g.ids)?);
+            let text = instruction_from_reply(&lm.tokenizer.decode(&g.ids)?);
             if text.is_empty() {
                 continue;
             }
-            let ids = self.layout.prompt_ids(&text)?;
+            let ids = train.prompt_ids(&text)?;
             // The text as it reads back from its ids: the key the scores are kept under.
-            let text = self.prompt_text(&ids)?;
+            let text = train.prompt_text(&ids)?;
             if !instructions.iter().any(|(t, _)| *t == text) {
                 instructions.push((text, ids));
             }
@@ -105,9 +115,9 @@ impl Optimizer<'_> {
             .filter(|(text, _)| !state.scores.contains_key(text))
             .map(|(_, ids)| ids.clone())
             .collect();
-        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+        for (p, (reasoning, score)) in unscored.iter().zip(train.reason_and_score_all(&unscored)?) {
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
-            state.scores.insert(self.prompt_text(p)?, score);
+            state.scores.insert(train.prompt_text(p)?, score);
         }
         secs.checking = t.elapsed().as_secs_f64();
 
@@ -128,7 +138,7 @@ impl Optimizer<'_> {
         }
         state.step += 1;
         state.generated_tokens += generated_tokens;
-        let best_prompt = self.prompt_text(&state.best_prompt)?;
+        let best_prompt = train.prompt_text(&state.best_prompt)?;
         Ok(StepRecord {
             step: state.step,
             position: 0,

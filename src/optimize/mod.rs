@@ -113,6 +113,26 @@ impl<'a> Optimizer<'a> {
         Ok(())
     }
 
+    /// The model the search runs on.
+    pub fn model(&self) -> &LanguageModel {
+        self.lm
+    }
+
+    /// The run's settings.
+    pub fn settings(&self) -> &OptimizeConfig {
+        self.cfg
+    }
+
+    /// The train questions with their gold answers as the data spells them.
+    pub fn train_pairs(&self) -> Vec<(&str, &str)> {
+        self.examples.iter().map(|e| (e.question.as_str(), e.target.as_str())).collect()
+    }
+
+    /// The flag that stops the run (Ctrl-C), for generations of a method's own.
+    pub fn interrupt(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.interrupt)
+    }
+
     /// Prompt ids as they follow the connector (see [`Layout::prompt_ids`]).
     pub fn prompt_ids(&self, text: &str) -> Result<Vec<u32>> {
         if text.trim().is_empty() {
@@ -138,7 +158,7 @@ impl<'a> Optimizer<'a> {
 
     /// The random draws of step (or `ape` round) `step`: the run seed's, independent of
     /// every other step's, so a resumed run draws what an uninterrupted one does.
-    fn step_rng(&self, step: usize) -> ChaCha8Rng {
+    pub fn step_rng(&self, step: usize) -> ChaCha8Rng {
         ChaCha8Rng::seed_from_u64(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)
     }
 
@@ -423,7 +443,10 @@ impl<'a> Optimizer<'a> {
     }
 
     /// Reasoning (per example) and real score of each prompt on the train examples.
-    fn reason_and_score_all(&self, prompts: &[Vec<u32>]) -> Result<Vec<(Vec<Vec<u32>>, Score)>> {
+    pub fn reason_and_score_all(
+        &self,
+        prompts: &[Vec<u32>],
+    ) -> Result<Vec<(Vec<Vec<u32>>, Score)>> {
         if prompts.is_empty() {
             return Ok(Vec::new());
         }

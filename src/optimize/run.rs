@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::ape::PROPOSALS_PER_ROUND;
+use super::ape::{Ape, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
-use crate::eval::{evaluate, write_records, EvalConfig, EvalReport};
+use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::records::{
     human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State,
     StepRecord, Summary, TaskRecord, Transfer,
@@ -334,26 +334,10 @@ pub fn run(
     let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
     let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
-        let file = format!("{split}-{}.json", c.label.file_stem());
-        let done: Option<EvalSummary> =
-            if dir.exists(&file) { Some(dir.read_json(&file)?) } else { None };
-        // An earlier evaluation stands only if it measured the same prompt.
-        if let Some(done) = done.filter(|d| d.prompt == c.prompt) {
-            return Ok(done);
-        }
-        let r = evaluate_reported(
-            &lm,
-            &task,
-            examples,
-            &c.prompt,
-            &eval_cfg,
-            &format!("{split}: {}", c.label),
-            report,
-        )?;
-        write_records(&dir.path.join(file.replace(".json", ".jsonl")), &r.records)?;
-        let summary = EvalSummary::new(c.label, &c.prompt, &r);
-        dir.write_json(&file, &summary)?;
-        Ok(summary)
+        dir.evaluation(split, c.label, &c.prompt, || {
+            let label = format!("{split}: {}", c.label);
+            evaluate_reported(&lm, &task, examples, &c.prompt, &eval_cfg, &label, report)
+        })
     };
     let chosen =
         choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
@@ -418,7 +402,7 @@ fn search(
                 // The last round proposes only what the rest of the budget should pay for.
                 let left = (budget - state.generated_tokens) as f64;
                 let proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
-                let record = optimizer.ape_round(state, proposals)?;
+                let record = Ape::new(optimizer).round(state, proposals)?;
                 log_step(record, state, report)?;
             }
         }
