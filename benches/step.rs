@@ -212,18 +212,23 @@ fn main() {
         eprintln!("the step bench reads BBH from {}: not found", data.display());
         std::process::exit(1);
     }
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    // Arguments: parts of setup names, and `mixed` / `mixed16` to measure only those beside f32.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let name = |p: Precision| format!("{p:?}").to_lowercase();
+    let lower = [Precision::Mixed, Precision::Mixed16];
+    let (named, filters): (Vec<String>, Vec<String>) =
+        args.into_iter().partition(|a| lower.iter().any(|&p| name(p) == *a));
     for setup in SETUPS
         .iter()
         .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str())))
     {
         let exact = bench(setup, &data, Precision::F32);
-        for p in [Precision::Mixed, Precision::Mixed16] {
+        for p in lower.into_iter().filter(|&p| named.is_empty() || named.contains(&name(p))) {
             let mixed = bench(setup, &data, p);
             println!(
                 "{}: {} {mixed:.1} s per step against f32 {exact:.1} s: {:.2}x",
                 setup.name,
-                format!("{p:?}").to_lowercase(),
+                name(p),
                 exact / mixed
             );
         }

@@ -8,55 +8,38 @@ use candle_core::{Device, Tensor};
 use greater::model::int8::{self, Features, InputBits, Int8Weight, Kernel};
 use greater::model::packed::PackedWeight;
 
-/// Row `xs` of one block as the kernels see it: (scale, integers) of each row of bytes it
-/// becomes: one (round(x / d), d = max|x| / 127), or for 16 bits two whose integers add up
-/// to round(x / d) with d = max|x| / 16256 (the high one at 128 d, the low at d).
-fn quantised(xs: &[f32], bits: InputBits) -> Vec<(f32, Vec<i32>)> {
-    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-    match bits {
-        InputBits::Eight => {
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            vec![(d, xs.iter().map(|v| (v * inv).round() as i8 as i32).collect())]
-        }
-        InputBits::Sixteen => {
-            let d = amax / 16256.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let q: Vec<i32> = xs.iter().map(|v| (v * inv).round() as i32).collect();
-            let hi: Vec<i32> = q.iter().map(|q| (q + 64).div_euclid(128)).collect();
-            let lo = q.iter().zip(&hi).map(|(q, h)| q - 128 * h).collect();
-            vec![(128.0 * d, hi), (d, lo)]
-        }
-    }
+/// One block of a row of x as the kernels see it: the scale d = max|x| / 127 (16 bits:
+/// / 16256) and the integers round(x / d).
+fn quantised(xs: &[f32], bits: InputBits) -> (f32, Vec<i32>) {
+    let top = match bits {
+        InputBits::Eight => 127.0,
+        InputBits::Sixteen => 16256.0,
+    };
+    let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / top;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    (d, xs.iter().map(|v| (v * inv).round() as i32).collect())
 }
 
 /// y = x · w^T the obvious way: each row of x quantised per block ([`quantised`]), each
-/// block's integer products summed exactly, then scaled and summed over blocks, and the
-/// rows of bytes of one row of x added.
+/// block's integer products summed exactly, then scaled and summed over blocks.
 fn reference(x: &[f32], w: &PackedWeight, bits: InputBits) -> Vec<f32> {
     let (n, k, b) = (w.n, w.k, w.block);
     let (m, blocks) = (x.len() / k, k / b);
     let mut y = vec![0f32; m * n];
     for r in 0..m {
-        let parts: Vec<Vec<(f32, Vec<i32>)>> =
-            (0..blocks).map(|blk| quantised(&x[r * k + blk * b..][..b], bits)).collect();
         for c in 0..n {
-            let mut total = 0f32;
-            for part in 0..parts[0].len() {
-                let mut acc = 0f32;
-                for (blk, block) in parts.iter().enumerate() {
-                    let (d, qx) = &block[part];
-                    let qw = &w.q[c * k + blk * b..][..b];
-                    let dot: i32 = qw.iter().zip(qx).map(|(&a, &b)| a as i32 * b).sum();
-                    acc = (dot as f32 * w.scale[c * blocks + blk]).mul_add(*d, acc);
-                    if let Some(off) = &w.offset {
-                        let sum: i32 = qx.iter().sum();
-                        acc = off[c * blocks + blk].mul_add(d * sum as f32, acc);
-                    }
+            let mut acc = 0f32;
+            for blk in 0..blocks {
+                let (d, qx) = quantised(&x[r * k + blk * b..][..b], bits);
+                let qw = &w.q[c * k + blk * b..][..b];
+                let dot: i32 = qw.iter().zip(&qx).map(|(&a, &b)| a as i32 * b).sum();
+                acc = (dot as f32 * w.scale[c * blocks + blk]).mul_add(d, acc);
+                if let Some(off) = &w.offset {
+                    let sum: i32 = qx.iter().sum();
+                    acc = off[c * blocks + blk].mul_add(d * sum as f32, acc);
                 }
-                total += acc;
             }
-            y[r * n + c] = total;
+            y[r * n + c] = acc;
         }
     }
     y

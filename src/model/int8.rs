@@ -208,9 +208,10 @@ fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
 pub enum InputBits {
     /// Integers in [-127, 127] (llama.cpp's Q8 activations): one row of bytes.
     Eight,
-    /// Integers in [-16256, 16256], 128 times finer, each written as a high byte `h` and a
-    /// low byte `l` (`q = 128 h + l`) in two rows whose products add up to the whole one:
-    /// the same kernels, twice the integer work.
+    /// Integers in [-16256, 16256], 128 times finer, each kept as a high byte `h` and a low
+    /// byte `l` (`q = 128 h + l`): the kernels multiply both with the same weight bytes and
+    /// add `128 x high + low` exactly in 32 bits, so a block costs two byte products instead
+    /// of one and the rest of the product is unchanged.
     Sixteen,
 }
 
@@ -225,28 +226,28 @@ impl InputBits {
 }
 
 /// `hi` and `lo` such that round(src / d) = 128 hi + lo, with d = max|src| / 16256 (0 when
-/// the block is all zeros); returns d and the sums of `hi` and `lo`.
-fn quantize_block_16(src: &[f32], hi: &mut [i8], lo: &mut [i8]) -> (f32, i32, i32) {
+/// the block is all zeros); returns d and the sum of round(src / d).
+fn quantize_block_16(src: &[f32], hi: &mut [i8], lo: &mut [i8]) -> (f32, i32) {
     let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / (127.0 * 128.0);
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let (mut sum_hi, mut sum_lo) = (0, 0);
+    let mut sum = 0;
     for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(src) {
         let q = (v * inv).round() as i32;
         let high = (q + 64).div_euclid(128);
         (*h, *l) = (high as i8, (q - 128 * high) as i8);
-        sum_hi += high;
-        sum_lo += q - 128 * high;
+        sum += q;
     }
-    (d, sum_hi, sum_lo)
+    (d, sum)
 }
 
-/// Rows of `x` [m, k] quantised per block of the weight's length, as `bits.parts()` rows of
-/// bytes each.
+/// Rows of `x` [m, k] quantised per block of the weight's length: per row, `parts` rows of
+/// bytes (the high bytes, then the low ones, for 16 bits).
 pub struct QuantRows {
     q: Vec<i8>,
+    parts: usize,
     /// Per row and block: the scale, `-128 * sum(q)` (the start of its integer sum) and
-    /// `scale * sum(q)` (what a weight offset multiplies).
+    /// `scale * sum(q)` (what a weight offset multiplies), q the whole integers.
     scale: Vec<f32>,
     start: Vec<i32>,
     sum: Vec<f32>,
@@ -255,44 +256,40 @@ pub struct QuantRows {
 impl QuantRows {
     /// `x` [rows, k] quantised per block of `block` values.
     pub fn new(x: &[f32], k: usize, block: usize, bits: InputBits) -> Self {
-        let (parts, per_row) = (bits.parts(), k / block);
-        let rows = x.len() / k * parts;
+        let (parts, per_row, m) = (bits.parts(), k / block, x.len() / k);
         let mut out = QuantRows {
-            q: vec![0; rows * k],
-            scale: vec![0.0; rows * per_row],
-            start: vec![0; rows * per_row],
-            sum: vec![0.0; rows * per_row],
+            q: vec![0; m * parts * k],
+            parts,
+            scale: vec![0.0; m * per_row],
+            start: vec![0; m * per_row],
+            sum: vec![0.0; m * per_row],
         };
         // Rows in parallel: with a few dozen rows this is a measurable part of a product.
         x.par_chunks(k)
             .zip(out.q.par_chunks_mut(parts * k))
-            .zip(out.scale.par_chunks_mut(parts * per_row))
-            .zip(out.start.par_chunks_mut(parts * per_row))
-            .zip(out.sum.par_chunks_mut(parts * per_row))
+            .zip(out.scale.par_chunks_mut(per_row))
+            .zip(out.start.par_chunks_mut(per_row))
+            .zip(out.sum.par_chunks_mut(per_row))
             .with_min_len(4)
             .for_each(|((((x, q), scale), start), sum)| {
+                let (high, low) = q.split_at_mut(k);
                 for (b, src) in x.chunks_exact(block).enumerate() {
                     let at = b * block..(b + 1) * block;
-                    let mut set = |part: usize, d: f32, s: i32| {
-                        let i = part * per_row + b;
-                        (scale[i], start[i], sum[i]) = (d, -ZERO * s, d * s as f32);
-                    };
-                    match bits {
-                        InputBits::Eight => {
-                            let (d, s) = quantize_block(src, &mut q[at]);
-                            set(0, d, s);
-                        }
+                    let (d, s) = match bits {
+                        InputBits::Eight => quantize_block(src, &mut high[at]),
                         InputBits::Sixteen => {
-                            let (hi, lo) = q.split_at_mut(k);
-                            let (d, s_hi, s_lo) =
-                                quantize_block_16(src, &mut hi[at.clone()], &mut lo[at]);
-                            set(0, 128.0 * d, s_hi);
-                            set(1, d, s_lo);
+                            quantize_block_16(src, &mut high[at.clone()], &mut low[at])
                         }
-                    }
+                    };
+                    (scale[b], start[b], sum[b]) = (d, -ZERO * s, d * s as f32);
                 }
             });
         out
+    }
+
+    /// Where row `r`'s (high) bytes start; the low bytes follow `k` later.
+    fn row(&self, r: usize, k: usize) -> usize {
+        r * self.parts * k
     }
 }
 
@@ -361,8 +358,7 @@ pub fn matmul(x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
 }
 
 /// y [m, n] = x [m, k] · w^T with `kernel`, which the CPU must support
-/// ([`Kernel::choose`] of [`Features::detect`] or a slower one). With [`InputBits::Sixteen`]
-/// a row's result is its high part's plus its low part's.
+/// ([`Kernel::choose`] of [`Features::detect`] or a slower one).
 pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
     assert!(x.len().is_multiple_of(w.k), "int8::matmul: x is not [m, {}]", w.k);
     let f = Features::detect();
@@ -372,7 +368,7 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -
         Kernel::Scalar => true,
     };
     assert!(runs, "int8::matmul: {kernel:?} kernel on a CPU without its features ({f:?})");
-    let m = x.len() / w.k * bits.parts();
+    let m = x.len() / w.k;
     let xq = QuantRows::new(x, w.k, w.block, bits);
     let mut y = vec![0f32; m * w.n];
     let out = Out(y.as_mut_ptr());
@@ -385,10 +381,6 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -
             unsafe { strip(kernel, w, s, &xq, &out, m, unpacked) };
         }
     });
-    if bits == InputBits::Sixteen {
-        let n = w.n;
-        return y.chunks_exact(2 * n).flat_map(|p| (0..n).map(move |c| p[c] + p[n + c])).collect();
-    }
     y
 }
 
@@ -492,14 +484,19 @@ unsafe fn scalar_row(
     let (k, block, blocks) = (w.k, w.block, w.blocks());
     let mut acc = [0f32; STRIP];
     for b in 0..blocks {
-        let xq = &x.q[r * k + b * block..][..block];
+        // Whole integers: the byte, or 128 x high byte + low byte.
+        let at = x.row(r, k) + b * block;
+        let xq: Vec<i32> = match x.parts {
+            1 => x.q[at..][..block].iter().map(|&v| v as i32).collect(),
+            _ => (0..block).map(|j| 128 * x.q[at + j] as i32 + x.q[at + k + j] as i32).collect(),
+        };
         let meta = (s * blocks + b) * STRIP;
         let xb = r * blocks + b;
         let mut dot = [x.start[xb]; STRIP];
         for (g, four) in xq.chunks_exact(4).enumerate() {
             let group = codes.group(b, g);
             for (lane, d) in dot.iter_mut().enumerate() {
-                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * four[j] as i32).sum::<i32>();
+                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * four[j]).sum::<i32>();
             }
         }
         for (lane, a) in acc.iter_mut().enumerate() {
@@ -533,19 +530,38 @@ mod avx512 {
         y: *mut f32,
         cols: usize,
     ) {
+        if x.parts == 2 {
+            group_rows::<true>(w, codes, s, x, r0, rows, y, cols)
+        } else {
+            group_rows::<false>(w, codes, s, x, r0, rows, y, cols)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_rows<const SPLIT: bool>(
+        w: &Int8Weight,
+        codes: StripCodes,
+        s: usize,
+        x: &QuantRows,
+        r0: usize,
+        rows: usize,
+        y: *mut f32,
+        cols: usize,
+    ) {
         match (rows, codes.form) {
-            (4, Codes::Eight) => group::<4, 8>(w, codes, s, x, r0, y, cols),
-            (3, Codes::Eight) => group::<3, 8>(w, codes, s, x, r0, y, cols),
-            (2, Codes::Eight) => group::<2, 8>(w, codes, s, x, r0, y, cols),
-            (_, Codes::Eight) => group::<1, 8>(w, codes, s, x, r0, y, cols),
-            (4, Codes::Four) => group::<4, 4>(w, codes, s, x, r0, y, cols),
-            (3, Codes::Four) => group::<3, 4>(w, codes, s, x, r0, y, cols),
-            (2, Codes::Four) => group::<2, 4>(w, codes, s, x, r0, y, cols),
-            (_, Codes::Four) => group::<1, 4>(w, codes, s, x, r0, y, cols),
-            (4, Codes::Five) => group::<4, 5>(w, codes, s, x, r0, y, cols),
-            (3, Codes::Five) => group::<3, 5>(w, codes, s, x, r0, y, cols),
-            (2, Codes::Five) => group::<2, 5>(w, codes, s, x, r0, y, cols),
-            (_, Codes::Five) => group::<1, 5>(w, codes, s, x, r0, y, cols),
+            (4, Codes::Eight) => group::<4, 8, SPLIT>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Eight) => group::<3, 8, SPLIT>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Eight) => group::<2, 8, SPLIT>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Eight) => group::<1, 8, SPLIT>(w, codes, s, x, r0, y, cols),
+            (4, Codes::Four) => group::<4, 4, SPLIT>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Four) => group::<3, 4, SPLIT>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Four) => group::<2, 4, SPLIT>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Four) => group::<1, 4, SPLIT>(w, codes, s, x, r0, y, cols),
+            (4, Codes::Five) => group::<4, 5, SPLIT>(w, codes, s, x, r0, y, cols),
+            (3, Codes::Five) => group::<3, 5, SPLIT>(w, codes, s, x, r0, y, cols),
+            (2, Codes::Five) => group::<2, 5, SPLIT>(w, codes, s, x, r0, y, cols),
+            (_, Codes::Five) => group::<1, 5, SPLIT>(w, codes, s, x, r0, y, cols),
         }
     }
 
@@ -580,7 +596,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn group<const N: usize, const BITS: u8>(
+    unsafe fn group<const N: usize, const BITS: u8, const SPLIT: bool>(
         w: &Int8Weight,
         codes: StripCodes,
         s: usize,
@@ -592,18 +608,33 @@ mod avx512 {
         let (k, block, blocks) = (w.k, w.block, w.blocks());
         let bias = _mm512_set1_epi8(codes.bias as i8);
         let mut acc = [_mm512_setzero_ps(); N];
+        let stride = x.parts * k;
         for b in 0..blocks {
-            let xq = x.q.as_ptr().add(r0 * k + b * block);
+            let xq = x.q.as_ptr().add(x.row(r0, k) + b * block);
+            let four = |at: usize| _mm512_set1_epi32((xq.add(at) as *const i32).read_unaligned());
             let mut dot = [_mm512_setzero_si512(); N];
             for (i, d) in dot.iter_mut().enumerate() {
                 *d = _mm512_set1_epi32(x.start[(r0 + i) * blocks + b]);
             }
-            for g in 0..block / 4 {
-                let wv = load_group::<BITS>(codes.group(b, g).as_ptr(), bias);
-                for (i, d) in dot.iter_mut().enumerate() {
-                    let xv =
-                        _mm512_set1_epi32((xq.add(i * k + 4 * g) as *const i32).read_unaligned());
-                    *d = _mm512_dpbusd_epi32(*d, wv, xv);
+            if SPLIT {
+                // High bytes apart, then 128 x high + (low + start), exact in 32 bits.
+                let mut high = [_mm512_setzero_si512(); N];
+                for g in 0..block / 4 {
+                    let wv = load_group::<BITS>(codes.group(b, g).as_ptr(), bias);
+                    for i in 0..N {
+                        high[i] = _mm512_dpbusd_epi32(high[i], wv, four(i * stride + 4 * g));
+                        dot[i] = _mm512_dpbusd_epi32(dot[i], wv, four(i * stride + k + 4 * g));
+                    }
+                }
+                for (d, h) in dot.iter_mut().zip(high) {
+                    *d = _mm512_add_epi32(_mm512_slli_epi32::<7>(h), *d);
+                }
+            } else {
+                for g in 0..block / 4 {
+                    let wv = load_group::<BITS>(codes.group(b, g).as_ptr(), bias);
+                    for (i, d) in dot.iter_mut().enumerate() {
+                        *d = _mm512_dpbusd_epi32(*d, wv, four(i * stride + 4 * g));
+                    }
                 }
             }
             let meta = (s * blocks + b) * STRIP;
@@ -649,12 +680,19 @@ mod avx2 {
         // hadd leaves rows in the order 0 1 4 5 2 3 6 7 of its two inputs.
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
         for b in 0..blocks {
-            let xq = x.q.as_ptr().add(r * k + b * block);
+            let xq = x.q.as_ptr().add(x.row(r, k) + b * block);
             let mut pairs = [_mm256_setzero_si256(); 4];
             for g in 0..block / 4 {
                 let group = codes.group(b, g).as_ptr();
-                let four = _mm_cvtsi32_si128((xq.add(4 * g) as *const i32).read_unaligned());
-                let xv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(four));
+                let bytes = |at: *const i8| {
+                    _mm_cvtepi8_epi16(_mm_cvtsi32_si128((at as *const i32).read_unaligned()))
+                };
+                // 16-bit integers: the bytes, or 128 x high + low (within 16 bits).
+                let mut four = bytes(xq.add(4 * g));
+                if x.parts == 2 {
+                    four = _mm_add_epi16(_mm_slli_epi16::<7>(four), bytes(xq.add(k + 4 * g)));
+                }
+                let xv = _mm256_broadcastq_epi64(four);
                 for (p, pair) in pairs.iter_mut().enumerate() {
                     let bytes = _mm_loadu_si128(group.add(16 * p) as *const __m128i);
                     *pair =
