@@ -274,19 +274,8 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .context("config.json has no model_type")?;
         let arch = Arch::from_name(model_type)?;
-        // Absent (or null) is None; present with another type is an error naming the key.
-        let typed = |k: &str, what: &str, read: &dyn Fn(&Value) -> Option<f64>| -> Result<_> {
-            match json.get(k).filter(|v| !v.is_null()) {
-                None => Ok(None),
-                Some(v) => read(v)
-                    .map(Some)
-                    .with_context(|| format!("config.json: {k} is {v}, not {what}")),
-            }
-        };
-        let u = |k: &str| -> Result<Option<usize>> {
-            Ok(typed(k, "a whole number", &|v| v.as_u64().map(|n| n as f64))?.map(|n| n as usize))
-        };
-        let f = |k: &str| typed(k, "a number", &Value::as_f64);
+        let u = |k: &str| typed(json, k, "a whole number", |v| v.as_u64().map(|n| n as usize));
+        let f = |k: &str| typed(json, k, "a number", Value::as_f64);
         let need = |k: &str| u(k)?.with_context(|| format!("config.json lacks {k}"));
         let hidden_size = need("hidden_size")?;
         let n_heads = need("num_attention_heads")?;
@@ -353,6 +342,22 @@ impl ModelConfig {
             activation,
         }
         .finish()
+    }
+}
+
+/// `json[k]` read by `read`: None when absent (or null), an error naming the key when present
+/// with another type.
+fn typed<T>(
+    json: &Value,
+    k: &str,
+    what: &str,
+    read: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<T>> {
+    match json.get(k).filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(v) => {
+            read(v).map(Some).with_context(|| format!("config.json: {k} is {v}, not {what}"))
+        }
     }
 }
 

@@ -486,17 +486,17 @@ unsafe fn scalar_row(
     for b in 0..blocks {
         // Whole integers: the byte, or 128 x high byte + low byte.
         let at = x.row(r, k) + b * block;
-        let xq: Vec<i32> = match x.parts {
-            1 => x.q[at..][..block].iter().map(|&v| v as i32).collect(),
-            _ => (0..block).map(|j| 128 * x.q[at + j] as i32 + x.q[at + k + j] as i32).collect(),
+        let xq = |j: usize| match x.parts {
+            1 => x.q[at + j] as i32,
+            _ => 128 * x.q[at + j] as i32 + x.q[at + k + j] as i32,
         };
         let meta = (s * blocks + b) * STRIP;
         let xb = r * blocks + b;
         let mut dot = [x.start[xb]; STRIP];
-        for (g, four) in xq.chunks_exact(4).enumerate() {
+        for g in 0..block / 4 {
             let group = codes.group(b, g);
             for (lane, d) in dot.iter_mut().enumerate() {
-                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * four[j]).sum::<i32>();
+                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * xq(4 * g + j)).sum::<i32>();
             }
         }
         for (lane, a) in acc.iter_mut().enumerate() {
