@@ -189,10 +189,19 @@ fn unpack_group(form: Codes, bias: u8, src: &[u8], out: &mut [u8; 64]) {
     }
 }
 
+/// The largest |v| of `src` (0 when empty), compared as bits: for floats that are not NaN
+/// the order is the same, and integer maxima vectorise where `f32::max` does not. A NaN
+/// wins, so it reaches the product's output as it would in f32.
+#[inline(always)]
+fn abs_max(src: &[f32]) -> f32 {
+    f32::from_bits(src.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0))
+}
+
 /// `dst` = round(src / d) with d = max|src| / 127 (0 when the block is all zeros); returns d
 /// and the sum of `dst`.
+#[inline(always)]
 fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
-    let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = abs_max(src);
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0;
@@ -227,8 +236,9 @@ impl InputBits {
 
 /// `hi` and `lo` such that round(src / d) = 128 hi + lo, with d = max|src| / 16256 (0 when
 /// the block is all zeros); returns d and the sum of round(src / d).
+#[inline(always)]
 fn quantize_block_16(src: &[f32], hi: &mut [i8], lo: &mut [i8]) -> (f32, i32) {
-    let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let amax = abs_max(src);
     let d = amax / (127.0 * 128.0);
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0;
@@ -272,17 +282,12 @@ impl QuantRows {
             .zip(out.sum.par_chunks_mut(per_row))
             .with_min_len(4)
             .for_each(|((((x, q), scale), start), sum)| {
-                let (high, low) = q.split_at_mut(k);
-                for (b, src) in x.chunks_exact(block).enumerate() {
-                    let at = b * block..(b + 1) * block;
-                    let (d, s) = match bits {
-                        InputBits::Eight => quantize_block(src, &mut high[at]),
-                        InputBits::Sixteen => {
-                            quantize_block_16(src, &mut high[at.clone()], &mut low[at])
-                        }
-                    };
-                    (scale[b], start[b], sum[b]) = (d, -ZERO * s, d * s as f32);
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has the features the function is compiled for.
+                    return unsafe { quantize_row_avx512(x, block, bits, q, scale, start, sum) };
                 }
+                quantize_row(x, block, bits, q, scale, start, sum)
             });
         out
     }
@@ -291,6 +296,44 @@ impl QuantRows {
     fn row(&self, r: usize, k: usize) -> usize {
         r * self.parts * k
     }
+}
+
+/// One row of [`QuantRows::new`]: its bytes (`parts` rows of `k`), and per block the scale,
+/// the start of the integer sum and the scaled sum.
+#[inline(always)]
+fn quantize_row(
+    x: &[f32],
+    block: usize,
+    bits: InputBits,
+    q: &mut [i8],
+    scale: &mut [f32],
+    start: &mut [i32],
+    sum: &mut [f32],
+) {
+    let (high, low) = q.split_at_mut(x.len());
+    for (b, src) in x.chunks_exact(block).enumerate() {
+        let at = b * block..(b + 1) * block;
+        let (d, s) = match bits {
+            InputBits::Eight => quantize_block(src, &mut high[at]),
+            InputBits::Sixteen => quantize_block_16(src, &mut high[at.clone()], &mut low[at]),
+        };
+        (scale[b], start[b], sum[b]) = (d, -ZERO * s, d * s as f32);
+    }
+}
+
+/// [`quantize_row`] compiled for AVX-512, where its loops run 16 values at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(
+    x: &[f32],
+    block: usize,
+    bits: InputBits,
+    q: &mut [i8],
+    scale: &mut [f32],
+    start: &mut [i32],
+    sum: &mut [f32],
+) {
+    quantize_row(x, block, bits, q, scale, start, sum)
 }
 
 /// The instruction sets a kernel may use.
