@@ -282,12 +282,13 @@ impl QuantRows {
             .zip(out.sum.par_chunks_mut(per_row))
             .with_min_len(4)
             .for_each(|((((x, q), scale), start), sum)| {
+                let row = RowOut { q, scale, start, sum };
                 #[cfg(target_arch = "x86_64")]
                 if is_x86_feature_detected!("avx512bw") {
                     // SAFETY: the CPU has the features the function is compiled for.
-                    return unsafe { quantize_row_avx512(x, block, bits, q, scale, start, sum) };
+                    return unsafe { quantize_row_avx512(x, block, bits, row) };
                 }
-                quantize_row(x, block, bits, q, scale, start, sum)
+                quantize_row(x, block, bits, row)
             });
         out
     }
@@ -298,18 +299,18 @@ impl QuantRows {
     }
 }
 
-/// One row of [`QuantRows::new`]: its bytes (`parts` rows of `k`), and per block the scale,
-/// the start of the integer sum and the scaled sum.
+/// What one row of [`QuantRows::new`] fills: its bytes (`parts` rows of `k`), and per block
+/// the scale, the start of the integer sum and the scaled sum.
+struct RowOut<'a> {
+    q: &'a mut [i8],
+    scale: &'a mut [f32],
+    start: &'a mut [i32],
+    sum: &'a mut [f32],
+}
+
 #[inline(always)]
-fn quantize_row(
-    x: &[f32],
-    block: usize,
-    bits: InputBits,
-    q: &mut [i8],
-    scale: &mut [f32],
-    start: &mut [i32],
-    sum: &mut [f32],
-) {
+fn quantize_row(x: &[f32], block: usize, bits: InputBits, out: RowOut) {
+    let RowOut { q, scale, start, sum } = out;
     let (high, low) = q.split_at_mut(x.len());
     for (b, src) in x.chunks_exact(block).enumerate() {
         let at = b * block..(b + 1) * block;
@@ -324,16 +325,8 @@ fn quantize_row(
 /// [`quantize_row`] compiled for AVX-512, where its loops run 16 values at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_row_avx512(
-    x: &[f32],
-    block: usize,
-    bits: InputBits,
-    q: &mut [i8],
-    scale: &mut [f32],
-    start: &mut [i32],
-    sum: &mut [f32],
-) {
-    quantize_row(x, block, bits, q, scale, start, sum)
+unsafe fn quantize_row_avx512(x: &[f32], block: usize, bits: InputBits, out: RowOut) {
+    quantize_row(x, block, bits, out)
 }
 
 /// The instruction sets a kernel may use.
