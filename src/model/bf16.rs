@@ -138,7 +138,7 @@ fn pack_row(src: &[f32], dst: &mut [u32]) {
 }
 
 /// Rows of `a` [m, k] as bf16 pairs, each row padded to a whole pair.
-fn pack_left(a: &[f32], k: usize) -> (Vec<u32>, usize) {
+fn pack_left(a: &[f32], k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let mut out = vec![0u32; a.len() / k * pairs];
     out.par_chunks_mut(pairs).zip(a.par_chunks(k)).for_each(|(dst, src)| {
@@ -148,7 +148,7 @@ fn pack_left(a: &[f32], k: usize) -> (Vec<u32>, usize) {
             pack_row_avx512(src, dst)
         };
     });
-    (out, pairs)
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -168,7 +168,7 @@ pub fn matmul(a: &[f32], k: usize, w: &[f32], rows: usize, cols: usize, right: R
     );
     let m = a.len() / k;
     let (panels, pairs, n) = pack_right(w, rows, cols, right);
-    let (left, _) = pack_left(a, k);
+    let left = pack_left(a, k);
     let mut y = vec![0f32; m * n];
     // At least four chunks per thread, so that a few hundred rows also keep every core busy.
     let chunk_rows =

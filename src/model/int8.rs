@@ -264,8 +264,9 @@ pub struct QuantRows {
 }
 
 impl QuantRows {
-    /// `x` [rows, k] quantised per block of `block` values.
-    pub fn new(x: &[f32], k: usize, block: usize, bits: InputBits) -> Self {
+    /// `x` [rows, k] quantised per block of `block` values, compiled for AVX-512 when the
+    /// product runs in `kernel`'s (the same values either way).
+    pub fn new(x: &[f32], k: usize, block: usize, bits: InputBits, kernel: Kernel) -> Self {
         let (parts, per_row, m) = (bits.parts(), k / block, x.len() / k);
         let mut out = QuantRows {
             q: vec![0; m * parts * k],
@@ -284,8 +285,8 @@ impl QuantRows {
             .for_each(|((((x, q), scale), start), sum)| {
                 let row = RowOut { q, scale, start, sum };
                 #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx512bw") {
-                    // SAFETY: the CPU has the features the function is compiled for.
+                if kernel == Kernel::Avx512Vnni {
+                    // SAFETY: that kernel is only chosen where avx512f and avx512bw exist.
                     return unsafe { quantize_row_avx512(x, block, bits, row) };
                 }
                 quantize_row(x, block, bits, row)
@@ -405,7 +406,7 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -
     };
     assert!(runs, "int8::matmul: {kernel:?} kernel on a CPU without its features ({f:?})");
     let m = x.len() / w.k;
-    let xq = QuantRows::new(x, w.k, w.block, bits);
+    let xq = QuantRows::new(x, w.k, w.block, bits, kernel);
     let mut y = vec![0f32; m * w.n];
     let out = Out(y.as_mut_ptr());
     // Two strips per task: a task's weights (2 x 16 rows) are read from memory once and
