@@ -741,6 +741,10 @@ pub struct ScreenRow {
     pub dev_cut: usize,
     /// Seconds of the search's steps.
     pub search_seconds: f64,
+    /// The earlier configuration whose run this row reuses, because this one's search would
+    /// have repeated it step for step.
+    #[serde(default)]
+    pub same_search_as: Option<String>,
 }
 
 /// The rows and, per configuration, the mean gain over its tasks.

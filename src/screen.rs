@@ -8,6 +8,11 @@
 //! baselines. That gain is measured on the questions that chose among the searched prompts,
 //! so it flatters every configuration alike (each has the same number of candidates on dev);
 //! only its differences between configurations mean anything.
+//!
+//! A configuration that changes only `start = better` from an earlier one searches exactly
+//! as that one did when the initial prompt scored no worse on train than zero-shot CoT (the
+//! better start is then the initial prompt, and greedy decoding is deterministic): its row
+//! reuses the earlier run instead of repeating it.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -17,6 +22,7 @@ use anyhow::{bail, Result};
 
 use crate::optimize::run::{run, Changes, Event, Start};
 use crate::records::{Label, ScreenConfig, ScreenRow, ScreenTable, StepRecord, Summary};
+use crate::settings::{OptimizeConfig, StartFrom};
 use crate::store::RunDir;
 
 impl ScreenRow {
@@ -56,8 +62,42 @@ impl ScreenRow {
             steps: summary.steps,
             dev_cut: summary.contenders.iter().filter_map(|c| c.dev.as_ref()?.cut_by_budget).sum(),
             search_seconds: steps.iter().map(|s| s.seconds.total()).sum(),
+            same_search_as: None,
         })
     }
+}
+
+/// Does `start = better` start from the initial prompt, judging by a run's train scores?
+/// The initial prompt is scored first and keeps its place on a tie.
+fn better_start_is_initial(summary: &Summary) -> bool {
+    let train =
+        |label: Label| summary.contenders.iter().find(|c| c.label == label).map(|c| c.train.score);
+    matches!((train(Label::Initial), train(Label::ZeroShotCot)), (Some(i), Some(z)) if i <= z)
+}
+
+/// The earlier configuration (among the first `c`) whose finished run on `task` this one's
+/// search would repeat step for step: see the module's documentation.
+fn repeated_search(
+    config: &ScreenConfig,
+    c: usize,
+    settings: &OptimizeConfig,
+    task: &str,
+    out: &Path,
+) -> Result<Option<String>> {
+    if settings.start != StartFrom::Better {
+        return Ok(None);
+    }
+    let from_initial = OptimizeConfig { start: StartFrom::Initial, ..settings.clone() };
+    for (name, changes) in &config.configurations[..c] {
+        let dir = out.join(name).join(task);
+        if config.settings(changes, task)? == from_initial && dir.join("summary.json").exists() {
+            let summary: Summary = RunDir::open(&dir)?.read_json("summary.json")?;
+            if better_start_is_initial(&summary) {
+                return Ok(Some(name.clone()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// What a screening tells its caller.
@@ -118,18 +158,34 @@ pub fn run_screen(
                 task,
                 steps: settings.steps,
             });
-            let summary: Summary = if run_dir.join("summary.json").exists() {
-                RunDir::open(&run_dir)?.read_json("summary.json")?
+            let repeats = if run_dir.join("config.json").exists() {
+                None
             } else {
-                let start = if run_dir.join("config.json").exists() {
+                repeated_search(&config, c, &settings, task, out)?
+            };
+            let row_dir = match &repeats {
+                Some(earlier) => {
+                    report(ScreenEvent::Event(Event::Info(format!(
+                        "{name}/{task}: the better start is the initial prompt, so the search is \
+                         {earlier}'s: its run is reused"
+                    ))));
+                    out.join(earlier).join(task)
+                }
+                None => run_dir,
+            };
+            let summary: Summary = if row_dir.join("summary.json").exists() {
+                RunDir::open(&row_dir)?.read_json("summary.json")?
+            } else {
+                let start = if row_dir.join("config.json").exists() {
                     Start::Resume(resume_changes.clone())
                 } else {
                     Start::New(settings)
                 };
-                run(start, &run_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?
+                run(start, &row_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?
             };
-            let steps: Vec<StepRecord> = RunDir::open(&run_dir)?.read_steps()?;
-            rows.push(ScreenRow::from_summary(name, task, &summary, &steps)?);
+            let steps: Vec<StepRecord> = RunDir::open(&row_dir)?.read_steps()?;
+            let row = ScreenRow::from_summary(name, task, &summary, &steps)?;
+            rows.push(ScreenRow { same_search_as: repeats, ..row });
         }
     }
     let table = ScreenTable { rows };

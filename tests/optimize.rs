@@ -18,7 +18,7 @@ use greater::optimize::candidates::{
     candidates_from_subsets, choose, combine_gradients, draw_subsets, propose, shortlist,
     ProposalConfig,
 };
-use greater::optimize::run::{run, Changes, Start};
+use greater::optimize::run::{run, Changes, Event, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
@@ -1402,6 +1402,54 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
         ScreenConfig { base: OptimizeConfig { dev: 0, ..protocol_settings(&model) }, ..config };
     assert!(run_screen(Start::New(no_dev), &tmp.path().join("s2"), &no_interrupt(), &mut |_| {})
         .is_err());
+}
+
+#[test]
+fn a_better_start_that_is_the_initial_prompt_reuses_the_earlier_search() {
+    use greater::records::ScreenConfig;
+    use greater::screen::run_screen;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("screen");
+    // The initial prompt is zero-shot CoT's text: equal train scores, and a tie keeps the
+    // initial prompt, so `start = better` searches as the base does.
+    let base =
+        OptimizeConfig { initial_prompt: Some(ZERO_SHOT_COT.into()), ..protocol_settings(&model) };
+    let configurations = ScreenConfig::configurations_from_toml(
+        "[a-base]\n\n[b-better]\nstart = \"better\"\n\n[c-short-better]\nstart = \"better\"\nmax_reasoning = 3\n",
+        "screen.toml",
+    )
+    .unwrap();
+    let config = ScreenConfig { base, tasks: vec!["arithmetic".into()], configurations };
+    let mut infos = Vec::new();
+    let (table, _) = run_screen(Start::New(config.clone()), &out, &no_interrupt(), &mut |e| {
+        if let greater::screen::ScreenEvent::Event(Event::Info(m)) = e {
+            infos.push(m)
+        }
+    })
+    .unwrap();
+    let [a, b, c] = &table.rows[..] else { panic!("{:?}", table.rows) };
+    assert_eq!(b.same_search_as.as_deref(), Some("a-base"));
+    assert_eq!(
+        greater::records::ScreenRow {
+            configuration: "a-base".into(),
+            same_search_as: None,
+            ..b.clone()
+        },
+        *a
+    );
+    assert!(!out.join("b-better").exists(), "no second run");
+    assert!(infos.iter().any(|m| m.contains("b-better/arithmetic") && m.contains("a-base's")));
+    // Another change besides the start: nothing earlier to reuse, so it ran.
+    assert_eq!(c.same_search_as, None);
+    assert!(out.join("c-short-better/arithmetic/summary.json").exists());
+    // Resumed, the table is the same, and the markdown says whose search the row is.
+    let (again, config) =
+        run_screen(Start::Resume(Changes::default()), &out, &no_interrupt(), &mut |_| {}).unwrap();
+    assert_eq!(again, table);
+    write_screen_outputs(&out, &again, &config).unwrap();
+    let md = std::fs::read_to_string(out.join("screen.md")).unwrap();
+    assert!(md.contains("| b-better (= a-base's search) | arithmetic |"), "{md}");
 }
 
 #[test]

@@ -310,9 +310,13 @@ gain itself).\n\n| configuration | task | dev n | zero-shot CoT | initial | best
         None => "none".into(),
     };
     for r in &table.rows {
+        let configuration = match &r.same_search_as {
+            Some(earlier) => format!("{} (= {earlier}'s search)", r.configuration),
+            None => r.configuration.clone(),
+        };
         md += &format!(
             "| {} | {} | {} | {:.3} | {:.3} | {} | {} | {} -> {} | {} | {} | {:.1} | {} |\n",
-            r.configuration,
+            configuration,
             r.task,
             r.dev_n,
             r.zero_shot,
