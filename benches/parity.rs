@@ -23,7 +23,7 @@ use greater::model::{KvCache, Pass, Precision};
 use greater::optimize::Optimizer;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::OptimizeConfig;
-use greater::tasks::{Task, ZERO_SHOT_COT};
+use greater::tasks::{Count, Task, ZERO_SHOT_COT};
 
 const QWEN: &str = "qwen2.5-coder-0.5b";
 const TEXT: &str = "Alice, Bob and Claire are playing a game. At the start of the game, they are each \
@@ -76,7 +76,7 @@ fn zero_shot(data: &Path, precision: Precision) {
     let other = name(precision);
     for name in ["object_counting", "navigate"] {
         let (task, split) =
-            Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, 100)).unwrap();
+            Task::load_split(name, Some(data.to_path_buf()), 0, 1, (0, 0, Count::N(100))).unwrap();
         let test: Vec<_> = split.test.iter().map(|&i| &task.examples[i]).collect();
         let cfg = EvalConfig {
             batch: 50,
@@ -112,7 +112,8 @@ fn shortlists(data: &Path, precision: Precision) {
     let (f32_lm, mixed_lm) = (open(QWEN, Precision::F32), open(QWEN, precision));
     let other = name(precision);
     let (task, _) =
-        Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, 0)).unwrap();
+        Task::load_split("object_counting", Some(data.to_path_buf()), 0, 1, (10, 0, Count::N(0)))
+            .unwrap();
     let train: Vec<_> = task.examples[..10].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
     let stop = Arc::new(AtomicBool::new(false));

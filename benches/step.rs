@@ -19,7 +19,7 @@ use greater::optimize::Optimizer;
 use greater::records::Seconds;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::OptimizeConfig;
-use greater::tasks::Task;
+use greater::tasks::{Count, Task};
 
 struct Setup {
     name: &'static str,
@@ -169,7 +169,8 @@ fn bench(setup: &Setup, data: &Path, precision: Precision) -> f64 {
     let lm = LanguageModel::open(setup.model, &opts, &mut |m| eprintln!("{m}")).unwrap();
     // The first examples of the file, as the reference harness takes them.
     let (task, _) =
-        Task::load_split(setup.task, Some(data.to_path_buf()), 0, 1, (setup.train, 0, 0)).unwrap();
+        Task::load_split(setup.task, Some(data.to_path_buf()), 0, 1, (setup.train, 0, Count::N(0)))
+            .unwrap();
     let train: Vec<_> = task.examples[..setup.train].iter().collect();
     let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
     let optimizer =

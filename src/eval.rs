@@ -111,9 +111,9 @@ pub struct EvalReport {
 /// use greater::eval::evaluate;
 /// use greater::runtime::LanguageModel;
 /// use greater::settings::OptimizeConfig;
-/// use greater::tasks::Split;
+/// use greater::tasks::{Count, Split};
 ///
-/// let settings = OptimizeConfig { test: 20, ..OptimizeConfig::default() };
+/// let settings = OptimizeConfig { test: Count::N(20), ..OptimizeConfig::default() };
 /// let (task, split) = settings.load_task()?;
 /// let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
 /// let test = Split::pick(&split.test, &task);

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::EvalReport;
 use crate::settings::{Method, OptimizeConfig};
-use crate::tasks::{Split, Task};
+use crate::tasks::{Count, Split, Task};
 
 // ---------------------------------------------------------------------------------------
 // Contenders: the prompts a run may return
@@ -682,7 +682,7 @@ impl ScreenConfig {
     pub fn settings(&self, changes: &str, task: &str) -> Result<OptimizeConfig> {
         let mut s = self.base.with_toml(changes)?;
         s.task = task.to_string();
-        s.test = 0;
+        s.test = Count::N(0);
         Ok(s)
     }
 

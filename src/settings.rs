@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::EvalConfig;
 use crate::runtime::OpenOptions;
-use crate::tasks::{Split, Task};
+use crate::tasks::{Count, Split, Task};
 
 use crate::layout::REFERENCE_CONNECTOR;
 use crate::model::Precision;
@@ -131,9 +131,10 @@ pub struct OptimizeConfig {
     /// Questions that choose the returned prompt (0: the train score chooses).
     #[arg(long, help_heading = TASK)]
     pub dev: usize,
-    /// Held-out questions the returned prompt and the baselines are measured on.
+    /// Held-out questions the returned prompt and the baselines are measured on, or `rest`:
+    /// every question not in train or dev.
     #[arg(long, help_heading = TASK)]
-    pub test: usize,
+    pub test: Count,
     /// Letters a BBH multiple-choice extractor lists: data (as many as the data's options)
     /// or reference (the reference script's fixed list per task).
     #[arg(long, value_enum, help_heading = TASK)]
@@ -258,8 +259,8 @@ pub enum Size {
     /// The built-in demo's: 20 train / 40 dev / 50 test, 12 steps, 64 reasoning tokens
     /// (generated one-operator arithmetic, the questions short).
     Demo,
-    /// The default: 20 train / 50 dev / 100 test, 10 steps, 256 reasoning tokens; about half
-    /// an hour a BBH task for Qwen 0.5B with --precision mixed on two cores.
+    /// The default: 20 train / 50 dev / 100 test, 10 steps, 256 reasoning tokens; half an
+    /// hour to two hours a BBH task for Qwen 0.5B on two cores.
     Light,
     /// 30 train / 100 dev / 100 test, 30 steps, 512 reasoning tokens.
     Medium,
@@ -269,12 +270,12 @@ pub enum Size {
 
 impl Size {
     /// (train, dev, test, steps, max_reasoning)
-    pub fn counts(self) -> (usize, usize, usize, usize, usize) {
+    pub fn counts(self) -> (usize, usize, Count, usize, usize) {
         match self {
-            Size::Demo => (20, 40, 50, 12, 64),
-            Size::Light => (20, 50, 100, 10, 256),
-            Size::Medium => (30, 100, 100, 30, 512),
-            Size::Paper => (50, 100, 100, 100, 1024),
+            Size::Demo => (20, 40, Count::N(50), 12, 64),
+            Size::Light => (20, 50, Count::N(100), 10, 256),
+            Size::Medium => (30, 100, Count::N(100), 30, 512),
+            Size::Paper => (50, 100, Count::N(100), 100, 1024),
         }
     }
 
@@ -293,13 +294,15 @@ pub enum Preset {
 }
 
 impl Default for OptimizeConfig {
-    /// The reference's method settings, except the system turn (the chat template's) and the
-    /// extractor's option letters (the data's), at [`Size::Light`] (with a dev split, which
-    /// the reference has not).
+    /// The reference's method settings, except the system turn (the chat template's), the
+    /// extractor's option letters (the data's) and the arithmetic (`mixed16`: f32's answers
+    /// and gradient shortlists within rounding, faster; `cargo bench --bench parity`), at
+    /// [`Size::Light`] (with a dev split, which the reference has not).
     fn default() -> Self {
         let method = OptimizeConfig {
             system: SystemTurn::Template,
             extractor_options: ExtractorOptions::Data,
+            precision: Precision::Mixed16,
             ..Self::reference()
         };
         Size::Light.apply(method)
@@ -318,7 +321,7 @@ impl OptimizeConfig {
             difficulty: 2,
             train: 50,
             dev: 0,
-            test: 100,
+            test: Count::N(100),
             steps: 100,
             patience: 0,
             top_k: 40,

@@ -25,7 +25,7 @@ use greater::model::generate::{generate, Request};
 use greater::optimize::run::{run, Changes, Start};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::OptimizeConfig;
-use greater::tasks::{Task, TaskOptions};
+use greater::tasks::{Count, Task, TaskOptions};
 use greater::tokenizer::{BudgetedAlloc, ChatTemplate, SystemTurn};
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
@@ -293,7 +293,7 @@ fn a_runs_checkpoint_and_step_log_on_resume() {
         difficulty: 1,
         train: 3,
         dev: 0,
-        test: 2,
+        test: Count::N(2),
         steps: 2,
         max_reasoning: 5,
         initial_prompt: Some("Go on.".into()),

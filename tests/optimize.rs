@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use greater::eval::user_ids;
 use greater::layout::Layout;
-use greater::model::{KvCache, Pass};
+use greater::model::{KvCache, Pass, Precision};
 use greater::optimize::ape::{
     instruction_from_reply, proposal_request, reply_start, PROPOSALS_PER_ROUND,
 };
@@ -30,7 +30,7 @@ use greater::report::text::budget_warning;
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
-use greater::tasks::{Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
+use greater::tasks::{Count, Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -153,10 +153,12 @@ fn tiny_settings(model: &Path, steps: usize) -> OptimizeConfig {
         difficulty: 1,
         train: 3,
         dev: 0,
-        test: 2,
+        test: Count::N(2),
         steps,
         max_reasoning: 5,
         initial_prompt: Some("Go on.".into()),
+        // The tiny models' tests check behaviour, with f32's exact sums.
+        precision: Precision::F32,
         ..OptimizeConfig::default()
     }
 }
@@ -393,7 +395,7 @@ fn open_quietly(path: &Path) -> LanguageModel {
 }
 
 fn arithmetic(train: usize) -> (Task, Split) {
-    Task::load_split("arithmetic", None, 0, 1, (train, 2, 2)).unwrap()
+    Task::load_split("arithmetic", None, 0, 1, (train, 2, Count::N(2))).unwrap()
 }
 
 fn no_interrupt() -> Arc<AtomicBool> {
@@ -969,9 +971,10 @@ fn a_fixed_seed_smollm2_run_takes_the_recorded_decisions() {
         difficulty: 1,
         train: 3,
         dev: 0,
-        test: 2,
+        test: Count::N(2),
         steps: 4,
         max_reasoning: 24,
+        precision: Precision::F32,
         ..OptimizeConfig::default()
     };
     let out = tmp.path().join("run");
@@ -1366,7 +1369,7 @@ fn a_screening_judges_configurations_on_dev_and_never_evaluates_a_test_question(
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
                 .unwrap();
         // No test split at all, so nothing could evaluate one; and no test file was written.
-        assert!(run.split.test.is_empty() && run.settings.test == 0);
+        assert!(run.split.test.is_empty() && run.settings.test == Count::N(0));
         assert_eq!(run.split.dev.len(), 2);
         let names: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
@@ -1482,7 +1485,8 @@ fn greater_cli(args: &[&str]) -> (Option<i32>, String, String) {
 fn finished_cli_run(tmp: &Path) -> (PathBuf, greater::records::RunConfig) {
     let model = tiny_model(tmp);
     let config = tmp.join("run.toml");
-    let settings = OptimizeConfig { dev: 3, test: 4, steps: 1, ..tiny_settings(&model, 1) };
+    let settings =
+        OptimizeConfig { dev: 3, test: Count::N(4), steps: 1, ..tiny_settings(&model, 1) };
     std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
     let out = tmp.join("run");
     let (code, _, err) = greater_cli(&[
@@ -1720,7 +1724,7 @@ fn the_example_task_and_settings_files_load_and_run_a_one_step_search() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     // The file's settings, under the typed flags.
     let s = &config.settings;
-    assert_eq!((s.train, s.dev, s.test, s.steps, s.max_reasoning), (20, 30, 30, 1, 4));
+    assert_eq!((s.train, s.dev, s.test, s.steps, s.max_reasoning), (20, 30, Count::N(30), 1, 4));
     assert_eq!(s.precision, greater::model::Precision::Mixed);
     assert_eq!(steps_without_timings(&out).len(), 1);
 }
@@ -1837,7 +1841,10 @@ fn the_report_shows_each_test_question_with_its_gold_and_every_prompts_parsed_an
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
     let out = tmp.path().join("run");
-    run_quietly(Start::New(OptimizeConfig { dev: 2, test: 4, ..tiny_settings(&model, 2) }), &out);
+    run_quietly(
+        Start::New(OptimizeConfig { dev: 2, test: Count::N(4), ..tiny_settings(&model, 2) }),
+        &out,
+    );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     let summary: Summary =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -1962,6 +1969,8 @@ fn a_fixed_seed_run_writes_the_records_of_the_code_before_the_redesign() {
         "3",
         "--max-reasoning",
         "16",
+        "--precision",
+        "f32",
         "--out",
         out.to_str().unwrap(),
     ]);

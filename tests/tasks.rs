@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use greater::tasks::{AnswerKind, ExtractorOptions, Split, Task, TaskOptions};
+use greater::tasks::{AnswerKind, Count, ExtractorOptions, Split, Task, TaskOptions};
 
 fn parse(kind: AnswerKind, raw: &str) -> Option<String> {
     kind.parse(raw)
@@ -269,6 +269,26 @@ fn splits_are_deterministic_and_disjoint() {
         err,
         "the split needs 250 examples (train 50 + dev 100 + test 100) but the task has 187"
     );
+}
+
+#[test]
+fn a_rest_test_split_holds_every_question_not_in_train_or_dev() {
+    // A BBH task (250 questions) and a generated one (300 unless more are asked for).
+    let (task, split) = Task::load_split("arithmetic", None, 3, 1, (30, 100, Count::Rest)).unwrap();
+    assert_eq!((task.examples.len(), split.test.len()), (300, 170));
+    let (_, fixed) = Task::load_split("arithmetic", None, 3, 1, (30, 100, Count::N(170))).unwrap();
+    assert_eq!(fixed, split, "rest is the same split as its number");
+    // Written as a number or the word, in flags, TOML and config.json alike.
+    assert_eq!("rest".parse::<Count>(), Ok(Count::Rest));
+    assert_eq!("57".parse::<Count>(), Ok(Count::N(57)));
+    assert_eq!("all".parse::<Count>().unwrap_err(), "\"all\": a number of questions or rest");
+    assert_eq!(serde_json::to_string(&Count::Rest).unwrap(), "\"rest\"");
+    assert_eq!(serde_json::to_string(&Count::N(4)).unwrap(), "4");
+    assert_eq!(serde_json::from_str::<Count>("\"rest\"").unwrap(), Count::Rest);
+    assert_eq!(serde_json::from_str::<Count>("4").unwrap(), Count::N(4));
+    assert!(serde_json::from_str::<Count>("\"most\"").is_err());
+    let settings = greater::settings::OptimizeConfig::default();
+    assert_eq!(settings.with_toml("test = \"rest\"\n").unwrap().test, Count::Rest);
 }
 
 /// Python evaluates the generated questions independently.

@@ -326,7 +326,7 @@ pub fn run(
     };
     dir.truncate_steps(state.step)?;
 
-    let budget_tokens = search(&optimizer, &dir, s, &mut state, train.len(), report)?;
+    let budget_tokens = search(&optimizer, &dir, s, &mut state, &config.split, report)?;
     // The returned prompt: the best on dev among the best few by train score, the initial
     // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
     let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
@@ -381,9 +381,10 @@ fn search(
     dir: &RunDir,
     s: &OptimizeConfig,
     state: &mut State,
-    n_train: usize,
+    split: &Split,
     report: &mut dyn FnMut(Event),
 ) -> Result<Option<usize>> {
+    let n_train = split.train.len();
     let calibration: Calibration = dir.read_json("calibration.json")?;
     let log_step =
         |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
@@ -411,7 +412,7 @@ fn search(
     let remaining = s.steps.saturating_sub(state.step);
     let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
     if remaining > 0 && !stopped_early {
-        let budget = budget_line(optimizer, &calibration, s, state, remaining, n_train)?;
+        let budget = budget_line(optimizer, &calibration, s, state, remaining, split)?;
         report(Event::Start { done: state.step, total: s.steps, budget });
         while state.step < s.steps {
             let record = optimizer.step(state)?;
@@ -433,14 +434,15 @@ fn budget_line(
     s: &OptimizeConfig,
     state: &State,
     steps: usize,
-    n_train: usize,
+    split: &Split,
 ) -> Result<String> {
     let t = Instant::now();
     optimizer.time_one_gradient(state)?;
     let per_pass = t.elapsed().as_secs_f64();
     // Reasoning under the shortlisted prompts each step, the contenders on dev, then the
     // three test evaluations.
-    let sequences = steps * s.shortlist * n_train + (2 + s.dev_candidates) * s.dev + 3 * s.test;
+    let (n_train, n_dev, n_test) = (split.train.len(), split.dev.len(), split.test.len());
+    let sequences = steps * s.shortlist * n_train + (2 + s.dev_candidates) * n_dev + 3 * n_test;
     let tokens = (sequences as f64 * c.mean_reasoning) as usize;
     let passes = steps * n_train;
     let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;

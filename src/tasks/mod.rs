@@ -173,10 +173,11 @@ impl Task {
         data_dir: Option<PathBuf>,
         seed: u64,
         difficulty: usize,
-        (train, dev, test): (usize, usize, usize),
+        (train, dev, test): (usize, usize, Count),
     ) -> Result<(Task, Split)> {
-        let count = (train + dev + test).max(300);
+        let count = (train + dev + test.at_least()).max(300);
         let task = Task::load(spec, &TaskOptions { data_dir, seed, difficulty, count })?;
+        let test = test.of((task.examples.len()).saturating_sub(train + dev));
         let split = Split::new(task.examples.len(), train, dev, test, seed)
             .with_context(|| format!("task {} from {}", task.name, task.source))?;
         Ok((task, split))
@@ -256,6 +257,80 @@ pub struct Split {
     pub dev: Vec<usize>,
     /// Indices of the held-out questions.
     pub test: Vec<usize>,
+}
+
+/// How many questions a split takes: a number, or `rest` (every question the other splits
+/// leave, so that a benchmark's whole remainder is held out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "CountRepr", into = "CountRepr")]
+pub enum Count {
+    /// Exactly this many.
+    N(usize),
+    /// Whatever is left.
+    Rest,
+}
+
+/// `Count` as written: a number or the word `rest`.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum CountRepr {
+    N(usize),
+    Word(String),
+}
+
+impl TryFrom<CountRepr> for Count {
+    type Error = String;
+    fn try_from(r: CountRepr) -> std::result::Result<Self, String> {
+        match r {
+            CountRepr::N(n) => Ok(Count::N(n)),
+            CountRepr::Word(w) => w.parse(),
+        }
+    }
+}
+
+impl From<Count> for CountRepr {
+    fn from(c: Count) -> Self {
+        match c {
+            Count::N(n) => CountRepr::N(n),
+            Count::Rest => CountRepr::Word("rest".into()),
+        }
+    }
+}
+
+impl std::str::FromStr for Count {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "rest" => Ok(Count::Rest),
+            _ => {
+                s.parse().map(Count::N).map_err(|_| format!("{s:?}: a number of questions or rest"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Count::N(n) => write!(f, "{n}"),
+            Count::Rest => f.write_str("rest"),
+        }
+    }
+}
+
+impl Count {
+    /// The number of questions when `left` remain after the other splits.
+    pub fn of(self, left: usize) -> usize {
+        match self {
+            Count::N(n) => n,
+            Count::Rest => left,
+        }
+    }
+
+    /// The fewest questions it can mean (a generated task makes at least this many more).
+    pub fn at_least(self) -> usize {
+        self.of(0)
+    }
 }
 
 impl Split {
