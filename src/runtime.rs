@@ -190,7 +190,10 @@ fn open_hf_dir(
 /// memory back to the kernel (trimming the heap top, unmapping large chunks), so the next
 /// pass page-faults it in again, zeroed: a quarter of a Qwen gradient pass was the kernel
 /// clearing pages. Raising both thresholds to their maximum keeps freed memory for reuse;
-/// the peak is unchanged (memory is reused, not added).
+/// the peak is unchanged (memory is reused, not added). One arena for all threads: the
+/// passes run on rayon's threads ([`crate::model::on_pool`]), and with an arena per thread
+/// each would keep its own freed memory (a larger resident size, and slower steps in
+/// `cargo bench --bench step`).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -201,6 +204,7 @@ fn keep_freed_memory() {
         ONCE.call_once(|| unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         });
     }
 }

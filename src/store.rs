@@ -113,7 +113,8 @@ impl RunDir {
 
     /// Writes `name` so that a reader sees the old or the new content, never a mix.
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let tmp = self.file(&format!(".{name}.tmp"));
+        // Named by process too: shards of a protocol write the same table files at once.
+        let tmp = self.file(&format!(".{name}.{}.tmp", std::process::id()));
         let written = File::create(&tmp).and_then(|mut f| {
             f.write_all(bytes)?;
             f.sync_all()

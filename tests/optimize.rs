@@ -2021,9 +2021,10 @@ fn a_full_disk_is_reported_with_the_file_that_could_not_be_written() {
     use greater::store::RunDir;
     let dir = RunDir::create(&tmp.path().join("run")).unwrap();
     dir.write_json("summary.json", &1).unwrap();
-    std::os::unix::fs::symlink("/dev/full", tmp.path().join("run/.summary.json.tmp")).unwrap();
+    let temporary = format!(".summary.json.{}.tmp", std::process::id());
+    std::os::unix::fs::symlink("/dev/full", tmp.path().join("run").join(&temporary)).unwrap();
     let err = format!("{:#}", dir.write_json("summary.json", &2).unwrap_err());
-    assert!(err.contains("cannot write") && err.contains(".summary.json.tmp"), "{err}");
+    assert!(err.contains("cannot write") && err.contains(&temporary), "{err}");
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(dir.read_json::<i32>("summary.json").unwrap(), 1);
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::on_pool;
 use super::transformer::{KvCache, Model, Pass};
 
 /// Seeded sampling: temperature, then nucleus (top-p).
@@ -102,22 +103,24 @@ const BATCH_TOKENS: usize = 4096;
 /// length share one forward (see [`Model::forward_ragged`]), so a weight is read once per
 /// batch rather than once per request.
 pub fn run_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
-    let lens: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
-    let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
-    let mut out: Vec<Option<(KvCache, Tensor)>> = (0..slots.len()).map(|_| None).collect();
-    for batch in length_batches(&lens, BATCH_TOKENS) {
-        let (mut caches, ids): (Vec<KvCache>, Vec<Vec<u32>>) = batch
-            .iter()
-            .map(|&i| slots[i].take().expect("each request runs once"))
-            .map(|r| (r.prefix, r.ids))
-            .unzip();
-        let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let hidden = model.forward_ragged(&mut caches, &ids)?;
-        for ((&i, cache), h) in batch.iter().zip(caches).zip(hidden) {
-            out[i] = Some((cache, h));
+    on_pool(move || {
+        let lens: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
+        let mut slots: Vec<Option<Request>> = requests.into_iter().map(Some).collect();
+        let mut out: Vec<Option<(KvCache, Tensor)>> = (0..slots.len()).map(|_| None).collect();
+        for batch in length_batches(&lens, BATCH_TOKENS) {
+            let (mut caches, ids): (Vec<KvCache>, Vec<Vec<u32>>) = batch
+                .iter()
+                .map(|&i| slots[i].take().expect("each request runs once"))
+                .map(|r| (r.prefix, r.ids))
+                .unzip();
+            let ids: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+            let hidden = model.forward_ragged(&mut caches, &ids)?;
+            for ((&i, cache), h) in batch.iter().zip(caches).zip(hidden) {
+                out[i] = Some((cache, h));
+            }
         }
-    }
-    Ok(out.into_iter().map(|o| o.expect("every request ran")).collect())
+        Ok(out.into_iter().map(|o| o.expect("every request ran")).collect())
+    })
 }
 
 /// Indices of sequences of lengths `lens` grouped for padded batches: shortest first, each
@@ -177,79 +180,85 @@ pub fn generate(
     requests: Vec<Request>,
     cfg: &GenerateConfig,
 ) -> Result<Vec<Generated>> {
-    let n = requests.len();
-    let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
-        .map(|i| {
-            cfg.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64)))
-        })
-        .collect();
-    let mut out: Vec<Generated> = Vec::with_capacity(n);
-    // (request index, cache, next token) of the sequences still running.
-    let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-    for (i, (cache, prefill, logits)) in
-        run_all_with_logits(model, requests)?.into_iter().enumerate()
-    {
-        out.push(Generated {
-            ids: Vec::new(),
-            stop: StopReason::Budget,
-            cache: KvCache::default(),
-            fed: 0,
-            prefill,
-        });
-        if cfg.max_tokens == 0 {
-            // Nothing to generate: the prompt is still fed, so the caller can continue it.
-            out[i].cache = cache;
-            continue;
-        }
-        let next =
-            pick(&logits.unsqueeze(0)?, cfg.sampling.as_ref(), std::slice::from_mut(&mut rngs[i]))?
-                [0];
-        running.push((i, cache, next));
-    }
-    loop {
-        running.retain_mut(|(i, cache, tok)| {
-            let out = &mut out[*i];
-            let stop = cfg.stop_ids.contains(tok);
-            if !stop {
-                out.ids.push(*tok);
-            }
-            // The next token would sit past the last position the model has.
-            let full = cache.len() >= model.cfg.max_position;
-            if stop || out.ids.len() >= cfg.max_tokens || full {
-                out.stop = match (stop, out.ids.len() >= cfg.max_tokens) {
-                    (true, _) => StopReason::StopToken,
-                    (false, true) => StopReason::Budget,
-                    (false, false) => StopReason::ContextLimit,
-                };
-                out.fed = out.ids.len() - usize::from(!stop);
-                out.cache = std::mem::take(cache);
-                return false;
-            }
-            true
-        });
-        if running.is_empty() {
-            return Ok(out);
-        }
-        if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(Cancelled.into());
-        }
-        let toks: Vec<u32> = running.iter().map(|r| r.2).collect();
-        let x = model.embed(&toks)?.unsqueeze(1)?;
-        let mut caches: Vec<KvCache> =
-            running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
-        let hidden = model.forward(&x, &mut caches, Pass::Fast)?;
-        let logits = model.logits(&hidden.squeeze(1)?)?;
-        let mut batch_rngs: Vec<Option<ChaCha8Rng>> =
-            running.iter().map(|r| rngs[r.0].take()).collect();
-        let next = pick(&logits, cfg.sampling.as_ref(), &mut batch_rngs)?;
-        for ((r, cache), (tok, rng)) in
-            running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs))
+    on_pool(move || {
+        let n = requests.len();
+        let mut rngs: Vec<Option<ChaCha8Rng>> = (0..n)
+            .map(|i| {
+                cfg.sampling
+                    .as_ref()
+                    .map(|s| ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(i as u64)))
+            })
+            .collect();
+        let mut out: Vec<Generated> = Vec::with_capacity(n);
+        // (request index, cache, next token) of the sequences still running.
+        let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
+        for (i, (cache, prefill, logits)) in
+            run_all_with_logits(model, requests)?.into_iter().enumerate()
         {
-            r.1 = cache;
-            r.2 = tok;
-            rngs[r.0] = rng;
+            out.push(Generated {
+                ids: Vec::new(),
+                stop: StopReason::Budget,
+                cache: KvCache::default(),
+                fed: 0,
+                prefill,
+            });
+            if cfg.max_tokens == 0 {
+                // Nothing to generate: the prompt is still fed, so the caller can continue it.
+                out[i].cache = cache;
+                continue;
+            }
+            let next = pick(
+                &logits.unsqueeze(0)?,
+                cfg.sampling.as_ref(),
+                std::slice::from_mut(&mut rngs[i]),
+            )?[0];
+            running.push((i, cache, next));
         }
-    }
+        loop {
+            running.retain_mut(|(i, cache, tok)| {
+                let out = &mut out[*i];
+                let stop = cfg.stop_ids.contains(tok);
+                if !stop {
+                    out.ids.push(*tok);
+                }
+                // The next token would sit past the last position the model has.
+                let full = cache.len() >= model.cfg.max_position;
+                if stop || out.ids.len() >= cfg.max_tokens || full {
+                    out.stop = match (stop, out.ids.len() >= cfg.max_tokens) {
+                        (true, _) => StopReason::StopToken,
+                        (false, true) => StopReason::Budget,
+                        (false, false) => StopReason::ContextLimit,
+                    };
+                    out.fed = out.ids.len() - usize::from(!stop);
+                    out.cache = std::mem::take(cache);
+                    return false;
+                }
+                true
+            });
+            if running.is_empty() {
+                return Ok(out);
+            }
+            if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Cancelled.into());
+            }
+            let toks: Vec<u32> = running.iter().map(|r| r.2).collect();
+            let x = model.embed(&toks)?.unsqueeze(1)?;
+            let mut caches: Vec<KvCache> =
+                running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
+            let hidden = model.forward(&x, &mut caches, Pass::Fast)?;
+            let logits = model.logits(&hidden.squeeze(1)?)?;
+            let mut batch_rngs: Vec<Option<ChaCha8Rng>> =
+                running.iter().map(|r| rngs[r.0].take()).collect();
+            let next = pick(&logits, cfg.sampling.as_ref(), &mut batch_rngs)?;
+            for ((r, cache), (tok, rng)) in
+                running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs))
+            {
+                r.1 = cache;
+                r.2 = tok;
+                rngs[r.0] = rng;
+            }
+        }
+    })
 }
 
 /// Next token per row of `logits` [batch, vocab].

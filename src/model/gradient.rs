@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 
 use super::generate::length_batches;
+use super::on_pool;
 use super::transformer::{KvCache, Model, Pass};
 
 /// One sequence whose token at `position` is a mixture of `candidates` rows of the
@@ -34,7 +35,7 @@ const GRADIENT_BATCH_TOKENS: usize = 512;
 pub fn loss_and_gradient(
     model: &Model,
     input: &OneHotInput,
-    loss: impl Fn(&Tensor) -> Result<Tensor>,
+    loss: impl Fn(&Tensor) -> Result<Tensor> + Sync,
 ) -> Result<(f64, Vec<f32>)> {
     Ok(loss_and_gradients(model, std::slice::from_ref(input), |_, logits| loss(logits))?.remove(0))
 }
@@ -45,26 +46,29 @@ pub fn loss_and_gradient(
 pub fn loss_and_gradients(
     model: &Model,
     inputs: &[OneHotInput],
-    loss: impl Fn(usize, &Tensor) -> Result<Tensor>,
+    loss: impl Fn(usize, &Tensor) -> Result<Tensor> + Sync,
 ) -> Result<Vec<(f64, Vec<f32>)>> {
-    let lens: Vec<usize> =
-        inputs.iter().map(|i| i.ids.len().saturating_sub(i.prefix.len())).collect();
-    let mut out: Vec<Option<(f64, Vec<f32>)>> = vec![None; inputs.len()];
-    for batch in length_batches(&lens, GRADIENT_BATCH_TOKENS) {
-        let group: Vec<&OneHotInput> = batch.iter().map(|&i| &inputs[i]).collect();
-        let (weights, values) = forward_losses(model, &group, |j, logits| loss(batch[j], logits))?;
-        let total = values.iter().skip(1).try_fold(values[0].clone(), |sum, v| sum + v)?;
-        let grads = total.backward()?;
-        for ((&i, w), value) in batch.iter().zip(&weights).zip(&values) {
-            let grad = match grads.get(w.as_tensor()) {
-                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-                // The loss does not read anything downstream of the position.
-                None => vec![0.0; inputs[i].candidates.len()],
-            };
-            out[i] = Some((scalar(value)?, grad));
+    on_pool(|| {
+        let lens: Vec<usize> =
+            inputs.iter().map(|i| i.ids.len().saturating_sub(i.prefix.len())).collect();
+        let mut out: Vec<Option<(f64, Vec<f32>)>> = vec![None; inputs.len()];
+        for batch in length_batches(&lens, GRADIENT_BATCH_TOKENS) {
+            let group: Vec<&OneHotInput> = batch.iter().map(|&i| &inputs[i]).collect();
+            let (weights, values) =
+                forward_losses(model, &group, |j, logits| loss(batch[j], logits))?;
+            let total = values.iter().skip(1).try_fold(values[0].clone(), |sum, v| sum + v)?;
+            let grads = total.backward()?;
+            for ((&i, w), value) in batch.iter().zip(&weights).zip(&values) {
+                let grad = match grads.get(w.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    // The loss does not read anything downstream of the position.
+                    None => vec![0.0; inputs[i].candidates.len()],
+                };
+                out[i] = Some((scalar(value)?, grad));
+            }
         }
-    }
-    Ok(out.into_iter().map(|o| o.expect("every input is in a batch")).collect())
+        Ok(out.into_iter().map(|o| o.expect("every input is in a batch")).collect())
+    })
 }
 
 /// The loss alone (no backward pass), e.g. for finite-difference checks.

@@ -58,3 +58,11 @@ impl Precision {
         Precision::F32
     }
 }
+
+/// Runs `work` on a thread of rayon's pool (directly when already on one). The kernels split
+/// each product and attention over the pool; a pass makes hundreds of such calls, and from a
+/// thread outside the pool each is handed to the pool and waited for with a sleep and a
+/// wake-up, where from a worker it is a nested join. `cargo bench --bench step` measures it.
+pub fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}
