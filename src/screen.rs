@@ -76,14 +76,15 @@ fn better_start_is_initial(summary: &Summary) -> bool {
 }
 
 /// The earlier configuration (among the first `c`) whose finished run on `task` this one's
-/// search would repeat step for step: see the module's documentation.
+/// search would repeat step for step, with that run's summary: see the module's
+/// documentation.
 fn repeated_search(
     config: &ScreenConfig,
     c: usize,
     settings: &OptimizeConfig,
     task: &str,
     out: &Path,
-) -> Result<Option<String>> {
+) -> Result<Option<(String, Summary)>> {
     if settings.start != StartFrom::Better {
         return Ok(None);
     }
@@ -93,7 +94,7 @@ fn repeated_search(
         if config.settings(changes, task)? == from_initial && dir.join("summary.json").exists() {
             let summary: Summary = RunDir::open(&dir)?.read_json("summary.json")?;
             if better_start_is_initial(&summary) {
-                return Ok(Some(name.clone()));
+                return Ok(Some((name.clone(), summary)));
             }
         }
     }
@@ -163,29 +164,32 @@ pub fn run_screen(
             } else {
                 repeated_search(&config, c, &settings, task, out)?
             };
-            let row_dir = match &repeats {
-                Some(earlier) => {
+            let (row_dir, summary, same_search_as) = match repeats {
+                Some((earlier, summary)) => {
                     report(ScreenEvent::Event(Event::Info(format!(
                         "{name}/{task}: the better start is the initial prompt, so the search is \
                          {earlier}'s: its run is reused"
                     ))));
-                    out.join(earlier).join(task)
+                    (out.join(&earlier).join(task), summary, Some(earlier))
                 }
-                None => run_dir,
-            };
-            let summary: Summary = if row_dir.join("summary.json").exists() {
-                RunDir::open(&row_dir)?.read_json("summary.json")?
-            } else {
-                let start = if row_dir.join("config.json").exists() {
-                    Start::Resume(resume_changes.clone())
-                } else {
-                    Start::New(settings)
-                };
-                run(start, &row_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?
+                None if run_dir.join("summary.json").exists() => {
+                    let summary = RunDir::open(&run_dir)?.read_json("summary.json")?;
+                    (run_dir, summary, None)
+                }
+                None => {
+                    let start = if run_dir.join("config.json").exists() {
+                        Start::Resume(resume_changes.clone())
+                    } else {
+                        Start::New(settings)
+                    };
+                    let summary =
+                        run(start, &run_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?;
+                    (run_dir, summary, None)
+                }
             };
             let steps: Vec<StepRecord> = RunDir::open(&row_dir)?.read_steps()?;
             let row = ScreenRow::from_summary(name, task, &summary, &steps)?;
-            rows.push(ScreenRow { same_search_as: repeats, ..row });
+            rows.push(ScreenRow { same_search_as, ..row });
         }
     }
     let table = ScreenTable { rows };

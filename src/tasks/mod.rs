@@ -177,7 +177,7 @@ impl Task {
     ) -> Result<(Task, Split)> {
         let count = (train + dev + test.at_least()).max(300);
         let task = Task::load(spec, &TaskOptions { data_dir, seed, difficulty, count })?;
-        let test = test.of((task.examples.len()).saturating_sub(train + dev));
+        let test = test.of(task.examples.len().saturating_sub(train + dev));
         let split = Split::new(task.examples.len(), train, dev, test, seed)
             .with_context(|| format!("task {} from {}", task.name, task.source))?;
         Ok((task, split))
