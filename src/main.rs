@@ -491,10 +491,14 @@ struct ProtocolArgs {
     #[arg(long, conflicts_with = "resume")]
     transfer_to: Option<String>,
     /// Methods run on every task, comma-separated, e.g. greater,ape,gcg: the first fills the
-    /// "optimised" column, each other adds one; ape spends the tokens greater spent on the
-    /// task [default: --method].
+    /// "optimised" column and runs on every task first, each other adds a column; ape
+    /// spends the tokens greater spent on the task [default: --method].
     #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "resume")]
     methods: Vec<Method>,
+    /// Run the methods after the first on the first N tasks only (the first method runs on
+    /// all of them first, then the others) [default: every task].
+    #[arg(long, value_name = "N", conflicts_with = "resume")]
+    baseline_tasks: Option<usize>,
     /// Run only this share of the tasks, I/N with I from 0 (task i when i mod N = I), beside
     /// the other shards on the same --out: one job of a Slurm array each, for instance. The
     /// table covers the tasks finished so far; the last shard to finish (or --resume)
@@ -591,6 +595,7 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
                 tasks,
                 transfer_to: args.transfer_to.clone(),
                 methods: args.methods.clone(),
+                baseline_tasks: args.baseline_tasks,
             };
             (Start::New(config), out)
         }

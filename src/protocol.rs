@@ -20,8 +20,8 @@ use anyhow::{bail, Result};
 use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
 use crate::records::{
-    Contender, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig, ProtocolTable,
-    SearchTrace, StepRecord, Summary, TaskRow, Transfer,
+    Contender, Difference, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig,
+    ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
 };
 use crate::settings::{Method, OptimizeConfig};
 use crate::store::{method_folder, task_folder, RunDir};
@@ -152,68 +152,79 @@ pub fn run_protocol(
         begin(&dir, start, shard)?
     };
     let methods = config.methods();
-    let total = config.tasks.len() * methods.len();
+    let order = run_order(&config);
     let mut table = finished_table(&dir, &config)?;
-    for (t_index, task) in config.tasks.iter().enumerate() {
+    for (index, &(m_index, t_index)) in order.iter().enumerate() {
         if !shard.takes(t_index) {
             continue;
         }
-        let mut greater_tokens = None;
-        for (m_index, &method) in methods.iter().enumerate() {
-            let folder = method_folder(task, &methods, m_index);
-            let name = if methods.len() > 1 {
-                format!("{task} ({})", method.name())
+        let (task, method) = (&config.tasks[t_index], methods[m_index]);
+        let folder = method_folder(task, &methods, m_index);
+        let name =
+            if methods.len() > 1 { format!("{task} ({})", method.name()) } else { task.clone() };
+        let total = order.len();
+        report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
+        let run_dir = out.join(&folder);
+        if !run_dir.join("summary.json").exists() {
+            let start = if run_dir.join("config.json").exists() {
+                Start::Resume(changes.clone())
             } else {
-                task.clone()
-            };
-            let index = t_index * methods.len() + m_index;
-            report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
-            let run_dir = out.join(&folder);
-            let summary: Summary = if run_dir.join("summary.json").exists() {
-                RunDir::open(&run_dir)?.read_json("summary.json")?
-            } else {
-                let start = if run_dir.join("config.json").exists() {
-                    Start::Resume(changes.clone())
-                } else {
-                    // `ape` spends what GReaTer spent on the same task.
-                    let budget_tokens = match method {
-                        Method::Ape => config.settings.budget_tokens.or(greater_tokens),
-                        _ => config.settings.budget_tokens,
-                    };
-                    if m_index > 0 {
-                        // Zero-shot CoT and the initial prompt are the same prompts on the
-                        // same questions for every method: measured once, in the first's.
-                        let first = RunDir::open(&out.join(task_folder(task)))?;
-                        let baselines = [Label::ZeroShotCot, Label::Initial];
-                        RunDir::folder(&run_dir)?.copy_evaluations(&first, &baselines)?;
+                // `ape` spends what GReaTer spent on the same task.
+                let budget_tokens = match method {
+                    Method::Ape => {
+                        config.settings.budget_tokens.or(greater_tokens(out, task, &methods)?)
                     }
-                    let settings = OptimizeConfig {
-                        task: task.clone(),
-                        method,
-                        budget_tokens,
-                        ..config.settings.clone()
-                    };
-                    Start::New(settings)
+                    _ => config.settings.budget_tokens,
                 };
-                let t = Instant::now();
-                let result =
-                    run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
-                add_wall_seconds(&dir, &folder, t.elapsed().as_secs_f64())?;
-                result?
+                if m_index > 0 {
+                    // Zero-shot CoT and the initial prompt are the same prompts on the same
+                    // questions for every method: measured once, in the first's.
+                    let first = RunDir::open(&out.join(task_folder(task)))?;
+                    let baselines = [Label::ZeroShotCot, Label::Initial];
+                    RunDir::folder(&run_dir)?.copy_evaluations(&first, &baselines)?;
+                }
+                let settings = OptimizeConfig {
+                    task: task.clone(),
+                    method,
+                    budget_tokens,
+                    ..config.settings.clone()
+                };
+                Start::New(settings)
             };
-            if method == Method::Greater {
-                greater_tokens = Some(summary.generated_tokens);
-            }
+            let t = Instant::now();
+            let result = run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
+            add_wall_seconds(&dir, &folder, t.elapsed().as_secs_f64())?;
+            result?;
         }
-        if let Some(model) = &config.transfer_to {
-            transfer(&out.join(task_folder(task)), model, interrupt, &mut |e| {
-                report(ProtocolEvent::Run(e))
-            })?;
+        if let (0, Some(model)) = (m_index, &config.transfer_to) {
+            transfer(&run_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?;
         }
         table = finished_table(&dir, &config)?;
         report(ProtocolEvent::Table(&table, &config));
     }
     Ok((table, config))
+}
+
+/// The protocol's runs as (method index, task index): the first method on every task, then
+/// each other method on its tasks, so that the main table is filled first.
+pub fn run_order(config: &ProtocolConfig) -> Vec<(usize, usize)> {
+    let tasks = config.tasks.len();
+    (0..config.methods().len())
+        .flat_map(|m| (0..tasks).map(move |t| (m, t)))
+        .filter(|&(m, t)| config.runs(m, t))
+        .collect()
+}
+
+/// Tokens GReaTer decoded on `task` in this protocol, once its run there has finished.
+fn greater_tokens(out: &Path, task: &str, methods: &[Method]) -> Result<Option<usize>> {
+    let Some(m) = methods.iter().position(|&m| m == Method::Greater) else {
+        return Ok(None);
+    };
+    let dir = out.join(method_folder(task, methods, m));
+    if !dir.join("summary.json").exists() {
+        return Ok(None);
+    }
+    Ok(Some(RunDir::open(&dir)?.read_json::<Summary>("summary.json")?.generated_tokens))
 }
 
 /// The configuration of a new protocol written (a shard may find it written by another
@@ -259,21 +270,27 @@ fn add_wall_seconds(dir: &RunDir, folder: &str, seconds: f64) -> Result<()> {
     dir.write_json("progress.json", &progress)
 }
 
-/// The table of the tasks whose every run (and transfer) has finished, in the protocol's
-/// order, read from their folders and written to `protocol.json`.
+/// The table of the tasks whose first method's run (and transfer) has finished, in the
+/// protocol's order, each beside the other methods' runs on it that have finished; written
+/// to `protocol.json`.
 fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable> {
     let _lock = dir.lock_briefly()?;
     let progress: BTreeMap<String, f64> =
         if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
     let methods = config.methods();
+    let finished = |task: &str, m: usize| -> Result<Option<(Summary, f64)>> {
+        let folder = method_folder(task, &methods, m);
+        let path = dir.path.join(&folder);
+        if !path.join("summary.json").exists() {
+            return Ok(None);
+        }
+        let wall = progress.get(&folder).copied().unwrap_or(0.0);
+        Ok(Some((RunDir::open(&path)?.read_json("summary.json")?, wall)))
+    };
     let mut rows = Vec::new();
     for task in &config.tasks {
-        let folders: Vec<String> =
-            (0..methods.len()).map(|m| method_folder(task, &methods, m)).collect();
-        if !folders.iter().all(|f| dir.path.join(f).join("summary.json").exists()) {
-            continue;
-        }
-        let first_dir = RunDir::open(&dir.path.join(&folders[0]))?;
+        let Some((first, wall)) = finished(task, 0)? else { continue };
+        let first_dir = RunDir::open(&dir.path.join(task_folder(task)))?;
         let transfer: Option<Transfer> = match &config.transfer_to {
             Some(model) => match read_transfer(&first_dir, model)? {
                 Some(t) => Some(t),
@@ -281,27 +298,21 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
             },
             None => None,
         };
-        let mut summaries = Vec::with_capacity(methods.len());
-        for f in &folders {
-            let summary: Summary = RunDir::open(&dir.path.join(f))?.read_json("summary.json")?;
-            summaries.push((summary, progress.get(f).copied().unwrap_or(0.0)));
+        let mut baselines = Vec::new();
+        for (m, &method) in methods.iter().enumerate().skip(1) {
+            if let Some((s, w)) = finished(task, m)? {
+                baselines.push(method_row(task, method, &s, w)?);
+            }
         }
-        let (first, wall) = &summaries[0];
-        let baselines = methods
-            .iter()
-            .zip(&summaries)
-            .skip(1)
-            .map(|(&m, (s, w))| method_row(task, m, s, *w))
-            .collect::<Result<_>>()?;
         let search = search_trace(&first_dir.read_steps()?, &first.contenders);
         rows.push(TaskRow {
             transfer,
             baselines,
             search,
-            ..task_row(task, methods[0], first, *wall)?
+            ..task_row(task, methods[0], &first, wall)?
         });
     }
-    let result = table(rows);
+    let result = table(rows, &methods[1..]);
     dir.write_json("protocol.json", &result)?;
     Ok(result)
 }
@@ -359,38 +370,48 @@ fn pooled(evals: &[&EvalSummary]) -> Pooled {
     }
 }
 
-/// Mean over tasks of (optimised - zero-shot CoT), with a 95% normal interval from the
-/// per-task differences (None with fewer than two tasks).
-fn gain_over_zero_shot<'r>(
+/// Mean over tasks of (a - b) accuracies, with a 95% normal interval from the per-task
+/// differences (None with fewer than two tasks).
+fn mean_difference<'r>(
     pairs: impl Iterator<Item = (&'r EvalSummary, &'r EvalSummary)>,
-) -> (f64, Option<(f64, f64)>) {
-    let gains: Vec<f64> = pairs.map(|(opt, zs)| opt.accuracy - zs.accuracy).collect();
-    let k = gains.len() as f64;
-    let mean = gains.iter().sum::<f64>() / k.max(1.0);
-    let interval = (gains.len() >= 2).then(|| {
-        let var = gains.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (k - 1.0);
+) -> Difference {
+    let diffs: Vec<f64> = pairs.map(|(a, b)| a.accuracy - b.accuracy).collect();
+    let k = diffs.len() as f64;
+    let mean = diffs.iter().sum::<f64>() / k.max(1.0);
+    let interval = (diffs.len() >= 2).then(|| {
+        let var = diffs.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (k - 1.0);
         let half = 1.959_963_984_540_054 * (var / k).sqrt();
         (mean - half, mean + half)
     });
-    (mean, interval)
+    Difference { mean, interval }
 }
 
-/// The table of `rows`: pooled accuracies and the mean gain over zero-shot CoT.
-pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
-    let (mean_gain, gain_interval) =
-        gain_over_zero_shot(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));
-    let methods: Vec<Method> =
-        rows.first().map(|r| r.baselines.iter().map(|b| b.method).collect()).unwrap_or_default();
-    let baselines = methods
+/// The table of `rows`: pooled accuracies and the mean gain over zero-shot CoT, for the
+/// first method and for each of `others` over the rows it has run on.
+pub fn table(rows: Vec<TaskRow>, others: &[Method]) -> ProtocolTable {
+    let gain = mean_difference(rows.iter().map(|r| (&r.optimised, &r.zero_shot_cot)));
+    let baselines = others
         .iter()
-        .enumerate()
-        .map(|(i, &method)| {
-            let (mean_gain, gain_interval) = gain_over_zero_shot(
-                rows.iter().map(|r| (&r.baselines[i].optimised, &r.zero_shot_cot)),
-            );
-            let optimised =
-                pooled(&rows.iter().map(|r| &r.baselines[i].optimised).collect::<Vec<_>>());
-            MethodPooled { method, optimised, mean_gain, gain_interval }
+        .filter_map(|&method| {
+            let ran: Vec<(&TaskRow, &EvalSummary)> = rows
+                .iter()
+                .filter_map(|r| {
+                    let b = r.baselines.iter().find(|b| b.method == method)?;
+                    Some((r, &b.optimised))
+                })
+                .collect();
+            if ran.is_empty() {
+                return None;
+            }
+            let gain = mean_difference(ran.iter().map(|&(r, b)| (b, &r.zero_shot_cot)));
+            Some(MethodPooled {
+                method,
+                tasks: ran.len(),
+                optimised: pooled(&ran.iter().map(|&(_, b)| b).collect::<Vec<_>>()),
+                mean_gain: gain.mean,
+                gain_interval: gain.interval,
+                first_lead: Some(mean_difference(ran.iter().map(|&(r, b)| (&r.optimised, b)))),
+            })
         })
         .collect();
     let column = |f: fn(&TaskRow) -> &EvalSummary| pooled(&rows.iter().map(f).collect::<Vec<_>>());
@@ -406,8 +427,8 @@ pub fn table(rows: Vec<TaskRow>) -> ProtocolTable {
         zero_shot_cot: column(|r| &r.zero_shot_cot),
         initial: column(|r| &r.initial),
         optimised: column(|r| &r.optimised),
-        mean_gain,
-        gain_interval,
+        mean_gain: gain.mean,
+        gain_interval: gain.interval,
         rows,
     }
 }

@@ -460,6 +460,10 @@ pub struct ProtocolConfig {
     /// settings' method alone.
     #[serde(default)]
     pub methods: Vec<Method>,
+    /// The methods after the first run on the first this many tasks only (None: on every
+    /// task), for baselines that a protocol cannot afford on all of them.
+    #[serde(default)]
+    pub baseline_tasks: Option<usize>,
 }
 
 impl ProtocolConfig {
@@ -479,6 +483,16 @@ impl ProtocolConfig {
             if self.methods[..i].contains(m) {
                 bail!("method {} is listed twice", m.name());
             }
+        }
+        match self.baseline_tasks {
+            Some(_) if self.methods().len() < 2 => {
+                bail!("baseline_tasks needs a second method to run (--methods greater,ape)")
+            }
+            Some(n) if n == 0 || n > self.tasks.len() => bail!(
+                "baseline_tasks is {n}: it must be between 1 and the {} tasks",
+                self.tasks.len()
+            ),
+            _ => {}
         }
         let s = &self.settings;
         for t in &self.tasks {
@@ -514,6 +528,12 @@ impl ProtocolConfig {
             self.methods.clone()
         }
     }
+
+    /// Whether the method at `method_index` of [`Self::methods`] runs on the task at
+    /// `task_index`: the first on every task, the others within `baseline_tasks`.
+    pub fn runs(&self, method_index: usize, task_index: usize) -> bool {
+        method_index == 0 || self.baseline_tasks.is_none_or(|n| task_index < n)
+    }
 }
 
 /// Another method's result on a task (a baseline beside the first method).
@@ -540,12 +560,29 @@ pub struct MethodRow {
 pub struct MethodPooled {
     /// The method.
     pub method: Method,
-    /// Its returned prompts' accuracy pooled over the tasks.
+    /// Tasks of the table it has run on (0 in tables of versions that ran it on all).
+    #[serde(default)]
+    pub tasks: usize,
+    /// Its returned prompts' accuracy pooled over those tasks.
     pub optimised: Pooled,
-    /// Mean over tasks of its gain over zero-shot CoT.
+    /// Mean over those tasks of its gain over zero-shot CoT.
     pub mean_gain: f64,
     /// 95% interval of that mean (None with fewer than two tasks).
     pub gain_interval: Option<(f64, f64)>,
+    /// Mean over those tasks of the first method's accuracy minus this one's, with its 95%
+    /// interval (None in tables of versions without it).
+    #[serde(default)]
+    pub first_lead: Option<Difference>,
+}
+
+/// A mean over tasks of a per-task difference of accuracies, with a 95% normal interval
+/// from the spread of the differences (None with fewer than two tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Difference {
+    /// The mean difference.
+    pub mean: f64,
+    /// Its 95% interval.
+    pub interval: Option<(f64, f64)>,
 }
 
 /// One task's line of the table.

@@ -22,7 +22,7 @@ use greater::optimize::run::{run, Changes, Event, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
-use greater::protocol::{run_protocol, Shard};
+use greater::protocol::{run_protocol, ProtocolEvent, Shard};
 use greater::records::{
     Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary,
 };
@@ -757,6 +757,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         tasks: vec!["arithmetic".into(), "boolean".into()],
         transfer_to: Some(target.clone()),
         methods: Vec::new(),
+        baseline_tasks: None,
     };
     let (table, _) =
         run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
@@ -1101,6 +1102,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         tasks: vec!["arithmetic".into()],
         transfer_to: None,
         methods: vec![Method::Greater, Method::Ape, Method::Gcg],
+        baseline_tasks: None,
     };
     let (table, _) =
         run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
@@ -1137,7 +1139,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         cells(&row.baselines[1].optimised)
     );
     assert!(md.contains("| optimised (greater) | ape | gcg |") && md.contains(&columns), "{md}");
-    assert!(md.contains("mean gain of ape over zero-shot CoT"), "{md}");
+    assert!(md.contains("Mean gain of ape over zero-shot CoT"), "{md}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     for b in &row.baselines {
         assert!(html.contains(&accuracy_text(&b.optimised)));
@@ -1325,6 +1327,7 @@ fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
         tasks: tasks.iter().map(|t| t.to_string()).collect(),
         transfer_to: None,
         methods,
+        baseline_tasks: None,
     };
     let err =
         config(&["arithmetic", "boolean", "arithmetic"], vec![]).check().unwrap_err().to_string();
@@ -1335,6 +1338,66 @@ fn protocol_typos_and_repeats_are_refused_before_the_first_step() {
         .to_string();
     assert!(err.contains("method greater is listed twice"), "{err}");
     assert!(config(&["arithmetic", "boolean"], vec![Method::Greater, Method::Ape]).check().is_ok());
+    let baselines_on = |n: usize, methods: Vec<Method>| ProtocolConfig {
+        baseline_tasks: Some(n),
+        ..config(&["arithmetic", "boolean"], methods)
+    };
+    let err = baselines_on(3, vec![Method::Greater, Method::Ape]).check().unwrap_err().to_string();
+    assert!(err.contains("baseline_tasks is 3: it must be between 1 and the 2 tasks"), "{err}");
+    let err = baselines_on(1, vec![Method::Greater]).check().unwrap_err().to_string();
+    assert!(err.contains("baseline_tasks needs a second method"), "{err}");
+}
+
+#[test]
+fn baselines_on_the_first_tasks_run_after_the_first_method_and_are_compared_where_they_ran() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("protocol");
+    let config = ProtocolConfig {
+        settings: protocol_settings(&model),
+        tasks: vec!["arithmetic".into(), "boolean".into()],
+        transfer_to: None,
+        methods: vec![Method::Greater, Method::Ape],
+        baseline_tasks: Some(1),
+    };
+    let mut order = Vec::new();
+    let (table, _) =
+        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
+            if let ProtocolEvent::Task { index, total, name, .. } = &e {
+                order.push((*index, *total, name.to_string()));
+            }
+            on_protocol_event(&out, &e).unwrap()
+        })
+        .unwrap();
+    // GReaTer on every task first, then APE on the first task only.
+    assert_eq!(
+        order,
+        [
+            (0, 3, "arithmetic (greater)".to_string()),
+            (1, 3, "boolean (greater)".to_string()),
+            (2, 3, "arithmetic (ape)".to_string())
+        ]
+    );
+    assert!(!out.join("boolean-ape").exists());
+    let (first, second) = (&table.rows[0], &table.rows[1]);
+    assert_eq!(first.baselines.iter().map(|b| b.method).collect::<Vec<_>>(), [Method::Ape]);
+    assert!(second.baselines.is_empty());
+    let ape = &table.baselines[0];
+    let ape_row = &first.baselines[0].optimised;
+    assert_eq!((ape.method, ape.tasks, ape.optimised.n), (Method::Ape, 1, ape_row.n));
+    assert_eq!(ape.mean_gain, ape_row.accuracy - first.zero_shot_cot.accuracy);
+    let lead = ape.first_lead.unwrap();
+    assert_eq!((lead.mean, lead.interval), (first.optimised.accuracy - ape_row.accuracy, None));
+    // The greater column covers both tasks.
+    assert_eq!(table.optimised.n, first.optimised.n + second.optimised.n);
+    let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
+    let boolean = md.lines().find(|l| l.starts_with("| boolean |")).unwrap();
+    let cells: Vec<&str> = boolean.split(" | ").collect();
+    assert_eq!(cells[4], "-", "{boolean}");
+    assert!(md.contains(&format!(
+        "Mean gain of ape over zero-shot CoT: {:+.3}, on the 1 of 2 tasks it ran on; greater minus ape on the same tasks: {:+.3}",
+        ape.mean_gain, lead.mean
+    )), "{md}");
 }
 
 // ---- Screening ----

@@ -189,7 +189,7 @@ fn evaluate(
 /// Runs (or with `resume`, continues) a protocol in `out`, or its `shard` (index, count);
 /// returns the table of the tasks finished so far as JSON text.
 #[pyfunction]
-#[pyo3(signature = (settings, tasks, out, on_event, methods=None, transfer_to=None, size=None, preset=None, shard=None, resume=false))]
+#[pyo3(signature = (settings, tasks, out, on_event, methods=None, baseline_tasks=None, transfer_to=None, size=None, preset=None, shard=None, resume=false))]
 #[allow(clippy::too_many_arguments)]
 fn protocol(
     py: Python<'_>,
@@ -198,6 +198,7 @@ fn protocol(
     out: PathBuf,
     on_event: Py<PyAny>,
     methods: Option<Vec<String>>,
+    baseline_tasks: Option<usize>,
     transfer_to: Option<String>,
     size: Option<&str>,
     preset: Option<&str>,
@@ -230,7 +231,7 @@ fn protocol(
         } else {
             tasks
         };
-        Start::New(ProtocolConfig { settings, tasks, transfer_to, methods })
+        Start::New(ProtocolConfig { settings, tasks, transfer_to, methods, baseline_tasks })
     };
     let (table, config) = run_detached(py, on_event, |interrupt, events| {
         run_protocol(start, &out, shard, interrupt, &mut |event| {

@@ -18,12 +18,15 @@ use crate::eval::Record;
 use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
-    EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds,
-    StepRecord, Summary,
+    Difference, EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable,
+    Seconds, StepRecord, Summary,
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
-use text::{protocol_markdown, screen_markdown, search_table, summary_table, verdict};
+use text::{
+    baseline_gain_text, difference_text, protocol_markdown, screen_markdown, search_table,
+    summary_table, verdict,
+};
 
 const TEMPLATE: &str = include_str!("report.html");
 const SIZE: (u32, u32) = (780, 300);
@@ -351,6 +354,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     }
     let table: ProtocolTable = dir.read_json("protocol.json")?;
     let s = &config.settings;
+    let methods = config.methods();
     let setup =
         format!("{}; {} of {} tasks done", config.setup(), table.rows.len(), config.tasks.len());
     let here = dir.path.canonicalize()?;
@@ -372,10 +376,12 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let mut bars = Vec::new();
     let mut lines = Vec::new();
     for (i, r) in table.rows.iter().enumerate() {
-        let baselines = r.baselines.iter().map(|b| &b.optimised);
-        for (series, e) in
-            [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().chain(baselines).enumerate()
-        {
+        let baselines = methods[1..]
+            .iter()
+            .map(|m| r.baselines.iter().find(|b| b.method == *m).map(|b| &b.optimised));
+        let evaluations = [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().map(Some);
+        for (series, e) in evaluations.chain(baselines).enumerate() {
+            let Some(e) = e else { continue };
             bars.push(Bar {
                 group: (i + 1).to_string(),
                 series,
@@ -391,7 +397,13 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
             zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
             initial: accuracy_cell(&r.initial),
             optimised: accuracy_cell(&r.optimised),
-            baselines: r.baselines.iter().map(|b| accuracy_cell(&b.optimised)).collect(),
+            baselines: methods[1..]
+                .iter()
+                .map(|m| {
+                    let b = r.baselines.iter().find(|b| b.method == *m);
+                    b.map_or("-".into(), |b| accuracy_cell(&b.optimised))
+                })
+                .collect(),
             floor: floors[i].map_or("-".into(), |f| format!("{f:.3}")),
             cut: count_cell(&evals, |e| e.cut_by_budget),
             unparsed: count_cell(&evals, |e| e.unparsed),
@@ -409,20 +421,19 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let pooled = |p: &crate::records::Pooled| {
         format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
     };
-    let gain_text = |mean: f64, interval: Option<(f64, f64)>| match interval {
-        Some((lo, hi)) => format!("{mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])"),
-        None => format!("{mean:+.3}"),
-    };
-    let gain = gain_text(table.mean_gain, table.gain_interval);
-    let baseline_gains: Vec<[String; 2]> = table
+    let gain =
+        difference_text(&Difference { mean: table.mean_gain, interval: table.gain_interval });
+    let baseline_gains: Vec<String> = table
         .baselines
         .iter()
-        .map(|b| [b.method.name().to_string(), gain_text(b.mean_gain, b.gain_interval)])
+        .map(|b| baseline_gain_text(b, methods[0], table.rows.len()))
         .collect();
-    let methods: Vec<&str> = config.methods().iter().map(|m| m.name()).collect();
-    let mut series =
-        vec!["zero-shot CoT".to_string(), "initial".into(), format!("optimised ({})", methods[0])];
-    series.extend(methods[1..].iter().map(|m| m.to_string()));
+    let mut series = vec![
+        "zero-shot CoT".to_string(),
+        "initial".into(),
+        format!("optimised ({})", methods[0].name()),
+    ];
+    series.extend(methods[1..].iter().map(|m| m.name().to_string()));
     let colours: Vec<String> =
         series.iter().zip(SERIES_NAMES.iter().cycle()).map(|(s, c)| format!("{s} ({c})")).collect();
     let numbers: Vec<String> = lines.iter().map(|l| format!("{} {}", l.number, l.task)).collect();
@@ -432,13 +443,15 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         numbers.join(", ")
     );
     let figures = vec![(caption, bars_svg(&bars, series.len(), &floors)?)];
-    let search = search_table(&table, config.methods()[0]);
+    let search = search_table(&table, methods[0]);
     let env = environment()?;
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         budget => s.max_reasoning,
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
-        methods => methods[1..].to_vec(), pooled_baselines => table.baselines.iter().map(|b| pooled(&b.optimised)).collect::<Vec<_>>(),
+        methods => methods[1..].iter().map(|m| m.name()).collect::<Vec<_>>(), pooled_baselines => methods[1..].iter().map(|m| {
+            table.baselines.iter().find(|b| b.method == *m).map_or("-".into(), |b| pooled(&b.optimised))
+        }).collect::<Vec<_>>(),
         gain, baseline_gains, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
         tables => Value::from(Serde(search.into_iter().collect::<Vec<_>>())),

@@ -2,8 +2,8 @@
 //! a protocol's and a screening's tables.
 
 use crate::records::{
-    human_duration, EvalSummary, Pooled, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig,
-    ScreenTable, SearchTrace, Summary, TaskRow,
+    human_duration, Difference, EvalSummary, MethodPooled, Pooled, ProtocolConfig, ProtocolTable,
+    RunConfig, ScreenConfig, ScreenTable, SearchTrace, Summary, TaskRow,
 };
 use crate::settings::Method;
 
@@ -93,9 +93,15 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
     {
         out.push_str(&format!("\n{line}\n"));
     }
+    // With no test questions there is no test split whose floor could be given.
+    let floor = if summary.evaluations.is_empty() {
+        String::new()
+    } else {
+        format!("majority-class floor {:.3}. ", summary.majority_floor)
+    };
     out.push_str(&format!(
-        "\nmajority-class floor {:.3}. The optimised prompt is `{}`, chosen by {} among:\n\n",
-        summary.majority_floor, summary.selected, summary.selected_by
+        "\n{floor}The optimised prompt is `{}`, chosen by {} among:\n\n",
+        summary.selected, summary.selected_by
     ));
     out.push_str("| prompt | train score | train mistakes | dev accuracy | 95% interval | text |\n|---|---|---|---|---|---|\n");
     for c in &summary.contenders {
@@ -168,8 +174,9 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
             cell(&r.initial),
             cell(&r.optimised)
         );
-        for b in &r.baselines {
-            line.push_str(&format!(" {} |", cell(&b.optimised)));
+        for m in &methods[1..] {
+            let b = r.baselines.iter().find(|b| b.method == *m);
+            line.push_str(&format!(" {} |", b.map_or("-".into(), |b| cell(&b.optimised))));
         }
         line.push_str(&format!(
             " {} | {} | {} | {} |",
@@ -194,8 +201,9 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         p(&t.initial),
         p(&t.optimised)
     );
-    for b in &t.baselines {
-        line.push_str(&format!(" {} |", p(&b.optimised)));
+    for m in &methods[1..] {
+        let b = t.baselines.iter().find(|b| b.method == *m);
+        line.push_str(&format!(" {} |", b.map_or("-".into(), |b| p(&b.optimised))));
     }
     line.push_str(" | | | |");
     match (&t.transfer, target) {
@@ -212,18 +220,45 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     for line in [cut, unparsed].into_iter().flatten() {
         out.push_str(&line);
     }
-    let gain = |name: &str, mean: f64, interval: Option<(f64, f64)>| {
-        match interval {
-        Some((lo, hi)) => format!("mean gain of {name} over zero-shot CoT: {mean:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])\n"),
-        None => format!("mean gain of {name} over zero-shot CoT: {mean:+.3}\n"),
-    }
-    };
-    out.push_str(&gain(methods[0].name(), t.mean_gain, t.gain_interval));
+    let gain = Difference { mean: t.mean_gain, interval: t.gain_interval };
+    out.push_str(&format!(
+        "Mean gain of {} over zero-shot CoT: {}\n",
+        methods[0].name(),
+        difference_text(&gain)
+    ));
     for b in &t.baselines {
-        out.push_str(&gain(b.method.name(), b.mean_gain, b.gain_interval));
+        out.push_str(&format!("{}\n", baseline_gain_text(b, methods[0], t.rows.len())));
     }
     out.push_str(&search_table(t, methods[0]).map_or(String::new(), |t| t.markdown()));
     out
+}
+
+/// "+0.012 (95% interval over tasks [-0.020, +0.044])", or the mean alone without one.
+pub fn difference_text(d: &Difference) -> String {
+    match d.interval {
+        Some((lo, hi)) => format!("{:+.3} (95% interval over tasks [{lo:+.3}, {hi:+.3}])", d.mean),
+        None => format!("{:+.3}", d.mean),
+    }
+}
+
+/// A baseline's mean gain over zero-shot CoT, the tasks it ran on when not all `tasks`, and
+/// the lead of the `first` method over it on those tasks.
+pub fn baseline_gain_text(b: &MethodPooled, first: Method, tasks: usize) -> String {
+    let gain = Difference { mean: b.mean_gain, interval: b.gain_interval };
+    let mut text =
+        format!("Mean gain of {} over zero-shot CoT: {}", b.method.name(), difference_text(&gain));
+    if b.tasks > 0 && b.tasks < tasks {
+        text.push_str(&format!(", on the {} of {tasks} tasks it ran on", b.tasks));
+    }
+    if let Some(lead) = &b.first_lead {
+        text.push_str(&format!(
+            "; {} minus {} on the same tasks: {}",
+            first.name(),
+            b.method.name(),
+            difference_text(lead)
+        ));
+    }
+    text
 }
 
 /// The search traces as a table: a gain is made on train, kept through dev selection and

@@ -278,6 +278,7 @@ def protocol(
     *,
     out: Union[str, os.PathLike],
     methods: Optional[Sequence[str]] = None,
+    baseline_tasks: Optional[int] = None,
     transfer_to: Optional[str] = None,
     size: Optional[str] = None,
     preset: Optional[str] = None,
@@ -290,14 +291,15 @@ def protocol(
     """Runs ``optimize`` with one configuration over ``tasks`` (default: the paper's five),
     a run folder each under ``out``, and returns the table (a dict, as protocol.json).
 
-    methods: e.g. ["greater", "ape", "gcg"]; transfer_to: a second model each task's prompt
-    is also measured on. shard=(i, n) runs only task j where j % n == i, beside other
+    methods: e.g. ["greater", "ape", "gcg"]; baseline_tasks: run the methods after the
+    first on the first n tasks only (the first method runs on every task first); transfer_to:
+    a second model each task's prompt is also measured on. shard=(i, n) runs only task j where j % n == i, beside other
     shards on the same ``out`` (other processes or machines, e.g. Ray tasks); the table
     covers the tasks finished so far, and ``protocol(out=..., resume=True)`` (or the last
     shard) gives the whole one.
     """
     if resume:
-        if settings or model is not None or tasks is not None or methods or transfer_to or size or preset:
+        if settings or model is not None or tasks is not None or methods or baseline_tasks or transfer_to or size or preset:
             raise ValueError("resume=True keeps the recorded settings")
         text = _greater.protocol("{}", [], str(out), _Progress(progress, callback), shard=shard, resume=True)
     else:
@@ -307,6 +309,7 @@ def protocol(
             str(out),
             _Progress(progress, callback),
             methods=list(methods) if methods else None,
+            baseline_tasks=baseline_tasks,
             transfer_to=transfer_to,
             size=size,
             preset=preset,

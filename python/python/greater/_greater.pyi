@@ -19,6 +19,7 @@ def protocol(
     out: str,
     on_event: Callable[[str, str], Any],
     methods: Optional[list[str]] = None,
+    baseline_tasks: Optional[int] = None,
     transfer_to: Optional[str] = None,
     size: Optional[str] = None,
     preset: Optional[str] = None,
