@@ -18,8 +18,9 @@ use greater::model::Precision;
 use greater::optimize::Optimizer;
 use greater::records::Seconds;
 use greater::runtime::{LanguageModel, OpenOptions};
-use greater::settings::OptimizeConfig;
+use greater::settings::{OptimizeConfig, StartFrom};
 use greater::tasks::{Count, Task};
+use greater::tokenizer::SystemTurn;
 
 struct Setup {
     name: &'static str,
@@ -172,7 +173,14 @@ fn bench(setup: &Setup, data: &Path, precision: Precision) -> f64 {
         Task::load_split(setup.task, Some(data.to_path_buf()), 0, 1, (setup.train, 0, Count::N(0)))
             .unwrap();
     let train: Vec<_> = task.examples[..setup.train].iter().collect();
-    let cfg = OptimizeConfig { top_k: 40, max_reasoning: 256, ..OptimizeConfig::default() };
+    // The layout and start the recorded numbers were measured with.
+    let cfg = OptimizeConfig {
+        top_k: 40,
+        max_reasoning: 256,
+        system: SystemTurn::Template,
+        start: StartFrom::Initial,
+        ..OptimizeConfig::default()
+    };
     let optimizer =
         Optimizer::new(&lm, &task, &train, &cfg, Arc::new(AtomicBool::new(false))).unwrap();
     let t = Instant::now();

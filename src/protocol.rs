@@ -63,6 +63,7 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
             .filter(|c| c.label.is_baseline())
             .filter_map(|c| c.dev.as_ref().map(|d| d.accuracy))
             .reduce(f64::max),
+        step_seconds: median(steps.iter().map(|r| r.seconds.total()).collect()),
     };
     for r in steps {
         if r.best_score < best {
@@ -79,6 +80,17 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
         }
     }
     Some(trace)
+}
+
+/// The median of `values` (None when empty).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
@@ -496,6 +508,7 @@ mod tests {
                 current_shortlisted: 2,
                 current_kept: 1,
                 dev_baseline: Some(0.32),
+                step_seconds: Some(0.0),
             }
         );
         assert_eq!(search_trace(&[], &contenders), None);

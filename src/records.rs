@@ -641,6 +641,10 @@ pub struct SearchTrace {
     pub current_kept: usize,
     /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
     pub dev_baseline: Option<f64>,
+    /// Median seconds of a step (the median, so that a step paused or cut by a session
+    /// does not speak for the others; None in tables of versions without it).
+    #[serde(default)]
+    pub step_seconds: Option<f64>,
 }
 
 /// Accuracy pooled over every task's test questions.

@@ -297,6 +297,7 @@ fn a_runs_checkpoint_and_step_log_on_resume() {
         steps: 2,
         max_reasoning: 5,
         initial_prompt: Some("Go on.".into()),
+        start: greater::settings::StartFrom::Initial,
         ..OptimizeConfig::default()
     };
     let finished = tmp.path().join("run");

@@ -29,8 +29,9 @@ use greater::records::{
 use greater::report::text::budget_warning;
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::{LanguageModel, OpenOptions};
-use greater::settings::{Accept, GradientSum, Method, OptimizeConfig};
+use greater::settings::{Accept, GradientSum, Method, OptimizeConfig, StartFrom};
 use greater::tasks::{Count, Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
+use greater::tokenizer::SystemTurn;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -157,8 +158,11 @@ fn tiny_settings(model: &Path, steps: usize) -> OptimizeConfig {
         steps,
         max_reasoning: 5,
         initial_prompt: Some("Go on.".into()),
-        // The tiny models' tests check behaviour, with f32's exact sums.
+        // The tiny models' tests check behaviour, with f32's exact sums, from the initial
+        // prompt and with the template's system turn, as they were written.
         precision: Precision::F32,
+        start: StartFrom::Initial,
+        system: SystemTurn::Template,
         ..OptimizeConfig::default()
     }
 }
@@ -976,6 +980,8 @@ fn a_fixed_seed_smollm2_run_takes_the_recorded_decisions() {
         steps: 4,
         max_reasoning: 24,
         precision: Precision::F32,
+        start: StartFrom::Initial,
+        system: SystemTurn::Template,
         ..OptimizeConfig::default()
     };
     let out = tmp.path().join("run");
@@ -1792,7 +1798,8 @@ fn the_example_task_and_settings_files_load_and_run_a_one_step_search() {
     assert_eq!(steps_without_timings(&out).len(), 1);
 }
 
-/// A protocol table without its timings (wall seconds and the seconds of evaluations).
+/// A protocol table without its timings (wall seconds, the seconds of evaluations and of
+/// a step).
 fn table_without_timings(out: &Path) -> serde_json::Value {
     let mut table: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("protocol.json")).unwrap()).unwrap();
@@ -1801,6 +1808,7 @@ fn table_without_timings(out: &Path) -> serde_json::Value {
             serde_json::Value::Object(map) => {
                 map.remove("wall_seconds");
                 map.remove("seconds");
+                map.remove("step_seconds");
                 map.values_mut().for_each(strip);
             }
             serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
@@ -2034,6 +2042,10 @@ fn a_fixed_seed_run_writes_the_records_of_the_code_before_the_redesign() {
         "16",
         "--precision",
         "f32",
+        "--start",
+        "initial",
+        "--system",
+        "template",
         "--out",
         out.to_str().unwrap(),
     ]);

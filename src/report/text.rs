@@ -311,6 +311,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
                 format!("{} / {}", s.current_shortlisted, s.current_kept),
                 format!("{} -> {}", dev(s.dev_baseline), dev(r.dev_accuracy)),
                 format!("{:.3} -> {:.3}", r.zero_shot_cot.accuracy, r.optimised.accuracy),
+                s.step_seconds.map_or("-".into(), |t| format!("{t:.0}")),
             ]
         })
         .collect();
@@ -322,6 +323,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
         "current prompt shortlisted / kept",
         "dev: better of zero-shot CoT and initial -> returned",
         "test: zero-shot CoT -> optimised",
+        "seconds a step (median)",
     ];
     Some(TextTable {
         title: format!("Where {} gained or lost", method.name()),
