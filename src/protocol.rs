@@ -165,6 +165,7 @@ pub fn run_protocol(
     };
     let methods = config.methods();
     let order = run_order(&config);
+    let total = order.len();
     let mut table = finished_table(&dir, &config)?;
     for (index, &(m_index, t_index)) in order.iter().enumerate() {
         if !shard.takes(t_index) {
@@ -174,7 +175,6 @@ pub fn run_protocol(
         let folder = method_folder(task, &methods, m_index);
         let name =
             if methods.len() > 1 { format!("{task} ({})", method.name()) } else { task.clone() };
-        let total = order.len();
         report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
         let run_dir = out.join(&folder);
         if !run_dir.join("summary.json").exists() {

@@ -504,11 +504,14 @@ impl ProtocolConfig {
     }
 
     /// "model M, a train / b dev / c test questions per task, n steps, split seed s,
-    /// methods greater, ape"
+    /// methods greater, ape (the others on the first 2 tasks)"
     pub fn setup(&self) -> String {
         let (s, methods) = (&self.settings, self.methods());
+        let subset = self
+            .baseline_tasks
+            .map_or(String::new(), |n| format!(" (the others on the first {n} tasks)"));
         format!(
-            "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}",
+            "model {}, {} train / {} dev / {} test questions per task, {} steps, split seed {}, method{} {}{subset}",
             s.model,
             s.train,
             s.dev,
