@@ -304,21 +304,22 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
         state
     } else {
-        report(Event::Info(format!(
-            "scoring the initial prompt on {} train questions",
-            train.len()
-        )));
-        let t = Instant::now();
         let starts = match s.start {
             StartFrom::Initial => vec![config.initial_prompt.as_str()],
             StartFrom::Better => vec![config.initial_prompt.as_str(), ZERO_SHOT_COT],
         };
+        let which = match s.start {
+            StartFrom::Initial => "the initial prompt",
+            StartFrom::Better => "the initial prompt and zero-shot CoT",
+        };
+        report(Event::Info(format!("scoring {which} on {} train questions", train.len())));
+        let t = Instant::now();
         let state = optimizer.initial_state(&starts)?;
+        // The rate counts every start's reasoning; the length is the kept start's.
         let lengths: Vec<usize> = state.reasoning.iter().flatten().map(Vec::len).collect();
-        let tokens: usize = lengths.iter().sum();
         let calibration = Calibration {
-            tokens_per_second: tokens as f64 / t.elapsed().as_secs_f64(),
-            mean_reasoning: tokens as f64 / lengths.len().max(1) as f64,
+            tokens_per_second: state.generated_tokens as f64 / t.elapsed().as_secs_f64(),
+            mean_reasoning: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
         };
         dir.write_json("calibration.json", &calibration)?;
         dir.write_json("checkpoint.json", &state)?;
