@@ -232,11 +232,8 @@ fn greater_tokens(out: &Path, task: &str, methods: &[Method]) -> Result<Option<u
     let Some(m) = methods.iter().position(|&m| m == Method::Greater) else {
         return Ok(None);
     };
-    let dir = out.join(method_folder(task, methods, m));
-    if !dir.join("summary.json").exists() {
-        return Ok(None);
-    }
-    Ok(Some(RunDir::open(&dir)?.read_json::<Summary>("summary.json")?.generated_tokens))
+    let summary = RunDir::finished_summary(&out.join(method_folder(task, methods, m)))?;
+    Ok(summary.map(|s| s.generated_tokens))
 }
 
 /// The configuration of a new protocol written (a shard may find it written by another
@@ -292,12 +289,8 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
     let methods = config.methods();
     let finished = |task: &str, m: usize| -> Result<Option<(Summary, f64)>> {
         let folder = method_folder(task, &methods, m);
-        let path = dir.path.join(&folder);
-        if !path.join("summary.json").exists() {
-            return Ok(None);
-        }
         let wall = progress.get(&folder).copied().unwrap_or(0.0);
-        Ok(Some((RunDir::open(&path)?.read_json("summary.json")?, wall)))
+        Ok(RunDir::finished_summary(&dir.path.join(&folder))?.map(|s| (s, wall)))
     };
     let mut rows = Vec::new();
     for task in &config.tasks {
@@ -405,13 +398,8 @@ pub fn table(rows: Vec<TaskRow>, others: &[Method]) -> ProtocolTable {
     let baselines = others
         .iter()
         .filter_map(|&method| {
-            let ran: Vec<(&TaskRow, &EvalSummary)> = rows
-                .iter()
-                .filter_map(|r| {
-                    let b = r.baselines.iter().find(|b| b.method == method)?;
-                    Some((r, &b.optimised))
-                })
-                .collect();
+            let ran: Vec<(&TaskRow, &EvalSummary)> =
+                rows.iter().filter_map(|r| Some((r, &r.baseline(method)?.optimised))).collect();
             if ran.is_empty() {
                 return None;
             }

@@ -578,6 +578,13 @@ pub struct MethodPooled {
     pub first_lead: Option<Difference>,
 }
 
+impl MethodPooled {
+    /// Its mean gain over zero-shot CoT.
+    pub fn gain(&self) -> Difference {
+        Difference { mean: self.mean_gain, interval: self.gain_interval }
+    }
+}
+
 /// A mean over tasks of a per-task difference of accuracies, with a 95% normal interval
 /// from the spread of the differences (None with fewer than two tasks).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -622,6 +629,13 @@ pub struct TaskRow {
     /// What the first method's step log says of its search.
     #[serde(default)]
     pub search: Option<SearchTrace>,
+}
+
+impl TaskRow {
+    /// `method`'s result on this task, if it has run here.
+    pub fn baseline(&self, method: Method) -> Option<&MethodRow> {
+        self.baselines.iter().find(|b| b.method == method)
+    }
 }
 
 /// Where a search gained or lost, read from its step log: train mistakes, the steps that
@@ -685,6 +699,18 @@ pub struct ProtocolTable {
     /// The other methods, pooled, in the protocol's order.
     #[serde(default)]
     pub baselines: Vec<MethodPooled>,
+}
+
+impl ProtocolTable {
+    /// `method`'s pooled result, if it has run on any task.
+    pub fn baseline(&self, method: Method) -> Option<&MethodPooled> {
+        self.baselines.iter().find(|b| b.method == method)
+    }
+
+    /// The first method's mean gain over zero-shot CoT.
+    pub fn gain(&self) -> Difference {
+        Difference { mean: self.mean_gain, interval: self.gain_interval }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

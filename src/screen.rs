@@ -91,8 +91,10 @@ fn repeated_search(
     let from_initial = OptimizeConfig { start: StartFrom::Initial, ..settings.clone() };
     for (name, changes) in &config.configurations[..c] {
         let dir = out.join(name).join(task);
-        if config.settings(changes, task)? == from_initial && dir.join("summary.json").exists() {
-            let summary: Summary = RunDir::open(&dir)?.read_json("summary.json")?;
+        if config.settings(changes, task)? != from_initial {
+            continue;
+        }
+        if let Some(summary) = RunDir::finished_summary(&dir)? {
             if better_start_is_initial(&summary) {
                 return Ok(Some((name.clone(), summary)));
             }
@@ -172,20 +174,20 @@ pub fn run_screen(
                     ))));
                     (out.join(&earlier).join(task), summary, Some(earlier))
                 }
-                None if run_dir.join("summary.json").exists() => {
-                    let summary = RunDir::open(&run_dir)?.read_json("summary.json")?;
-                    (run_dir, summary, None)
-                }
-                None => {
-                    let start = if run_dir.join("config.json").exists() {
-                        Start::Resume(resume_changes.clone())
-                    } else {
-                        Start::New(settings)
-                    };
-                    let summary =
-                        run(start, &run_dir, interrupt, &mut |e| report(ScreenEvent::Event(e)))?;
-                    (run_dir, summary, None)
-                }
+                None => match RunDir::finished_summary(&run_dir)? {
+                    Some(summary) => (run_dir, summary, None),
+                    None => {
+                        let start = if run_dir.join("config.json").exists() {
+                            Start::Resume(resume_changes.clone())
+                        } else {
+                            Start::New(settings)
+                        };
+                        let summary = run(start, &run_dir, interrupt, &mut |e| {
+                            report(ScreenEvent::Event(e))
+                        })?;
+                        (run_dir, summary, None)
+                    }
+                },
             };
             let steps: Vec<StepRecord> = RunDir::open(&row_dir)?.read_steps()?;
             let row = ScreenRow::from_summary(name, task, &summary, &steps)?;

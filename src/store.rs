@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::eval::{write_records, EvalReport};
-use crate::records::{EvalSummary, Label};
+use crate::records::{EvalSummary, Label, Summary};
 use crate::settings::Method;
 
 /// A run's folder: atomic JSON files, the step log, and the lock that keeps a second writer out.
@@ -64,6 +64,14 @@ impl RunDir {
             bail!("{} holds no run (no config.json)", path.display());
         }
         Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    /// The summary of the run in `path` once it has finished (None before).
+    pub fn finished_summary(path: &Path) -> Result<Option<Summary>> {
+        if !path.join("summary.json").exists() {
+            return Ok(None);
+        }
+        Ok(Some(RunDir::open(path)?.read_json("summary.json")?))
     }
 
     /// An advisory lock on the folder for as long as the returned guard lives: a second

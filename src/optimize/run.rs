@@ -304,13 +304,12 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
         state
     } else {
-        let starts = match s.start {
-            StartFrom::Initial => vec![config.initial_prompt.as_str()],
-            StartFrom::Better => vec![config.initial_prompt.as_str(), ZERO_SHOT_COT],
-        };
-        let which = match s.start {
-            StartFrom::Initial => "the initial prompt",
-            StartFrom::Better => "the initial prompt and zero-shot CoT",
+        let (starts, which) = match s.start {
+            StartFrom::Initial => (vec![config.initial_prompt.as_str()], "the initial prompt"),
+            StartFrom::Better => (
+                vec![config.initial_prompt.as_str(), ZERO_SHOT_COT],
+                "the initial prompt and zero-shot CoT",
+            ),
         };
         report(Event::Info(format!("scoring {which} on {} train questions", train.len())));
         let t = Instant::now();

@@ -18,8 +18,8 @@ use crate::eval::Record;
 use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
-    Difference, EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable,
-    Seconds, StepRecord, Summary,
+    EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds,
+    StepRecord, Summary,
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
@@ -376,9 +376,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let mut bars = Vec::new();
     let mut lines = Vec::new();
     for (i, r) in table.rows.iter().enumerate() {
-        let baselines = methods[1..]
-            .iter()
-            .map(|m| r.baselines.iter().find(|b| b.method == *m).map(|b| &b.optimised));
+        let baselines = methods[1..].iter().map(|&m| r.baseline(m).map(|b| &b.optimised));
         let evaluations = [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().map(Some);
         for (series, e) in evaluations.chain(baselines).enumerate() {
             let Some(e) = e else { continue };
@@ -399,10 +397,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
             optimised: accuracy_cell(&r.optimised),
             baselines: methods[1..]
                 .iter()
-                .map(|m| {
-                    let b = r.baselines.iter().find(|b| b.method == *m);
-                    b.map_or("-".into(), |b| accuracy_cell(&b.optimised))
-                })
+                .map(|&m| r.baseline(m).map_or("-".into(), |b| accuracy_cell(&b.optimised)))
                 .collect(),
             floor: floors[i].map_or("-".into(), |f| format!("{f:.3}")),
             cut: count_cell(&evals, |e| e.cut_by_budget),
@@ -421,8 +416,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let pooled = |p: &crate::records::Pooled| {
         format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
     };
-    let gain =
-        difference_text(&Difference { mean: table.mean_gain, interval: table.gain_interval });
+    let gain = difference_text(&table.gain());
     let baseline_gains: Vec<String> = table
         .baselines
         .iter()
@@ -449,8 +443,8 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         budget => s.max_reasoning,
         pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
-        methods => methods[1..].iter().map(|m| m.name()).collect::<Vec<_>>(), pooled_baselines => methods[1..].iter().map(|m| {
-            table.baselines.iter().find(|b| b.method == *m).map_or("-".into(), |b| pooled(&b.optimised))
+        methods => methods[1..].iter().map(|m| m.name()).collect::<Vec<_>>(), pooled_baselines => methods[1..].iter().map(|&m| {
+            table.baseline(m).map_or("-".into(), |b| pooled(&b.optimised))
         }).collect::<Vec<_>>(),
         gain, baseline_gains, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),

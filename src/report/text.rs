@@ -174,9 +174,11 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
             cell(&r.initial),
             cell(&r.optimised)
         );
-        for m in &methods[1..] {
-            let b = r.baselines.iter().find(|b| b.method == *m);
-            line.push_str(&format!(" {} |", b.map_or("-".into(), |b| cell(&b.optimised))));
+        for &m in &methods[1..] {
+            line.push_str(&format!(
+                " {} |",
+                r.baseline(m).map_or("-".into(), |b| cell(&b.optimised))
+            ));
         }
         line.push_str(&format!(
             " {} | {} | {} | {} |",
@@ -201,9 +203,8 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         p(&t.initial),
         p(&t.optimised)
     );
-    for m in &methods[1..] {
-        let b = t.baselines.iter().find(|b| b.method == *m);
-        line.push_str(&format!(" {} |", b.map_or("-".into(), |b| p(&b.optimised))));
+    for &m in &methods[1..] {
+        line.push_str(&format!(" {} |", t.baseline(m).map_or("-".into(), |b| p(&b.optimised))));
     }
     line.push_str(" | | | |");
     match (&t.transfer, target) {
@@ -220,11 +221,10 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     for line in [cut, unparsed].into_iter().flatten() {
         out.push_str(&line);
     }
-    let gain = Difference { mean: t.mean_gain, interval: t.gain_interval };
     out.push_str(&format!(
         "Mean gain of {} over zero-shot CoT: {}\n",
         methods[0].name(),
-        difference_text(&gain)
+        difference_text(&t.gain())
     ));
     for b in &t.baselines {
         out.push_str(&format!("{}\n", baseline_gain_text(b, methods[0], t.rows.len())));
@@ -244,9 +244,11 @@ pub fn difference_text(d: &Difference) -> String {
 /// A baseline's mean gain over zero-shot CoT, the tasks it ran on when not all `tasks`, and
 /// the lead of the `first` method over it on those tasks.
 pub fn baseline_gain_text(b: &MethodPooled, first: Method, tasks: usize) -> String {
-    let gain = Difference { mean: b.mean_gain, interval: b.gain_interval };
-    let mut text =
-        format!("Mean gain of {} over zero-shot CoT: {}", b.method.name(), difference_text(&gain));
+    let mut text = format!(
+        "Mean gain of {} over zero-shot CoT: {}",
+        b.method.name(),
+        difference_text(&b.gain())
+    );
     if b.tasks > 0 && b.tasks < tasks {
         text.push_str(&format!(", on the {} of {tasks} tasks it ran on", b.tasks));
     }
