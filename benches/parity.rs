@@ -133,7 +133,8 @@ fn shortlists(data: &Path, precision: Precision) {
         let fresh = greater::records::State { reasoning: None, ..state.clone() };
         let mut got: Vec<u32> =
             mixed.shortlist(&fresh).unwrap().short.iter().map(|&(id, _)| id).collect();
-        let want: Vec<u32> = exact.step(&mut state).unwrap().checked.iter().map(|c| c.id).collect();
+        let record = exact.step(&mut state).unwrap();
+        let want: Vec<u32> = record.token().unwrap().checked.iter().map(|c| c.id).collect();
         got.truncate(want.len());
         same += (got == want) as usize;
         let sorted = |v: &[u32]| {

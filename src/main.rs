@@ -14,7 +14,7 @@ use greater::eval::{evaluate, write_records};
 use greater::model::generate::{Cancelled, Sampling, StopReason};
 use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
-use greater::records::{ProtocolConfig, RunConfig, ScreenConfig};
+use greater::records::{ProtocolConfig, RunConfig, ScreenConfig, Search};
 use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
 use greater::report::{
     on_protocol_event, on_run_event, write_protocol_outputs, write_screen_outputs,
@@ -413,31 +413,29 @@ impl Progress {
             }
             Event::Step(record, state) => {
                 if let Some(b) = &self.bar {
-                    let chosen = record
-                        .chosen
-                        .as_ref()
-                        .map_or("(kept)".to_string(), |c| format!("{:?}", c.text));
-                    let line = if record.candidates.is_empty() {
-                        format!(
+                    let line = match &record.search {
+                        Search::Round { proposals } => format!(
                             "{}round {}: {} instructions, best {:.3}: {:?} [{} tokens so far; {}]",
                             self.label,
                             record.step,
-                            record.checked.len(),
+                            proposals.len(),
                             state.best_score,
                             record.best_prompt,
                             state.generated_tokens,
                             record.seconds
-                        )
-                    } else {
-                        format!(
-                            "{}step {} pos {}: chose {chosen} -> {:?} (best {:.3}) [{}]",
+                        ),
+                        Search::Token(t) => format!(
+                            "{}step {} pos {}: chose {} -> {:?} (best {:.3}) [{}]",
                             self.label,
                             record.step,
-                            record.position,
+                            t.position,
+                            t.chosen
+                                .as_ref()
+                                .map_or("(kept)".to_string(), |c| format!("{:?}", c.text)),
                             record.prompt,
                             state.best_score,
                             record.seconds
-                        )
+                        ),
                     };
                     // A bar that is not drawn (output not a terminal) prints nothing itself.
                     if b.is_hidden() {

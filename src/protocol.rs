@@ -21,7 +21,7 @@ use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
 use crate::records::{
     Contender, Difference, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig,
-    ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
+    ProtocolTable, Search, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
 };
 use crate::settings::{Method, OptimizeConfig};
 use crate::store::{method_folder, task_folder, RunDir};
@@ -40,8 +40,8 @@ pub const PAPER_TASKS: &[&str] = &[
 pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<SearchTrace> {
     let mut train: BTreeMap<&str, f64> =
         contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
-    for c in steps.iter().flat_map(|r| &r.checked) {
-        train.insert(&c.prompt, c.score.score);
+    for r in steps {
+        train.extend(r.search.scored().into_iter().map(|(p, s)| (p, s.score)));
     }
     let first = &steps.first()?.prompt_before;
     let start = contenders.iter().find(|c| &c.prompt == first)?;
@@ -51,8 +51,8 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
         start_mistakes: start.train.mistakes,
         fewest_mistakes: steps
             .iter()
-            .flat_map(|r| &r.checked)
-            .map(|c| c.score.mistakes)
+            .flat_map(|r| r.search.scored())
+            .map(|(_, s)| s.mistakes)
             .fold(start.train.mistakes, usize::min),
         improving_steps: 0,
         worse_moves: 0,
@@ -70,10 +70,10 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
             trace.improving_steps += 1;
             best = r.best_score;
         }
+        let Search::Token(t) = &r.search else { continue };
         trace.current_shortlisted +=
-            usize::from(r.checked.iter().any(|c| c.prompt == r.prompt_before));
-        let chosen = r.chosen.as_ref().and_then(|t| r.checked.iter().find(|c| c.id == t.id));
-        if let Some(c) = chosen {
+            usize::from(t.checked.iter().any(|c| c.prompt == r.prompt_before));
+        if let Some(c) = t.chosen_checked() {
             trace.current_kept += usize::from(c.prompt == r.prompt_before);
             let before = train.get(r.prompt_before.as_str());
             trace.worse_moves += usize::from(before.is_some_and(|&b| c.score.score > b));

@@ -196,8 +196,7 @@ pub struct TokenText {
     pub text: String,
 }
 
-/// A prompt checked for real. `ape`'s proposals change no single token: id 0, empty text,
-/// no gradient.
+/// A shortlisted token checked for real: its prompt regenerated and scored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checked {
     /// The candidate token placed at the step's position.
@@ -205,8 +204,17 @@ pub struct Checked {
     /// Its text.
     pub text: String,
     /// Its gradient score (higher ranks it first).
-    pub gradient: Option<f32>,
+    pub gradient: f32,
     /// The whole prompt with the token in place.
+    pub prompt: String,
+    /// Its real score on train.
+    pub score: Score,
+}
+
+/// An instruction `ape` proposed, with its score on train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The instruction, as it reads back from its ids.
     pub prompt: String,
     /// Its real score on train.
     pub score: Score,
@@ -253,25 +261,18 @@ impl fmt::Display for Seconds {
     }
 }
 
-/// One line of the step log.
+/// One line of the step log: what every method's step has, and what its search did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
-    /// Step number, from 1.
+    /// Step (or `ape` round) number, from 1.
     pub step: usize,
-    /// The position the step changed.
-    pub position: usize,
-    /// The prompt the step began with.
+    /// The prompt the step began with (`ape`: the best before the round).
     pub prompt_before: String,
-    /// The proposal's candidate tokens for the position.
-    pub candidates: Vec<TokenText>,
-    /// The gradient shortlist, best first, with its real scores.
-    pub checked: Vec<Checked>,
-    /// The token the step chose (None: nothing was checked).
-    pub chosen: Option<TokenText>,
-    /// The prompt after the step.
+    /// What the method searched.
+    #[serde(flatten)]
+    pub search: Search,
+    /// The prompt after the step (`ape`: the best after the round).
     pub prompt: String,
-    /// The position the next step changes.
-    pub next_position: usize,
     /// The best prompt so far by train score.
     pub best_prompt: String,
     /// Its train score.
@@ -281,6 +282,65 @@ pub struct StepRecord {
     /// Reasoning tokens decoded in this step.
     #[serde(default)]
     pub generated_tokens: usize,
+}
+
+/// What one step searched, by method; written inline in the step's line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Search {
+    /// `greater` and `gcg`: tokens for one position of the prompt.
+    Token(TokenStep),
+    /// `ape`: a round of instructions written by the model.
+    Round {
+        /// The round's new instructions, each scored on train. (Logs written before rounds
+        /// had a record of their own kept them under `checked`.)
+        #[serde(alias = "checked")]
+        proposals: Vec<Proposal>,
+    },
+}
+
+/// A step of the token search at one position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenStep {
+    /// The position the step changed.
+    pub position: usize,
+    /// The proposal's candidate tokens for the position.
+    pub candidates: Vec<TokenText>,
+    /// The gradient shortlist, best first, with its real scores.
+    pub checked: Vec<Checked>,
+    /// The token the step chose (None: nothing was checked).
+    pub chosen: Option<TokenText>,
+    /// The position the next step changes.
+    pub next_position: usize,
+}
+
+impl TokenStep {
+    /// The checked prompt the step chose.
+    pub fn chosen_checked(&self) -> Option<&Checked> {
+        self.chosen.as_ref().and_then(|t| self.checked.iter().find(|c| c.id == t.id))
+    }
+}
+
+impl StepRecord {
+    /// The token search's step (None for an `ape` round).
+    pub fn token(&self) -> Option<&TokenStep> {
+        match &self.search {
+            Search::Token(t) => Some(t),
+            Search::Round { .. } => None,
+        }
+    }
+}
+
+impl Search {
+    /// Every prompt the step scored on train, with its score.
+    pub fn scored(&self) -> Vec<(&str, &Score)> {
+        match self {
+            Search::Token(t) => t.checked.iter().map(|c| (c.prompt.as_str(), &c.score)).collect(),
+            Search::Round { proposals } => {
+                proposals.iter().map(|p| (p.prompt.as_str(), &p.score)).collect()
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

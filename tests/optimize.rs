@@ -24,7 +24,8 @@ use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
 use greater::protocol::{run_protocol, ProtocolEvent, Shard};
 use greater::records::{
-    Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, StepRecord, Summary,
+    Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, Search, StepRecord,
+    Summary, TokenStep,
 };
 use greater::report::text::budget_warning;
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
@@ -167,6 +168,11 @@ fn tiny_settings(model: &Path, steps: usize) -> OptimizeConfig {
     }
 }
 
+/// The token search's part of a step.
+fn tok(r: &StepRecord) -> &TokenStep {
+    r.token().expect("a token step")
+}
+
 fn steps_without_timings(dir: &Path) -> Vec<StepRecord> {
     std::fs::read_to_string(dir.join("steps.jsonl"))
         .unwrap()
@@ -200,13 +206,16 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(read(&whole, "checkpoint.json"), read(&split, "checkpoint.json"));
     // A step moves to the best checked token. (With this byte-level vocabulary the leading
     // space token has no admissible alternative, so a step there checks nothing.)
-    assert!(a.iter().any(|r| r.chosen.is_some()));
+    assert!(a.iter().any(|r| tok(r).chosen.is_some()));
     for r in &a {
-        assert!(r.candidates.iter().any(|c| r.prompt_before.contains(c.text.trim())));
-        assert!(r.checked.len() <= 3);
-        if let Some(chosen) = &r.chosen {
-            let best = r.checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
-            assert_eq!(r.checked.iter().find(|c| c.id == chosen.id).unwrap().score.score, best);
+        assert!(tok(r).candidates.iter().any(|c| r.prompt_before.contains(c.text.trim())));
+        assert!(tok(r).checked.len() <= 3);
+        if let Some(chosen) = &tok(r).chosen {
+            let best = tok(r).checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
+            assert_eq!(
+                tok(r).checked.iter().find(|c| c.id == chosen.id).unwrap().score.score,
+                best
+            );
         }
     }
 }
@@ -424,28 +433,31 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
     let initial_len = 6; // " ", "G", "o", " ", "o", "n"
     let mut taken_at_once = 0;
     for r in steps_without_timings(&out) {
-        let period = r.checked.iter().position(|c| c.text.contains('.'));
-        let chosen = r.chosen.as_ref().unwrap();
-        let truncated = period.is_some() && 2 * r.position >= initial_len;
+        let period = tok(&r).checked.iter().position(|c| c.text.contains('.'));
+        let chosen = tok(&r).chosen.as_ref().unwrap();
+        let truncated = period.is_some() && 2 * tok(&r).position >= initial_len;
         if !truncated {
             assert!(
-                r.checked.iter().any(|c| c.prompt == r.prompt_before),
+                tok(&r).checked.iter().any(|c| c.prompt == r.prompt_before),
                 "step {}: the current token is checked",
                 r.step
             );
         }
         match period {
-            Some(p) if 2 * r.position >= initial_len => {
+            Some(p) if 2 * tok(&r).position >= initial_len => {
                 // The check stops at the first "." and takes it, whatever the scores.
-                assert_eq!(p, r.checked.len() - 1, "step {}", r.step);
+                assert_eq!(p, tok(&r).checked.len() - 1, "step {}", r.step);
                 assert!(chosen.text.contains('.'), "step {}", r.step);
                 taken_at_once += 1;
             }
             _ => {
-                let best = r.checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
-                let last_best = r.checked.iter().rposition(|c| c.score.score == best).unwrap();
+                let best =
+                    tok(&r).checked.iter().map(|c| c.score.score).fold(f64::INFINITY, f64::min);
+                let last_best =
+                    tok(&r).checked.iter().rposition(|c| c.score.score == best).unwrap();
                 assert_eq!(
-                    chosen.id, r.checked[last_best].id,
+                    chosen.id,
+                    tok(&r).checked[last_best].id,
                     "step {}: lowest score, ties to the later",
                     r.step
                 );
@@ -459,12 +471,12 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
     run_quietly(Start::New(settings(false)), &out);
     let last = steps_without_timings(&out)
         .into_iter()
-        .find(|r| r.position == 5)
+        .find(|r| tok(r).position == 5)
         .expect("a step at the last position");
-    if last.chosen.as_ref().unwrap().text.contains('.') {
-        assert_eq!(last.next_position, 0);
+    if tok(&last).chosen.as_ref().unwrap().text.contains('.') {
+        assert_eq!(tok(&last).next_position, 0);
     } else {
-        assert_eq!(last.next_position, 6);
+        assert_eq!(tok(&last).next_position, 6);
         assert!(
             last.prompt.ends_with('_') && last.prompt.len() == last.prompt_before.len() + 1,
             "{last:?}"
@@ -486,8 +498,8 @@ fn the_current_token_is_kept_when_its_check_scores_best() {
     let out = tmp.path().join("run");
     run_quietly(Start::New(cfg), &out);
     for r in steps_without_timings(&out) {
-        let chosen = r.chosen.unwrap();
-        let kept = r
+        let chosen = tok(&r).chosen.clone().unwrap();
+        let kept = tok(&r)
             .checked
             .iter()
             .find(|c| c.prompt == r.prompt_before)
@@ -495,7 +507,7 @@ fn the_current_token_is_kept_when_its_check_scores_best() {
         if chosen.id == kept.id {
             assert_eq!(r.prompt, r.prompt_before, "keeping the token keeps the prompt");
         } else {
-            let winner = r.checked.iter().find(|c| c.id == chosen.id).unwrap();
+            let winner = tok(&r).checked.iter().find(|c| c.id == chosen.id).unwrap();
             assert!(winner.score.score <= kept.score.score);
         }
     }
@@ -516,20 +528,20 @@ fn a_step_scoring_below_the_restart_threshold_goes_back_to_position_0() {
         steps_without_timings(&out)
     };
     let never = steps(0.0, "never");
-    assert_eq!(never.iter().map(|r| r.next_position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(never.iter().map(|r| tok(r).next_position).collect::<Vec<_>>(), [1, 2, 3]);
     // The threshold compares with the chosen prompt's score, strictly.
-    let first = never[0]
+    let first = tok(&never[0])
         .checked
         .iter()
-        .find(|c| Some(c.id) == never[0].chosen.as_ref().map(|t| t.id))
+        .find(|c| Some(c.id) == tok(&never[0]).chosen.as_ref().map(|t| t.id))
         .unwrap()
         .score
         .score;
-    assert_eq!(steps(first, "equal")[0].next_position, 1);
-    assert_eq!(steps(first + 1e-9, "above")[0].next_position, 0);
+    assert_eq!(tok(&steps(first, "equal")[0]).next_position, 1);
+    assert_eq!(tok(&steps(first + 1e-9, "above")[0]).next_position, 0);
     let always = steps(1e9, "always");
     assert_eq!(
-        always.iter().map(|r| (r.position, r.next_position)).collect::<Vec<_>>(),
+        always.iter().map(|r| (tok(r).position, tok(r).next_position)).collect::<Vec<_>>(),
         [(0, 0); 3]
     );
 }
@@ -951,9 +963,9 @@ fn decisions(dir: &Path) -> Vec<String> {
         .iter()
         .map(|r| {
             let checked: Vec<String> =
-                r.checked.iter().map(|c| format!("{}:{}", c.id, c.score.mistakes)).collect();
-            let chosen = r.chosen.as_ref().map(|c| c.id);
-            format!("{} [{}] {chosen:?} {:?}", r.position, checked.join(" "), r.prompt)
+                tok(r).checked.iter().map(|c| format!("{}:{}", c.id, c.score.mistakes)).collect();
+            let chosen = tok(r).chosen.as_ref().map(|c| c.id);
+            format!("{} [{}] {chosen:?} {:?}", tok(r).position, checked.join(" "), r.prompt)
         })
         .collect()
 }
@@ -1021,8 +1033,24 @@ fn ape_settings(model: &Path, seed: u64, budget: usize) -> OptimizeConfig {
 fn proposals(dir: &Path) -> Vec<Vec<String>> {
     steps_without_timings(dir)
         .iter()
-        .map(|r| r.checked.iter().map(|c| c.prompt.clone()).collect())
+        .map(|r| r.search.scored().iter().map(|(p, _)| p.to_string()).collect())
         .collect()
+}
+
+#[test]
+fn an_ape_round_logged_as_a_token_step_reads_as_a_round() {
+    // An `ape` round as logs kept it before rounds had a record of their own: a token step
+    // with no candidates, its instructions checked without a token or a gradient.
+    let line = r#"{"step":1,"position":0,"prompt_before":"Go on.","candidates":[],"checked":[{"id":0,"text":"","gradient":null,"prompt":"Add them.","score":{"score":0.5,"mistakes":1,"n":2,"nll":1.0,"answer_nll":0.0}}],"chosen":null,"prompt":"Add them.","next_position":0,"best_prompt":"Add them.","best_score":0.5,"seconds":{"reasoning":0.0,"proposal":1.0,"gradient":0.0,"checking":2.0},"generated_tokens":40}"#;
+    let r: StepRecord = serde_json::from_str(line).unwrap();
+    let Search::Round { proposals } = &r.search else { panic!("{r:?} is not a round") };
+    assert_eq!(proposals.len(), 1);
+    assert_eq!((proposals[0].prompt.as_str(), proposals[0].score.mistakes), ("Add them.", 1));
+    assert_eq!((r.step, r.best_score, r.generated_tokens), (1, 0.5, 40));
+    // Written in today's layout, it reads back the same.
+    let today = serde_json::to_string(&r).unwrap();
+    assert!(today.contains(r#""proposals":"#) && !today.contains("candidates"), "{today}");
+    assert_eq!(serde_json::from_str::<StepRecord>(&today).unwrap(), r);
 }
 
 #[test]
@@ -1038,13 +1066,11 @@ fn ape_with_a_fixed_seed_proposes_the_same_instructions_and_stops_at_its_budget(
     assert_ne!(proposals(&a), proposals(&c), "the seed draws the demonstrations and the samples");
     let rounds = steps_without_timings(&a);
     assert!(rounds.len() >= 2, "a 300-token budget takes more than one round");
-    // Every proposal is a scored prompt, without a token or gradient of its own.
+    // Every line is a round of scored instructions.
     for r in &rounds {
-        assert!(r.checked.len() <= PROPOSALS_PER_ROUND && r.candidates.is_empty());
-        assert!(r
-            .checked
-            .iter()
-            .all(|c| c.gradient.is_none() && !c.prompt.is_empty() && c.score.n == 3));
+        let Search::Round { proposals } = &r.search else { panic!("{r:?} is not a round") };
+        assert!(proposals.len() <= PROPOSALS_PER_ROUND);
+        assert!(proposals.iter().all(|p| !p.prompt.is_empty() && p.score.n == 3));
     }
     // It stops at the first round that reaches the budget: the tokens before it were below.
     let summary: Summary =

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::Optimizer;
 use crate::model::generate::{generate, GenerateConfig, Request, Sampling};
-use crate::records::{Checked, Seconds, State, StepRecord};
+use crate::records::{Proposal, Search, Seconds, State, StepRecord};
 
 /// Instructions sampled (and then scored) together in one round.
 pub const PROPOSALS_PER_ROUND: usize = 4;
@@ -62,8 +62,7 @@ impl<'o, 'a> Ape<'o, 'a> {
     }
 
     /// One APE round: `proposals` instructions sampled from random train demonstrations,
-    /// the new ones scored on train. A round is a step of the log; its checked prompts are
-    /// the round's proposals.
+    /// the new ones scored on train. A round is a step of the log.
     pub fn round(&self, state: &mut State, proposals: usize) -> Result<StepRecord> {
         let train = self.train;
         let prompt_before = train.prompt_text(&state.best_prompt)?;
@@ -121,33 +120,23 @@ impl<'o, 'a> Ape<'o, 'a> {
         }
         secs.checking = t.elapsed().as_secs_f64();
 
-        let mut checked = Vec::with_capacity(instructions.len());
+        let mut scored = Vec::with_capacity(instructions.len());
         for (text, ids) in &instructions {
             let score = state.scores[text].clone();
             if score.score < state.best_score {
                 state.best_score = score.score;
                 state.best_prompt = ids.clone();
             }
-            checked.push(Checked {
-                id: 0,
-                text: String::new(),
-                gradient: None,
-                prompt: text.clone(),
-                score,
-            });
+            scored.push(Proposal { prompt: text.clone(), score });
         }
         state.step += 1;
         state.generated_tokens += generated_tokens;
         let best_prompt = train.prompt_text(&state.best_prompt)?;
         Ok(StepRecord {
             step: state.step,
-            position: 0,
             prompt_before,
-            candidates: Vec::new(),
-            checked,
-            chosen: None,
+            search: Search::Round { proposals: scored },
             prompt: best_prompt.clone(),
-            next_position: 0,
             best_prompt,
             best_score: state.best_score,
             seconds: secs,

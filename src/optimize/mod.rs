@@ -24,7 +24,7 @@ use crate::model::generate::{
 };
 use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
-use crate::records::{Checked, Score, Seconds, State, StepRecord, TokenText};
+use crate::records::{Checked, Score, Search, Seconds, State, StepRecord, TokenStep, TokenText};
 use crate::runtime::LanguageModel;
 use crate::settings::{Filler, Method, OptimizeConfig, Vocabulary};
 use crate::tasks::{Example, Task};
@@ -585,13 +585,18 @@ impl<'a> Optimizer<'a> {
         state.generated_tokens += generated_tokens;
         Ok(StepRecord {
             step: state.step,
-            position,
             prompt_before,
-            candidates: candidates.iter().map(|&c| self.token_text(c)).collect::<Result<_>>()?,
-            checked,
-            chosen: chosen.map(|c| TokenText { id: c.id, text: c.text }),
+            search: Search::Token(TokenStep {
+                position,
+                candidates: candidates
+                    .iter()
+                    .map(|&c| self.token_text(c))
+                    .collect::<Result<_>>()?,
+                checked,
+                chosen: chosen.map(|c| TokenText { id: c.id, text: c.text }),
+                next_position: state.position,
+            }),
             prompt: self.prompt_text(&state.prompt)?,
-            next_position: state.position,
             best_prompt: self.prompt_text(&state.best_prompt)?,
             best_score: state.best_score,
             seconds,
@@ -646,7 +651,7 @@ impl<'a> Optimizer<'a> {
             checked.push(Checked {
                 id,
                 text: self.lm.tokenizer.decode_with_special(&[id])?,
-                gradient: Some(gradient),
+                gradient,
                 prompt: text,
                 score,
             });

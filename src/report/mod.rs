@@ -18,8 +18,8 @@ use crate::eval::Record;
 use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
-    EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, ScreenConfig, ScreenTable, Seconds,
-    StepRecord, Summary,
+    EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, Score, ScreenConfig, ScreenTable,
+    Search, Seconds, StepRecord, Summary,
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
@@ -468,40 +468,51 @@ fn accuracy_cell(e: &EvalSummary) -> String {
 
 /// The first step that produced `prompt` (0: it was there before the search).
 fn step_of(steps: &[StepRecord], prompt: &str) -> usize {
-    steps.iter().find(|r| r.checked.iter().any(|c| c.prompt == prompt)).map_or(0, |r| r.step)
+    steps.iter().find(|r| r.search.scored().iter().any(|(p, _)| *p == prompt)).map_or(0, |r| r.step)
 }
 
 /// The train score the curve shows for a step: its chosen prompt's, or when the step kept
-/// its prompt, the best it checked.
+/// its prompt (or was an `ape` round), the best it scored.
 fn step_score(r: &StepRecord) -> f64 {
-    let chosen = r.chosen.as_ref().and_then(|c| r.checked.iter().find(|k| k.id == c.id));
+    let chosen = match &r.search {
+        Search::Token(t) => t.chosen_checked().map(|c| c.score.score),
+        Search::Round { .. } => None,
+    };
     chosen
-        .map(|c| c.score.score)
-        .or_else(|| r.checked.iter().map(|c| c.score.score).min_by(f64::total_cmp))
+        .or_else(|| r.search.scored().iter().map(|(_, s)| s.score).min_by(f64::total_cmp))
         .unwrap_or(r.best_score)
 }
 
 fn step_row(r: &StepRecord) -> StepRow {
     let (before, changed, after) = split_change(&r.prompt_before, &r.prompt);
-    let chosen = r.chosen.as_ref().map(|c| c.id);
+    let score_cells = |s: &Score| (format!("{:.3}", s.score), format!("{}/{}", s.mistakes, s.n));
+    let (position, checked) = match &r.search {
+        Search::Token(t) => {
+            let chosen = t.chosen.as_ref().map(|c| c.id);
+            let rows = t.checked.iter().map(|c| {
+                let (score, mistakes) = score_cells(&c.score);
+                let (token, gradient) = (format!("{:?}", c.text), format!("{:.4}", c.gradient));
+                CheckedRow { token, gradient, score, mistakes, chosen: Some(c.id) == chosen }
+            });
+            (t.position, rows.collect())
+        }
+        // An `ape` proposal changes no single token: the whole instruction shows.
+        Search::Round { proposals } => {
+            let rows = proposals.iter().map(|p| {
+                let (score, mistakes) = score_cells(&p.score);
+                let token = p.prompt.clone();
+                CheckedRow { token, gradient: String::new(), score, mistakes, chosen: false }
+            });
+            (0, rows.collect())
+        }
+    };
     StepRow {
         step: r.step,
-        position: r.position,
+        position,
         before,
         changed,
         after,
-        checked: r
-            .checked
-            .iter()
-            .map(|c| CheckedRow {
-                // An `ape` proposal changes no single token: the whole instruction shows.
-                token: c.gradient.map_or_else(|| c.prompt.clone(), |_| format!("{:?}", c.text)),
-                gradient: c.gradient.map_or(String::new(), |g| format!("{g:.4}")),
-                score: format!("{:.3}", c.score.score),
-                mistakes: format!("{}/{}", c.score.mistakes, c.score.n),
-                chosen: Some(c.id) == chosen,
-            })
-            .collect(),
+        checked,
         seconds: format!("{:.1} s: {}", r.seconds.total(), r.seconds),
     }
 }
