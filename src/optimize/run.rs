@@ -20,7 +20,7 @@ use crate::records::{
 };
 use crate::runtime::LanguageModel;
 use crate::settings::{Method, OptimizeConfig, StartFrom};
-use crate::store::RunDir;
+use crate::store::{DirLock, RunDir};
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
 /// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
@@ -237,114 +237,156 @@ pub fn run(
     interrupt: &Arc<AtomicBool>,
     report: &mut dyn FnMut(Event),
 ) -> Result<Summary> {
-    // The lock is held until the run returns.
-    let (dir, _lock, config, lm, task) = match start {
-        Start::New(s) => {
-            s.validate()?;
-            let (task, split) = s.load_task()?;
-            let dir = RunDir::create(out)?;
-            let lock = dir.lock()?;
-            let lm = open_model(&s, report)?;
-            let config = RunConfig {
-                initial_prompt: s
-                    .initial_prompt
-                    .clone()
-                    .unwrap_or_else(|| task.initial_prompt.clone()),
-                model_path: lm.path.display().to_string(),
-                model_sha256: catalog::model_sha256(&lm.path)?,
-                task: TaskRecord {
-                    name: task.name.clone(),
-                    answer_kind: task.kind.describe(),
-                    extractor: task.extractor.clone(),
-                    source: task.source.clone(),
-                    examples: task.examples.len(),
-                },
-                split,
-                settings: s,
-                greater_version: env!("CARGO_PKG_VERSION").into(),
-            };
-            dir.write_json("config.json", &config)?;
-            (dir, lock, config, lm, task)
-        }
-        Start::Resume(changes) => {
-            let dir = RunDir::open(out)?;
-            let lock = dir.lock()?;
-            let mut config: RunConfig = dir.read_json("config.json")?;
-            config
-                .settings
-                .validate()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
-            if changes.apply(&mut config.settings) {
-                dir.write_json("config.json", &config)?;
-            }
-            let (task, split) = config.settings.load_task()?;
-            if split != config.split {
-                bail!("the task's data changed since the run started: the split differs from {}/config.json", out.display());
-            }
-            let lm = open_model(&config.settings, report)?;
-            let sha = catalog::model_sha256(&lm.path)?;
-            if sha != config.model_sha256 {
-                bail!(
-                    "the model file changed since the run started (sha256 {sha}, recorded {})",
-                    config.model_sha256
-                );
-            }
-            report(Event::Info(format!("resuming {}", out.display())));
-            (dir, lock, config, lm, task)
-        }
+    // 1. The folder (locked until the run returns), its record, the task and the model.
+    let run = match start {
+        Start::New(s) => create(s, out, report)?,
+        Start::Resume(changes) => reopen(changes, out, report)?,
     };
-    let s = &config.settings;
-    let train = Split::pick(&config.split.train, &task);
-    let optimizer = Optimizer::new(&lm, &task, &train, s, Arc::clone(interrupt))?;
-
-    let mut state: State = if dir.exists("checkpoint.json") {
-        let state: State = dir.read_json("checkpoint.json")?;
+    let (s, split) = (&run.config.settings, &run.config.split);
+    let train = Split::pick(&split.train, &run.task);
+    let optimizer = Optimizer::new(&run.lm, &run.task, &train, s, Arc::clone(interrupt))?;
+    // 2. The search's state: the checkpoint, or the starting prompts scored on train.
+    let mut state = if run.dir.exists("checkpoint.json") {
+        let state: State = run.dir.read_json("checkpoint.json")?;
         state
             .check(train.len())
             .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
         state
     } else {
-        let (starts, which) = match s.start {
-            StartFrom::Initial => (vec![config.initial_prompt.as_str()], "the initial prompt"),
-            StartFrom::Better => (
-                vec![config.initial_prompt.as_str(), ZERO_SHOT_COT],
-                "the initial prompt and zero-shot CoT",
-            ),
-        };
-        report(Event::Info(format!("scoring {which} on {} train questions", train.len())));
-        let t = Instant::now();
-        let state = optimizer.initial_state(&starts)?;
-        // The rate counts every start's reasoning; the length is the kept start's.
-        let lengths: Vec<usize> = state.reasoning.iter().flatten().map(Vec::len).collect();
-        let calibration = Calibration {
-            tokens_per_second: state.generated_tokens as f64 / t.elapsed().as_secs_f64(),
-            mean_reasoning: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
-        };
-        dir.write_json("calibration.json", &calibration)?;
-        dir.write_json("checkpoint.json", &state)?;
-        state
+        first_state(&optimizer, &run, report)?
     };
-    dir.truncate_steps(state.step)?;
+    run.dir.truncate_steps(state.step)?;
+    // 3. The search, each step logged and checkpointed.
+    let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, report)?;
+    // 4. The returned prompt, chosen on dev; then the held-out test.
+    let summary = choose_and_test(&run, &optimizer, &mut state, budget_tokens, interrupt, report)?;
+    run.dir.write_json("summary.json", &summary)?;
+    report(Event::Finished(out));
+    Ok(summary)
+}
 
-    let budget_tokens = search(&optimizer, &dir, s, &mut state, &config.split, report)?;
-    // The returned prompt: the best on dev among the best few by train score, the initial
-    // prompt and zero-shot CoT. Test questions are measured only after it is chosen.
-    let mut contenders = contenders(&optimizer, &mut state, s, &config.initial_prompt)?;
-    dir.write_json("checkpoint.json", &state)?;
+/// A run folder with its lock held, its record, and the task and model it names.
+struct Opened {
+    dir: RunDir,
+    _lock: DirLock,
+    config: RunConfig,
+    lm: LanguageModel,
+    task: Task,
+}
+
+/// A new run folder for settings `s`, with its `config.json`.
+fn create(s: OptimizeConfig, out: &Path, report: &mut dyn FnMut(Event)) -> Result<Opened> {
+    s.validate()?;
+    let (task, split) = s.load_task()?;
+    let dir = RunDir::create(out)?;
+    let _lock = dir.lock()?;
+    let lm = open_model(&s, report)?;
+    let config = RunConfig {
+        initial_prompt: s.initial_prompt.clone().unwrap_or_else(|| task.initial_prompt.clone()),
+        model_path: lm.path.display().to_string(),
+        model_sha256: catalog::model_sha256(&lm.path)?,
+        task: TaskRecord {
+            name: task.name.clone(),
+            answer_kind: task.kind.describe(),
+            extractor: task.extractor.clone(),
+            source: task.source.clone(),
+            examples: task.examples.len(),
+        },
+        split,
+        settings: s,
+        greater_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    dir.write_json("config.json", &config)?;
+    Ok(Opened { dir, _lock, config, lm, task })
+}
+
+/// The run folder `out` as recorded, with `changes` applied; an error when its task's data
+/// or its model file changed since it started.
+fn reopen(changes: Changes, out: &Path, report: &mut dyn FnMut(Event)) -> Result<Opened> {
+    let dir = RunDir::open(out)?;
+    let _lock = dir.lock()?;
+    let mut config: RunConfig = dir.read_json("config.json")?;
+    config
+        .settings
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
+    if changes.apply(&mut config.settings) {
+        dir.write_json("config.json", &config)?;
+    }
+    let (task, split) = config.settings.load_task()?;
+    if split != config.split {
+        bail!(
+            "the task's data changed since the run started: the split differs from {}/config.json",
+            out.display()
+        );
+    }
+    let lm = open_model(&config.settings, report)?;
+    let sha = catalog::model_sha256(&lm.path)?;
+    if sha != config.model_sha256 {
+        bail!(
+            "the model file changed since the run started (sha256 {sha}, recorded {})",
+            config.model_sha256
+        );
+    }
+    report(Event::Info(format!("resuming {}", out.display())));
+    Ok(Opened { dir, _lock, config, lm, task })
+}
+
+/// The state before the first step: the starting prompts scored on train (their decoding
+/// rate and reasoning length kept in `calibration.json` for the budget line), checkpointed.
+fn first_state(
+    optimizer: &Optimizer,
+    run: &Opened,
+    report: &mut dyn FnMut(Event),
+) -> Result<State> {
+    let initial = run.config.initial_prompt.as_str();
+    let (starts, which) = match run.config.settings.start {
+        StartFrom::Initial => (vec![initial], "the initial prompt"),
+        StartFrom::Better => (vec![initial, ZERO_SHOT_COT], "the initial prompt and zero-shot CoT"),
+    };
+    let n_train = run.config.split.train.len();
+    report(Event::Info(format!("scoring {which} on {n_train} train questions")));
+    let t = Instant::now();
+    let state = optimizer.initial_state(&starts)?;
+    // The rate counts every start's reasoning; the length is the kept start's.
+    let lengths: Vec<usize> = state.reasoning.iter().flatten().map(Vec::len).collect();
+    let calibration = Calibration {
+        tokens_per_second: state.generated_tokens as f64 / t.elapsed().as_secs_f64(),
+        mean_reasoning: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
+    };
+    run.dir.write_json("calibration.json", &calibration)?;
+    run.dir.write_json("checkpoint.json", &state)?;
+    Ok(state)
+}
+
+/// The returned prompt: the best on dev among the best few by train score, the initial
+/// prompt and zero-shot CoT. Test questions are measured only after it is chosen: zero-shot
+/// CoT, the initial prompt and the returned one.
+fn choose_and_test(
+    run: &Opened,
+    optimizer: &Optimizer,
+    state: &mut State,
+    budget_tokens: Option<usize>,
+    interrupt: &Arc<AtomicBool>,
+    report: &mut dyn FnMut(Event),
+) -> Result<Summary> {
+    let (s, split, dir) = (&run.config.settings, &run.config.split, &run.dir);
+    let mut contenders = contenders(optimizer, state, s, &run.config.initial_prompt)?;
+    dir.write_json("checkpoint.json", &*state)?;
     let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
-    let dev = Split::pick(&config.split.dev, &task);
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         dir.evaluation(split, c.label, &c.prompt, || {
             let label = format!("{split}: {}", c.label);
-            evaluate_reported(&lm, &task, examples, &c.prompt, &eval_cfg, &label, report)
+            evaluate_reported(&run.lm, &run.task, examples, &c.prompt, &eval_cfg, &label, report)
         })
     };
+    let dev = Split::pick(&split.dev, &run.task);
     let chosen =
         choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
     let best_prompt = contenders[chosen].prompt.clone();
     dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
 
-    let test = Split::pick(&config.split.test, &task);
+    let test = Split::pick(&split.test, &run.task);
     let mut evaluations = Vec::new();
     if !test.is_empty() {
         let optimised = Contender { label: Label::Optimised, ..contenders[chosen].clone() };
@@ -357,7 +399,7 @@ pub fn run(
             evaluations.push(e);
         }
     }
-    let summary = Summary {
+    Ok(Summary {
         steps: state.step,
         best_prompt,
         selected: contenders[chosen].label,
@@ -368,10 +410,7 @@ pub fn run(
         majority_floor: Task::majority_floor(&test),
         contenders,
         evaluations,
-    };
-    dir.write_json("summary.json", &summary)?;
-    report(Event::Finished(out));
-    Ok(summary)
+    })
 }
 
 /// The search until its end: `steps` GReaTer (or gcg) steps, or `ape` rounds until the
