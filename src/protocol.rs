@@ -21,7 +21,7 @@ use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
 use crate::records::{
     Contender, Difference, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig,
-    ProtocolTable, Search, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
+    ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
 };
 use crate::settings::{Method, OptimizeConfig};
 use crate::store::{method_folder, task_folder, RunDir};
@@ -70,7 +70,7 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
             trace.improving_steps += 1;
             best = r.best_score;
         }
-        let Search::Token(t) = &r.search else { continue };
+        let Some(t) = r.token() else { continue };
         trace.current_shortlisted +=
             usize::from(t.checked.iter().any(|c| c.prompt == r.prompt_before));
         if let Some(c) = t.chosen_checked() {

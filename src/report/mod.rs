@@ -19,7 +19,7 @@ use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
     EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, Score, ScreenConfig, ScreenTable,
-    Search, Seconds, StepRecord, Summary,
+    Search, Seconds, StepRecord, Summary, TokenStep,
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
@@ -474,11 +474,9 @@ fn step_of(steps: &[StepRecord], prompt: &str) -> usize {
 /// The train score the curve shows for a step: its chosen prompt's, or when the step kept
 /// its prompt (or was an `ape` round), the best it scored.
 fn step_score(r: &StepRecord) -> f64 {
-    let chosen = match &r.search {
-        Search::Token(t) => t.chosen_checked().map(|c| c.score.score),
-        Search::Round { .. } => None,
-    };
-    chosen
+    r.token()
+        .and_then(TokenStep::chosen_checked)
+        .map(|c| c.score.score)
         .or_else(|| r.search.scored().iter().map(|(_, s)| s.score).min_by(f64::total_cmp))
         .unwrap_or(r.best_score)
 }
