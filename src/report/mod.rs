@@ -224,49 +224,8 @@ fn run_page(dir: &RunDir) -> Result<String> {
                 dev_svg(&dev_points)?,
             ));
         }
-        let mut bars = Vec::new();
-        for e in &sm.evaluations {
-            bars.push(Bar {
-                group: e.label.to_string(),
-                series: 0,
-                value: e.accuracy,
-                interval: e.interval,
-            });
-            let dev =
-                sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
-            if let Some(d) = dev {
-                bars.push(Bar {
-                    group: e.label.to_string(),
-                    series: 1,
-                    value: d.accuracy,
-                    interval: d.interval,
-                });
-            }
-        }
-        let floor = vec![Some(sm.majority_floor); sm.evaluations.len()];
-        figures.push((
-            format!(
-                "Accuracy with 95% intervals: test ({}), dev ({}); dashed: the test split's majority-class floor ({:.3})",
-                SERIES_NAMES[0], SERIES_NAMES[1], sm.majority_floor
-            ),
-            bars_svg(&bars, 2, &floor)?,
-        ));
-        for c in &sm.contenders {
-            let test = sm.evaluations.iter().find(|e| e.prompt == c.prompt);
-            rows.push(AccuracyRow {
-                label: c.label.to_string(),
-                prompt: c.prompt.clone(),
-                train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
-                dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
-                test: test.map_or("-".into(), accuracy_cell),
-                cut: test
-                    .and_then(|e| Some(format!("{}/{}", e.cut_by_budget?, e.n)))
-                    .unwrap_or("-".into()),
-                unparsed: test
-                    .and_then(|e| Some(format!("{}/{}", e.unparsed?, e.n)))
-                    .unwrap_or("-".into()),
-            });
-        }
+        figures.push(accuracy_figure(sm)?);
+        rows = accuracy_rows(sm);
         questions = question_rows(dir, &sm.evaluations)?;
         labels = sm.evaluations.iter().map(|e| e.label.to_string()).collect();
         verdict_line = verdict(sm);
@@ -292,6 +251,49 @@ fn run_page(dir: &RunDir) -> Result<String> {
         steps => Value::from(Serde(steps.iter().map(step_row).collect::<Vec<_>>())),
     })?;
     Ok(html)
+}
+
+/// Test and dev accuracy of each evaluated prompt, as bars with their intervals: the
+/// figure's caption and SVG.
+fn accuracy_figure(sm: &Summary) -> Result<(String, String)> {
+    let mut bars = Vec::new();
+    for e in &sm.evaluations {
+        let group = e.label.to_string();
+        bars.push(Bar { group: group.clone(), series: 0, value: e.accuracy, interval: e.interval });
+        let dev = sm.contenders.iter().find(|c| c.prompt == e.prompt).and_then(|c| c.dev.as_ref());
+        if let Some(d) = dev {
+            bars.push(Bar { group, series: 1, value: d.accuracy, interval: d.interval });
+        }
+    }
+    let floor = vec![Some(sm.majority_floor); sm.evaluations.len()];
+    let caption = format!(
+        "Accuracy with 95% intervals: test ({}), dev ({}); dashed: the test split's majority-class floor ({:.3})",
+        SERIES_NAMES[0], SERIES_NAMES[1], sm.majority_floor
+    );
+    Ok((caption, bars_svg(&bars, 2, &floor)?))
+}
+
+/// One row per contender: its train score, dev and test accuracy, and the test's cut and
+/// unparsed counts.
+fn accuracy_rows(sm: &Summary) -> Vec<AccuracyRow> {
+    let count = |e: Option<&EvalSummary>, n: fn(&EvalSummary) -> Option<usize>| {
+        e.map_or("-".into(), |e| count_cell(&[e], n))
+    };
+    sm.contenders
+        .iter()
+        .map(|c| {
+            let test = sm.evaluations.iter().find(|e| e.prompt == c.prompt);
+            AccuracyRow {
+                label: c.label.to_string(),
+                prompt: c.prompt.clone(),
+                train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
+                dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
+                test: test.map_or("-".into(), accuracy_cell),
+                cut: count(test, |e| e.cut_by_budget),
+                unparsed: count(test, |e| e.unparsed),
+            }
+        })
+        .collect()
 }
 
 /// Records of an evaluation (one JSON line per question).
