@@ -19,7 +19,7 @@ use crate::optimize::run::Event;
 use crate::protocol::ProtocolEvent;
 use crate::records::{
     EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, Score, ScreenConfig, ScreenTable,
-    Search, Seconds, StepRecord, Summary, TokenStep,
+    Search, Seconds, StepRecord, Summary, TaskRow, TokenStep,
 };
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
@@ -375,46 +375,9 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
             r.majority_floor.or_else(|| run().map(|s| s.majority_floor))
         })
         .collect();
-    let mut bars = Vec::new();
-    let mut lines = Vec::new();
-    for (i, r) in table.rows.iter().enumerate() {
-        let baselines = methods[1..].iter().map(|&m| r.baseline(m).map(|b| &b.optimised));
-        let evaluations = [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().map(Some);
-        for (series, e) in evaluations.chain(baselines).enumerate() {
-            let Some(e) = e else { continue };
-            bars.push(Bar {
-                group: (i + 1).to_string(),
-                series,
-                value: e.accuracy,
-                interval: e.interval,
-            });
-        }
-        let report = here.join(task_folder(&r.task)).join("report.html");
-        let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
-        lines.push(TaskLine {
-            number: i + 1,
-            task: r.task.clone(),
-            zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
-            initial: accuracy_cell(&r.initial),
-            optimised: accuracy_cell(&r.optimised),
-            baselines: methods[1..]
-                .iter()
-                .map(|&m| r.baseline(m).map_or("-".into(), |b| accuracy_cell(&b.optimised)))
-                .collect(),
-            floor: floors[i].map_or("-".into(), |f| format!("{f:.3}")),
-            cut: count_cell(&evals, |e| e.cut_by_budget),
-            unparsed: count_cell(&evals, |e| e.unparsed),
-            dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
-            selected: r.selected.to_string(),
-            steps: r.steps,
-            prompt: r.optimised.prompt.clone(),
-            report: report.exists().then(|| relative(&written_in, &report)),
-            transfer: r
-                .transfer
-                .as_ref()
-                .map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
-        });
-    }
+    let lines: Vec<TaskLine> = (table.rows.iter().enumerate())
+        .map(|(i, r)| task_line(i + 1, r, &methods, floors[i], &here, &written_in))
+        .collect();
     let pooled = |p: &crate::records::Pooled| {
         format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
     };
@@ -424,21 +387,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         .iter()
         .map(|b| baseline_gain_text(b, methods[0], table.rows.len()))
         .collect();
-    let mut series = vec![
-        "zero-shot CoT".to_string(),
-        "initial".into(),
-        format!("optimised ({})", methods[0].name()),
-    ];
-    series.extend(methods[1..].iter().map(|m| m.name().to_string()));
-    let colours: Vec<String> =
-        series.iter().zip(SERIES_NAMES.iter().cycle()).map(|(s, c)| format!("{s} ({c})")).collect();
-    let numbers: Vec<String> = lines.iter().map(|l| format!("{} {}", l.number, l.task)).collect();
-    let caption = format!(
-        "Test accuracy per task with 95% intervals: {}; dashed: the majority-class floor. Tasks: {}",
-        colours.join(", "),
-        numbers.join(", ")
-    );
-    let figures = vec![(caption, bars_svg(&bars, series.len(), &floors)?)];
+    let figures = vec![protocol_figure(&table, &methods, &lines, &floors)?];
     let search = search_table(&table, methods[0]);
     let env = environment()?;
     let html = env.get_template("report.html")?.render(minijinja::context! {
@@ -453,6 +402,78 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         tables => Value::from(Serde(search.into_iter().collect::<Vec<_>>())),
     })?;
     Ok(html)
+}
+
+/// Task `number` of a protocol's table as its line on the page: accuracy cells, counts, and
+/// the relative link to its run's report when there is one.
+fn task_line(
+    number: usize,
+    r: &TaskRow,
+    methods: &[Method],
+    floor: Option<f64>,
+    here: &Path,
+    written_in: &Path,
+) -> TaskLine {
+    let report = here.join(task_folder(&r.task)).join("report.html");
+    let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
+    TaskLine {
+        number,
+        task: r.task.clone(),
+        zero_shot_cot: accuracy_cell(&r.zero_shot_cot),
+        initial: accuracy_cell(&r.initial),
+        optimised: accuracy_cell(&r.optimised),
+        baselines: methods[1..]
+            .iter()
+            .map(|&m| r.baseline(m).map_or("-".into(), |b| accuracy_cell(&b.optimised)))
+            .collect(),
+        floor: floor.map_or("-".into(), |f| format!("{f:.3}")),
+        cut: count_cell(&evals, |e| e.cut_by_budget),
+        unparsed: count_cell(&evals, |e| e.unparsed),
+        dev: r.dev_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+        selected: r.selected.to_string(),
+        steps: r.steps,
+        prompt: r.optimised.prompt.clone(),
+        report: report.exists().then(|| relative(written_in, &report)),
+        transfer: r
+            .transfer
+            .as_ref()
+            .map(|t| [accuracy_cell(&t.zero_shot_cot), accuracy_cell(&t.optimised)]),
+    }
+}
+
+/// Test accuracy of every task under each prompt and method, as bars with their intervals
+/// and the tasks' floors: the figure's caption and SVG.
+fn protocol_figure(
+    table: &ProtocolTable,
+    methods: &[Method],
+    lines: &[TaskLine],
+    floors: &[Option<f64>],
+) -> Result<(String, String)> {
+    let mut bars = Vec::new();
+    for (i, r) in table.rows.iter().enumerate() {
+        let baselines = methods[1..].iter().map(|&m| r.baseline(m).map(|b| &b.optimised));
+        let evaluations = [&r.zero_shot_cot, &r.initial, &r.optimised].into_iter().map(Some);
+        for (series, e) in evaluations.chain(baselines).enumerate() {
+            let Some(e) = e else { continue };
+            let group = (i + 1).to_string();
+            bars.push(Bar { group, series, value: e.accuracy, interval: e.interval });
+        }
+    }
+    let mut series = vec![
+        "zero-shot CoT".to_string(),
+        "initial".into(),
+        format!("optimised ({})", methods[0].name()),
+    ];
+    series.extend(methods[1..].iter().map(|m| m.name().to_string()));
+    let colours: Vec<String> =
+        series.iter().zip(SERIES_NAMES.iter().cycle()).map(|(s, c)| format!("{s} ({c})")).collect();
+    let numbers: Vec<String> = lines.iter().map(|l| format!("{} {}", l.number, l.task)).collect();
+    let caption = format!(
+        "Test accuracy per task with 95% intervals: {}; dashed: the majority-class floor. Tasks: {}",
+        colours.join(", "),
+        numbers.join(", ")
+    );
+    Ok((caption, bars_svg(&bars, series.len(), floors)?))
 }
 
 fn environment() -> Result<minijinja::Environment<'static>> {
