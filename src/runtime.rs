@@ -189,7 +189,9 @@ fn open_hf_dir(
 /// Every pass allocates and frees activations of megabytes per layer. glibc gives freed
 /// memory back to the kernel (trimming the heap top, unmapping large chunks), so the next
 /// pass page-faults it in again, zeroed: a quarter of a Qwen gradient pass was the kernel
-/// clearing pages. Raising both thresholds to their maximum keeps freed memory for reuse;
+/// clearing pages. The mmap threshold at its ceiling and trimming turned off (-1, as
+/// mallopt(3) documents; its largest positive value, 2 GiB, is less than what a Qwen
+/// gradient pass over a 512-token reasoning frees at its end) keep freed memory for reuse;
 /// the peak is unchanged (memory is reused, not added). One arena for all threads: the
 /// passes run on rayon's threads ([`crate::model::on_pool`]), and with an arena per thread
 /// each would keep its own freed memory (a larger resident size, and slower steps in
@@ -203,7 +205,7 @@ fn keep_freed_memory() {
         // SAFETY: mallopt only sets allocator parameters; glibc takes its own locks.
         ONCE.call_once(|| unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
             libc::mallopt(libc::M_ARENA_MAX, 1);
         });
     }
