@@ -434,11 +434,13 @@ impl<'a> Optimizer<'a> {
         Ok(combine_gradients(&per_example, self.cfg.gradient_sum))
     }
 
-    /// One gradient pass on the first example at the current position (for timing).
-    pub fn time_one_gradient(&self, state: &State) -> Result<()> {
-        let reasoning =
-            state.reasoning.as_ref().map_or_else(|| vec![Vec::new()], |r| r[..1].to_vec());
-        self.gradient(&state.prompt, state.position, &[state.prompt[state.position]], &reasoning)?;
+    /// One gradient pass at the current position over a reasoning of `reasoning_len` tokens
+    /// (for timing: a pass costs the same whatever the tokens, and the state holds no
+    /// reasoning when the prompt has just grown).
+    pub fn time_one_gradient(&self, state: &State, reasoning_len: usize) -> Result<()> {
+        let current = state.prompt[state.position];
+        let reasoning = vec![vec![current; reasoning_len]];
+        self.gradient(&state.prompt, state.position, &[current], &reasoning)?;
         Ok(())
     }
 

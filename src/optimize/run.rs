@@ -476,7 +476,7 @@ fn budget_line(
     split: &Split,
 ) -> Result<String> {
     let t = Instant::now();
-    optimizer.time_one_gradient(state)?;
+    optimizer.time_one_gradient(state, c.mean_reasoning.round() as usize)?;
     let per_pass = t.elapsed().as_secs_f64();
     // Reasoning under the shortlisted prompts each step, the contenders on dev, then the
     // three test evaluations.
