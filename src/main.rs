@@ -429,9 +429,10 @@ impl Progress {
                             self.label,
                             record.step,
                             t.position,
-                            t.chosen
-                                .as_ref()
-                                .map_or("(kept)".to_string(), |c| format!("{:?}", c.text)),
+                            t.chosen_checked().map_or("(kept)".to_string(), |c| format!(
+                                "{:?} ({}/{} wrong, {} cut)",
+                                c.text, c.score.mistakes, c.score.n, c.score.cut
+                            )),
                             record.prompt,
                             state.best_score,
                             record.seconds

@@ -126,8 +126,12 @@ pub struct Contender {
 pub struct Score {
     /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL
     pub score: f64,
-    /// Train questions answered wrongly.
+    /// Train questions answered wrongly (with `cut_is_mistake`, also those whose reasoning
+    /// was cut at the budget).
     pub mistakes: usize,
+    /// Train reasonings cut at the budget (their answers forced mid-reasoning).
+    #[serde(default)]
+    pub cut: usize,
     /// Train questions scored.
     pub n: usize,
     /// Mean negative log-likelihood of the prompt tokens.

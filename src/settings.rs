@@ -219,6 +219,12 @@ pub struct OptimizeConfig {
     /// mistake count (reference: 0).
     #[arg(long, help_heading = SEARCH)]
     pub answer_weight: f64,
+    /// A train reasoning cut at the budget counts as a mistake in the real score, whatever
+    /// its forced answer: a search cannot gain by making the model run into the budget
+    /// (reference: false).
+    #[arg(long, action = clap::ArgAction::Set, help_heading = SEARCH)]
+    #[serde(default)]
+    pub cut_is_mistake: bool,
     /// A step whose chosen prompt scores below this goes back to position 0 (reference:
     /// 0.12; 0: never).
     #[arg(long, help_heading = SEARCH)]
@@ -348,6 +354,7 @@ impl OptimizeConfig {
             accept: Accept::Always,
             dev_candidates: 4,
             answer_weight: 0.0,
+            cut_is_mistake: false,
             restart_below: 0.12,
             start: StartFrom::Initial,
             method: Method::Greater,

@@ -659,10 +659,41 @@ fn optimiser_and_evaluator_ids_agree_on_a_sentencepiece_model() {
     assert_optimiser_and_evaluator_ids_agree(&lm);
 }
 
+/// A reasoning cut at the budget counts as a mistake only with `cut_is_mistake`: the score
+/// of all train questions at once equals the sum of each question scored alone. SmolLM2 on
+/// 30 arithmetic questions with 64 tokens: some reasonings end in time, some are cut, and of
+/// those some have their forced answer right.
+#[test]
+fn a_reasoning_cut_at_the_budget_is_a_mistake_only_when_the_setting_says_so() {
+    const BUDGET: usize = 64;
+    let lm = common::smollm2();
+    let (task, split) = arithmetic(30);
+    let train = Split::pick(&split.train, &task);
+    let score_on = |examples: &[&greater::tasks::Example], cut_is_mistake: bool| {
+        let cfg =
+            OptimizeConfig { max_reasoning: BUDGET, cut_is_mistake, ..OptimizeConfig::default() };
+        let opt = Optimizer::new(lm, &task, examples, &cfg, no_interrupt()).unwrap();
+        let (reasoning, score) =
+            opt.reason_and_score(&opt.prompt_ids(PAPER_INITIAL_PROMPT).unwrap()).unwrap();
+        assert_eq!(score.cut, reasoning.iter().filter(|r| r.len() == BUDGET).count());
+        score
+    };
+    let alone: Vec<Score> = train.iter().map(|ex| score_on(&[*ex], false)).collect();
+    let (off, on) = (score_on(&train, false), score_on(&train, true));
+    let wrong = alone.iter().map(|s| s.mistakes).sum::<usize>();
+    let cut = alone.iter().map(|s| s.cut).sum::<usize>();
+    let wrong_or_cut = alone.iter().map(|s| s.mistakes.max(s.cut)).sum::<usize>();
+    assert!(wrong_or_cut > wrong && cut < train.len(), "right and cut, and not cut, both occur");
+    assert_eq!((off.mistakes, off.cut), (wrong, cut));
+    assert_eq!((on.mistakes, on.cut), (wrong_or_cut, cut));
+    let n = train.len() as f64;
+    assert!((on.score - off.score - (wrong_or_cut - wrong) as f64 / n).abs() < 1e-9);
+}
+
 // ---- Choosing the returned prompt on dev ----
 
 fn score(score: f64) -> Score {
-    Score { score, mistakes: 0, n: 1, nll: 0.0, answer_nll: 0.0 }
+    Score { score, mistakes: 0, cut: 0, n: 1, nll: 0.0, answer_nll: 0.0 }
 }
 
 #[test]
@@ -1220,6 +1251,7 @@ const REFERENCE_SETTINGS: &[(&str, Option<&str>)] = &[
     ("accept", Some("\"always\"")),
     ("dev_candidates", Some("4")),
     ("answer_weight", Some("0.0")),
+    ("cut_is_mistake", Some("false")),
     ("restart_below", Some("0.12")),
     ("start", Some("\"initial\"")),
     ("method", Some("\"greater\"")),

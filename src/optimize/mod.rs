@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::layout::{Layout, QuestionIds};
 use crate::model::generate::{
-    generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request,
+    generate, prefill, run_all, Cancelled, GenerateConfig, Generated, Request, StopReason,
 };
 use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
@@ -307,10 +307,13 @@ impl<'a> Optimizer<'a> {
 
     /// Real scores of prompts given their reasoning (`replies[i]` for `prompts[i]`, whose
     /// caches are consumed): an example is right when greedy decoding would pick every gold
-    /// answer token, teacher-forced after the reasoning and the extractor.
+    /// answer token, teacher-forced after the reasoning and the extractor, and (with
+    /// `cut_is_mistake`) its reasoning ended before the budget.
     fn score(&self, prompts: &[Vec<u32>], replies: Vec<Vec<Generated>>) -> Result<Vec<Score>> {
         self.check_interrupt()?;
         let nlls = self.prompt_nll(prompts, &replies)?;
+        let cut_flags: Vec<bool> =
+            replies.iter().flatten().map(|r| r.stop != StopReason::StopToken).collect();
         let requests: Vec<Request> = replies
             .into_iter()
             .flat_map(|rs| {
@@ -339,12 +342,13 @@ impl<'a> Optimizer<'a> {
         let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
         let n = self.examples.len();
         let mut scores = Vec::with_capacity(prompts.len());
-        for nll in nlls {
+        for (nll, cut_flags) in nlls.into_iter().zip(cut_flags.chunks(n)) {
             let (mut mistakes, mut answer_nll) = (0, 0.0);
-            for ex in &self.examples {
+            for (ex, &cut) in self.examples.iter().zip(cut_flags) {
                 let (mine, tail) = rest.split_at(ex.answer.len());
                 let (lp, lp_tail) = rest_lp.split_at(ex.answer.len());
-                mistakes += usize::from(mine != ex.answer.as_slice());
+                let wrong = mine != ex.answer.as_slice();
+                mistakes += usize::from(wrong || (cut && self.cfg.cut_is_mistake));
                 answer_nll -= lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len().max(1) as f64;
                 (rest, rest_lp) = (tail, lp_tail);
             }
@@ -352,7 +356,8 @@ impl<'a> Optimizer<'a> {
             let score = mistakes as f64 / n as f64
                 + self.cfg.control_weight / 10.0 * nll
                 + self.cfg.answer_weight * answer_nll;
-            scores.push(Score { score, mistakes, n, nll, answer_nll });
+            let cut = cut_flags.iter().filter(|&&c| c).count();
+            scores.push(Score { score, mistakes, cut, n, nll, answer_nll });
         }
         Ok(scores)
     }
