@@ -36,8 +36,12 @@ pub const PAPER_TASKS: &[&str] = &[
 ];
 
 /// The trace of a search from its steps and the run's contenders (whose train scores cover
-/// the starting prompts); None before the first step.
-pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<SearchTrace> {
+/// the starting prompts; `selected` is the one returned); None before the first step.
+pub fn search_trace(
+    steps: &[StepRecord],
+    contenders: &[Contender],
+    selected: Label,
+) -> Option<SearchTrace> {
     let mut train: BTreeMap<&str, f64> =
         contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
     for r in steps {
@@ -46,6 +50,13 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
     let first = &steps.first()?.prompt_before;
     let start = contenders.iter().find(|c| &c.prompt == first)?;
     let mut best = start.train.score;
+    let dev = |c: &Contender| c.dev.clone();
+    let better_start = contenders
+        .iter()
+        .filter(|c| c.label.is_baseline())
+        .filter_map(dev)
+        .reduce(|a, b| if b.accuracy > a.accuracy { b } else { a });
+    let returned = contenders.iter().find(|c| c.label == selected).and_then(dev);
     let mut trace = SearchTrace {
         train_n: start.train.n,
         start_mistakes: start.train.mistakes,
@@ -58,11 +69,9 @@ pub fn search_trace(steps: &[StepRecord], contenders: &[Contender]) -> Option<Se
         worse_moves: 0,
         current_shortlisted: 0,
         current_kept: 0,
-        dev_baseline: contenders
-            .iter()
-            .filter(|c| c.label.is_baseline())
-            .filter_map(|c| c.dev.as_ref().map(|d| d.accuracy))
-            .reduce(f64::max),
+        dev_baseline: better_start.as_ref().map(|d| d.accuracy),
+        dev_baseline_cut: better_start.and_then(|d| d.cut_by_budget),
+        dev_returned_cut: returned.and_then(|d| d.cut_by_budget),
         step_seconds: median(steps.iter().map(|r| r.seconds.total()).collect()),
     };
     for r in steps {
@@ -309,7 +318,7 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
                 baselines.push(method_row(task, method, &s, w)?);
             }
         }
-        let search = search_trace(&first_dir.read_steps()?, &first.contenders);
+        let search = search_trace(&first_dir.read_steps()?, &first.contenders, first.selected);
         rows.push(TaskRow {
             transfer,
             baselines,
@@ -443,8 +452,8 @@ mod tests {
         json!({ "score": score, "mistakes": mistakes, "n": 20, "nll": 1.0, "answer_nll": 0.0 })
     }
 
-    fn contender(label: &str, prompt: &str, train: Value, dev: f64) -> Contender {
-        let dev = json!({ "label": label, "prompt": prompt, "accuracy": dev, "correct": 0, "n": 50, "interval": [0.0, 1.0], "seconds": 0.0 });
+    fn contender(label: &str, prompt: &str, train: Value, dev: f64, cut: usize) -> Contender {
+        let dev = json!({ "label": label, "prompt": prompt, "accuracy": dev, "correct": 0, "n": 50, "interval": [0.0, 1.0], "seconds": 0.0, "cut_by_budget": cut });
         serde_json::from_value(
             json!({ "label": label, "prompt": prompt, "train": train, "dev": dev }),
         )
@@ -473,8 +482,9 @@ mod tests {
     #[test]
     fn the_search_trace_counts_what_each_step_did() {
         let contenders = [
-            contender("zero-shot CoT", "Z", score(0.7, 14), 0.30),
-            contender("initial", "A", score(0.6, 12), 0.32),
+            contender("zero-shot CoT", "Z", score(0.7, 14), 0.30, 3),
+            contender("initial", "A", score(0.6, 12), 0.32, 5),
+            contender("train #1", "C", score(0.65, 13), 0.34, 40),
         ];
         let steps = [
             // Better than the start: the best train score falls; the current prompt was checked.
@@ -484,7 +494,7 @@ mod tests {
             // The current prompt is checked and kept; another made fewer mistakes at a higher score.
             step(3, "C", &[(8, "C", score(0.65, 13)), (9, "D", score(0.7, 9))], 8, 0.55),
         ];
-        let trace = search_trace(&steps, &contenders).unwrap();
+        let trace = search_trace(&steps, &contenders, Label::Train(1)).unwrap();
         assert_eq!(
             trace,
             SearchTrace {
@@ -496,9 +506,11 @@ mod tests {
                 current_shortlisted: 2,
                 current_kept: 1,
                 dev_baseline: Some(0.32),
+                dev_baseline_cut: Some(5),
+                dev_returned_cut: Some(40),
                 step_seconds: Some(0.0),
             }
         );
-        assert_eq!(search_trace(&[], &contenders), None);
+        assert_eq!(search_trace(&[], &contenders, Label::Train(1)), None);
     }
 }

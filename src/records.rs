@@ -722,6 +722,14 @@ pub struct SearchTrace {
     pub current_kept: usize,
     /// Dev accuracy of the better of zero-shot CoT and the initial prompt.
     pub dev_baseline: Option<f64>,
+    /// Dev reasonings of that better start cut at the budget (None in tables of versions
+    /// without it).
+    #[serde(default)]
+    pub dev_baseline_cut: Option<usize>,
+    /// Dev reasonings of the returned prompt cut at the budget: a search that gains on train
+    /// by making the model write until the budget shows here.
+    #[serde(default)]
+    pub dev_returned_cut: Option<usize>,
     /// Median seconds of a step (the median, so that a step paused or cut by a session
     /// does not speak for the others; None in tables of versions without it).
     #[serde(default)]

@@ -302,6 +302,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
         return None;
     }
     let dev = |a: Option<f64>| a.map_or("-".into(), |a| format!("{a:.3}"));
+    let count = |n: Option<usize>| n.map_or("-".into(), |n| n.to_string());
     let rows = traced
         .into_iter()
         .map(|(r, s)| {
@@ -312,6 +313,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
                 s.worse_moves.to_string(),
                 format!("{} / {}", s.current_shortlisted, s.current_kept),
                 format!("{} -> {}", dev(s.dev_baseline), dev(r.dev_accuracy)),
+                format!("{} -> {}", count(s.dev_baseline_cut), count(s.dev_returned_cut)),
                 format!("{:.3} -> {:.3}", r.zero_shot_cot.accuracy, r.optimised.accuracy),
                 s.step_seconds.map_or("-".into(), |t| format!("{t:.0}")),
             ]
@@ -324,6 +326,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
         "steps moving to a worse prompt",
         "current prompt shortlisted / kept",
         "dev: better of zero-shot CoT and initial -> returned",
+        "dev reasonings cut at the budget: better start -> returned",
         "test: zero-shot CoT -> optimised",
         "seconds a step (median)",
     ];
