@@ -212,10 +212,20 @@ pub fn run_protocol(
                 };
                 Start::New(settings)
             };
-            let t = Instant::now();
-            let result = run(start, &run_dir, interrupt, &mut |e| report(ProtocolEvent::Run(e)));
-            add_wall_seconds(&dir, &folder, t.elapsed().as_secs_f64())?;
+            // Time is added at every step and evaluation, so that a session cut short loses
+            // only the one under way.
+            let mut since = Instant::now();
+            let mut saved = Ok(());
+            let result = run(start, &run_dir, interrupt, &mut |e| {
+                if matches!(e, Event::Step(..) | Event::EvalStart { .. }) && saved.is_ok() {
+                    saved = add_wall_seconds(&dir, &folder, since.elapsed().as_secs_f64());
+                    since = Instant::now();
+                }
+                report(ProtocolEvent::Run(e))
+            });
+            add_wall_seconds(&dir, &folder, since.elapsed().as_secs_f64())?;
             result?;
+            saved?;
         }
         if let (0, Some(model)) = (m_index, &config.transfer_to) {
             transfer(&run_dir, model, interrupt, &mut |e| report(ProtocolEvent::Run(e)))?;

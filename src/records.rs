@@ -679,7 +679,8 @@ pub struct TaskRow {
     pub selected: Label,
     /// Steps the search ran.
     pub steps: usize,
-    /// Wall seconds of the task's run (time lost to a stopped session not counted).
+    /// Wall seconds of the task's run (of a session cut short, the step or evaluation under
+    /// way not counted).
     pub wall_seconds: f64,
     /// Tokens the search decoded.
     #[serde(default)]
