@@ -430,8 +430,9 @@ impl Progress {
                             record.step,
                             t.position,
                             t.chosen_checked().map_or("(kept)".to_string(), |c| format!(
-                                "{:?} ({}/{} wrong, {} cut)",
-                                c.text, c.score.mistakes, c.score.n, c.score.cut
+                                "{:?} ({})",
+                                c.text,
+                                c.score.mistakes_text()
                             )),
                             record.prompt,
                             state.best_score,

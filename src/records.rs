@@ -129,9 +129,10 @@ pub struct Score {
     /// Train questions answered wrongly (with `cut_is_mistake`, also those whose reasoning
     /// was cut at the budget).
     pub mistakes: usize,
-    /// Train reasonings cut at the budget (their answers forced mid-reasoning).
+    /// Train reasonings cut at the budget, their answers forced mid-reasoning (None in
+    /// records of versions that did not count them).
     #[serde(default)]
-    pub cut: usize,
+    pub cut: Option<usize>,
     /// Train questions scored.
     pub n: usize,
     /// Mean negative log-likelihood of the prompt tokens.
@@ -140,6 +141,14 @@ pub struct Score {
     /// after the reasoning and the extractor).
     #[serde(default)]
     pub answer_nll: f64,
+}
+
+impl Score {
+    /// "13/30 wrong, 2 cut": the mistakes and, when counted, the reasonings cut.
+    pub fn mistakes_text(&self) -> String {
+        let wrong = format!("{}/{} wrong", self.mistakes, self.n);
+        self.cut.map_or(wrong.clone(), |cut| format!("{wrong}, {cut} cut"))
+    }
 }
 
 impl State {

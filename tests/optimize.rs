@@ -675,25 +675,33 @@ fn a_reasoning_cut_at_the_budget_is_a_mistake_only_when_the_setting_says_so() {
         let opt = Optimizer::new(lm, &task, examples, &cfg, no_interrupt()).unwrap();
         let (reasoning, score) =
             opt.reason_and_score(&opt.prompt_ids(PAPER_INITIAL_PROMPT).unwrap()).unwrap();
-        assert_eq!(score.cut, reasoning.iter().filter(|r| r.len() == BUDGET).count());
+        assert_eq!(score.cut, Some(reasoning.iter().filter(|r| r.len() == BUDGET).count()));
         score
     };
     let alone: Vec<Score> = train.iter().map(|ex| score_on(&[*ex], false)).collect();
     let (off, on) = (score_on(&train, false), score_on(&train, true));
     let wrong = alone.iter().map(|s| s.mistakes).sum::<usize>();
-    let cut = alone.iter().map(|s| s.cut).sum::<usize>();
-    let wrong_or_cut = alone.iter().map(|s| s.mistakes.max(s.cut)).sum::<usize>();
+    let cut = alone.iter().map(|s| s.cut.unwrap()).sum::<usize>();
+    let wrong_or_cut = alone.iter().map(|s| s.mistakes.max(s.cut.unwrap())).sum::<usize>();
     assert!(wrong_or_cut > wrong && cut < train.len(), "right and cut, and not cut, both occur");
-    assert_eq!((off.mistakes, off.cut), (wrong, cut));
-    assert_eq!((on.mistakes, on.cut), (wrong_or_cut, cut));
+    assert_eq!((off.mistakes, off.cut), (wrong, Some(cut)));
+    assert_eq!((on.mistakes, on.cut), (wrong_or_cut, Some(cut)));
     let n = train.len() as f64;
     assert!((on.score - off.score - (wrong_or_cut - wrong) as f64 / n).abs() < 1e-9);
+}
+
+#[test]
+fn mistakes_read_with_the_reasonings_cut_when_they_were_counted() {
+    let counted =
+        Score { score: 0.5, mistakes: 13, cut: Some(2), n: 30, nll: 1.0, answer_nll: 0.0 };
+    assert_eq!(counted.mistakes_text(), "13/30 wrong, 2 cut");
+    assert_eq!(Score { cut: None, ..counted }.mistakes_text(), "13/30 wrong");
 }
 
 // ---- Choosing the returned prompt on dev ----
 
 fn score(score: f64) -> Score {
-    Score { score, mistakes: 0, cut: 0, n: 1, nll: 0.0, answer_nll: 0.0 }
+    Score { score, mistakes: 0, cut: None, n: 1, nll: 0.0, answer_nll: 0.0 }
 }
 
 #[test]

@@ -356,7 +356,7 @@ impl<'a> Optimizer<'a> {
             let score = mistakes as f64 / n as f64
                 + self.cfg.control_weight / 10.0 * nll
                 + self.cfg.answer_weight * answer_nll;
-            let cut = cut_flags.iter().filter(|&&c| c).count();
+            let cut = Some(cut_flags.iter().filter(|&&c| c).count());
             scores.push(Score { score, mistakes, cut, n, nll, answer_nll });
         }
         Ok(scores)

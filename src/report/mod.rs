@@ -286,7 +286,7 @@ fn accuracy_rows(sm: &Summary) -> Vec<AccuracyRow> {
             AccuracyRow {
                 label: c.label.to_string(),
                 prompt: c.prompt.clone(),
-                train: format!("{:.3} ({}/{} wrong)", c.train.score, c.train.mistakes, c.train.n),
+                train: format!("{:.3} ({})", c.train.score, c.train.mistakes_text()),
                 dev: c.dev.as_ref().map_or("-".into(), accuracy_cell),
                 test: test.map_or("-".into(), accuracy_cell),
                 cut: count(test, |e| e.cut_by_budget),
@@ -506,7 +506,7 @@ fn step_score(r: &StepRecord) -> f64 {
 
 fn step_row(r: &StepRecord) -> StepRow {
     let (before, changed, after) = split_change(&r.prompt_before, &r.prompt);
-    let score_cells = |s: &Score| (format!("{:.3}", s.score), format!("{}/{}", s.mistakes, s.n));
+    let score_cells = |s: &Score| (format!("{:.3}", s.score), s.mistakes_text());
     let (position, checked) = match &r.search {
         Search::Token(t) => {
             let chosen = t.chosen.as_ref().map(|c| c.id);

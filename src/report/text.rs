@@ -112,11 +112,10 @@ pub fn summary_table(summary: &Summary, config: &RunConfig) -> String {
             )
         });
         out.push_str(&format!(
-            "| {} | {:.3} | {}/{} | {} | {} | {} |\n",
+            "| {} | {:.3} | {} | {} | {} | {} |\n",
             c.label,
             c.train.score,
-            c.train.mistakes,
-            c.train.n,
+            c.train.mistakes_text(),
             dev.0,
             dev.1,
             c.prompt.replace('|', "\\|")
