@@ -690,6 +690,28 @@ fn a_reasoning_cut_at_the_budget_is_a_mistake_only_when_the_setting_says_so() {
     assert!((on.score - off.score - (wrong_or_cut - wrong) as f64 / n).abs() < 1e-9);
 }
 
+/// The prompt grows by `_` unless the text would not encode back to the ids (SmolLM2 merges
+/// `__` into one token): then by a token that keeps the round trip.
+#[test]
+fn the_prompt_grows_by_a_token_that_keeps_its_text_and_ids_in_step() {
+    let lm = common::smollm2();
+    let (task, split) = arithmetic(2);
+    let train = Split::pick(&split.train, &task);
+    let cfg = OptimizeConfig::default();
+    let opt = Optimizer::new(lm, &task, &train, &cfg, no_interrupt()).unwrap();
+    let underscore = *lm.tokenizer.encode_continuation("_").unwrap().last().unwrap();
+    let grown = |ids: &[u32]| [ids, &[opt.filler(ids).unwrap().unwrap()]].concat();
+    let round_trips = |ids: &[u32]| opt.prompt_ids(&opt.prompt_text(ids).unwrap()).unwrap() == ids;
+    let plain = opt.prompt_ids("Add them").unwrap();
+    assert_eq!(grown(&plain), [&plain[..], &[underscore]].concat());
+    let ending_in_underscore = [&plain[..], &[underscore]].concat();
+    assert!(round_trips(&ending_in_underscore));
+    assert!(!round_trips(&[&ending_in_underscore[..], &[underscore]].concat()), "`__` merges");
+    let next = grown(&ending_in_underscore);
+    assert_ne!(next.last(), Some(&underscore));
+    assert!(round_trips(&next), "{:?}", opt.prompt_text(&next));
+}
+
 #[test]
 fn mistakes_read_with_the_reasonings_cut_when_they_were_counted() {
     let counted =

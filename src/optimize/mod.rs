@@ -181,8 +181,12 @@ impl<'a> Optimizer<'a> {
         } else {
             ids[position] = token;
         }
-        let text = self.layout.prompt_text(&ids)?;
-        Ok(self.layout.prompt_ids(&text)? == ids)
+        self.round_trips(&ids)
+    }
+
+    /// Does the prompt's text encode back to `ids`?
+    fn round_trips(&self, ids: &[u32]) -> Result<bool> {
+        Ok(self.layout.prompt_ids(&self.layout.prompt_text(ids)?)? == ids)
     }
 
     /// Final-normed hidden states of each prompt after every example's head, one batched
@@ -674,32 +678,37 @@ impl<'a> Optimizer<'a> {
         let restart = restarts(score, self.cfg.restart_below);
         state.position = match next_position(state.position, state.prompt.len(), &last, restart) {
             Next::At(p) => p,
-            Next::Grow => {
-                let token = self.filler(&state.prompt)?;
-                state.prompt.push(token);
-                state.reasoning = None;
-                state.prompt.len() - 1
-            }
+            Next::Grow => match self.filler(&state.prompt)? {
+                Some(token) => {
+                    state.prompt.push(token);
+                    state.reasoning = None;
+                    state.prompt.len() - 1
+                }
+                None => 0,
+            },
         };
         Ok(())
     }
 
-    /// The token appended when the prompt grows.
-    fn filler(&self, prompt: &[u32]) -> Result<u32> {
-        match self.cfg.filler {
-            Filler::Underscore => {
-                let ids = self.lm.tokenizer.encode_continuation("_")?;
-                Ok(*ids.last().expect("'_' has a token"))
-            }
-            Filler::Likely => {
-                let (_, ranked) = self.prompt_stats(
-                    prompt,
-                    &self.prompt_hidden(&[prompt.to_vec()])?[0],
-                    Some(prompt.len()),
-                )?;
-                Ok(most_often_first(&ranked).unwrap_or(prompt[prompt.len() - 1]))
+    /// The token appended when the prompt grows, such that the prompt still encodes back
+    /// to its ids: the underscore (the reference's), or when it would merge with the token
+    /// before it (`_` after a kept `_`: every later candidate would then fail the round
+    /// trip and the search would stall) or with `filler = likely`, the admissible token
+    /// most examples rank first. None when there is none: the search goes back to 0.
+    pub fn filler(&self, prompt: &[u32]) -> Result<Option<u32>> {
+        if self.cfg.filler == Filler::Underscore {
+            let ids = self.lm.tokenizer.encode_continuation("_")?;
+            let underscore = *ids.last().expect("'_' has a token");
+            if self.round_trips(&[prompt, &[underscore]].concat())? {
+                return Ok(Some(underscore));
             }
         }
+        let (_, ranked) = self.prompt_stats(
+            prompt,
+            &self.prompt_hidden(&[prompt.to_vec()])?[0],
+            Some(prompt.len()),
+        )?;
+        Ok(most_often_first(&ranked))
     }
 }
 
