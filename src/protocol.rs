@@ -50,13 +50,12 @@ pub fn search_trace(
     let first = &steps.first()?.prompt_before;
     let start = contenders.iter().find(|c| &c.prompt == first)?;
     let mut best = start.train.score;
-    let dev = |c: &Contender| c.dev.clone();
     let better_start = contenders
         .iter()
         .filter(|c| c.label.is_baseline())
-        .filter_map(dev)
+        .filter_map(|c| c.dev.as_ref())
         .reduce(|a, b| if b.accuracy > a.accuracy { b } else { a });
-    let returned = contenders.iter().find(|c| c.label == selected).and_then(dev);
+    let returned = contenders.iter().find(|c| c.label == selected).and_then(|c| c.dev.as_ref());
     let mut trace = SearchTrace {
         train_n: start.train.n,
         start_mistakes: start.train.mistakes,
@@ -69,7 +68,7 @@ pub fn search_trace(
         worse_moves: 0,
         current_shortlisted: 0,
         current_kept: 0,
-        dev_baseline: better_start.as_ref().map(|d| d.accuracy),
+        dev_baseline: better_start.map(|d| d.accuracy),
         dev_baseline_cut: better_start.and_then(|d| d.cut_by_budget),
         dev_returned_cut: returned.and_then(|d| d.cut_by_budget),
         step_seconds: median(steps.iter().map(|r| r.seconds.total()).collect()),

@@ -147,7 +147,10 @@ impl Score {
     /// "13/30 wrong, 2 cut": the mistakes and, when counted, the reasonings cut.
     pub fn mistakes_text(&self) -> String {
         let wrong = format!("{}/{} wrong", self.mistakes, self.n);
-        self.cut.map_or(wrong.clone(), |cut| format!("{wrong}, {cut} cut"))
+        match self.cut {
+            Some(cut) => format!("{wrong}, {cut} cut"),
+            None => wrong,
+        }
     }
 }
 
