@@ -7,11 +7,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
+use crate::records::Paired;
 use crate::runtime::LanguageModel;
 use crate::tasks::{Example, Task};
 use crate::tokenizer::SystemTurn;
@@ -191,6 +192,42 @@ pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
     let center = (p + z * z / (2.0 * n)) / denom;
     let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
     ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+/// `first`'s records against `second`'s, question by question; an error when they are not
+/// of the same questions in the same order.
+pub fn paired(first: &[Record], second: &[Record]) -> Result<Paired> {
+    if first.len() != second.len()
+        || first.iter().zip(second).any(|(a, b)| a.question != b.question)
+    {
+        bail!("the two evaluations are not of the same questions in the same order");
+    }
+    let only = |a: &[Record], b: &[Record]| {
+        a.iter().zip(b).filter(|(x, y)| x.correct && !y.correct).count()
+    };
+    let (only_first, only_second) = (only(first, second), only(second, first));
+    Ok(Paired {
+        n: first.len(),
+        only_first,
+        only_second,
+        p_value: mcnemar_exact(only_first, only_second),
+    })
+}
+
+/// Two-sided exact McNemar p-value of `b` questions only one prompt got right against `c`
+/// only the other did: twice the Binomial(b + c, 1/2) tail at the smaller count, at most 1.
+/// Each term is taken from logs, since 2^-(b+c) underflows for a few thousand questions.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    let mut ln_choose = 0.0;
+    let mut tail = 0.0;
+    for i in 0..=b.min(c) {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64 / i as f64).ln();
+        }
+        tail += (ln_choose - n as f64 * std::f64::consts::LN_2).exp();
+    }
+    (2.0 * tail).min(1.0)
 }
 
 /// One JSON line per record.

@@ -332,6 +332,7 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
             transfer,
             baselines,
             search,
+            paired: first_dir.paired_test(&first.evaluations)?,
             ..task_row(task, methods[0], &first, wall)?
         });
     }
@@ -380,6 +381,7 @@ fn task_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Resul
         baselines: Vec::new(),
         transfer: None,
         search: None,
+        paired: None,
     })
 }
 

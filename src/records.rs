@@ -460,6 +460,28 @@ impl EvalSummary {
     }
 }
 
+/// Two prompts on the same questions, question by question: how many only the first got
+/// right, how many only the second, and the exact two-sided McNemar p-value (the chance of a
+/// split at least that uneven if neither prompt were the better one).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    /// Questions.
+    pub n: usize,
+    /// Questions only the first prompt got right.
+    pub only_first: usize,
+    /// Questions only the second prompt got right.
+    pub only_second: usize,
+    /// Exact two-sided McNemar p-value.
+    pub p_value: f64,
+}
+
+impl Paired {
+    /// "19 / 24 (p 0.54)".
+    pub fn text(&self) -> String {
+        format!("{} / {} (p {:.2})", self.only_first, self.only_second, self.p_value)
+    }
+}
+
 /// What `summary.json` holds: the returned prompt and how it was measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -485,6 +507,10 @@ pub struct Summary {
     pub contenders: Vec<Contender>,
     /// Test accuracy of zero-shot CoT, the initial and the returned ("optimised") prompt.
     pub evaluations: Vec<EvalSummary>,
+    /// The returned prompt against zero-shot CoT on test, question by question (None without
+    /// test questions, and in run folders of versions without it).
+    #[serde(default)]
+    pub paired: Option<Paired>,
 }
 
 /// Decoding speed and reasoning length measured on the initial prompt.
@@ -706,6 +732,10 @@ pub struct TaskRow {
     /// What the first method's step log says of its search.
     #[serde(default)]
     pub search: Option<SearchTrace>,
+    /// The returned prompt against zero-shot CoT on test, question by question (None when
+    /// the run folder holds no question records).
+    #[serde(default)]
+    pub paired: Option<Paired>,
 }
 
 impl TaskRow {

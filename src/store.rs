@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::eval::{write_records, EvalReport};
-use crate::records::{EvalSummary, Label, Summary};
+use crate::eval::{paired, write_records, EvalReport, Record};
+use crate::records::{EvalSummary, Label, Paired, Summary};
 use crate::settings::Method;
 
 /// A run's folder: atomic JSON files, the step log, and the lock that keeps a second writer out.
@@ -171,9 +171,15 @@ impl RunDir {
 
     /// The step lines written so far.
     pub fn read_steps<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
-        let path = self.file("steps.jsonl");
+        Ok(self.read_lines("steps.jsonl", "step")?.unwrap_or_default())
+    }
+
+    /// Every line of the JSON-lines file `name` (None when there is none); an error naming
+    /// the file and line of an unreadable `what`.
+    fn read_lines<T: DeserializeOwned>(&self, name: &str, what: &str) -> Result<Option<Vec<T>>> {
+        let path = self.file(name);
         if !path.exists() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let text =
             fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -181,9 +187,10 @@ impl RunDir {
             .enumerate()
             .map(|(i, l)| {
                 serde_json::from_str(l)
-                    .with_context(|| format!("{}:{}: unreadable step", path.display(), i + 1))
+                    .with_context(|| format!("{}:{}: unreadable {what}", path.display(), i + 1))
             })
-            .collect()
+            .collect::<Result<_>>()
+            .map(Some)
     }
 
     /// Keeps the first `n` step lines, each of which must be whole: a run killed after logging
@@ -254,6 +261,26 @@ impl RunDir {
         let summary = EvalSummary::new(label, prompt, &r);
         self.write_json(&file, &summary)?;
         Ok(summary)
+    }
+
+    /// The returned prompt against zero-shot CoT on test, question by question, from the
+    /// records kept here of a run's test `evaluations`; an evaluation that reused an earlier
+    /// one of the same prompt is read from that one's records. None without them.
+    pub fn paired_test(&self, evaluations: &[EvalSummary]) -> Result<Option<Paired>> {
+        let records = |label: Label| -> Result<Option<Vec<Record>>> {
+            let Some(e) = evaluations.iter().find(|e| e.label == label) else { return Ok(None) };
+            let measured = evaluations.iter().find(|m| m.prompt == e.prompt).unwrap_or(e).label;
+            let file = Self::evaluation_file("test", measured).replace(".json", ".jsonl");
+            self.read_lines(&file, "question record")
+        };
+        let (Some(optimised), Some(zero_shot)) =
+            (records(Label::Optimised)?, records(Label::ZeroShotCot)?)
+        else {
+            return Ok(None);
+        };
+        paired(&optimised, &zero_shot)
+            .map(Some)
+            .with_context(|| format!("test records in {}", self.path.display()))
     }
 
     /// Copies the dev and test evaluations of `labels` kept in `from` into this folder.

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::eval::user_ids;
+use greater::eval::{mcnemar_exact, paired, user_ids, Record};
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass, Precision};
 use greater::optimize::ape::{
@@ -24,10 +24,10 @@ use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
 use greater::protocol::{run_protocol, ProtocolEvent, Shard};
 use greater::records::{
-    Contender, EvalSummary, Label, ProtocolConfig, ProtocolTable, Score, Search, StepRecord,
-    Summary, TokenStep,
+    Contender, EvalSummary, Label, Paired, ProtocolConfig, ProtocolTable, Score, Search,
+    StepRecord, Summary, TaskRow, TokenStep,
 };
-use greater::report::text::budget_warning;
+use greater::report::text::{budget_warning, verdict};
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::{Accept, GradientSum, Method, OptimizeConfig, StartFrom};
@@ -398,6 +398,38 @@ fn the_summary_warns_when_more_than_a_tenth_of_test_reasonings_ran_into_the_budg
     assert_eq!(
         budget_warning(&[eval(11, 100), eval(20, 200)], 256).as_deref(),
         Some("31 of 300 test reasonings ran into the 256-token reasoning budget and had their answer forced mid-reasoning; with a larger `--max-reasoning` these accuracies may differ.")
+    );
+}
+
+#[test]
+fn the_verdict_gives_the_gain_and_the_test_questions_only_one_prompt_got_right() {
+    let eval = |label: Label, correct: usize| EvalSummary {
+        label,
+        prompt: label.to_string(),
+        accuracy: correct as f64 / 50.0,
+        correct,
+        n: 50,
+        interval: (0.0, 1.0),
+        seconds: 0.0,
+        cut_by_budget: Some(0),
+        unparsed: Some(0),
+    };
+    let mut summary: Summary = serde_json::from_value(serde_json::json!({
+        "steps": 12, "best_prompt": "train #1", "selected": "train #1", "selected_by": "dev accuracy",
+        "best_train_score": 0.5, "majority_floor": 0.06, "contenders": [], "evaluations": [],
+    }))
+    .unwrap();
+    summary.evaluations =
+        vec![eval(Label::ZeroShotCot, 4), eval(Label::Initial, 7), eval(Label::Optimised, 13)];
+    assert_eq!(
+        verdict(&summary),
+        "Gain: the optimised prompt scores +18.0 points over zero-shot CoT and +12.0 over the initial prompt on 50 test questions."
+    );
+    summary.paired =
+        Some(Paired { n: 50, only_first: 10, only_second: 1, p_value: mcnemar_exact(10, 1) });
+    assert_eq!(
+        verdict(&summary),
+        "Gain: the optimised prompt scores +18.0 points over zero-shot CoT and +12.0 over the initial prompt on 50 test questions. Question by question: 10 right only with the optimised prompt, 1 only with zero-shot CoT (exact McNemar p = 0.012)."
     );
 }
 
@@ -781,6 +813,63 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
 }
 
 #[test]
+fn paired_counts_the_questions_only_one_prompt_got_right_with_the_exact_mcnemar_p() {
+    // Exact values: twice the Binomial(b + c, 1/2) tail, summed in fractions elsewhere.
+    for (b, c, p) in [
+        (19, 24, 0.542384011856484),
+        (10, 0, 0.001953125),
+        (1, 9, 0.021484375),
+        (30, 10, 0.0022214337732293643),
+        (1000, 1200, 2.1817026407914712e-05),
+        (0, 0, 1.0),
+        (3, 2, 1.0),
+        (1500, 1500, 1.0),
+    ] {
+        for (x, y) in [(b, c), (c, b)] {
+            let got = mcnemar_exact(x, y);
+            assert!((got - p).abs() <= 1e-9 * p, "{x} / {y}: {got} against {p}");
+        }
+    }
+    let record = |question: &str, correct: bool| Record {
+        question: question.into(),
+        prompt: String::new(),
+        reasoning: String::new(),
+        reasoning_tokens: 0,
+        cut_by_budget: false,
+        raw_answer: String::new(),
+        parsed_answer: None,
+        gold: String::new(),
+        correct,
+    };
+    let outcomes = |bits: &str| -> Vec<Record> {
+        bits.chars().enumerate().map(|(i, b)| record(&format!("q{i}"), b == '1')).collect()
+    };
+    let got = paired(&outcomes("1101100111"), &outcomes("1000101100")).unwrap();
+    assert_eq!(got, Paired { n: 10, only_first: 4, only_second: 1, p_value: mcnemar_exact(4, 1) });
+    assert_eq!(got.text(), "4 / 1 (p 0.38)");
+    let mut reordered = outcomes("1000101100");
+    reordered.swap(0, 1);
+    assert!(paired(&outcomes("1101100111"), &reordered).is_err());
+    assert!(paired(&outcomes("11"), &outcomes("1")).is_err());
+}
+
+/// The returned prompt against zero-shot CoT, counted from the run's test records (a
+/// returned baseline was measured once, under its own label).
+fn paired_from_records(run: &Path, selected: Label) -> (usize, usize) {
+    let correct = |label: &str| -> Vec<bool> {
+        std::fs::read_to_string(run.join(format!("test-{label}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["correct"] == true)
+            .collect()
+    };
+    let returned = if selected.is_baseline() { selected.file_stem() } else { "optimised".into() };
+    let (optimised, zero_shot) = (correct(&returned), correct("zero_shot_cot"));
+    let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
+    (only(&optimised, &zero_shot), only(&zero_shot, &optimised))
+}
+
+#[test]
 fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
@@ -798,6 +887,9 @@ fn a_run_with_a_dev_split_returns_its_dev_choice_and_measures_test_three_times()
     let labels: Vec<Label> = summary.evaluations.iter().map(|e| e.label).collect();
     assert_eq!(labels, [Label::ZeroShotCot, Label::Initial, Label::Optimised]);
     assert_eq!(summary.evaluations[2].prompt, chosen.prompt);
+    let p = summary.paired.unwrap();
+    assert_eq!((p.only_first, p.only_second), paired_from_records(&out, summary.selected));
+    assert_eq!(p.n, summary.evaluations[2].n);
 
     // `greater eval --prompt-from` evaluates exactly the bytes of best_prompt.txt.
     let records = tmp.path().join("records.jsonl");
@@ -862,6 +954,8 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
             summary.evaluations
         );
         assert_eq!(row.steps, summary.steps);
+        assert_eq!(row.paired, summary.paired);
+        assert!(md_has_paired(&out, row), "{}", row.task);
         // The search trace starts from the initial prompt's train mistakes.
         let search = row.search.as_ref().unwrap();
         let initial = summary.contenders.iter().find(|c| c.label == Label::Initial).unwrap();
@@ -928,6 +1022,14 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         "{:.3} [{:.3}, {:.3}]",
         pooled.accuracy, pooled.interval.0, pooled.interval.1
     )));
+}
+
+/// Whether protocol.md shows the row's paired counts (and the run folder's records agree).
+fn md_has_paired(out: &Path, row: &TaskRow) -> bool {
+    let md = std::fs::read_to_string(out.join("protocol.md")).unwrap();
+    let p = row.paired.unwrap();
+    (p.only_first, p.only_second) == paired_from_records(&out.join(&row.task), row.selected)
+        && md.contains(&format!("| {} |", p.text()))
 }
 
 fn accuracy_text(e: &EvalSummary) -> String {

@@ -21,6 +21,12 @@ def test_optimize_returns_a_run_equal_to_its_folder(tmp_path):
         acc = run.accuracy[e["label"]]
         assert (acc.value, acc.correct, acc.n, list(acc.interval)) == (e["accuracy"], e["correct"], e["n"], e["interval"])
     assert list(run.accuracy) == ["zero-shot CoT", "initial", "optimised"]
+    p = summary["paired"]
+    assert run.paired == greater.Paired(p["only_first"], p["only_second"], 2, p["p_value"])
+    right = {name: [json.loads(line)["correct"] for line in (tmp_path / "run" / f"test-{name}.jsonl").read_text().splitlines()] for name in ("zero_shot_cot", "optimised") if (tmp_path / "run" / f"test-{name}.jsonl").exists()}
+    if "optimised" in right:
+        only = lambda a, b: sum(x and not y for x, y in zip(right[a], right[b]))
+        assert (run.paired.only_optimised, run.paired.only_zero_shot_cot) == (only("optimised", "zero_shot_cot"), only("zero_shot_cot", "optimised"))
     assert run.last_step == 1 and run.steps[0]["step"] == 1
     assert run.settings["train"] == 2 and run.settings["max_reasoning"] == 8
     assert "step" in events and events[-1] == "finished"

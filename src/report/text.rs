@@ -58,10 +58,17 @@ pub fn verdict(summary: &Summary) -> String {
         );
     }
     let word = if over_zs > 0.0 && over_initial > 0.0 { "Gain" } else { "No gain" };
-    format!(
+    let mut text = format!(
         "{word}: the optimised prompt scores {over_zs:+.1} points over zero-shot CoT and {over_initial:+.1} over the initial prompt on {} test questions.",
         optimised.n
-    )
+    );
+    if let Some(p) = &summary.paired {
+        text.push_str(&format!(
+            " Question by question: {} right only with the optimised prompt, {} only with zero-shot CoT (exact McNemar p = {:.3}).",
+            p.only_first, p.only_second, p.p_value
+        ));
+    }
+    text
 }
 
 /// The Markdown table of a run's test accuracies (zero-shot CoT, initial, optimised) with their intervals.
@@ -314,6 +321,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
                 format!("{} -> {}", dev(s.dev_baseline), dev(r.dev_accuracy)),
                 format!("{} -> {}", count(s.dev_baseline_cut), count(s.dev_returned_cut)),
                 format!("{:.3} -> {:.3}", r.zero_shot_cot.accuracy, r.optimised.accuracy),
+                r.paired.map_or("-".into(), |p| p.text()),
                 s.step_seconds.map_or("-".into(), |t| format!("{t:.0}")),
             ]
         })
@@ -327,6 +335,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
         "dev: better of zero-shot CoT and initial -> returned",
         "dev reasonings cut at the budget: better start -> returned",
         "test: zero-shot CoT -> optimised",
+        "test questions right only with optimised / only with zero-shot CoT (exact McNemar p)",
         "seconds a step (median)",
     ];
     Some(TextTable {

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from . import _greater
 
-__all__ = ["Accuracy", "Run", "Task", "defaults", "evaluate", "load_run", "optimize", "protocol"]
+__all__ = ["Accuracy", "Paired", "Run", "Task", "defaults", "evaluate", "load_run", "optimize", "protocol"]
 __version__ = _greater.__version__
 
 #: Called with (kind, data) for every event of a run: "info", "start", "step",
@@ -48,6 +48,18 @@ class Accuracy:
     @classmethod
     def _from(cls, e: Mapping[str, Any]) -> "Accuracy":
         return cls(e["accuracy"], e["correct"], e["n"], tuple(e["interval"]), e.get("cut_by_budget"), e.get("unparsed"))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """The returned prompt against zero-shot CoT on the same test questions: how many only
+    the returned prompt got right, how many only zero-shot CoT, and the exact two-sided
+    McNemar ``p_value`` of that split."""
+
+    only_optimised: int
+    only_zero_shot_cot: int
+    n: int
+    p_value: float
 
 
 @dataclass
@@ -83,6 +95,13 @@ class Run:
         if not self.summary:
             return {}
         return {e["label"]: Accuracy._from(e) for e in self.summary["evaluations"]}
+
+    @property
+    def paired(self) -> Optional[Paired]:
+        """The returned prompt against zero-shot CoT question by question (None before the
+        run has finished, without test questions, or in folders of versions without it)."""
+        p = self.summary.get("paired") if self.summary else None
+        return Paired(p["only_first"], p["only_second"], p["n"], p["p_value"]) if p else None
 
     @property
     def selected(self) -> Optional[str]:
