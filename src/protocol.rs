@@ -305,15 +305,18 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
     let progress: BTreeMap<String, f64> =
         if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
     let methods = config.methods();
-    let finished = |task: &str, m: usize| -> Result<Option<(Summary, f64)>> {
+    let finished = |task: &str, m: usize| -> Result<Option<(Summary, f64, RunDir)>> {
         let folder = method_folder(task, &methods, m);
         let wall = progress.get(&folder).copied().unwrap_or(0.0);
-        Ok(RunDir::finished_summary(&dir.path.join(&folder))?.map(|s| (s, wall)))
+        let path = dir.path.join(&folder);
+        match RunDir::finished_summary(&path)? {
+            Some(s) => Ok(Some((s, wall, RunDir::open(&path)?))),
+            None => Ok(None),
+        }
     };
     let mut rows = Vec::new();
     for task in &config.tasks {
-        let Some((first, wall)) = finished(task, 0)? else { continue };
-        let first_dir = RunDir::open(&dir.path.join(task_folder(task)))?;
+        let Some((first, wall, first_dir)) = finished(task, 0)? else { continue };
         let transfer: Option<Transfer> = match &config.transfer_to {
             Some(model) => match read_transfer(&first_dir, model)? {
                 Some(t) => Some(t),
@@ -323,8 +326,12 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
         };
         let mut baselines = Vec::new();
         for (m, &method) in methods.iter().enumerate().skip(1) {
-            if let Some((s, w)) = finished(task, m)? {
-                baselines.push(method_row(task, method, &s, w)?);
+            if let Some((s, w, d)) = finished(task, m)? {
+                baselines.push(MethodRow {
+                    first_against: first_dir
+                        .paired_test(&first.evaluations, Some((&d, &s.evaluations)))?,
+                    ..method_row(task, method, &s, w)?
+                });
             }
         }
         let search = search_trace(&first_dir.read_steps()?, &first.contenders, first.selected);
@@ -332,7 +339,7 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
             transfer,
             baselines,
             search,
-            paired: first_dir.paired_test(&first.evaluations)?,
+            paired: first_dir.paired_test(&first.evaluations, None)?,
             ..task_row(task, methods[0], &first, wall)?
         });
     }
@@ -362,6 +369,7 @@ fn method_row(task: &str, method: Method, s: &Summary, wall_seconds: f64) -> Res
         steps: s.steps,
         generated_tokens: s.generated_tokens,
         wall_seconds,
+        first_against: None,
     })
 }
 

@@ -658,6 +658,10 @@ pub struct MethodRow {
     pub generated_tokens: usize,
     /// Wall seconds of its run.
     pub wall_seconds: f64,
+    /// The first method's returned prompt against this one's on test, question by question
+    /// (None without question records).
+    #[serde(default)]
+    pub first_against: Option<Paired>,
 }
 
 /// A method's pooled test accuracy and its mean gain over zero-shot CoT.

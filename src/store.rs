@@ -263,22 +263,38 @@ impl RunDir {
         Ok(summary)
     }
 
-    /// The returned prompt against zero-shot CoT on test, question by question, from the
-    /// records kept here of a run's test `evaluations`; an evaluation that reused an earlier
-    /// one of the same prompt is read from that one's records. None without them.
-    pub fn paired_test(&self, evaluations: &[EvalSummary]) -> Result<Option<Paired>> {
-        let records = |label: Label| -> Result<Option<Vec<Record>>> {
-            let Some(e) = evaluations.iter().find(|e| e.label == label) else { return Ok(None) };
-            let measured = evaluations.iter().find(|m| m.prompt == e.prompt).unwrap_or(e).label;
-            let file = Self::evaluation_file("test", measured).replace(".json", ".jsonl");
-            self.read_lines(&file, "question record")
+    /// The question records kept here of `label`'s evaluation among a run's test
+    /// `evaluations`; an evaluation that reused an earlier one of the same prompt is read from
+    /// that one's records. None without them.
+    pub fn test_records(
+        &self,
+        evaluations: &[EvalSummary],
+        label: Label,
+    ) -> Result<Option<Vec<Record>>> {
+        let Some(e) = evaluations.iter().find(|e| e.label == label) else { return Ok(None) };
+        let measured = evaluations.iter().find(|m| m.prompt == e.prompt).unwrap_or(e).label;
+        let file = Self::evaluation_file("test", measured).replace(".json", ".jsonl");
+        self.read_lines(&file, "question record")
+    }
+
+    /// The returned prompt of a run's test `evaluations` against `other`'s returned prompt
+    /// (None: against zero-shot CoT of the same run), question by question; None without
+    /// the question records.
+    pub fn paired_test(
+        &self,
+        evaluations: &[EvalSummary],
+        other: Option<(&RunDir, &[EvalSummary])>,
+    ) -> Result<Option<Paired>> {
+        let records = match other {
+            Some((dir, evaluations)) => dir.test_records(evaluations, Label::Optimised)?,
+            None => self.test_records(evaluations, Label::ZeroShotCot)?,
         };
-        let (Some(optimised), Some(zero_shot)) =
-            (records(Label::Optimised)?, records(Label::ZeroShotCot)?)
+        let (Some(returned), Some(other)) =
+            (self.test_records(evaluations, Label::Optimised)?, records)
         else {
             return Ok(None);
         };
-        paired(&optimised, &zero_shot)
+        paired(&returned, &other)
             .map(Some)
             .with_context(|| format!("test records in {}", self.path.display()))
     }

@@ -812,9 +812,25 @@ fn the_returned_prompt_is_the_dev_argmax_and_only_dev_questions_are_measured() {
     assert_eq!(no_dev[chosen].label, Label::Train(1));
 }
 
+/// Question records q0, q1, ... with `bits`' outcomes ('1' right).
+fn outcomes(bits: &str) -> Vec<Record> {
+    let record = |i: usize, correct: bool| Record {
+        question: format!("q{i}"),
+        prompt: String::new(),
+        reasoning: String::new(),
+        reasoning_tokens: 0,
+        cut_by_budget: false,
+        raw_answer: String::new(),
+        parsed_answer: None,
+        gold: String::new(),
+        correct,
+    };
+    bits.chars().enumerate().map(|(i, b)| record(i, b == '1')).collect()
+}
+
 #[test]
 fn paired_counts_the_questions_only_one_prompt_got_right_with_the_exact_mcnemar_p() {
-    // Exact values: twice the Binomial(b + c, 1/2) tail, summed in fractions elsewhere.
+    // Twice the Binomial(b + c, 1/2) tail, summed in exact fractions (Python) and rounded.
     for (b, c, p) in [
         (19, 24, 0.542384011856484),
         (10, 0, 0.001953125),
@@ -830,20 +846,6 @@ fn paired_counts_the_questions_only_one_prompt_got_right_with_the_exact_mcnemar_
             assert!((got - p).abs() <= 1e-9 * p, "{x} / {y}: {got} against {p}");
         }
     }
-    let record = |question: &str, correct: bool| Record {
-        question: question.into(),
-        prompt: String::new(),
-        reasoning: String::new(),
-        reasoning_tokens: 0,
-        cut_by_budget: false,
-        raw_answer: String::new(),
-        parsed_answer: None,
-        gold: String::new(),
-        correct,
-    };
-    let outcomes = |bits: &str| -> Vec<Record> {
-        bits.chars().enumerate().map(|(i, b)| record(&format!("q{i}"), b == '1')).collect()
-    };
     let got = paired(&outcomes("1101100111"), &outcomes("1000101100")).unwrap();
     assert_eq!(got, Paired { n: 10, only_first: 4, only_second: 1, p_value: mcnemar_exact(4, 1) });
     assert_eq!(got.text(), "4 / 1 (p 0.38)");
@@ -853,20 +855,81 @@ fn paired_counts_the_questions_only_one_prompt_got_right_with_the_exact_mcnemar_
     assert!(paired(&outcomes("11"), &outcomes("1")).is_err());
 }
 
-/// The returned prompt against zero-shot CoT, counted from the run's test records (a
-/// returned baseline was measured once, under its own label).
-fn paired_from_records(run: &Path, selected: Label) -> (usize, usize) {
-    let correct = |label: &str| -> Vec<bool> {
-        std::fs::read_to_string(run.join(format!("test-{label}.jsonl")))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["correct"] == true)
-            .collect()
+/// A run's paired counts come from the records each evaluation was measured with: a returned
+/// baseline's from the baseline's file, another run's returned prompt from that run's folder.
+#[test]
+fn paired_test_reads_the_records_each_evaluation_was_measured_with() {
+    use greater::eval::EvalReport;
+    use greater::store::RunDir;
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = |name: &str| RunDir::folder(&tmp.path().join(name)).unwrap();
+    let keep = |dir: &RunDir, label: Label, prompt: &str, bits: &str| {
+        let records = outcomes(bits);
+        let correct = records.iter().filter(|r| r.correct).count();
+        let report = EvalReport {
+            n: records.len(),
+            correct,
+            accuracy: correct as f64 / records.len() as f64,
+            interval: (0.0, 1.0),
+            majority_floor: 0.0,
+            cut_by_budget: 0,
+            unparsed: 0,
+            tokens_generated: 0,
+            seconds: 0.0,
+            records,
+        };
+        dir.evaluation("test", label, prompt, || Ok(report)).unwrap()
     };
-    let returned = if selected.is_baseline() { selected.file_stem() } else { "optimised".into() };
-    let (optimised, zero_shot) = (correct(&returned), correct("zero_shot_cot"));
+    let counts = |p: Option<Paired>| p.map(|p| (p.only_first, p.only_second, p.n));
+    // Run a returned a searched prompt.
+    let a = folder("a");
+    let searched = vec![
+        keep(&a, Label::ZeroShotCot, "zero-shot", "1100"),
+        keep(&a, Label::Initial, "initial", "0110"),
+        keep(&a, Label::Optimised, "searched", "0111"),
+    ];
+    assert_eq!(counts(a.paired_test(&searched, None).unwrap()), Some((2, 1, 4)));
+    // Run b returned its initial prompt, whose evaluation its returned prompt reused.
+    let b = folder("b");
+    let initial = keep(&b, Label::Initial, "initial", "0110");
+    let returned_initial = vec![
+        keep(&b, Label::ZeroShotCot, "zero-shot", "1100"),
+        initial.clone(),
+        EvalSummary { label: Label::Optimised, ..initial },
+    ];
+    assert!(!b.path.join("test-optimised.jsonl").exists());
+    assert_eq!(counts(b.paired_test(&returned_initial, None).unwrap()), Some((1, 1, 4)));
+    // a's returned prompt against b's.
+    let against_b = a.paired_test(&searched, Some((&b, &returned_initial))).unwrap();
+    assert_eq!(counts(against_b), Some((1, 0, 4)));
+    // No records, no counts.
+    assert_eq!(folder("c").paired_test(&searched, None).unwrap(), None);
+}
+
+/// Each test question's correctness under `label`'s prompt in a run folder; the returned
+/// prompt, when it is a baseline, was measured once, under the baseline's label.
+fn test_correct(run: &Path, label: Label, selected: Label) -> Vec<bool> {
+    let returned = label == Label::Optimised && selected.is_baseline();
+    let stem = if returned { selected.file_stem() } else { label.file_stem() };
+    std::fs::read_to_string(run.join(format!("test-{stem}.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["correct"] == true)
+        .collect()
+}
+
+/// (questions only `a` got right, questions only `b` got right).
+fn only_right(a: &[bool], b: &[bool]) -> (usize, usize) {
     let only = |a: &[bool], b: &[bool]| a.iter().zip(b).filter(|(x, y)| **x && !**y).count();
-    (only(&optimised, &zero_shot), only(&zero_shot, &optimised))
+    (only(a, b), only(b, a))
+}
+
+/// The returned prompt against zero-shot CoT, counted from the run's test records.
+fn paired_from_records(run: &Path, selected: Label) -> (usize, usize) {
+    only_right(
+        &test_correct(run, Label::Optimised, selected),
+        &test_correct(run, Label::ZeroShotCot, selected),
+    )
 }
 
 #[test]
@@ -1335,6 +1398,22 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
     );
     assert!(md.contains("| optimised (greater) | ape | gcg |") && md.contains(&columns), "{md}");
     assert!(md.contains("Mean gain of ape over zero-shot CoT"), "{md}");
+    // greater's returned prompt against each baseline's, counted from the two folders' records.
+    let returned =
+        |folder: &str, s: &Summary| test_correct(&out.join(folder), Label::Optimised, s.selected);
+    for ((b, folder), s) in
+        row.baselines.iter().zip(["arithmetic-ape", "arithmetic-gcg"]).zip([&ape, &gcg])
+    {
+        let p = b.first_against.unwrap();
+        let counted = only_right(&returned("arithmetic", &greater), &returned(folder, s));
+        assert_eq!((p.only_first, p.only_second), counted);
+        let line = format!(
+            "test questions right only with greater / only with {} (exact McNemar p): arithmetic {}",
+            b.method.name(),
+            p.text()
+        );
+        assert!(md.contains(&line), "{md}");
+    }
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     for b in &row.baselines {
         assert!(html.contains(&accuracy_text(&b.optimised)));

@@ -400,7 +400,7 @@ fn choose_and_test(
         }
     }
     Ok(Summary {
-        paired: dir.paired_test(&evaluations)?,
+        paired: dir.paired_test(&evaluations, None)?,
         steps: state.step,
         best_prompt,
         selected: contenders[chosen].label,

@@ -382,11 +382,8 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
     };
     let gain = difference_text(&table.gain());
-    let baseline_gains: Vec<String> = table
-        .baselines
-        .iter()
-        .map(|b| baseline_gain_text(b, methods[0], table.rows.len()))
-        .collect();
+    let baseline_gains: Vec<String> =
+        table.baselines.iter().map(|b| baseline_gain_text(b, methods[0], &table.rows)).collect();
     let figures = vec![protocol_figure(&table, &methods, &lines, &floors)?];
     let search = search_table(&table, methods[0]);
     let env = environment()?;

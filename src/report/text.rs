@@ -233,7 +233,7 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         difference_text(&t.gain())
     ));
     for b in &t.baselines {
-        out.push_str(&format!("{}\n", baseline_gain_text(b, methods[0], t.rows.len())));
+        out.push_str(&format!("{}\n", baseline_gain_text(b, methods[0], &t.rows)));
     }
     out.push_str(&search_table(t, methods[0]).map_or(String::new(), |t| t.markdown()));
     out
@@ -247,9 +247,11 @@ pub fn difference_text(d: &Difference) -> String {
     }
 }
 
-/// A baseline's mean gain over zero-shot CoT, the tasks it ran on when not all `tasks`, and
-/// the lead of the `first` method over it on those tasks.
-pub fn baseline_gain_text(b: &MethodPooled, first: Method, tasks: usize) -> String {
+/// A baseline's mean gain over zero-shot CoT, the tasks it ran on when not all of `rows`',
+/// the lead of the `first` method over it on those tasks, and their test questions only one
+/// of the two got right, per task.
+pub fn baseline_gain_text(b: &MethodPooled, first: Method, rows: &[TaskRow]) -> String {
+    let tasks = rows.len();
     let mut text = format!(
         "Mean gain of {} over zero-shot CoT: {}",
         b.method.name(),
@@ -264,6 +266,18 @@ pub fn baseline_gain_text(b: &MethodPooled, first: Method, tasks: usize) -> Stri
             first.name(),
             b.method.name(),
             difference_text(lead)
+        ));
+    }
+    let paired: Vec<String> = rows
+        .iter()
+        .filter_map(|r| Some(format!("{} {}", r.task, r.baseline(b.method)?.first_against?.text())))
+        .collect();
+    if !paired.is_empty() {
+        text.push_str(&format!(
+            "; test questions right only with {} / only with {} (exact McNemar p): {}",
+            first.name(),
+            b.method.name(),
+            paired.join(", ")
         ));
     }
     text
