@@ -532,6 +532,10 @@ pub struct Transfer {
     pub zero_shot_cot: EvalSummary,
     /// The run's returned prompt on it.
     pub optimised: EvalSummary,
+    /// The returned prompt against zero-shot CoT on it, question by question (None in
+    /// files written before it was kept).
+    #[serde(default)]
+    pub paired: Option<Paired>,
 }
 
 /// "42 s", "3 min 5 s", "2 h 10 min".

@@ -1005,6 +1005,14 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         assert_eq!(t.optimised.prompt, row.optimised.prompt);
         assert_eq!(t.zero_shot_cot.prompt, ZERO_SHOT_COT);
         assert_eq!((t.optimised.n, t.zero_shot_cot.n), (row.optimised.n, row.optimised.n));
+        // Question by question on the target: the counts only one prompt got right differ
+        // by the difference of the two prompts' right answers.
+        let p = t.paired.unwrap();
+        assert_eq!(p.n, row.optimised.n);
+        assert_eq!(
+            p.only_first as i64 - p.only_second as i64,
+            t.optimised.correct as i64 - t.zero_shot_cot.correct as i64
+        );
         assert!(out.join(&row.task).join("transfer-target.json").exists());
     }
     for row in &table.rows {
@@ -1055,6 +1063,12 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
             .map(|e| e.cut_by_budget.unwrap())
             .sum();
         assert!(md.contains(&format!(" {} {cut}/{}", row.task, 3 * row.optimised.n)), "{md}");
+        let on_target = format!(
+            "On `{target}`, test questions right only with the optimised prompt / only with \
+             zero-shot CoT (exact McNemar p): "
+        );
+        let line = md.lines().find(|l| l.starts_with(&on_target)).expect(&md);
+        assert!(line.contains(&format!("{} {}", row.task, t.paired.unwrap().text())), "{md}");
         let s = row.search.as_ref().unwrap();
         let trace = format!(
             "| {} | {} -> {} of {} | {} of {} |",

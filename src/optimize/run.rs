@@ -13,7 +13,7 @@ use super::ape::{Ape, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
-use crate::eval::{evaluate, EvalConfig, EvalReport};
+use crate::eval::{evaluate, paired, EvalConfig, EvalReport};
 use crate::records::{
     human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State,
     StepRecord, Summary, TaskRecord, Transfer,
@@ -157,8 +157,8 @@ pub fn transfer(
     let lm = open_model(&target, report)?;
     let test = Split::pick(&config.split.test, &task);
     let eval_cfg = config.settings.eval_config(Some(Arc::clone(interrupt)));
-    let mut measure = |label: Label, prompt: &str| -> Result<EvalSummary> {
-        let r = evaluate_reported(
+    let mut measure = |label: Label, prompt: &str| {
+        evaluate_reported(
             &lm,
             &task,
             &test,
@@ -166,13 +166,15 @@ pub fn transfer(
             &eval_cfg,
             &format!("transfer to {model}: {label}"),
             report,
-        )?;
-        Ok(EvalSummary::new(label, prompt, &r))
+        )
     };
+    let zero_shot_cot = measure(Label::ZeroShotCot, ZERO_SHOT_COT)?;
+    let optimised = measure(Label::Optimised, &summary.best_prompt)?;
     let result = Transfer {
         model: model.to_string(),
-        zero_shot_cot: measure(Label::ZeroShotCot, ZERO_SHOT_COT)?,
-        optimised: measure(Label::Optimised, &summary.best_prompt)?,
+        paired: Some(paired(&optimised.records, &zero_shot_cot.records)?),
+        zero_shot_cot: EvalSummary::new(Label::ZeroShotCot, ZERO_SHOT_COT, &zero_shot_cot),
+        optimised: EvalSummary::new(Label::Optimised, &summary.best_prompt, &optimised),
     };
     dir.write_json(&transfer_file(model), &result)?;
     Ok(result)

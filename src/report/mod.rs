@@ -25,7 +25,7 @@ use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
 use text::{
     baseline_gain_text, difference_text, protocol_markdown, screen_markdown, search_table,
-    summary_table, verdict,
+    summary_table, transfer_paired_text, verdict,
 };
 
 const TEMPLATE: &str = include_str!("report.html");
@@ -382,8 +382,12 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
     };
     let gain = difference_text(&table.gain());
-    let baseline_gains: Vec<String> =
-        table.baselines.iter().map(|b| baseline_gain_text(b, methods[0], &table.rows)).collect();
+    let transfer_paired =
+        config.transfer_to.as_deref().and_then(|m| transfer_paired_text(&table.rows, m));
+    let gain_lines: Vec<String> = (table.baselines.iter())
+        .map(|b| baseline_gain_text(b, methods[0], &table.rows))
+        .chain(transfer_paired)
+        .collect();
     let figures = vec![protocol_figure(&table, &methods, &lines, &floors)?];
     let search = search_table(&table, methods[0]);
     let env = environment()?;
@@ -394,7 +398,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
         methods => methods[1..].iter().map(|m| m.name()).collect::<Vec<_>>(), pooled_baselines => methods[1..].iter().map(|&m| {
             table.baseline(m).map_or("-".into(), |b| pooled(&b.optimised))
         }).collect::<Vec<_>>(),
-        gain, baseline_gains, transfer_to => config.transfer_to,
+        gain, gain_lines, transfer_to => config.transfer_to,
         pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
         tables => Value::from(Serde(search.into_iter().collect::<Vec<_>>())),
     })?;

@@ -235,6 +235,9 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     for b in &t.baselines {
         out.push_str(&format!("{}\n", baseline_gain_text(b, methods[0], &t.rows)));
     }
+    if let Some(line) = target.and_then(|m| transfer_paired_text(&t.rows, m)) {
+        out.push_str(&format!("{line}\n"));
+    }
     out.push_str(&search_table(t, methods[0]).map_or(String::new(), |t| t.markdown()));
     out
 }
@@ -281,6 +284,22 @@ pub fn baseline_gain_text(b: &MethodPooled, first: Method, rows: &[TaskRow]) -> 
         ));
     }
     text
+}
+
+/// Per task, the test questions the returned prompt and zero-shot CoT each alone got right
+/// on the transfer model `target` (None when no transfer kept its question counts).
+pub fn transfer_paired_text(rows: &[TaskRow], target: &str) -> Option<String> {
+    let paired: Vec<String> = rows
+        .iter()
+        .filter_map(|r| Some(format!("{} {}", r.task, r.transfer.as_ref()?.paired?.text())))
+        .collect();
+    (!paired.is_empty()).then(|| {
+        format!(
+            "On `{target}`, test questions right only with the optimised prompt / only with \
+             zero-shot CoT (exact McNemar p): {}",
+            paired.join(", ")
+        )
+    })
 }
 
 /// The search traces as a table: a gain is made on train, kept through dev selection and
