@@ -45,7 +45,7 @@ pub fn search_trace(
     let mut train: BTreeMap<&str, f64> =
         contenders.iter().map(|c| (c.prompt.as_str(), c.train.score)).collect();
     for r in steps {
-        train.extend(r.search.scored().into_iter().map(|(p, s)| (p, s.score)));
+        train.extend(r.scored().into_iter().map(|(p, s)| (p, s.score)));
     }
     let first = &steps.first()?.prompt_before;
     let start = contenders.iter().find(|c| &c.prompt == first)?;
@@ -56,13 +56,14 @@ pub fn search_trace(
         .filter_map(|c| c.dev.as_ref())
         .reduce(|a, b| if b.accuracy > a.accuracy { b } else { a });
     let returned = contenders.iter().find(|c| c.label == selected).and_then(|c| c.dev.as_ref());
+    let searched = contenders.iter().filter(|c| !c.label.is_baseline());
     let mut trace = SearchTrace {
         train_n: start.train.n,
         start_mistakes: start.train.mistakes,
-        fewest_mistakes: steps
-            .iter()
-            .flat_map(|r| r.search.scored())
-            .map(|(_, s)| s.mistakes)
+        // The searched contenders too: logs written before steps kept the current prompt's
+        // score lack a grown prompt's.
+        fewest_mistakes: (steps.iter().flat_map(|r| r.scored()).map(|(_, s)| s.mistakes))
+            .chain(searched.map(|c| c.train.mistakes))
             .fold(start.train.mistakes, usize::min),
         improving_steps: 0,
         worse_moves: 0,
@@ -465,6 +466,8 @@ pub fn table(rows: Vec<TaskRow>, others: &[Method]) -> ProtocolTable {
 mod tests {
     use serde_json::{json, Value};
 
+    use crate::records::Search;
+
     use super::*;
 
     fn score(score: f64, mistakes: usize) -> Value {
@@ -505,6 +508,11 @@ mod tests {
             contender("initial", "A", score(0.6, 12), 0.32, 5),
             contender("train #1", "C", score(0.65, 13), 0.34, 40),
         ];
+        // A grown prompt, scored only as the current prompt of the step after.
+        let mut grown = step(4, "D_", &[(10, "F", score(0.74, 12))], 10, 0.55);
+        if let Search::Token(t) = &mut grown.search {
+            t.current = Some(serde_json::from_value(score(0.72, 8)).unwrap());
+        }
         let steps = [
             // Better than the start: the best train score falls; the current prompt was checked.
             step(1, "A", &[(5, "B", score(0.55, 11)), (1, "A", score(0.6, 12))], 5, 0.55),
@@ -512,6 +520,8 @@ mod tests {
             step(2, "B", &[(7, "C", score(0.65, 13))], 7, 0.55),
             // The current prompt is checked and kept; another made fewer mistakes at a higher score.
             step(3, "C", &[(8, "C", score(0.65, 13)), (9, "D", score(0.7, 9))], 8, 0.55),
+            // Moves from the grown prompt to a worse one; the grown prompt made the fewest.
+            grown,
         ];
         let trace = search_trace(&steps, &contenders, Label::Train(1)).unwrap();
         assert_eq!(
@@ -519,9 +529,9 @@ mod tests {
             SearchTrace {
                 train_n: 20,
                 start_mistakes: 12,
-                fewest_mistakes: 9,
+                fewest_mistakes: 8,
                 improving_steps: 1,
-                worse_moves: 1,
+                worse_moves: 2,
                 current_shortlisted: 2,
                 current_kept: 1,
                 dev_baseline: Some(0.32),
@@ -529,6 +539,20 @@ mod tests {
                 dev_returned_cut: Some(40),
                 step_seconds: Some(0.0),
             }
+        );
+        // A log from before steps kept the current prompt's score: a searched contender's
+        // train mistakes still count.
+        let mut old_log = steps.clone();
+        if let Search::Token(t) = &mut old_log[3].search {
+            t.current = None;
+        }
+        let mut with_grown = contenders.to_vec();
+        with_grown.push(contender("train #2", "D_", score(0.72, 8), 0.30, 0));
+        let old = search_trace(&old_log, &with_grown, Label::Train(1)).unwrap();
+        assert_eq!((old.fewest_mistakes, old.worse_moves), (8, 2));
+        assert_eq!(
+            search_trace(&old_log, &contenders, Label::Train(1)).unwrap().fewest_mistakes,
+            9
         );
         assert_eq!(search_trace(&[], &contenders, Label::Train(1)), None);
     }

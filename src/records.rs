@@ -328,6 +328,11 @@ pub struct TokenStep {
     pub chosen: Option<TokenText>,
     /// The position the next step changes.
     pub next_position: usize,
+    /// The current prompt's train score, when the step generated its reasoning afresh (the
+    /// prompt grew or was changed by the step before without being checked as it is now);
+    /// None when it was known, and in logs written before it was kept.
+    #[serde(default)]
+    pub current: Option<Score>,
 }
 
 impl TokenStep {
@@ -345,13 +350,14 @@ impl StepRecord {
             Search::Round { .. } => None,
         }
     }
-}
 
-impl Search {
-    /// Every prompt the step scored on train, with its score.
+    /// Every prompt the step scored on train, with its score: the current prompt when its
+    /// reasoning was generated afresh, and the checked candidates or the round's proposals.
     pub fn scored(&self) -> Vec<(&str, &Score)> {
-        match self {
-            Search::Token(t) => t.checked.iter().map(|c| (c.prompt.as_str(), &c.score)).collect(),
+        match &self.search {
+            Search::Token(t) => (t.current.iter().map(|s| (self.prompt_before.as_str(), s)))
+                .chain(t.checked.iter().map(|c| (c.prompt.as_str(), &c.score)))
+                .collect(),
             Search::Round { proposals } => {
                 proposals.iter().map(|p| (p.prompt.as_str(), &p.score)).collect()
             }
@@ -761,7 +767,7 @@ pub struct SearchTrace {
     pub train_n: usize,
     /// Train mistakes of the prompt the search started from.
     pub start_mistakes: usize,
-    /// The fewest train mistakes of any prompt it checked (or the start's).
+    /// The fewest train mistakes of any prompt it scored (or the start's).
     pub fewest_mistakes: usize,
     /// Steps that lowered the best train score.
     pub improving_steps: usize,
@@ -926,7 +932,8 @@ pub struct ScreenRow {
     pub gain: Option<f64>,
     /// Train mistakes of the initial prompt.
     pub train_mistakes_initial: usize,
-    /// The fewest train mistakes of any checked prompt.
+    /// The fewest train mistakes of the run's contenders (the two starts and the searched
+    /// prompts with the best train scores).
     pub train_mistakes_best: usize,
     /// Steps the search ran.
     pub steps: usize,

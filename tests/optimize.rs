@@ -501,19 +501,34 @@ fn reference_steps_take_a_period_at_once_and_grow_with_underscore() {
     // Without the rule, past the last position: wrap after a ".", otherwise grow by "_".
     let out = tmp.path().join("no-rule");
     run_quietly(Start::New(settings(false)), &out);
-    let last = steps_without_timings(&out)
-        .into_iter()
-        .find(|r| tok(r).position == 5)
-        .expect("a step at the last position");
-    if tok(&last).chosen.as_ref().unwrap().text.contains('.') {
-        assert_eq!(tok(&last).next_position, 0);
+    let steps = steps_without_timings(&out);
+    let last = steps.iter().find(|r| tok(r).position == 5).expect("a step at the last position");
+    if tok(last).chosen.as_ref().unwrap().text.contains('.') {
+        assert_eq!(tok(last).next_position, 0);
     } else {
-        assert_eq!(tok(&last).next_position, 6);
+        assert_eq!(tok(last).next_position, 6);
         assert!(
             last.prompt.ends_with('_') && last.prompt.len() == last.prompt_before.len() + 1,
             "{last:?}"
         );
+        // The grown prompt was never checked: the next step scores it and logs that score.
+        let next = &steps[last.step];
+        assert_eq!(next.prompt_before, last.prompt);
+        let current = tok(next).current.as_ref().expect("the grown prompt's score");
+        assert!(next.scored().contains(&(last.prompt.as_str(), current)));
     }
+    // A step logs the current prompt's score exactly when it had to generate its reasoning:
+    // after the prompt changed without being checked as it now is (the starting prompt was
+    // scored before the search).
+    for (i, r) in steps.iter().enumerate() {
+        let known = i == 0 || {
+            let before = &steps[i - 1];
+            before.prompt_before == r.prompt_before
+                || tok(before).checked.iter().any(|c| c.prompt == r.prompt_before)
+        };
+        assert_eq!(tok(r).current.is_none(), known, "step {}", r.step);
+    }
+    assert!(steps.iter().any(|r| tok(r).current.is_some()), "the prompt grew");
 }
 
 #[test]
@@ -1273,7 +1288,7 @@ fn ape_settings(model: &Path, seed: u64, budget: usize) -> OptimizeConfig {
 fn proposals(dir: &Path) -> Vec<Vec<String>> {
     steps_without_timings(dir)
         .iter()
-        .map(|r| r.search.scored().iter().map(|(p, _)| p.to_string()).collect())
+        .map(|r| r.scored().iter().map(|(p, _)| p.to_string()).collect())
         .collect()
 }
 

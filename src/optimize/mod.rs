@@ -567,8 +567,8 @@ impl<'a> Optimizer<'a> {
         let Shortlist { reasoning, reasoning_score, candidates, mut short, mut seconds } =
             self.shortlist(state)?;
         let mut generated_tokens = 0;
-        if let Some(score) = reasoning_score {
-            state.scores.insert(prompt_before.clone(), score);
+        if let Some(score) = &reasoning_score {
+            state.scores.insert(prompt_before.clone(), score.clone());
             generated_tokens += reasoning.iter().map(Vec::len).sum::<usize>();
         }
         let at_once = self.stop_at_sentence_end(state, &mut short)?;
@@ -606,6 +606,7 @@ impl<'a> Optimizer<'a> {
                 checked,
                 chosen: chosen.map(|c| TokenText { id: c.id, text: c.text }),
                 next_position: state.position,
+                current: reasoning_score,
             }),
             prompt: self.prompt_text(&state.prompt)?,
             best_prompt: self.prompt_text(&state.best_prompt)?,

@@ -490,9 +490,12 @@ fn accuracy_cell(e: &EvalSummary) -> String {
     )
 }
 
-/// The first step that produced `prompt` (0: it was there before the search).
+/// The first step that produced `prompt` (0: it was there before the search): the step that
+/// scored it or moved to it (a prompt grown by the filler is scored only at the next step).
 fn step_of(steps: &[StepRecord], prompt: &str) -> usize {
-    steps.iter().find(|r| r.search.scored().iter().any(|(p, _)| *p == prompt)).map_or(0, |r| r.step)
+    let produced =
+        |r: &StepRecord| r.prompt == prompt || r.scored().iter().any(|(p, _)| *p == prompt);
+    steps.iter().find(|r| produced(r)).map_or(0, |r| r.step)
 }
 
 /// The train score the curve shows for a step: its chosen prompt's, or when the step kept
@@ -501,7 +504,7 @@ fn step_score(r: &StepRecord) -> f64 {
     r.token()
         .and_then(TokenStep::chosen_checked)
         .map(|c| c.score.score)
-        .or_else(|| r.search.scored().iter().map(|(_, s)| s.score).min_by(f64::total_cmp))
+        .or_else(|| r.scored().iter().map(|(_, s)| s.score).min_by(f64::total_cmp))
         .unwrap_or(r.best_score)
 }
 
@@ -759,7 +762,33 @@ fn seconds_svg(steps: &[StepRecord]) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_change;
+    use serde_json::json;
+
+    use super::{split_change, step_of};
+    use crate::records::StepRecord;
+
+    /// A step from `before` that checked `checked` (one token each), chose the first and
+    /// ended with `after`.
+    fn step(n: usize, before: &str, checked: &[&str], after: &str) -> StepRecord {
+        let score = json!({ "score": 0.5, "mistakes": 1, "n": 2, "nll": 1.0, "answer_nll": 0.0 });
+        let checked: Vec<_> = (checked.iter().enumerate())
+            .map(|(i, p)| json!({ "id": i, "text": "", "gradient": 0.0, "prompt": p, "score": score }))
+            .collect();
+        serde_json::from_value(json!({
+            "step": n, "position": 0, "prompt_before": before, "candidates": [], "checked": checked,
+            "chosen": { "id": 0, "text": "" }, "prompt": after, "next_position": 1,
+            "best_prompt": "", "best_score": 0.5, "seconds": {},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_prompt_belongs_to_the_step_that_checked_or_grew_it() {
+        // Step 1 moves to "B" and grows it to "B_", which only step 2 scores.
+        let steps = [step(1, "A", &["B", "C"], "B_"), step(2, "B_", &["D"], "D")];
+        let at = |p| step_of(&steps, p);
+        assert_eq!([at("A"), at("B"), at("C"), at("B_"), at("D"), at("E")], [0, 1, 1, 1, 2, 0]);
+    }
 
     #[test]
     fn the_changed_text_is_marked_as_whole_words() {

@@ -361,7 +361,7 @@ pub fn search_table(t: &ProtocolTable, method: Method) -> Option<TextTable> {
         .collect();
     let header = [
         "task",
-        "train mistakes: start -> fewest checked",
+        "train mistakes: start -> fewest scored",
         "steps lowering the best train score",
         "steps moving to a worse prompt",
         "current prompt shortlisted / kept",
