@@ -482,23 +482,16 @@ mod tests {
         .unwrap()
     }
 
-    /// A step from `before` that checked (id, prompt, score) and chose `chosen`.
+    /// A step from `before` that checked (id, prompt, score) and moved to the chosen one.
     fn step(
         n: usize,
         before: &str,
         checked: &[(u32, &str, Value)],
         chosen: u32,
-        best_score: f64,
+        best: f64,
     ) -> StepRecord {
-        let checked: Vec<Value> =
-            checked.iter().map(|(id, p, s)| json!({ "id": id, "text": "", "gradient": -1.0, "prompt": p, "score": s })).collect();
-        let after = checked.iter().find(|c| c["id"] == chosen).unwrap()["prompt"].clone();
-        serde_json::from_value(json!({
-            "step": n, "position": 0, "prompt_before": before, "candidates": [], "checked": checked,
-            "chosen": { "id": chosen, "text": "" }, "prompt": after, "next_position": 1,
-            "best_prompt": "", "best_score": best_score, "seconds": {},
-        }))
-        .unwrap()
+        let after = checked.iter().find(|c| c.0 == chosen).unwrap().1;
+        crate::records::test_step(n, before, checked, chosen, after, best)
     }
 
     #[test]

@@ -365,6 +365,31 @@ impl StepRecord {
     }
 }
 
+/// A token step for tests: from `before`, checked (id, prompt, score as JSON), chose `chosen`
+/// and ended with `after`.
+#[cfg(test)]
+pub fn test_step(
+    n: usize,
+    before: &str,
+    checked: &[(u32, &str, serde_json::Value)],
+    chosen: u32,
+    after: &str,
+    best_score: f64,
+) -> StepRecord {
+    use serde_json::json;
+    let checked: Vec<_> = (checked.iter())
+        .map(
+            |(id, p, s)| json!({ "id": id, "text": "", "gradient": -1.0, "prompt": p, "score": s }),
+        )
+        .collect();
+    serde_json::from_value(json!({
+        "step": n, "position": 0, "prompt_before": before, "candidates": [], "checked": checked,
+        "chosen": { "id": chosen, "text": "" }, "prompt": after, "next_position": 1,
+        "best_prompt": "", "best_score": best_score, "seconds": {},
+    }))
+    .unwrap()
+}
+
 // ---------------------------------------------------------------------------------------
 // A run: its configuration, evaluations and summary
 // ---------------------------------------------------------------------------------------

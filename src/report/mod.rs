@@ -765,21 +765,13 @@ mod tests {
     use serde_json::json;
 
     use super::{split_change, step_of};
-    use crate::records::StepRecord;
+    use crate::records::{test_step, StepRecord};
 
-    /// A step from `before` that checked `checked` (one token each), chose the first and
-    /// ended with `after`.
+    /// A step from `before` that checked `checked`, chose the first and ended with `after`.
     fn step(n: usize, before: &str, checked: &[&str], after: &str) -> StepRecord {
         let score = json!({ "score": 0.5, "mistakes": 1, "n": 2, "nll": 1.0, "answer_nll": 0.0 });
-        let checked: Vec<_> = (checked.iter().enumerate())
-            .map(|(i, p)| json!({ "id": i, "text": "", "gradient": 0.0, "prompt": p, "score": score }))
-            .collect();
-        serde_json::from_value(json!({
-            "step": n, "position": 0, "prompt_before": before, "candidates": [], "checked": checked,
-            "chosen": { "id": 0, "text": "" }, "prompt": after, "next_position": 1,
-            "best_prompt": "", "best_score": 0.5, "seconds": {},
-        }))
-        .unwrap()
+        let checked: Vec<_> = (0..).zip(checked).map(|(i, p)| (i, *p, score.clone())).collect();
+        test_step(n, before, &checked, 0, after, 0.5)
     }
 
     #[test]
