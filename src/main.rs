@@ -459,6 +459,14 @@ impl Progress {
             Event::EvalProgress(done) => {
                 if let Some(b) = &self.bar {
                     b.set_position(done as u64);
+                    // A bar that is not drawn (output not a terminal): a line when it ends.
+                    if b.is_hidden() && b.length() == Some(done as u64) {
+                        progress_line(&format!(
+                            "{}: {done} questions in {}",
+                            b.message(),
+                            indicatif::HumanDuration(b.elapsed())
+                        ));
+                    }
                 }
             }
             Event::Finished(_) => warn_on_error(on_run_event(&event)),

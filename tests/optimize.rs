@@ -317,6 +317,8 @@ fn smollm2_two_steps_write_a_complete_run_folder() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("budget: 2 steps"), "{stdout}");
+    // Output not a terminal: a line for each evaluation when it ends.
+    assert!(stdout.contains("test: zero-shot CoT: 4 questions in "), "{stdout}");
     for f in [
         "config.json",
         "steps.jsonl",
