@@ -541,14 +541,10 @@ fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
     let (start, out) = match (&args.run.resume, &args.configurations) {
         (Some(dir), _) => (Start::Resume(args.run.resume_changes(given, "screen")?), dir.clone()),
         (None, Some(file)) => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let configurations =
-                ScreenConfig::configurations_from_toml(&text, &file.display().to_string())?;
             let config = ScreenConfig {
                 base: args.run.settings(given, false)?,
                 tasks: args.tasks.clone(),
-                configurations,
+                configurations: ScreenConfig::configurations_from_file(file)?,
             };
             (Start::New(config), args.run.out.clone().unwrap_or_else(|| default_out("screen")))
         }

@@ -901,6 +901,13 @@ impl ScreenConfig {
         Ok(out)
     }
 
+    /// The configurations of a TOML file: see [`Self::configurations_from_toml`].
+    pub fn configurations_from_file(file: &std::path::Path) -> Result<Vec<(String, String)>> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        Self::configurations_from_toml(&text, &file.display().to_string())
+    }
+
     /// The settings of configuration `name` on `task`: the base, its changes, the task, and
     /// no test questions.
     pub fn settings(&self, changes: &str, task: &str) -> Result<OptimizeConfig> {
@@ -914,6 +921,9 @@ impl ScreenConfig {
     pub fn check(&self) -> Result<()> {
         if self.base.dev == 0 {
             bail!("screening judges on dev: pass --dev N");
+        }
+        if self.tasks.is_empty() {
+            bail!("a screening needs tasks to run its configurations on");
         }
         for (i, (name, changes)) in self.configurations.iter().enumerate() {
             if name.is_empty()

@@ -11,9 +11,12 @@ use greater::eval::evaluate as evaluate_prompt;
 use greater::model::generate::Cancelled;
 use greater::optimize::run::{run, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
-use greater::records::ProtocolConfig;
-use greater::report::{on_protocol_event, on_run_event, write_protocol_outputs};
+use greater::records::{ProtocolConfig, ScreenConfig};
+use greater::report::{
+    on_protocol_event, on_run_event, write_protocol_outputs, write_screen_outputs,
+};
 use greater::runtime::LanguageModel;
+use greater::screen::{run_screen, ScreenEvent};
 use greater::settings::{Method, OptimizeConfig, Preset, Size};
 use greater::tasks::Split;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
@@ -37,14 +40,19 @@ fn settings_from(json: &str, size: Option<&str>, preset: Option<&str>) -> PyResu
         Some(s) => Size::from_str(s, true).map_err(|_| value("size", s))?.apply(base),
         None => base,
     };
-    let keys: toml::Table =
-        serde_json::from_str(json).map_err(|e| PyValueError::new_err(format!("settings: {e}")))?;
-    let text =
-        toml::to_string(&keys).map_err(|e| PyValueError::new_err(format!("settings: {e}")))?;
+    let text = toml_text(json, "settings")?;
     let settings =
         base.with_toml(&text).map_err(|e| PyValueError::new_err(format!("setting {e}")))?;
     settings.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(settings)
+}
+
+/// The TOML text of a JSON object of settings (its keys the TOML keys); errors begin with
+/// `what`.
+fn toml_text(json: &str, what: &str) -> PyResult<String> {
+    let keys: toml::Table =
+        serde_json::from_str(json).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
+    toml::to_string(&keys).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
 }
 
 /// A run's events as (kind, JSON text) for the Python callable; Ctrl-C and an exception in
@@ -253,6 +261,63 @@ fn protocol(
     serde_json::to_string(&table).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// Runs (or with `resume`, continues) a screening in `out`: each configuration (its name and
+/// a JSON object of the settings it changes from `settings`), or those of the TOML file
+/// `file`, on each task, judged on train and dev only; returns the table as JSON text.
+#[pyfunction]
+#[pyo3(signature = (settings, tasks, out, on_event, configurations=None, file=None, size=None, preset=None, resume=false))]
+#[allow(clippy::too_many_arguments)]
+fn screen(
+    py: Python<'_>,
+    settings: &str,
+    tasks: Vec<String>,
+    out: PathBuf,
+    on_event: Py<PyAny>,
+    configurations: Option<Vec<(String, String)>>,
+    file: Option<PathBuf>,
+    size: Option<&str>,
+    preset: Option<&str>,
+    resume: bool,
+) -> PyResult<String> {
+    let start = if resume {
+        Start::Resume(Changes::default())
+    } else {
+        let configurations = match (configurations, file) {
+            (Some(pairs), None) => pairs
+                .into_iter()
+                .map(|(name, json)| {
+                    let text = toml_text(&json, &format!("configuration {name}"))?;
+                    Ok((name, text))
+                })
+                .collect::<PyResult<Vec<_>>>()?,
+            (None, Some(file)) => ScreenConfig::configurations_from_file(&file)
+                .map_err(|e| PyValueError::new_err(format!("{e:#}")))?,
+            _ => return Err(PyValueError::new_err("pass the configurations or a file of them")),
+        };
+        let base = settings_from(settings, size, preset)?;
+        let config = ScreenConfig { base, tasks, configurations };
+        config.check().map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
+        Start::New(config)
+    };
+    let (table, config) = run_detached(py, on_event, |interrupt, events| {
+        run_screen(start, &out, interrupt, &mut |event| match event {
+            ScreenEvent::Run { index, total, configuration, task, .. } => events.send(
+                &Event::Info(format!("run {}/{total}: {configuration} on {task}", index + 1)),
+            ),
+            ScreenEvent::Event(e) => {
+                if let Err(err) = on_run_event(&e) {
+                    eprintln!("warning: could not write a report: {err:#}");
+                }
+                events.send(&e)
+            }
+        })
+    })?;
+    if let Err(err) = write_screen_outputs(&out, &table, &config) {
+        eprintln!("warning: could not write a report: {err:#}");
+    }
+    serde_json::to_string(&table).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// Every setting's key with its default, as JSON text (after `size`).
 #[pyfunction]
 #[pyo3(signature = (size=None))]
@@ -266,6 +331,7 @@ fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(protocol, m)?)?;
+    m.add_function(wrap_pyfunction!(screen, m)?)?;
     m.add_function(wrap_pyfunction!(defaults, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -87,3 +87,22 @@ def test_protocol_shards_from_python_give_the_whole_table(tmp_path):
     assert greater.protocol(out=out, resume=True, progress=False) == json.loads((out / "protocol.json").read_text())
     with pytest.raises(ValueError, match="shard"):
         greater.protocol(tasks=["arithmetic"], out=tmp_path / "q", shard=(2, 2), **settings)
+
+
+def test_screen_from_python_judges_on_dev_and_evaluates_no_test_question(tmp_path):
+    settings = dict(TINY, dev=2, test=2, steps=1)
+    out = tmp_path / "s"
+    table = greater.screen(tasks=["arithmetic"], configurations={"base": {}, "short": {"max_reasoning": 4}}, out=out, **settings)
+    assert [(r["configuration"], r["task"], r["dev_n"]) for r in table["rows"]] == [("base", "arithmetic", 2), ("short", "arithmetic", 2)]
+    assert json.loads((out / "short" / "arithmetic" / "config.json").read_text())["settings"]["max_reasoning"] == 4
+    assert not list(out.glob("*/*/test-*")) and (out / "screen.md").exists()
+    assert greater.screen(out=out, resume=True, progress=False) == json.loads((out / "screen.json").read_text())
+    # The same configurations from a TOML file.
+    (tmp_path / "screen.toml").write_text('[base]\n\n[short]\nmax_reasoning = 4\n')
+    again = greater.screen(tasks=["arithmetic"], configurations=tmp_path / "screen.toml", out=tmp_path / "t", **settings)
+    strip = lambda t: [{k: v for k, v in r.items() if k != "search_seconds"} for r in t["rows"]]
+    assert strip(again) == strip(table)
+    with pytest.raises(ValueError, match="tasks"):
+        greater.screen(configurations={"base": {}}, out=tmp_path / "u", **settings)
+    with pytest.raises(ValueError, match="top_kk"):
+        greater.screen(tasks=["arithmetic"], configurations={"bad": {"top_kk": 3}}, out=tmp_path / "v", **settings)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from . import _greater
 
-__all__ = ["Accuracy", "Paired", "Run", "Task", "defaults", "evaluate", "load_run", "optimize", "protocol"]
+__all__ = ["Accuracy", "Paired", "Run", "Task", "defaults", "evaluate", "load_run", "optimize", "protocol", "screen"]
 __version__ = _greater.__version__
 
 #: Called with (kind, data) for every event of a run: "info", "start", "step",
@@ -333,6 +333,55 @@ def protocol(
             size=size,
             preset=preset,
             shard=shard,
+        )
+    return json.loads(text)
+
+
+def screen(
+    model: Optional[str] = None,
+    tasks: Optional[Sequence[str]] = None,
+    *,
+    configurations: Union[str, os.PathLike, Mapping[str, Mapping[str, Any]], None] = None,
+    out: Union[str, os.PathLike],
+    size: Optional[str] = None,
+    preset: Optional[str] = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Optional[EventCallback] = None,
+    **settings: Any,
+) -> dict:
+    """Runs the search under each of ``configurations`` on each of ``tasks``, judged on train
+    and dev only (no test question is evaluated), a run folder each under ``out``, and
+    returns the table (a dict, as screen.json): per configuration and task, the dev accuracy
+    of zero-shot CoT, the initial prompt and the best searched prompt, and its gain.
+
+    configurations: a dict from a name to the settings it changes from the others given
+    here, e.g. ``{"base": {}, "budget-1024": {"max_reasoning": 1024}}`` (run in this order),
+    or a TOML file of them as ``greater screen --configurations`` takes.
+    ``screen(out=..., resume=True)`` continues a screening that was stopped.
+    """
+    if resume:
+        if settings or model is not None or tasks is not None or configurations is not None or size or preset:
+            raise ValueError("resume=True keeps the recorded settings")
+        text = _greater.screen("{}", [], str(out), _Progress(progress, callback), resume=True)
+    else:
+        if not tasks:
+            raise ValueError("a screening needs tasks=[...]")
+        if isinstance(configurations, Mapping):
+            pairs = [(str(name), _settings_json(None, None, changes)) for name, changes in configurations.items()]
+            named = dict(configurations=pairs)
+        elif configurations is not None:
+            named = dict(file=str(configurations))
+        else:
+            raise ValueError("pass configurations={name: {setting: value}} or a TOML file of them")
+        text = _greater.screen(
+            _settings_json(model, None, settings),
+            list(tasks),
+            str(out),
+            _Progress(progress, callback),
+            size=size,
+            preset=preset,
+            **named,
         )
     return json.loads(text)
 

@@ -26,3 +26,14 @@ def protocol(
     shard: Optional[tuple[int, int]] = None,
     resume: bool = False,
 ) -> str: ...
+def screen(
+    settings: str,
+    tasks: list[str],
+    out: str,
+    on_event: Callable[[str, str], Any],
+    configurations: Optional[list[tuple[str, str]]] = None,
+    file: Optional[str] = None,
+    size: Optional[str] = None,
+    preset: Optional[str] = None,
+    resume: bool = False,
+) -> str: ...
