@@ -141,16 +141,25 @@ pub struct Score {
     /// after the reasoning and the extractor).
     #[serde(default)]
     pub answer_nll: f64,
+    /// Mean length of the train reasonings in tokens: a search that makes the model write
+    /// until the budget, or stop reasoning, shows here (None in records of versions that did
+    /// not keep it).
+    #[serde(default)]
+    pub reasoning_tokens: Option<f64>,
 }
 
 impl Score {
-    /// "13/30 wrong, 2 cut": the mistakes and, when counted, the reasonings cut.
+    /// "13/30 wrong, 2 cut, 240 tokens a reasoning": the mistakes and, when counted, the
+    /// reasonings cut and their mean length.
     pub fn mistakes_text(&self) -> String {
-        let wrong = format!("{}/{} wrong", self.mistakes, self.n);
-        match self.cut {
-            Some(cut) => format!("{wrong}, {cut} cut"),
-            None => wrong,
+        let mut text = format!("{}/{} wrong", self.mistakes, self.n);
+        if let Some(cut) = self.cut {
+            text += &format!(", {cut} cut");
         }
+        if let Some(tokens) = self.reasoning_tokens {
+            text += &format!(", {tokens:.0} tokens a reasoning");
+        }
+        text
     }
 }
 

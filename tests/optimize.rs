@@ -725,6 +725,8 @@ fn a_reasoning_cut_at_the_budget_is_a_mistake_only_when_the_setting_says_so() {
         let (reasoning, score) =
             opt.reason_and_score(&opt.prompt_ids(PAPER_INITIAL_PROMPT).unwrap()).unwrap();
         assert_eq!(score.cut, Some(reasoning.iter().filter(|r| r.len() == BUDGET).count()));
+        let tokens = reasoning.iter().map(|r| r.len()).sum::<usize>() as f64;
+        assert_eq!(score.reasoning_tokens, Some(tokens / examples.len() as f64));
         score
     };
     let alone: Vec<Score> = train.iter().map(|ex| score_on(&[*ex], false)).collect();
@@ -763,16 +765,24 @@ fn the_prompt_grows_by_a_token_that_keeps_its_text_and_ids_in_step() {
 
 #[test]
 fn mistakes_read_with_the_reasonings_cut_when_they_were_counted() {
-    let counted =
-        Score { score: 0.5, mistakes: 13, cut: Some(2), n: 30, nll: 1.0, answer_nll: 0.0 };
-    assert_eq!(counted.mistakes_text(), "13/30 wrong, 2 cut");
-    assert_eq!(Score { cut: None, ..counted }.mistakes_text(), "13/30 wrong");
+    let counted = Score {
+        score: 0.5,
+        mistakes: 13,
+        cut: Some(2),
+        n: 30,
+        nll: 1.0,
+        answer_nll: 0.0,
+        reasoning_tokens: Some(239.6),
+    };
+    assert_eq!(counted.mistakes_text(), "13/30 wrong, 2 cut, 240 tokens a reasoning");
+    let old = Score { cut: None, reasoning_tokens: None, ..counted };
+    assert_eq!(old.mistakes_text(), "13/30 wrong");
 }
 
 // ---- Choosing the returned prompt on dev ----
 
 fn score(score: f64) -> Score {
-    Score { score, mistakes: 0, cut: None, n: 1, nll: 0.0, answer_nll: 0.0 }
+    Score { score, mistakes: 0, cut: None, n: 1, nll: 0.0, answer_nll: 0.0, reasoning_tokens: None }
 }
 
 #[test]

@@ -318,6 +318,7 @@ impl<'a> Optimizer<'a> {
         let nlls = self.prompt_nll(prompts, &replies)?;
         let cut_flags: Vec<bool> =
             replies.iter().flatten().map(|r| r.stop != StopReason::StopToken).collect();
+        let lengths: Vec<usize> = replies.iter().flatten().map(|r| r.ids.len()).collect();
         let requests: Vec<Request> = replies
             .into_iter()
             .flat_map(|rs| {
@@ -346,7 +347,9 @@ impl<'a> Optimizer<'a> {
         let (mut rest, mut rest_lp) = (picked.as_slice(), gold_logprobs.as_slice());
         let n = self.examples.len();
         let mut scores = Vec::with_capacity(prompts.len());
-        for (nll, cut_flags) in nlls.into_iter().zip(cut_flags.chunks(n)) {
+        for ((nll, cut_flags), lengths) in
+            nlls.into_iter().zip(cut_flags.chunks(n)).zip(lengths.chunks(n))
+        {
             let (mut mistakes, mut answer_nll) = (0, 0.0);
             for (ex, &cut) in self.examples.iter().zip(cut_flags) {
                 let (mine, tail) = rest.split_at(ex.answer.len());
@@ -361,7 +364,8 @@ impl<'a> Optimizer<'a> {
                 + self.cfg.control_weight / 10.0 * nll
                 + self.cfg.answer_weight * answer_nll;
             let cut = Some(cut_flags.iter().filter(|&&c| c).count());
-            scores.push(Score { score, mistakes, cut, n, nll, answer_nll });
+            let reasoning_tokens = Some(lengths.iter().sum::<usize>() as f64 / n as f64);
+            scores.push(Score { score, mistakes, cut, n, nll, answer_nll, reasoning_tokens });
         }
         Ok(scores)
     }
