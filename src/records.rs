@@ -150,7 +150,7 @@ pub struct Score {
 
 impl Score {
     /// "13/30 wrong, 2 cut, 240 tokens a reasoning": the mistakes and, when counted, the
-    /// reasonings cut and their mean length.
+    /// reasonings cut at the budget and the mean length of all of them.
     pub fn mistakes_text(&self) -> String {
         let mut text = format!("{}/{} wrong", self.mistakes, self.n);
         if let Some(cut) = self.cut {
