@@ -1710,6 +1710,14 @@ fn baselines_on_the_first_tasks_run_after_the_first_method_and_are_compared_wher
     let boolean = md.lines().find(|l| l.starts_with("| boolean |")).unwrap();
     let cells: Vec<&str> = boolean.split(" | ").collect();
     assert_eq!(cells[4], "-", "{boolean}");
+    // APE's pool covers one task, and says so beside greater's pool over both.
+    let p = &ape.optimised;
+    let ape_pooled =
+        format!("{:.3} [{:.3}, {:.3}] (on 1 of 2 tasks)", p.accuracy, p.interval.0, p.interval.1);
+    let pooled_row = md.lines().find(|l| l.starts_with("| all tasks (pooled) |")).unwrap();
+    assert_eq!(pooled_row.split(" | ").nth(4), Some(ape_pooled.as_str()), "{pooled_row}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains(&format!("<td>{ape_pooled}</td>")), "{html}");
     assert!(md.contains(&format!(
         "Mean gain of ape over zero-shot CoT: {:+.3}, on the 1 of 2 tasks it ran on; greater minus ape on the same tasks: {:+.3}",
         ape.mean_gain, lead.mean

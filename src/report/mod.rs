@@ -24,8 +24,8 @@ use crate::records::{
 use crate::settings::Method;
 use crate::store::{task_folder, RunDir};
 use text::{
-    baseline_gain_text, difference_text, protocol_markdown, screen_markdown, search_table,
-    summary_table, transfer_paired_text, verdict,
+    baseline_gain_text, difference_text, pooled_baseline_text, pooled_text, protocol_markdown,
+    screen_markdown, search_table, summary_table, transfer_paired_text, verdict,
 };
 
 const TEMPLATE: &str = include_str!("report.html");
@@ -378,9 +378,6 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let lines: Vec<TaskLine> = (table.rows.iter().enumerate())
         .map(|(i, r)| task_line(i + 1, r, &methods, floors[i], &here, &written_in))
         .collect();
-    let pooled = |p: &crate::records::Pooled| {
-        format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
-    };
     let gain = difference_text(&table.gain());
     let transfer_paired =
         config.transfer_to.as_deref().and_then(|m| transfer_paired_text(&table.rows, m));
@@ -394,12 +391,12 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let html = env.get_template("report.html")?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         budget => s.max_reasoning,
-        pooled => [pooled(&table.zero_shot_cot), pooled(&table.initial), pooled(&table.optimised)],
+        pooled => [pooled_text(&table.zero_shot_cot), pooled_text(&table.initial), pooled_text(&table.optimised)],
         methods => methods[1..].iter().map(|m| m.name()).collect::<Vec<_>>(), pooled_baselines => methods[1..].iter().map(|&m| {
-            table.baseline(m).map_or("-".into(), |b| pooled(&b.optimised))
+            table.baseline(m).map_or("-".into(), |b| pooled_baseline_text(b, table.rows.len()))
         }).collect::<Vec<_>>(),
         gain, gain_lines, transfer_to => config.transfer_to,
-        pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled(zs), pooled(opt)]),
+        pooled_transfer => table.transfer.as_ref().map(|(zs, opt)| [pooled_text(zs), pooled_text(opt)]),
         tables => Value::from(Serde(search.into_iter().collect::<Vec<_>>())),
     })?;
     Ok(html)

@@ -202,19 +202,21 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
         }
         out.push_str(&format!("{line} {} |\n", r.optimised.prompt.replace('|', "\\|")));
     }
-    let p = |x: &Pooled| format!("{:.3} [{:.3}, {:.3}]", x.accuracy, x.interval.0, x.interval.1);
     let mut line = format!(
         "| all tasks (pooled) | {} | {} | {} |",
-        p(&t.zero_shot_cot),
-        p(&t.initial),
-        p(&t.optimised)
+        pooled_text(&t.zero_shot_cot),
+        pooled_text(&t.initial),
+        pooled_text(&t.optimised)
     );
     for &m in &methods[1..] {
-        line.push_str(&format!(" {} |", t.baseline(m).map_or("-".into(), |b| p(&b.optimised))));
+        let cell = t.baseline(m).map_or("-".into(), |b| pooled_baseline_text(b, t.rows.len()));
+        line.push_str(&format!(" {cell} |"));
     }
     line.push_str(" | | | |");
     match (&t.transfer, target) {
-        (Some((zs, opt)), _) => line.push_str(&format!(" {} | {} |", p(zs), p(opt))),
+        (Some((zs, opt)), _) => {
+            line.push_str(&format!(" {} | {} |", pooled_text(zs), pooled_text(opt)))
+        }
         (None, Some(_)) => line.push_str(" | |"),
         (None, None) => {}
     }
@@ -240,6 +242,22 @@ pub fn protocol_markdown(t: &ProtocolTable, config: &ProtocolConfig) -> String {
     }
     out.push_str(&search_table(t, methods[0]).map_or(String::new(), |t| t.markdown()));
     out
+}
+
+/// "0.317 [0.279, 0.357]": a pooled accuracy and its 95% interval.
+pub fn pooled_text(p: &Pooled) -> String {
+    format!("{:.3} [{:.3}, {:.3}]", p.accuracy, p.interval.0, p.interval.1)
+}
+
+/// A baseline's pooled accuracy, with "(on 2 of 5 tasks)" when it did not run on all `tasks`
+/// of the table: beside the first method's pool over every task it would read as comparable.
+pub fn pooled_baseline_text(b: &MethodPooled, tasks: usize) -> String {
+    let text = pooled_text(&b.optimised);
+    if b.tasks > 0 && b.tasks < tasks {
+        format!("{text} (on {} of {tasks} tasks)", b.tasks)
+    } else {
+        text
+    }
 }
 
 /// "+0.012 (95% interval over tasks [-0.020, +0.044])", or the mean alone without one.
