@@ -733,6 +733,12 @@ impl MethodPooled {
     pub fn gain(&self) -> Difference {
         Difference { mean: self.mean_gain, interval: self.gain_interval }
     }
+
+    /// The tasks it ran on, when fewer than the table's `tasks` (None when it ran on all, or
+    /// in tables of versions that did not count them).
+    pub fn fewer_tasks(&self, tasks: usize) -> Option<usize> {
+        (self.tasks > 0 && self.tasks < tasks).then_some(self.tasks)
+    }
 }
 
 /// A mean over tasks of a per-task difference of accuracies, with a 95% normal interval

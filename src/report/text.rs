@@ -253,10 +253,9 @@ pub fn pooled_text(p: &Pooled) -> String {
 /// of the table: beside the first method's pool over every task it would read as comparable.
 pub fn pooled_baseline_text(b: &MethodPooled, tasks: usize) -> String {
     let text = pooled_text(&b.optimised);
-    if b.tasks > 0 && b.tasks < tasks {
-        format!("{text} (on {} of {tasks} tasks)", b.tasks)
-    } else {
-        text
+    match b.fewer_tasks(tasks) {
+        Some(ran) => format!("{text} (on {ran} of {tasks} tasks)"),
+        None => text,
     }
 }
 
@@ -278,8 +277,8 @@ pub fn baseline_gain_text(b: &MethodPooled, first: Method, rows: &[TaskRow]) -> 
         b.method.name(),
         difference_text(&b.gain())
     );
-    if b.tasks > 0 && b.tasks < tasks {
-        text.push_str(&format!(", on the {} of {tasks} tasks it ran on", b.tasks));
+    if let Some(ran) = b.fewer_tasks(tasks) {
+        text.push_str(&format!(", on the {ran} of {tasks} tasks it ran on"));
     }
     if let Some(lead) = &b.first_lead {
         text.push_str(&format!(
