@@ -1,6 +1,7 @@
 //! Runtime speed on the real models: greedy decoding at batch 1, 8 and 32 and prefill of a
-//! 300-token prompt, in f32 and in the mixed precision (integer dot products), and
-//! forward+backward of the one-hot gradient over 400 tokens.
+//! 300-token prompt, in f32 and in the mixed precision (integer dot products), the greedy
+//! choice of the next token from the vocabulary head, and forward+backward of the one-hot
+//! gradient over 400 tokens.
 //! Baselines measured in the same run: candle-transformers' quantised model decoding the
 //! same prompt, our own forward pass without the backward, and the machine's ceiling: the
 //! GFLOP/s of one large f32 matrix product of the model's FFN shape, against which the
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use greater::model::generate::{generate, prefill, GenerateConfig, Request};
+use greater::model::generate::{generate, prefill, run_all, GenerateConfig, Request};
 use greater::model::gradient::{cross_entropy, loss_and_gradient, OneHotInput};
 use greater::model::Precision;
 use greater::model::{KvCache, ModelConfig, Pass};
@@ -132,6 +133,30 @@ fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64, f64) {
     )
 }
 
+/// Seconds of the next-token choice for `m` rows of real final hidden states (the last
+/// positions of the prompts' prefills) at `precision`: the vocabulary head's full product
+/// and its argmax, against [`Model::greedy_tokens`] (which gives the same tokens); the best
+/// of five after a warm-up.
+fn greedy_choice_seconds(lm: &LanguageModel, prompts: &[Vec<u32>], m: usize) -> (f64, f64) {
+    let reqs = prompts.iter().map(|p| Request { prefix: KvCache::default(), ids: p.clone() });
+    let states: Vec<Tensor> = run_all(&lm.model, reqs.collect())
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, h)| {
+            let len = h.dim(0).unwrap();
+            (len - 4..len).map(move |i| h.narrow(0, i, 1).unwrap())
+        })
+        .take(m)
+        .collect();
+    let hidden = Tensor::cat(&states, 0).unwrap();
+    let full = || lm.model.logits(&hidden).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    let screened = || lm.model.greedy_tokens(&hidden).unwrap();
+    assert_eq!(full(), screened(), "the screened choice differs from the full head's");
+    let best =
+        |f: &dyn Fn() -> Vec<u32>| (0..5).map(|_| seconds(f).0).fold(f64::INFINITY, f64::min);
+    (best(&full), best(&screened))
+}
+
 /// Greedy decoding tokens/s at batch 1, 8 and 32 (prefill subtracted), and the seconds of a
 /// 300-token prefill.
 fn decode_and_prefill(lm: &LanguageModel, prompts: &[Vec<u32>]) -> (Vec<(usize, f64)>, f64) {
@@ -184,7 +209,8 @@ fn bench(alias: &str) {
     let (f32_rates, f32_prefill) = decode_and_prefill(&lm, &prompts);
     for p in [Precision::Mixed, Precision::Mixed16] {
         let other = format!("{p:?}").to_lowercase();
-        let (mixed_rates, mixed_prefill) = decode_and_prefill(&open(p), &prompts);
+        let mixed_lm = open(p);
+        let (mixed_rates, mixed_prefill) = decode_and_prefill(&mixed_lm, &prompts);
         for ((batch, exact), (_, mixed)) in f32_rates.iter().zip(&mixed_rates) {
             println!(
                 "greedy decode, batch {batch}: f32 {exact:.1} tokens/s ({:.2}x baseline), {other} {mixed:.1} tokens/s ({:.2}x f32, {:.2}x baseline)",
@@ -192,6 +218,17 @@ fn bench(alias: &str) {
                 mixed / exact,
                 mixed / base
             );
+        }
+        if p == Precision::Mixed16 {
+            for m in [1, 32, 128] {
+                let (full, screened) = greedy_choice_seconds(&mixed_lm, &prompts, m);
+                println!(
+                    "greedy choice of {m} tokens, {other}: full vocabulary head {:.2} ms, screened by 8-bit inputs {:.2} ms ({:.2}x)",
+                    full * 1e3,
+                    screened * 1e3,
+                    full / screened
+                );
+            }
         }
         println!(
             "prefill, 300 tokens: f32 {f32_prefill:.2} s ({:.0} tokens/s), {other} {mixed_prefill:.2} s ({:.0} tokens/s, {:.2}x f32)",

@@ -196,3 +196,57 @@ fn dispatch_falls_back_when_a_feature_is_masked_off() {
     assert_eq!(Kernel::choose(f(false, false)), Kernel::Scalar);
     assert_eq!(Kernel::best(), Kernel::choose(Features::detect()));
 }
+
+/// The index of the first largest value, as candle's argmax takes it.
+fn candle_argmax(y: &[f32], n: usize) -> Vec<u32> {
+    Tensor::from_vec(y.to_vec(), (y.len() / n, n), &Device::Cpu)
+        .unwrap()
+        .argmax(1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+}
+
+/// A value in [-1, 1) that does not follow `i` (splitmix64's mixing).
+fn noise(i: usize, salt: u64) -> f32 {
+    let mut z = (i as u64).wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+#[test]
+fn the_screened_argmax_is_the_argmax_of_the_16_bit_product_on_near_ties() {
+    // Many unrelated rows, so that each row of x has columns within the 8-bit inputs'
+    // rounding of its best one, and copies of rows further down (equal results: the first
+    // must win).
+    let (rows, copies, k, m) = (1500, 100, 256, 200);
+    let n = rows + copies;
+    let mut w: Vec<f32> = (0..rows * k).map(|i| noise(i, 1)).collect();
+    w.extend_from_within(..copies * k);
+    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let mut x: Vec<f32> = (0..m * k).map(|i| noise(i, 2)).collect();
+    // One row with an outlier block, as the hidden states of real models have.
+    x[k..k + 8].iter_mut().for_each(|v| *v *= 40.0);
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q6K] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let packed = PackedWeight::from_ggml(dtype, n, k, &q.data().unwrap()).unwrap().unwrap();
+        let weight = Int8Weight::from_packed(&packed);
+        let want = candle_argmax(&int8::matmul(&x, &weight, InputBits::Sixteen), n);
+        let eight = candle_argmax(&int8::matmul(&x, &weight, InputBits::Eight), n);
+        assert_eq!(int8::argmax_sixteen(&x, &weight), want, "{dtype:?}");
+        assert!(eight != want, "{dtype:?}: no row where 8-bit inputs pick another column");
+        assert!(want.iter().any(|&c| c < copies as u32), "{dtype:?}: no tie to break");
+    }
+}
+
+#[test]
+fn the_screened_argmax_takes_the_full_product_when_an_input_is_not_finite() {
+    let (n, k) = (50, 64);
+    let w: Vec<f32> = (0..n * k).map(|i| value(i, 19)).collect();
+    let weight = Int8Weight::quantize(&w, n, k);
+    let mut x: Vec<f32> = (0..2 * k).map(|i| value(i, 23)).collect();
+    x[k + 5] = f32::NAN;
+    let want = candle_argmax(&int8::matmul(&x, &weight, InputBits::Sixteen), n);
+    assert_eq!(int8::argmax_sixteen(&x, &weight), want);
+}

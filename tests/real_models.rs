@@ -1,6 +1,7 @@
 //! Tests on the real offline models: logits against candle-transformers' independent
-//! implementations, tokenizer ids against an independent tokenizer, the chat template, and
-//! end-to-end generation through the CLI.
+//! implementations, the `mixed16` head's greedy choice against its full logits, tokenizer
+//! ids against an independent tokenizer, the chat template, and end-to-end generation
+//! through the CLI.
 
 mod common;
 
@@ -10,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use greater::catalog;
 use greater::model::weights::hf_name;
-use greater::model::{Arch, KvCache, Model, Pass};
+use greater::model::{Arch, KvCache, Model, Pass, Precision};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::tokenizer::{ChatTemplate, Message, SystemTurn};
 
@@ -144,6 +145,24 @@ const SMOLLM2_REFERENCE_IDS: &[u32] = &[
     216, 35, 30, 33, 36, 33, 37, 41, 1792, 216, 34, 78, 33, 32, 446, 216, 33, 32, 34, 36, 47526,
     1326, 982, 3247, 982,
 ];
+
+#[test]
+fn greedy_tokens_in_mixed16_are_the_argmax_of_its_full_logits() {
+    // The head screens with 8-bit inputs and recomputes only the columns that could win;
+    // every position of the parity text must pick what the full 16-bit head picks.
+    let options = OpenOptions { precision: Precision::Mixed16, ..Default::default() };
+    let lm = LanguageModel::open("smollm2-135m", &options, &mut |m| eprintln!("{m}")).unwrap();
+    let ids = lm.tokenizer.encode(common::PARITY_TEXT, false).unwrap();
+    let mut cache = [KvCache::default()];
+    let x = lm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let hidden = lm.model.forward(&x, &mut cache, Pass::Fast).unwrap().squeeze(0).unwrap();
+    let logits = lm.model.logits(&hidden).unwrap().to_vec2::<f32>().unwrap();
+    // The first of equal maxima, as candle's argmax and greedy decoding take it.
+    let first_max =
+        |row: &Vec<f32>| (0..row.len()).fold(0, |b, c| if row[c] > row[b] { c } else { b }) as u32;
+    let want: Vec<u32> = logits.iter().map(first_max).collect();
+    assert_eq!(lm.model.greedy_tokens(&hidden).unwrap(), want);
+}
 
 #[test]
 fn smollm2_tokenizer_matches_reference_ids_and_round_trips() {

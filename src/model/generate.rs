@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -143,33 +143,35 @@ pub fn length_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
     batches
 }
 
-/// [`run_all`] for requests with ids: each request's cache, hidden states and the
-/// next-token logits [vocab] after it.
-fn run_all_with_logits(
+/// [`run_all`] for requests with ids: each request's cache and hidden states, and the
+/// final-normed hidden states after the requests' last ids, [requests, hidden].
+fn run_all_with_lasts(
     model: &Model,
     requests: Vec<Request>,
-) -> Result<Vec<(KvCache, Tensor, Tensor)>> {
+) -> Result<(Vec<(KvCache, Tensor)>, Tensor)> {
     if requests.iter().any(|r| r.ids.is_empty()) {
         bail!("cannot continue an empty prompt");
     }
     let ran = run_all(model, requests)?;
     if ran.is_empty() {
-        return Ok(Vec::new());
+        let none = Tensor::zeros((0, model.cfg.hidden_size), model.dtype(), model.device())?;
+        return Ok((ran, none));
     }
     let lasts = ran
         .iter()
         .map(|(_, h)| h.narrow(0, h.dim(0)? - 1, 1))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let logits = model.logits(&Tensor::cat(&lasts, 0)?)?;
-    ran.into_iter().enumerate().map(|(i, (cache, h))| Ok((cache, h, logits.get(i)?))).collect()
+    Ok((ran, Tensor::cat(&lasts, 0)?))
 }
 
 /// [`run_all`], keeping the cache and the next-token logits `[vocab]` after each request.
 pub fn prefill_all(model: &Model, requests: Vec<Request>) -> Result<Vec<(KvCache, Tensor)>> {
-    Ok(run_all_with_logits(model, requests)?
-        .into_iter()
-        .map(|(cache, _, logits)| (cache, logits))
-        .collect())
+    let (ran, lasts) = run_all_with_lasts(model, requests)?;
+    if ran.is_empty() {
+        return Ok(Vec::new());
+    }
+    let logits = model.logits(&lasts)?;
+    ran.into_iter().enumerate().map(|(i, (cache, _))| Ok((cache, logits.get(i)?))).collect()
 }
 
 /// Continues every request, prefilled in batches and decoded together with the other
@@ -192,9 +194,12 @@ pub fn generate(
         let mut out: Vec<Generated> = Vec::with_capacity(n);
         // (request index, cache, next token) of the sequences still running.
         let mut running: Vec<(usize, KvCache, u32)> = Vec::with_capacity(n);
-        for (i, (cache, prefill, logits)) in
-            run_all_with_logits(model, requests)?.into_iter().enumerate()
-        {
+        let (ran, lasts) = run_all_with_lasts(model, requests)?;
+        let firsts = match (ran.is_empty(), cfg.max_tokens) {
+            (true, _) | (_, 0) => Vec::new(),
+            _ => next_tokens(model, &lasts, cfg.sampling.as_ref(), &mut rngs)?,
+        };
+        for (i, (cache, prefill)) in ran.into_iter().enumerate() {
             out.push(Generated {
                 ids: Vec::new(),
                 stop: StopReason::Budget,
@@ -207,12 +212,7 @@ pub fn generate(
                 out[i].cache = cache;
                 continue;
             }
-            let next = pick(
-                &logits.unsqueeze(0)?,
-                cfg.sampling.as_ref(),
-                std::slice::from_mut(&mut rngs[i]),
-            )?[0];
-            running.push((i, cache, next));
+            running.push((i, cache, firsts[i]));
         }
         loop {
             running.retain_mut(|(i, cache, tok)| {
@@ -246,10 +246,10 @@ pub fn generate(
             let mut caches: Vec<KvCache> =
                 running.iter_mut().map(|r| std::mem::take(&mut r.1)).collect();
             let hidden = model.forward(&x, &mut caches, Pass::Fast)?;
-            let logits = model.logits(&hidden.squeeze(1)?)?;
             let mut batch_rngs: Vec<Option<ChaCha8Rng>> =
                 running.iter().map(|r| rngs[r.0].take()).collect();
-            let next = pick(&logits, cfg.sampling.as_ref(), &mut batch_rngs)?;
+            let next =
+                next_tokens(model, &hidden.squeeze(1)?, cfg.sampling.as_ref(), &mut batch_rngs)?;
             for ((r, cache), (tok, rng)) in
                 running.iter_mut().zip(caches).zip(next.into_iter().zip(batch_rngs))
             {
@@ -261,15 +261,18 @@ pub fn generate(
     })
 }
 
-/// Next token per row of `logits` [batch, vocab].
-fn pick(
-    logits: &Tensor,
+/// Next token after each of final-normed hidden states [batch, hidden]: the most likely, or
+/// drawn with row i's rng.
+fn next_tokens(
+    model: &Model,
+    hidden: &Tensor,
     sampling: Option<&Sampling>,
     rngs: &mut [Option<ChaCha8Rng>],
 ) -> Result<Vec<u32>> {
     let Some(s) = sampling.filter(|s| s.temperature > 0.0) else {
-        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        return model.greedy_tokens(hidden);
     };
+    let logits = model.logits(hidden)?;
     let probs = candle_nn::ops::softmax_last_dim(&(logits.to_dtype(DType::F32)? / s.temperature)?)?;
     let rows = probs.to_vec2::<f32>()?;
     rows.iter()

@@ -28,6 +28,8 @@
 //! then `off * sum + acc` fused), so all three give the same bits, and a row's result never
 //! depends on the other rows of the batch.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::packed::PackedWeight;
@@ -76,6 +78,20 @@ pub struct Int8Weight {
     /// `[strip][block][row of the strip]`; rows past `n` have scale 0.
     scale: Vec<f32>,
     offset: Option<Vec<f32>>,
+    /// What [`argmax_sixteen`] bounds its screening with, computed on first use.
+    mass: OnceLock<Mass>,
+}
+
+/// How far a weight row's result can move when its input moves: per row and block,
+/// `|scale| * sum |q| + |offset| * block`, so that inputs off by at most `e[b]` in block b
+/// move the row's result by at most `sum over b of per_block[b] * e[b]`.
+struct Mass {
+    /// [n][blocks]
+    per_block: Vec<f32>,
+    /// [n]: the sum of a row's `per_block`.
+    total: Vec<f32>,
+    /// [strips]: the largest `total` of a strip's rows.
+    strip_total: Vec<f32>,
 }
 
 impl Int8Weight {
@@ -133,7 +149,37 @@ impl Int8Weight {
                 }
             }
         }
-        Int8Weight { n, k, block, form, bias, codes, scale, offset }
+        Int8Weight { n, k, block, form, bias, codes, scale, offset, mass: OnceLock::new() }
+    }
+
+    /// The [`Mass`] of every row, from the integers as stored.
+    fn mass(&self) -> &Mass {
+        self.mass.get_or_init(|| {
+            let (blocks, mut group) = (self.blocks(), [0u8; 64]);
+            let mut per_block = vec![0f32; self.n * blocks];
+            for s in 0..self.strips() {
+                let codes = StripCodes::of(self, s);
+                for b in 0..blocks {
+                    let mut sums = [0i32; STRIP];
+                    for g in 0..self.block / 4 {
+                        unpack_group(self.form, self.bias, codes.group(b, g), &mut group);
+                        for (e, &v) in group.iter().enumerate() {
+                            sums[e / 4] += (v as i32 - ZERO).abs();
+                        }
+                    }
+                    for (lane, &sum) in sums.iter().enumerate().take(self.n - s * STRIP) {
+                        let meta = (s * blocks + b) * STRIP + lane;
+                        let offset = self.offset.as_ref().map_or(0.0, |o| o[meta].abs());
+                        per_block[(s * STRIP + lane) * blocks + b] =
+                            self.scale[meta].abs() * sum as f32 + offset * self.block as f32;
+                    }
+                }
+            }
+            let total: Vec<f32> = per_block.chunks_exact(blocks).map(|m| m.iter().sum()).collect();
+            let strip_total =
+                total.chunks(STRIP).map(|t| t.iter().fold(0f32, |a, &v| a.max(v))).collect();
+            Mass { per_block, total, strip_total }
+        })
     }
 
     /// An f32 weight [n, k] (k a multiple of 32) quantised to 8-bit blocks of 32, one scale
@@ -379,7 +425,7 @@ impl Kernel {
 
     /// The kernel for this CPU, detected once.
     pub fn best() -> Self {
-        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        static BEST: OnceLock<Kernel> = OnceLock::new();
         *BEST.get_or_init(|| Kernel::choose(Features::detect()))
     }
 }
@@ -405,20 +451,140 @@ pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -
         Kernel::Scalar => true,
     };
     assert!(runs, "int8::matmul: {kernel:?} kernel on a CPU without its features ({f:?})");
-    let m = x.len() / w.k;
-    let xq = QuantRows::new(x, w.k, w.block, bits, kernel);
+    product(kernel, &QuantRows::new(x, w.k, w.block, bits, kernel), w, None)
+}
+
+/// y [m, n] = the quantised rows `xq` · w^T, in `kernel` (supported by the CPU); with
+/// `maxima` ([strips][m]), also each strip's largest value per row ([`finite_max`]), taken
+/// while the strip's results are still in the cache.
+fn product(kernel: Kernel, xq: &QuantRows, w: &Int8Weight, maxima: Option<&mut [f32]>) -> Vec<f32> {
+    let m = xq.scale.len() / w.blocks();
     let mut y = vec![0f32; m * w.n];
     let out = Out(y.as_mut_ptr());
+    let maxima = maxima.map(|mx| Out(mx.as_mut_ptr()));
     // Two strips per task: a task's weights (2 x 16 rows) are read from memory once and
     // stay in the cache while every row of x passes over them.
     (0..w.strips().div_ceil(2)).into_par_iter().for_each_init(Vec::new, |unpacked, t| {
         for s in 2 * t..w.strips().min(2 * t + 2) {
-            // SAFETY: the kernel's features were checked above; strip s writes only columns
-            // 16 s .. 16 s + 16 (clipped to n) of each row of y, which no other task writes.
-            unsafe { strip(kernel, w, s, &xq, &out, m, unpacked) };
+            // SAFETY: the caller checked the kernel's features; strip s writes only columns
+            // 16 s .. 16 s + 16 (clipped to n) of each row of y and maxima [s][..], which no
+            // other task writes or reads.
+            unsafe {
+                strip(kernel, w, s, xq, &out, m, unpacked);
+                if let Some(mx) = &maxima {
+                    let cols = STRIP.min(w.n - s * STRIP);
+                    for r in 0..m {
+                        let row = std::slice::from_raw_parts(out.0.add(r * w.n + s * STRIP), cols);
+                        *mx.0.add(s * m + r) = finite_max(row);
+                    }
+                }
+            }
         }
     });
     y
+}
+
+/// Per row of x [m, k], the column of the largest value of x · w^T with 16-bit inputs (the
+/// first of equal ones): what an argmax over `matmul(x, w, InputBits::Sixteen)` gives, at
+/// about the cost of the 8-bit product. The 8-bit product screens the columns: both
+/// products are within rounding of the exact one, by at most each block's input rounding
+/// (half a step of each) times the row's mass in that block (`|scale| * sum |q|`), plus
+/// the f32 sums' rounding; only the columns whose 8-bit value could still reach the best
+/// column's lower bound are computed again with 16-bit inputs, in the kernels' own order
+/// of operations, so the answer is the same bits' argmax. Greedy decoding needs no more of
+/// the vocabulary head than this.
+pub fn argmax_sixteen(x: &[f32], w: &Int8Weight) -> Vec<u32> {
+    let kernel = Kernel::best();
+    let x8 = QuantRows::new(x, w.k, w.block, InputBits::Eight, kernel);
+    let m = x.len() / w.k;
+    let mut maxima = vec![0f32; w.strips() * m];
+    let y8 = product(kernel, &x8, w, Some(&mut maxima));
+    let x16 = QuantRows::new(x, w.k, w.block, InputBits::Sixteen, kernel);
+    let screen = Screen { w, mass: w.mass(), x8: &x8, x16: &x16, y8: &y8, maxima: &maxima, m };
+    let picked: Vec<Option<u32>> = (0..m).into_par_iter().map(|r| screen.best_column(r)).collect();
+    // A row with a value that is not finite is computed whole, as the argmax would see it.
+    let whole_row = |r: usize| {
+        first_max(&matmul_with(kernel, &x[r * w.k..][..w.k], w, InputBits::Sixteen)) as u32
+    };
+    picked.iter().enumerate().map(|(r, c)| c.unwrap_or_else(|| whole_row(r))).collect()
+}
+
+/// The index of the first largest value (a NaN never wins after the first value).
+fn first_max(y: &[f32]) -> usize {
+    let mut best = 0;
+    for (c, &v) in y.iter().enumerate() {
+        if v > y[best] {
+            best = c;
+        }
+    }
+    best
+}
+
+/// The largest of `v`, NaN when one of them is not finite.
+fn finite_max(v: &[f32]) -> f32 {
+    v.iter().fold(f32::NEG_INFINITY, |a, &x| if x.is_finite() { a.max(x) } else { f32::NAN })
+}
+
+/// What [`argmax_sixteen`] screens a row with: the 8-bit product `y8` [m, n] and its
+/// maxima per strip ([strips][m]), both quantised inputs, the weight and its mass.
+struct Screen<'a> {
+    w: &'a Int8Weight,
+    mass: &'a Mass,
+    x8: &'a QuantRows,
+    x16: &'a QuantRows,
+    y8: &'a [f32],
+    maxima: &'a [f32],
+    m: usize,
+}
+
+impl Screen<'_> {
+    /// Row `r`'s column of [`argmax_sixteen`]; None when one of its values is not finite.
+    fn best_column(&self, r: usize) -> Option<u32> {
+        let (w, mass, blocks) = (self.w, self.mass, self.w.blocks());
+        let strip_max = |s: usize| self.maxima[s * self.m + r];
+        if (0..w.strips()).any(|s| strip_max(s).is_nan()) {
+            return None;
+        }
+        let y8 = &self.y8[r * w.n..][..w.n];
+        let columns = |s: usize| s * STRIP..w.n.min((s + 1) * STRIP);
+        // How far the 8-bit and the 16-bit results can each be from the exact one per unit
+        // of mass: half a quantisation step (and a little for the rounding of v / step),
+        // and the f32 sums' rounding, a few units of 2^-24 of the block's largest input per
+        // block.
+        let rounding = 8.0 * (blocks + 2) as f32 * f32::EPSILON / 2.0;
+        let slack: Vec<f32> = (0..blocks)
+            .map(|b| {
+                let (d8, d16) = (self.x8.scale[r * blocks + b], self.x16.scale[r * blocks + b]);
+                0.52 * (d8 + d16) + rounding * 128.0 * d8
+            })
+            .collect();
+        let widest = slack.iter().fold(0f32, |a, &v| a.max(v)) * 1.001;
+        let bound = |c: usize| {
+            let per_block = &mass.per_block[c * blocks..][..blocks];
+            per_block.iter().zip(&slack).map(|(m, e)| m * e).sum::<f32>() * 1.001
+        };
+        let top_strip =
+            (0..w.strips()).fold(0, |b, s| if strip_max(s) > strip_max(b) { s } else { b });
+        let top = columns(top_strip).start + first_max(&y8[columns(top_strip)]);
+        // Below this no column's 16-bit value can be, since the top one's is not.
+        let floor = y8[top] - bound(top) - 1e-4 * (1.0 + y8[top].abs());
+        let mut best: Option<(usize, f32)> = None;
+        for s in 0..w.strips() {
+            if strip_max(s) + widest * mass.strip_total[s] < floor {
+                continue;
+            }
+            for c in columns(s) {
+                if y8[c] + widest * mass.total[c] < floor || y8[c] + bound(c) < floor {
+                    continue;
+                }
+                let exact = column_value(w, StripCodes::of(w, s), s, c % STRIP, self.x16, r);
+                if best.is_none_or(|(_, b)| exact > b) {
+                    best = Some((c, exact));
+                }
+            }
+        }
+        Some(best.expect("the top column passes its own screen").0 as u32)
+    }
 }
 
 /// A strip's groups for the kernels: where block b's start and how they are stored.
@@ -507,8 +673,7 @@ const ROWS: usize = 4;
 /// in registers on every pass.
 const UNPACK_ONCE_ROWS: usize = 8;
 
-/// Row `r` of y over strip `s` (groups unpacked), in plain Rust: the reference the SIMD
-/// kernels equal.
+/// Row `r` of y over strip `s`, in plain Rust: the reference the SIMD kernels equal.
 unsafe fn scalar_row(
     w: &Int8Weight,
     codes: StripCodes,
@@ -518,8 +683,25 @@ unsafe fn scalar_row(
     y: *mut f32,
     cols: usize,
 ) {
+    for lane in 0..cols {
+        *y.add(r * w.n + s * STRIP + lane) = column_value(w, codes, s, lane, x, r);
+    }
+}
+
+/// Entry (r, 16 s + lane) of y, with the SIMD kernels' operations in their order: each
+/// block's integer sum exact, then `(sum * sw) * sx + acc` fused and `off * sum + acc`
+/// fused, block after block.
+fn column_value(
+    w: &Int8Weight,
+    codes: StripCodes,
+    s: usize,
+    lane: usize,
+    x: &QuantRows,
+    r: usize,
+) -> f32 {
     let (k, block, blocks) = (w.k, w.block, w.blocks());
-    let mut acc = [0f32; STRIP];
+    let mut acc = 0f32;
+    let mut group = [0u8; 64];
     for b in 0..blocks {
         // Whole integers: the byte, or 128 x high byte + low byte.
         let at = x.row(r, k) + b * block;
@@ -527,25 +709,18 @@ unsafe fn scalar_row(
             1 => x.q[at + j] as i32,
             _ => 128 * x.q[at + j] as i32 + x.q[at + k + j] as i32,
         };
-        let meta = (s * blocks + b) * STRIP;
-        let xb = r * blocks + b;
-        let mut dot = [x.start[xb]; STRIP];
+        let (meta, xb) = ((s * blocks + b) * STRIP + lane, r * blocks + b);
+        let mut dot = x.start[xb];
         for g in 0..block / 4 {
-            let group = codes.group(b, g);
-            for (lane, d) in dot.iter_mut().enumerate() {
-                *d += (0..4).map(|j| group[lane * 4 + j] as i32 * xq(4 * g + j)).sum::<i32>();
-            }
+            unpack_group(codes.form, codes.bias, codes.group(b, g), &mut group);
+            dot += (0..4).map(|j| group[lane * 4 + j] as i32 * xq(4 * g + j)).sum::<i32>();
         }
-        for (lane, a) in acc.iter_mut().enumerate() {
-            *a = (dot[lane] as f32 * w.scale[meta + lane]).mul_add(x.scale[xb], *a);
-            if let Some(off) = &w.offset {
-                *a = off[meta + lane].mul_add(x.sum[xb], *a);
-            }
+        acc = (dot as f32 * w.scale[meta]).mul_add(x.scale[xb], acc);
+        if let Some(off) = &w.offset {
+            acc = off[meta].mul_add(x.sum[xb], acc);
         }
     }
-    for (c, a) in acc.iter().take(cols).enumerate() {
-        *y.add(r * w.n + s * STRIP + c) = *a;
-    }
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]

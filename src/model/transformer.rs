@@ -14,7 +14,7 @@ use super::decode_attention::DecodeAttention;
 use super::few_rows;
 use super::frozen_matmul::{frozen_matmul, FastWeight};
 use super::fused_backward;
-use super::int8::Int8Weight;
+use super::int8::{self, InputBits, Int8Weight};
 use super::weights::WeightSource;
 use super::Precision;
 
@@ -126,6 +126,16 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Per row of `x` [N, in], the index of its largest output (the first of equal ones).
+    fn argmax(&self, x: &Tensor) -> Result<Vec<u32>> {
+        if let (Some(FastWeight::Int8(w, InputBits::Sixteen)), None) = (&self.fast, &self.bias) {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+                return Ok(int8::argmax_sixteen(&x.flatten_all()?.to_vec1::<f32>()?, w));
+            }
+        }
+        Ok(self.forward(x)?.argmax(D::Minus1)?.to_vec1::<u32>()?)
     }
 }
 
@@ -495,6 +505,17 @@ impl Model {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
         })
+    }
+
+    /// The most likely next token for each of hidden states [n, hidden]: the argmax of
+    /// [`Model::logits`], without all of them where the head allows (see
+    /// [`int8::argmax_sixteen`]; a soft cap is monotonic but can make unequal logits equal,
+    /// which moves an argmax, so it takes the full logits).
+    pub fn greedy_tokens(&self, hidden: &Tensor) -> Result<Vec<u32>> {
+        match self.cfg.final_softcap {
+            Some(_) => Ok(self.logits(hidden)?.argmax(D::Minus1)?.to_vec1::<u32>()?),
+            None => self.lm_head.argmax(hidden),
+        }
     }
 
     fn norm(&self, x: &Tensor, weight: &Tensor, pass: Pass) -> Result<Tensor> {
