@@ -19,3 +19,15 @@ else
         --steps 20 --max-reasoning 512 --configurations experiments/screen-cut/screen.toml \
         --out experiments/screen-cut/runs
 fi
+
+# GReaTer started from APE's returned instruction on object_counting, on paper5-scale's split
+# (experiments/README.md, "ape-start").
+if [ -f experiments/ape-start/protocol-config.json ]; then
+    "$greater" protocol --resume experiments/ape-start
+else
+    "$greater" protocol --model qwen2.5-coder-0.5b --data-dir ../shared/data \
+        --tasks object_counting --seed 1 --train 30 --dev 100 --test rest --steps 30 \
+        --max-reasoning 512 --methods greater \
+        --initial-prompt "$(cat experiments/paper5-scale/object_counting-ape/best_prompt.txt)" \
+        --out experiments/ape-start
+fi
