@@ -133,10 +133,10 @@ fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64, f64) {
     )
 }
 
-/// Seconds of the next-token choice for `m` rows of real final hidden states (the last
-/// positions of the prompts' prefills) at `precision`: the vocabulary head's full product
-/// and its argmax, against [`Model::greedy_tokens`] (which gives the same tokens); the best
-/// of five after a warm-up.
+/// Seconds of `lm`'s next-token choice for `m` rows of real final hidden states (the last
+/// four positions of the prompts' prefills): the vocabulary head's full product and its
+/// argmax, against `Model::greedy_tokens` (which must give the same tokens); the best of
+/// five after a warm-up.
 fn greedy_choice_seconds(lm: &LanguageModel, prompts: &[Vec<u32>], m: usize) -> (f64, f64) {
     let reqs = prompts.iter().map(|p| Request { prefix: KvCache::default(), ids: p.clone() });
     let states: Vec<Tensor> = run_all(&lm.model, reqs.collect())
