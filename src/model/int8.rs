@@ -712,8 +712,17 @@ fn column_value(
         let (meta, xb) = ((s * blocks + b) * STRIP + lane, r * blocks + b);
         let mut dot = x.start[xb];
         for g in 0..block / 4 {
-            unpack_group(codes.form, codes.bias, codes.group(b, g), &mut group);
-            dot += (0..4).map(|j| group[lane * 4 + j] as i32 * xq(4 * g + j)).sum::<i32>();
+            // Groups stored in 8 bits (and every group the scalar kernel sees) are read as
+            // they are; the others are unpacked first.
+            let stored = codes.group(b, g);
+            let ints = match codes.form {
+                Codes::Eight => stored,
+                _ => {
+                    unpack_group(codes.form, codes.bias, stored, &mut group);
+                    &group[..]
+                }
+            };
+            dot += (0..4).map(|j| ints[lane * 4 + j] as i32 * xq(4 * g + j)).sum::<i32>();
         }
         acc = (dot as f32 * w.scale[meta]).mul_add(x.scale[xb], acc);
         if let Some(off) = &w.offset {
