@@ -93,6 +93,8 @@ pub struct EvalReport {
     pub interval: (f64, f64),
     /// Share of the commonest gold answer: what always giving it would score.
     pub majority_floor: f64,
+    /// What answering at random among each question's options would score (0 for open answers).
+    pub chance: f64,
     /// Reasonings that ran into the budget (see [`Record::cut_by_budget`]).
     pub cut_by_budget: usize,
     /// Answers the task's parser found nothing in (counted wrong).
@@ -173,6 +175,7 @@ pub fn evaluate(
         accuracy: correct as f64 / n.max(1) as f64,
         interval: wilson_interval(correct, n),
         majority_floor: Task::majority_floor(examples),
+        chance: task.chance_level(examples),
         cut_by_budget: records.iter().filter(|r| r.cut_by_budget).count(),
         unparsed: records.iter().filter(|r| r.parsed_answer.is_none()).count(),
         tokens_generated: tokens,

@@ -899,6 +899,7 @@ fn paired_test_reads_the_records_each_evaluation_was_measured_with() {
             accuracy: correct as f64 / records.len() as f64,
             interval: (0.0, 1.0),
             majority_floor: 0.0,
+            chance: 0.0,
             cut_by_budget: 0,
             unparsed: 0,
             tokens_generated: 0,

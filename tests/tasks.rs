@@ -232,6 +232,45 @@ fn every_bbh_file_loads_in_full_with_parseable_golds() {
 }
 
 #[test]
+fn the_chance_level_counts_each_questions_own_options() {
+    if !data_dir().join("bbh").exists() {
+        eprintln!("SKIPPED: no BBH data under {}", data_dir().display());
+        return;
+    }
+    let chance = |name: &str| {
+        let task = Task::load(name, &opts()).unwrap();
+        task.chance_level(&task.examples.iter().collect::<Vec<_>>())
+    };
+    assert_eq!(chance("hyperbaton"), 0.5);
+    assert_eq!(chance("navigate"), 0.5);
+    assert_eq!(chance("object_counting"), 0.0);
+    assert!((chance("folio") - 1.0 / 3.0).abs() < 1e-12);
+    // geometric_shapes lists 10 or 11 options a question: the mean of one over each
+    // question's count of option lines, read from the file itself.
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data_dir().join("bbh/geometric_shapes.json")).unwrap(),
+    )
+    .unwrap();
+    let questions = raw["examples"].as_array().unwrap();
+    let want = questions
+        .iter()
+        .map(|q| {
+            let text = q["input"].as_str().unwrap();
+            1.0 / text
+                .lines()
+                .filter(|l| l.starts_with('(') && l.as_bytes().get(2) == Some(&b')'))
+                .count() as f64
+        })
+        .sum::<f64>()
+        / questions.len() as f64;
+    assert!(
+        (chance("geometric_shapes") - want).abs() < 1e-12,
+        "{} against {want}",
+        chance("geometric_shapes")
+    );
+}
+
+#[test]
 fn gsm8k_and_folio_golds_parse() {
     if !data_dir().join("gsm8k").exists() {
         eprintln!("SKIPPED: no GSM8K / FOLIO data under {}", data_dir().display());

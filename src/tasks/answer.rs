@@ -38,6 +38,11 @@ impl AnswerKind {
         })
     }
 
+    /// How many answers a closed label set allows (none for choices, integers and text).
+    pub fn label_count(self) -> Option<usize> {
+        self.labels().map(<[&str]>::len)
+    }
+
     /// The reference's answer-format hint (its `run_llama3_all.sh`). It ends with `$` (letters,
     /// numbers) or `$ ` (labels), and the answer's tokens follow it directly.
     pub fn default_extractor(self) -> String {

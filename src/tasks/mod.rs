@@ -183,6 +183,23 @@ impl Task {
         Ok((task, split))
     }
 
+    /// What answering each question at random among its options would score on average:
+    /// one over the options a multiple-choice question lists (`(A)`, `(B)`, ...; the answer
+    /// kind's count where the text lists none), one over the labels of a closed label set,
+    /// and zero for open answers (integers, text).
+    pub fn chance_level(&self, examples: &[&Example]) -> f64 {
+        let per_question = |e: &Example| match self.kind {
+            AnswerKind::Choice { options } => {
+                let listed = (b'A'..=b'Z')
+                    .take_while(|&l| e.question.contains(&format!("({})", l as char)))
+                    .count();
+                1.0 / if listed > 0 { listed } else { options.max(1) } as f64
+            }
+            kind => kind.label_count().map_or(0.0, |n| 1.0 / n as f64),
+        };
+        examples.iter().copied().map(per_question).sum::<f64>() / examples.len().max(1) as f64
+    }
+
     /// The most common gold answer's share: what always answering it would score.
     pub fn majority_floor(examples: &[&Example]) -> f64 {
         let mut counts = std::collections::HashMap::new();
