@@ -308,6 +308,7 @@ fn bench(alias: &str) {
 
 fn main() {
     greater::runtime::stop_candle_spinning();
+    println!("{}", greater::model::isa::describe());
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let aliases: Vec<&str> = if args.is_empty() {
         vec!["smollm2-135m", "qwen2.5-coder-0.5b"]

@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 greater=./target/release/greater
 
+# Issue 41 §2: the headroom scan (experiments/headroom/README.md) decides where the next
+# searches run, so it goes first.
+bash experiments/headroom/scan.sh
+
 # Issue 20 §3: GReaTer on the five tasks, then APE on the first two.
 "$greater" protocol --resume experiments/paper5-scale
 

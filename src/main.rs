@@ -45,6 +45,10 @@ struct Cli {
     /// optimize: the summary; protocol and screen: the table); the rest goes to stderr.
     #[arg(long, global = true)]
     json: bool,
+    /// Also say which instruction path each kernel takes (the CPU's features, capped by
+    /// GREATER_ISA=scalar|avx2|avx512).
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
 }
 
 /// How much the CLI prints, and where: set once from the global flags.
@@ -769,6 +773,10 @@ fn run_eval(
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
+    greater::model::isa::check_env()?;
+    if cli.verbose {
+        note(&greater::model::isa::describe());
+    }
     match cli.command {
         Command::Generate { settings, prompt, temp, top_p } => {
             let given = Given { settings: &settings, matches: sub };

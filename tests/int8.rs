@@ -5,7 +5,8 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use greater::model::int8::{self, Features, InputBits, Int8Weight, Kernel};
+use greater::model::int8::{self, InputBits, Int8Weight, Kernel};
+use greater::model::isa::{self, Features, Isa};
 use greater::model::packed::PackedWeight;
 
 /// One block of a row of x as the kernels see it: the scale d = max|x| / 127 (16 bits:
@@ -49,9 +50,10 @@ fn value(i: usize, salt: usize) -> f32 {
     (((i * 7919 + salt * 104729) % 1000) as f32 / 250.0) - 2.0
 }
 
-/// Kernels this CPU runs: always the scalar one, and each SIMD one it supports.
+/// Kernels this CPU runs: always the scalar one, and each SIMD one it supports and
+/// `GREATER_ISA` allows.
 fn kernels() -> Vec<Kernel> {
-    let f = Features::detect();
+    let f = isa::features();
     let mut ks = vec![Kernel::Scalar];
     if f.avx2 {
         ks.push(Kernel::Avx2);
@@ -190,11 +192,30 @@ fn the_integer_product_is_within_a_percent_of_f32_and_16_bit_inputs_far_closer()
 
 #[test]
 fn dispatch_falls_back_when_a_feature_is_masked_off() {
-    let f = |avx512_vnni, avx2| Features { avx512_vnni, avx2 };
-    assert_eq!(Kernel::choose(f(true, true)), Kernel::Avx512Vnni);
-    assert_eq!(Kernel::choose(f(false, true)), Kernel::Avx2);
-    assert_eq!(Kernel::choose(f(false, false)), Kernel::Scalar);
-    assert_eq!(Kernel::best(), Kernel::choose(Features::detect()));
+    let all = Features { avx2: true, avx512: true, avx512_vnni: true, avx512_bf16: true };
+    assert_eq!(Kernel::choose(all), Kernel::Avx512Vnni);
+    assert_eq!(Kernel::choose(Features { avx512_vnni: false, ..all }), Kernel::Avx2);
+    assert_eq!(Kernel::choose(Features::default()), Kernel::Scalar);
+    // GREATER_ISA's cap lowers every path at or above it and nothing below.
+    assert_eq!(Kernel::choose(all.capped(Isa::Avx2)), Kernel::Avx2);
+    assert_eq!(Kernel::choose(all.capped(Isa::Scalar)), Kernel::Scalar);
+    assert_eq!(all.capped(Isa::Avx512), all);
+    assert_eq!(
+        all.capped(Isa::Avx2),
+        Features { avx2: true, avx512: false, avx512_vnni: false, avx512_bf16: false }
+    );
+    let cpu = Features { avx2: true, ..Features::default() };
+    assert_eq!(cpu.capped(Isa::Avx512), cpu, "a cap never adds what the CPU lacks");
+    let capped = match std::env::var(isa::ENV) {
+        Ok(v) => Features::of_cpu().capped(v.parse().unwrap()),
+        Err(_) => Features::of_cpu(),
+    };
+    assert_eq!(isa::features(), capped);
+    assert_eq!(Kernel::best(), Kernel::choose(capped));
+    assert_eq!(
+        "avx512f".parse::<Isa>().unwrap_err(),
+        "GREATER_ISA=\"avx512f\" is not one of scalar, avx2, avx512"
+    );
 }
 
 /// The index of the first largest value, as candle's argmax takes it.

@@ -21,14 +21,10 @@ const ROWS: usize = 6;
 /// while every panel passes over it.
 const CHUNK_ROWS: usize = 384;
 
-/// Whether this CPU has the bf16 dot product (and the AVX-512 around it).
+/// Whether this CPU has the bf16 dot product (and the AVX-512 around it), and
+/// `GREATER_ISA` allows it.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512bf16");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    cfg!(target_arch = "x86_64") && super::isa::features().avx512_bf16
 }
 
 /// How the right operand `w` [rows, cols] (row-major f32) enters the product.

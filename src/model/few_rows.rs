@@ -27,10 +27,6 @@ mod avx512 {
     /// Weight rows per parallel task.
     const TASK_ROWS: usize = 32;
 
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
-    }
-
     /// A weight [n, k] the tiles read as f32 rows.
     pub trait Rows: Sync {
         fn n(&self) -> usize;
@@ -131,7 +127,7 @@ mod avx512 {
     /// y [m, n] = x [m, k] · w [n, k]^T, row-major. Call only when [`available`].
     pub fn matmul<R: Rows>(x: &[f32], w: &R, m: usize) -> Vec<f32> {
         let (n, k) = (w.n(), w.k());
-        assert!(available() && x.len() == m * k);
+        assert!(super::available() && x.len() == m * k);
         let mut y = vec![0f32; m * n];
         let out = Out(y.as_mut_ptr());
         (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each_init(Vec::new, |scratch, t| {
@@ -228,12 +224,9 @@ mod avx512 {
     }
 }
 
-/// Whether [`matmul`] runs on this CPU.
+/// Whether [`matmul`] runs on this CPU (with `GREATER_ISA` allowing AVX-512).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return avx512::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    cfg!(target_arch = "x86_64") && super::isa::features().avx512
 }
 
 /// y [m, n] = x [m, k] · w [n, k]^T, all row-major f32. Call only when [`available`].

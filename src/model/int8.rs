@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::isa::{self, Features};
 use super::packed::PackedWeight;
 
 /// Weight rows per strip: the 16 lanes of a 512-bit vector of 32-bit sums.
@@ -387,30 +388,6 @@ pub enum Kernel {
     Scalar,
 }
 
-/// What a CPU reports, for [`Kernel::choose`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Features {
-    /// AVX-512 with VNNI (`vpdpbusd` on 512-bit vectors).
-    pub avx512_vnni: bool,
-    /// AVX2.
-    pub avx2: bool,
-}
-
-impl Features {
-    /// The features of the CPU this runs on.
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        return Features {
-            avx512_vnni: is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni"),
-            avx2: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        Features::default()
-    }
-}
-
 impl Kernel {
     /// The fastest kernel the features allow.
     pub fn choose(f: Features) -> Self {
@@ -423,10 +400,9 @@ impl Kernel {
         }
     }
 
-    /// The kernel for this CPU, detected once.
+    /// The kernel for this CPU, capped by `GREATER_ISA` ([`isa::features`]).
     pub fn best() -> Self {
-        static BEST: OnceLock<Kernel> = OnceLock::new();
-        *BEST.get_or_init(|| Kernel::choose(Features::detect()))
+        Kernel::choose(isa::features())
     }
 }
 
@@ -441,10 +417,10 @@ pub fn matmul(x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
 }
 
 /// y [m, n] = x [m, k] · w^T with `kernel`, which the CPU must support
-/// ([`Kernel::choose`] of [`Features::detect`] or a slower one).
+/// ([`Kernel::choose`] of [`Features::of_cpu`] or a slower one).
 pub fn matmul_with(kernel: Kernel, x: &[f32], w: &Int8Weight, bits: InputBits) -> Vec<f32> {
     assert!(x.len().is_multiple_of(w.k), "int8::matmul: x is not [m, {}]", w.k);
-    let f = Features::detect();
+    let f = Features::of_cpu();
     let runs = match kernel {
         Kernel::Avx512Vnni => f.avx512_vnni,
         Kernel::Avx2 => f.avx2,

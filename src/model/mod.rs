@@ -10,6 +10,7 @@ mod fused_backward;
 pub mod generate;
 pub mod gradient;
 pub mod int8;
+pub mod isa;
 pub mod packed;
 pub mod transformer;
 pub mod weights;
