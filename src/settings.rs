@@ -81,16 +81,62 @@ pub enum Filler {
     Likely,
 }
 
-/// Which prompt a step moves to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
+/// Which prompt a step moves to. Spelled `always`, `not_worse` (or `not-worse`) and
+/// `margin:N` in flags and files alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accept {
     /// The reference's: the best checked token, even when it is worse than the current one.
     Always,
     /// The best checked token only when its score is not worse than the current prompt's.
-    #[value(alias = "not-worse")]
     NotWorse,
+    /// The best checked token among those that make at least this many fewer mistakes than
+    /// the current prompt on the step's questions; none otherwise (`margin:0` is
+    /// `not_worse`): a step cannot walk into a prompt that saves nothing real.
+    Margin(usize),
+}
+
+impl std::str::FromStr for Accept {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let margin = |n: &str| {
+            n.parse()
+                .map_err(|_| format!("accept margin:{n}: N must be a whole number of mistakes"))
+        };
+        match s {
+            "always" => Ok(Accept::Always),
+            "not_worse" | "not-worse" => Ok(Accept::NotWorse),
+            _ => match s.strip_prefix("margin:") {
+                Some("0") => Ok(Accept::NotWorse),
+                Some(n) => margin(n).map(Accept::Margin),
+                None => Err(format!(
+                    "accept {s:?} is not one of always, not_worse, margin:N (N mistakes saved)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Accept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Accept::Always => f.write_str("always"),
+            Accept::NotWorse => f.write_str("not_worse"),
+            Accept::Margin(n) => write!(f, "margin:{n}"),
+        }
+    }
+}
+
+impl Serialize for Accept {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Accept {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Every setting of a run, declared once: the flags of `optimize`, `protocol`, `screen` and
@@ -208,8 +254,10 @@ pub struct OptimizeConfig {
     /// Tokens allowed in the prompt (reference: reference).
     #[arg(long, value_enum, help_heading = SEARCH)]
     pub vocabulary: Vocabulary,
-    /// Which checked token a step moves to (reference: always).
-    #[arg(long, value_enum, help_heading = SEARCH)]
+    /// Which checked token a step moves to: always, not_worse (than the current prompt's
+    /// score) or margin:N (at least N fewer mistakes on the step's questions) (reference:
+    /// always).
+    #[arg(long, help_heading = SEARCH)]
     pub accept: Accept,
     /// Prompts with the best train scores rescored on the dev split; the returned prompt is
     /// the best on dev among them, the initial prompt and zero-shot CoT.

@@ -95,19 +95,98 @@ fn shortlist_takes_the_most_negative_gradients_and_may_keep_the_current_token() 
     assert_eq!(shortlist(&[12], &[0.0], Some(12), 3), vec![]);
 }
 
+/// Scores with these values and mistake counts, of 3 questions.
+fn scored(values: &[(f64, usize)]) -> Vec<Score> {
+    values
+        .iter()
+        .map(|&(score, mistakes)| Score {
+            score,
+            mistakes,
+            cut: Some(0),
+            n: 3,
+            nll: 0.0,
+            answer_nll: 0.0,
+            reasoning_tokens: None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_step_takes_the_lowest_score_ties_to_the_later_and_the_sentence_end_at_once() {
+    let plain = |v: &[f64]| scored(&v.iter().map(|&s| (s, 0)).collect::<Vec<_>>());
+    let current = &scored(&[(0.5, 0)])[0];
     // Scores in gradient order: the lowest wins.
-    assert_eq!(choose(&[0.5, 0.3, 0.4], false, None, Accept::Always), Some(1));
+    assert_eq!(choose(&plain(&[0.5, 0.3, 0.4]), false, None, Accept::Always), Some(1));
     // Ties go to the later (lower-gradient) token, as the reference's `<=`.
-    assert_eq!(choose(&[0.3, 0.5, 0.3], false, None, Accept::Always), Some(2));
+    assert_eq!(choose(&plain(&[0.3, 0.5, 0.3]), false, None, Accept::Always), Some(2));
     // The sentence-end rule takes the last checked token although an earlier one scored better.
-    assert_eq!(choose(&[0.1, 0.9], true, None, Accept::Always), Some(1));
+    assert_eq!(choose(&plain(&[0.1, 0.9]), true, None, Accept::Always), Some(1));
     // Reference: a worse move is taken anyway; not-worse keeps the current prompt instead.
-    assert_eq!(choose(&[0.6, 0.7], false, Some(0.5), Accept::Always), Some(0));
-    assert_eq!(choose(&[0.6, 0.7], false, Some(0.5), Accept::NotWorse), None);
-    assert_eq!(choose(&[0.6, 0.5], false, Some(0.5), Accept::NotWorse), Some(1));
+    assert_eq!(choose(&plain(&[0.6, 0.7]), false, Some(current), Accept::Always), Some(0));
+    assert_eq!(choose(&plain(&[0.6, 0.7]), false, Some(current), Accept::NotWorse), None);
+    assert_eq!(choose(&plain(&[0.6, 0.5]), false, Some(current), Accept::NotWorse), Some(1));
     assert_eq!(choose(&[], false, None, Accept::Always), None);
+}
+
+#[test]
+fn accept_margin_moves_only_to_a_candidate_that_saves_n_mistakes() {
+    // (candidates as (score, mistakes), the current prompt's mistakes, N, at once, chosen)
+    let table: [(&[(f64, usize)], usize, usize, bool, Option<usize>); 7] = [
+        // The best score saves one; the margin wants two, which the second saves.
+        (&[(0.40, 1), (0.45, 0)], 2, 2, false, Some(1)),
+        (&[(0.40, 1), (0.45, 0)], 2, 1, false, Some(0)),
+        // Nothing saves enough: the step stays, however good the scores.
+        (&[(0.10, 2), (0.20, 2)], 2, 1, false, None),
+        (&[(0.10, 1)], 2, 2, false, None),
+        // The sentence-end token is taken at once only if it saves enough itself.
+        (&[(0.10, 0), (0.30, 1)], 2, 2, true, None),
+        (&[(0.10, 1), (0.30, 0)], 2, 2, true, Some(1)),
+        // Among the ones that save enough, ties go to the later as always.
+        (&[(0.30, 0), (0.30, 0), (0.10, 3)], 3, 3, false, Some(1)),
+    ];
+    for (i, (candidates, now, n, at_once, chosen)) in table.into_iter().enumerate() {
+        let current = &scored(&[(0.9, now)])[0];
+        assert_eq!(
+            choose(&scored(candidates), at_once, Some(current), Accept::Margin(n)),
+            chosen,
+            "row {i}"
+        );
+    }
+    // On the candidates a real run checked (the fixed-seed fixture's steps), for every current
+    // mistake count and margin: a move saves at least N, and one happens whenever a candidate
+    // would.
+    let steps = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-redesign/steps.jsonl"),
+    )
+    .unwrap();
+    for line in steps.lines() {
+        let step: serde_json::Value = serde_json::from_str(line).unwrap();
+        let checked: Vec<Score> = step["checked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| serde_json::from_value(c["score"].clone()).unwrap())
+            .collect();
+        for now in 0..=3 {
+            for n in 1..=3 {
+                let current = &scored(&[(0.9, now)])[0];
+                let pick = choose(&checked, false, Some(current), Accept::Margin(n));
+                let any = checked.iter().any(|s| s.mistakes + n <= now);
+                assert_eq!(pick.is_some(), any, "{line}: {now} mistakes now, margin {n}");
+                if let Some(i) = pick {
+                    assert!(checked[i].mistakes + n <= now, "{line}: margin {n}");
+                }
+            }
+        }
+    }
+    assert_eq!("margin:2".parse::<Accept>(), Ok(Accept::Margin(2)));
+    assert_eq!("margin:0".parse::<Accept>(), Ok(Accept::NotWorse));
+    assert_eq!("not-worse".parse::<Accept>(), Ok(Accept::NotWorse));
+    assert_eq!(Accept::Margin(3).to_string(), "margin:3");
+    assert_eq!(
+        "margin:two".parse::<Accept>().unwrap_err(),
+        "accept margin:two: N must be a whole number of mistakes"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use rand::seq::index::sample;
 use rand::Rng;
 
+use crate::records::Score;
 use crate::settings::{Accept, GradientSum};
 
 /// How candidate tokens are proposed (stage 2 of a step).
@@ -120,25 +121,31 @@ pub fn combine_gradients(gradients: &[Vec<f32>], how: GradientSum) -> Vec<f32> {
 /// Which checked token a step takes, given their real scores in gradient order: the lowest
 /// score, ties to the later one (the reference's `<=`); the last one when the sentence-end
 /// rule took it (`at_once`). Under [`Accept::NotWorse`] nothing is taken when that score is
-/// worse than the current prompt's.
+/// worse than the current prompt's; under [`Accept::Margin`] only candidates with at least
+/// that many fewer mistakes than the current prompt compete. Without a current score every
+/// candidate may be taken.
 pub fn choose(
-    scores: &[f64],
+    scores: &[Score],
     at_once: bool,
-    current: Option<f64>,
+    current: Option<&Score>,
     accept: Accept,
 ) -> Option<usize> {
+    let enough_saved = |s: &Score| match (accept, current) {
+        (Accept::Margin(n), Some(c)) => s.mistakes + n <= c.mistakes,
+        _ => true,
+    };
     let mut best: Option<usize> = None;
-    for (i, &s) in scores.iter().enumerate() {
-        if best.is_none_or(|b| s <= scores[b]) {
+    for (i, s) in scores.iter().enumerate().filter(|(_, s)| enough_saved(s)) {
+        if best.is_none_or(|b| s.score <= scores[b].score) {
             best = Some(i);
         }
     }
     if at_once {
-        best = scores.len().checked_sub(1);
+        best = scores.len().checked_sub(1).filter(|&i| enough_saved(&scores[i]));
     }
-    let worse = |i: usize| current.is_some_and(|c| scores[i] > c);
+    let worse = |i: usize| current.is_some_and(|c| scores[i].score > c.score);
     match accept {
         Accept::NotWorse => best.filter(|&i| !worse(i)),
-        Accept::Always => best,
+        Accept::Always | Accept::Margin(_) => best,
     }
 }

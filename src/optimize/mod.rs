@@ -582,10 +582,11 @@ impl<'a> Optimizer<'a> {
         seconds.checking += t.elapsed().as_secs_f64();
         generated_tokens += tokens;
         // 6. Move to the chosen prompt; remember the best.
-        let current_score = state.scores.get(&prompt_before).map(|s| s.score);
-        let scores: Vec<f64> = checked.iter().map(|c| c.score.score).collect();
+        let current = state.scores.get(&prompt_before).cloned();
+        let current_score = current.as_ref().map(|s| s.score);
+        let scores: Vec<Score> = checked.iter().map(|c| c.score.clone()).collect();
         let chosen =
-            choose(&scores, at_once, current_score, self.cfg.accept).map(|i| checked[i].clone());
+            choose(&scores, at_once, current.as_ref(), self.cfg.accept).map(|i| checked[i].clone());
         remember_best(state, &checked);
         if let Some(c) = chosen.as_ref().filter(|c| c.id != prompt[position]) {
             state.prompt[position] = c.id;
