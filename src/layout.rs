@@ -30,6 +30,7 @@ pub struct QuestionIds {
 }
 
 /// How every sequence is laid out: chat turn, question, connector, prompt, reasoning, extractor, answer. The optimiser and the evaluator build their ids here, so both read the same tokens.
+#[derive(Clone)]
 pub struct Layout<'a> {
     lm: &'a LanguageModel,
     system: SystemTurn,

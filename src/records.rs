@@ -342,6 +342,13 @@ pub struct TokenStep {
     /// None when it was known, and in logs written before it was kept.
     #[serde(default)]
     pub current: Option<Score>,
+    /// With `train_batch`: the train questions (positions in the train split) this step's
+    /// gradient and checks used, the running best re-scored on them first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub questions: Option<Vec<usize>>,
+    /// With `train_batch`: the running best prompt's score on this step's questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_on_questions: Option<Score>,
 }
 
 impl TokenStep {

@@ -277,6 +277,13 @@ pub struct OptimizeConfig {
     /// 0.12; 0: never).
     #[arg(long, help_heading = SEARCH)]
     pub restart_below: f64,
+    /// Train questions each step's gradient and checks use, drawn afresh each step from the
+    /// train split (the pool) with the run's seed; the running best is re-scored on the
+    /// same questions so the step compares like with like [default: the whole train split
+    /// every step, the reference's].
+    #[arg(long, help_heading = SEARCH)]
+    #[serde(default)]
+    pub train_batch: Option<usize>,
     /// Tokens `ape` may decode (its proposals and their train reasoning) [default: what a
     /// GReaTer run of `steps` steps decodes, estimated from the initial prompt's reasoning;
     /// a protocol passes the task's real GReaTer count].
@@ -407,6 +414,7 @@ impl OptimizeConfig {
             start: StartFrom::Initial,
             method: Method::Greater,
             budget_tokens: None,
+            train_batch: None,
             precision: Precision::F32,
         }
     }
@@ -439,6 +447,14 @@ impl OptimizeConfig {
         ];
         if let Some((name, v)) = weights.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
             anyhow::bail!("setting {name} must be a finite number, 0 or more, not {v}");
+        }
+        if self.train_batch == Some(0) {
+            anyhow::bail!("setting train_batch must be at least 1 (leave it out for every step to use the whole train split)");
+        }
+        if self.train_batch.is_some() && self.method == Method::Ape {
+            anyhow::bail!(
+                "setting train_batch applies to the token searches (greater, gcg), not to ape"
+            );
         }
         Ok(())
     }

@@ -318,6 +318,54 @@ fn a_run_killed_mid_step_resumes_from_its_last_checkpoint() {
     assert_eq!(steps_without_timings(&killed), steps_without_timings(&reference));
 }
 
+#[test]
+fn train_batches_are_drawn_afresh_each_step_and_again_the_same_after_a_kill_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let settings = OptimizeConfig { train: 6, train_batch: Some(2), ..tiny_settings(&model, 8) };
+    let reference = tmp.path().join("reference");
+    run_quietly(Start::New(settings.clone()), &reference);
+    let steps = steps_without_timings(&reference);
+    let batches: Vec<Vec<usize>> =
+        steps.iter().map(|r| tok(r).questions.clone().expect("the step's questions")).collect();
+    for b in &batches {
+        assert!(b.len() == 2 && b[0] < b[1] && b[1] < 6, "{b:?}");
+    }
+    assert!(batches.iter().any(|b| *b != batches[0]), "every step drew {:?}", batches[0]);
+    for r in &steps {
+        let best = tok(r).best_on_questions.as_ref().expect("the best re-scored");
+        assert_eq!(best.n, 2, "the best is scored on the step's questions only");
+        for c in &tok(r).checked {
+            assert_eq!(c.score.n, 2);
+        }
+    }
+
+    let (mut child, killed) = spawn_run_until_first_step(tmp.path(), &settings, "killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(checkpoint_step(&killed) < 8, "the child finished before it was killed");
+    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
+        .args(["optimize", "--resume", killed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_without_timings(&killed), steps);
+
+    // The pool must be larger than a batch.
+    let whole = OptimizeConfig { train_batch: Some(6), ..settings };
+    let err = run(
+        Start::New(whole),
+        &tmp.path().join("whole"),
+        &Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("train_batch 6 must be below the train split's 6 questions"),
+        "{err}"
+    );
+}
+
 /// Starts `greater optimize` on the tiny model in a child process and waits for its first
 /// logged step.
 fn spawn_until_first_step(
@@ -326,9 +374,19 @@ fn spawn_until_first_step(
     name: &str,
     steps: usize,
 ) -> (std::process::Child, PathBuf) {
+    spawn_run_until_first_step(tmp, &tiny_settings(model, steps), name)
+}
+
+/// Starts `greater optimize` with `settings` in a child process and waits for its first
+/// logged step.
+fn spawn_run_until_first_step(
+    tmp: &Path,
+    settings: &OptimizeConfig,
+    name: &str,
+) -> (std::process::Child, PathBuf) {
     let out = tmp.join(name);
     let config = tmp.join(format!("{name}.toml"));
-    std::fs::write(&config, toml::to_string(&tiny_settings(model, steps)).unwrap()).unwrap();
+    std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["optimize", "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
@@ -1585,6 +1643,7 @@ const REFERENCE_SETTINGS: &[(&str, Option<&str>)] = &[
     ("answer_weight", Some("0.0")),
     ("cut_is_mistake", Some("false")),
     ("restart_below", Some("0.12")),
+    ("train_batch", None),
     ("start", Some("\"initial\"")),
     ("method", Some("\"greater\"")),
     ("budget_tokens", None),

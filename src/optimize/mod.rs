@@ -48,6 +48,7 @@ pub struct Shortlist {
 
 /// A train example prepared once: the ids before the prompt (with their KV cache) and after
 /// it, and the gold answer's tokens.
+#[derive(Clone)]
 struct TrainExample {
     question: String,
     target: String,
@@ -101,7 +102,38 @@ impl<'a> Optimizer<'a> {
                 answer,
             });
         }
+        if let Some(b) = cfg.train_batch.filter(|&b| b >= examples.len()) {
+            bail!(
+                "train_batch {b} must be below the train split's {} questions, the pool it draws from (leave it out to use them all)",
+                examples.len()
+            );
+        }
         Ok(Optimizer { lm, cfg, layout, examples, interrupt })
+    }
+
+    /// The train questions (positions in the train split) step `step` uses with
+    /// `train_batch`: a fresh draw from the pool each step, by the run's seed and the step
+    /// alone, so a resumed run draws what an uninterrupted one does. Fresh rather than a
+    /// fixed rotation: a rotation's period would line up with the positions' cycle and
+    /// show each position the same few questions. None: every step uses them all.
+    pub fn step_questions(&self, step: usize) -> Option<Vec<usize>> {
+        let b = self.cfg.train_batch?;
+        let mut rng = self.step_rng(step);
+        // Its own stream: the proposal's draws stay those of a run without batches.
+        rng.set_stream(1);
+        let mut questions = rand::seq::index::sample(&mut rng, self.examples.len(), b).into_vec();
+        questions.sort_unstable();
+        Some(questions)
+    }
+
+    /// The same optimiser over only these train questions.
+    fn on_questions(&self, questions: &[usize]) -> Optimizer<'a> {
+        Optimizer {
+            examples: questions.iter().map(|&i| self.examples[i].clone()).collect(),
+            layout: self.layout.clone(),
+            interrupt: Arc::clone(&self.interrupt),
+            ..*self
+        }
     }
 
     /// Ctrl-C stops the run with the same error as a cancelled generation; the last
@@ -563,8 +595,44 @@ impl<'a> Optimizer<'a> {
         Ok(Shortlist { reasoning, reasoning_score, candidates, short, seconds: secs })
     }
 
-    /// One step of the method at `state.position`; `state` moves on.
+    /// One step of the method at `state.position`, on the step's train questions; `state`
+    /// moves on.
     pub fn step(&self, state: &mut State) -> Result<StepRecord> {
+        match self.step_questions(state.step) {
+            None => self.step_on_all(state),
+            Some(questions) => self.step_on_batch(state, questions),
+        }
+    }
+
+    /// A step on a batch of the train questions. Scores measured on other questions do not
+    /// compare with this batch's, so the step sees only its own: the running best re-scored
+    /// on the batch (the paired comparison), the current prompt's reasoning regenerated.
+    /// The run keeps each prompt's latest batch score.
+    fn step_on_batch(&self, state: &mut State, questions: Vec<usize>) -> Result<StepRecord> {
+        let batch = self.on_questions(&questions);
+        let (best_reasoning, best) = batch.reason_and_score(&state.best_prompt)?;
+        let best_tokens: usize = best_reasoning.iter().map(Vec::len).sum();
+        let mut local = State {
+            reasoning: (state.prompt == state.best_prompt).then_some(best_reasoning),
+            best_score: best.score,
+            scores: BTreeMap::from([(self.prompt_text(&state.best_prompt)?, best.clone())]),
+            ..state.clone()
+        };
+        let mut record = batch.step_on_all(&mut local)?;
+        record.generated_tokens += best_tokens;
+        local.generated_tokens += best_tokens;
+        if let Search::Token(t) = &mut record.search {
+            t.questions = Some(questions);
+            t.best_on_questions = Some(best);
+        }
+        let mut scores = std::mem::take(&mut state.scores);
+        scores.append(&mut local.scores);
+        *state = State { scores, reasoning: None, ..local };
+        Ok(record)
+    }
+
+    /// One step at `state.position` on every train question of this optimiser.
+    fn step_on_all(&self, state: &mut State) -> Result<StepRecord> {
         let (prompt, position) = (state.prompt.clone(), state.position);
         let prompt_before = self.prompt_text(&prompt)?;
         // 1-4. Reasoning, candidates, gradient, shortlist.
@@ -612,6 +680,8 @@ impl<'a> Optimizer<'a> {
                 chosen: chosen.map(|c| TokenText { id: c.id, text: c.text }),
                 next_position: state.position,
                 current: reasoning_score,
+                questions: None,
+                best_on_questions: None,
             }),
             prompt: self.prompt_text(&state.prompt)?,
             best_prompt: self.prompt_text(&state.best_prompt)?,

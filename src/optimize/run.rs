@@ -483,10 +483,16 @@ fn budget_line(
     let per_pass = t.elapsed().as_secs_f64();
     // Reasoning under the shortlisted prompts each step, the contenders on dev, then the
     // three test evaluations.
-    let (n_train, n_dev, n_test) = (split.train.len(), split.dev.len(), split.test.len());
-    let sequences = steps * s.shortlist * n_train + (2 + s.dev_candidates) * n_dev + 3 * n_test;
+    let (n_dev, n_test) = (split.dev.len(), split.test.len());
+    // With train batches a step also reasons under the current and the best prompt anew.
+    let (n_step, rescored) = match s.train_batch {
+        Some(b) => (b, 2),
+        None => (split.train.len(), 0),
+    };
+    let sequences =
+        steps * (s.shortlist + rescored) * n_step + (2 + s.dev_candidates) * n_dev + 3 * n_test;
     let tokens = (sequences as f64 * c.mean_reasoning) as usize;
-    let passes = steps * n_train;
+    let passes = steps * n_step;
     let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;
     if s.method == Method::Gcg {
         // Its search writes no reasoning, so nothing measured the evaluations' rate.
