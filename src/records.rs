@@ -348,7 +348,7 @@ pub struct TokenStep {
     pub questions: Option<Vec<usize>>,
     /// With `train_batch`: the running best prompt's score on this step's questions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub best_on_questions: Option<Score>,
+    pub best_on_questions: Option<Box<Score>>,
 }
 
 impl TokenStep {

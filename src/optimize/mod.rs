@@ -623,7 +623,7 @@ impl<'a> Optimizer<'a> {
         local.generated_tokens += best_tokens;
         if let Search::Token(t) = &mut record.search {
             t.questions = Some(questions);
-            t.best_on_questions = Some(best);
+            t.best_on_questions = Some(Box::new(best));
         }
         let mut scores = std::mem::take(&mut state.scores);
         scores.append(&mut local.scores);
