@@ -131,7 +131,8 @@ fn a_step_takes_the_lowest_score_ties_to_the_later_and_the_sentence_end_at_once(
 #[test]
 fn accept_margin_moves_only_to_a_candidate_that_saves_n_mistakes() {
     // (candidates as (score, mistakes), the current prompt's mistakes, N, at once, chosen)
-    let table: [(&[(f64, usize)], usize, usize, bool, Option<usize>); 7] = [
+    type Row = (&'static [(f64, usize)], usize, usize, bool, Option<usize>);
+    let table: [Row; 7] = [
         // The best score saves one; the margin wants two, which the second saves.
         (&[(0.40, 1), (0.45, 0)], 2, 2, false, Some(1)),
         (&[(0.40, 1), (0.45, 0)], 2, 1, false, Some(0)),
