@@ -210,6 +210,36 @@ pub struct State {
     /// Tokens the search decoded so far (reasoning, and `ape`'s proposals): its budget.
     #[serde(default)]
     pub generated_tokens: usize,
+    /// With `dev_patience`: the best prompt measured on the stopping dev questions every
+    /// `dev_every` steps, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dev_checks: Vec<DevCheck>,
+}
+
+/// The best prompt so far measured on the dev questions set aside for stopping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DevCheck {
+    /// Steps done when it was measured.
+    pub step: usize,
+    /// The prompt measured.
+    pub prompt: String,
+    /// Stopping questions answered right.
+    pub correct: usize,
+    /// The questions (indices into the task's examples), never a choosing dev or a test one.
+    pub questions: Vec<usize>,
+}
+
+impl State {
+    /// Whether the last `patience` dev checks brought no gain over the best before them.
+    pub fn dev_plateaued(&self, patience: usize) -> bool {
+        let n = self.dev_checks.len();
+        if patience == 0 || n <= patience {
+            return false;
+        }
+        let before = self.dev_checks[..n - patience].iter().map(|c| c.correct).max();
+        let recent = self.dev_checks[n - patience..].iter().map(|c| c.correct).max();
+        recent <= before
+    }
 }
 
 /// A token: its id and its text.

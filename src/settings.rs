@@ -212,6 +212,21 @@ pub struct OptimizeConfig {
     /// Stop after this many steps without a better train score (0: never).
     #[arg(long, help_heading = SEARCH)]
     pub patience: usize,
+    /// Stop after this many checks of the best prompt on the stopping dev questions without
+    /// a gain (0: never). Those questions are set aside from dev (`stop_dev`): the rest
+    /// choose the returned prompt.
+    #[arg(long, help_heading = SEARCH)]
+    #[serde(default)]
+    pub dev_patience: usize,
+    /// Steps between two dev checks of `dev_patience`.
+    #[arg(long, help_heading = SEARCH)]
+    #[serde(default = "default_dev_every")]
+    pub dev_every: usize,
+    /// Dev questions set aside for `dev_patience`'s checks, the first of the dev split
+    /// [default: half of it; a run's config.json records the count it used].
+    #[arg(long, help_heading = SEARCH)]
+    #[serde(default)]
+    pub stop_dev: Option<usize>,
     /// The prompt the search starts from [default: the task's, the paper's unless a task
     /// file sets one].
     #[arg(long, help_heading = SEARCH)]
@@ -289,6 +304,10 @@ pub struct OptimizeConfig {
     /// a protocol passes the task's real GReaTer count].
     #[arg(long, help_heading = SEARCH)]
     pub budget_tokens: Option<usize>,
+}
+
+fn default_dev_every() -> usize {
+    5
 }
 
 /// Help headings, which are also the groups a subcommand takes (`eval` takes no search
@@ -415,6 +434,9 @@ impl OptimizeConfig {
             method: Method::Greater,
             budget_tokens: None,
             train_batch: None,
+            dev_patience: 0,
+            dev_every: default_dev_every(),
+            stop_dev: None,
             precision: Precision::F32,
         }
     }
@@ -430,6 +452,7 @@ impl OptimizeConfig {
             ("max_reasoning", self.max_reasoning),
             ("eval_batch", self.eval_batch),
             ("dev_candidates", self.dev_candidates),
+            ("dev_every", self.dev_every),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
             anyhow::bail!("setting {name} must be at least 1");
@@ -514,6 +537,29 @@ impl OptimizeConfig {
         let data = self.data_dir.as_ref().map(PathBuf::from);
         let (task, split) = Task::load_split(&self.task, data, self.seed, self.difficulty, sizes)?;
         Ok((task.with_extractor_options(self.extractor_options), split))
+    }
+
+    /// `dev` (the split's dev indices) as the questions that decide `dev_patience`'s stop
+    /// and the ones that choose the returned prompt: disjoint, stopping ones first.
+    pub fn dev_parts<'d>(&self, dev: &'d [usize]) -> (&'d [usize], &'d [usize]) {
+        let stop = if self.dev_patience > 0 { self.stop_dev.unwrap_or(0) } else { 0 };
+        dev.split_at(stop.min(dev.len()))
+    }
+
+    /// With `dev_patience`, `stop_dev` resolved to a count for `n_dev` dev questions (half
+    /// by default), leaving some to choose the returned prompt.
+    pub fn resolve_stop_dev(&mut self, n_dev: usize) -> anyhow::Result<()> {
+        if self.dev_patience == 0 {
+            return Ok(());
+        }
+        let stop = self.stop_dev.unwrap_or(n_dev / 2);
+        if stop == 0 || stop >= n_dev {
+            anyhow::bail!(
+                "dev_patience needs dev questions of its own and others to choose the returned prompt: stop_dev {stop} of {n_dev} dev questions (pass --dev N with N >= 2, and --stop-dev below N)"
+            );
+        }
+        self.stop_dev = Some(stop);
+        Ok(())
     }
 
     /// How the model is opened.

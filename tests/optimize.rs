@@ -367,6 +367,48 @@ fn train_batches_are_drawn_afresh_each_step_and_again_the_same_after_a_kill_and_
     );
 }
 
+#[test]
+fn the_dev_plateau_stop_measures_only_its_own_dev_questions_never_choosing_or_test_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let settings =
+        OptimizeConfig { dev: 4, dev_patience: 2, dev_every: 1, ..tiny_settings(&model, 8) };
+    let out = tmp.path().join("run");
+    let summary =
+        run(Start::New(settings.clone()), &out, &Arc::new(AtomicBool::new(false)), &mut |_| {})
+            .unwrap();
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(f)).unwrap()).unwrap()
+    };
+    let config = read("config.json");
+    assert_eq!(config["settings"]["stop_dev"], 2, "the config records the count it set aside");
+    let index =
+        |v: &serde_json::Value| -> Vec<usize> { serde_json::from_value(v.clone()).unwrap() };
+    let (dev, test) = (index(&config["split"]["dev"]), index(&config["split"]["test"]));
+    let state: greater::records::State = serde_json::from_value(read("checkpoint.json")).unwrap();
+    assert_eq!(state.dev_checks.len(), state.step, "one check a step");
+    for c in &state.dev_checks {
+        assert_eq!(c.questions, dev[..2], "step {}", c.step);
+        assert!(c.questions.iter().all(|q| !test.contains(q) && !dev[2..].contains(q)));
+    }
+    // The tiny model gains nothing on dev: two checks without a gain stop it at the third.
+    assert!(state.dev_plateaued(2));
+    assert_eq!(state.step, 3);
+    // The returned prompt is chosen on the other dev questions only.
+    for c in &summary.contenders {
+        assert_eq!(c.dev.as_ref().unwrap().n, 2, "{}", c.label);
+    }
+
+    let err = run(
+        Start::New(OptimizeConfig { dev: 1, ..settings }),
+        &tmp.path().join("one"),
+        &Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("dev_patience needs dev questions of its own"), "{err}");
+}
+
 /// Starts `greater optimize` on the tiny model in a child process and waits for its first
 /// logged step.
 fn spawn_until_first_step(
@@ -1645,6 +1687,9 @@ const REFERENCE_SETTINGS: &[(&str, Option<&str>)] = &[
     ("cut_is_mistake", Some("false")),
     ("restart_below", Some("0.12")),
     ("train_batch", None),
+    ("dev_patience", Some("0")),
+    ("dev_every", None),
+    ("stop_dev", None),
     ("start", Some("\"initial\"")),
     ("method", Some("\"greater\"")),
     ("budget_tokens", None),
@@ -1712,6 +1757,7 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
         initial_len: 3,
         scores: Default::default(),
         generated_tokens: 0,
+        dev_checks: Vec::new(),
     };
     assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
     let err = |s: greater::records::State, train| s.check(train).unwrap_err().to_string();
@@ -2151,6 +2197,8 @@ fn every_setting_is_a_flag_and_a_key_with_its_default_shown() {
         chat_template: Some("t".into()),
         initial_prompt: Some("p".into()),
         budget_tokens: Some(1),
+        train_batch: Some(1),
+        stop_dev: Some(1),
         ..OptimizeConfig::default()
     })
     .unwrap();

@@ -541,6 +541,7 @@ impl<'a> Optimizer<'a> {
             initial_len: prompt.len(),
             scores,
             prompt,
+            dev_checks: Vec::new(),
         })
     }
 

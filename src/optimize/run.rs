@@ -15,8 +15,8 @@ use super::Optimizer;
 use crate::catalog;
 use crate::eval::{evaluate, paired, EvalConfig, EvalReport};
 use crate::records::{
-    human_duration, Calibration, Contender, EvalSummary, Label, RunConfig, SelectedBy, State,
-    StepRecord, Summary, TaskRecord, Transfer,
+    human_duration, Calibration, Contender, DevCheck, EvalSummary, Label, RunConfig, SelectedBy,
+    State, StepRecord, Summary, TaskRecord, Transfer,
 };
 use crate::runtime::LanguageModel;
 use crate::settings::{Method, OptimizeConfig, StartFrom};
@@ -258,8 +258,19 @@ pub fn run(
         first_state(&optimizer, &run, report)?
     };
     run.dir.truncate_steps(state.step)?;
-    // 3. The search, each step logged and checkpointed.
-    let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, report)?;
+    // 3. The search, each step logged and checkpointed; with dev_patience, the best prompt
+    // measured on the stopping dev questions as it goes.
+    let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
+    let stopping = s.dev_parts(&split.dev).0;
+    let mut check_dev = |state: &State, report: &mut dyn FnMut(Event)| -> Result<DevCheck> {
+        let prompt = optimizer.prompt_text(&state.best_prompt)?;
+        let examples = Split::pick(stopping, &run.task);
+        let label = format!("stop-dev at step {}", state.step);
+        let r =
+            evaluate_reported(&run.lm, &run.task, &examples, &prompt, &eval_cfg, &label, report)?;
+        Ok(DevCheck { step: state.step, prompt, correct: r.correct, questions: stopping.to_vec() })
+    };
+    let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, &mut check_dev, report)?;
     // 4. The returned prompt, chosen on dev; then the held-out test.
     let summary = choose_and_test(&run, &optimizer, &mut state, budget_tokens, interrupt, report)?;
     run.dir.write_json("summary.json", &summary)?;
@@ -277,9 +288,10 @@ struct Opened {
 }
 
 /// A new run folder for settings `s`, with its `config.json`.
-fn create(s: OptimizeConfig, out: &Path, report: &mut dyn FnMut(Event)) -> Result<Opened> {
+fn create(mut s: OptimizeConfig, out: &Path, report: &mut dyn FnMut(Event)) -> Result<Opened> {
     s.validate()?;
     let (task, split) = s.load_task()?;
+    s.resolve_stop_dev(split.dev.len())?;
     let dir = RunDir::create(out)?;
     let _lock = dir.lock()?;
     let lm = open_model(&s, report)?;
@@ -382,7 +394,7 @@ fn choose_and_test(
             evaluate_reported(&run.lm, &run.task, examples, &c.prompt, &eval_cfg, &label, report)
         })
     };
-    let dev = Split::pick(&split.dev, &run.task);
+    let dev = Split::pick(s.dev_parts(&split.dev).1, &run.task);
     let chosen =
         choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
     let best_prompt = contenders[chosen].prompt.clone();
@@ -416,6 +428,9 @@ fn choose_and_test(
     })
 }
 
+/// Measures the best prompt of a state on the stopping dev questions (`dev_patience`).
+type CheckDev<'a> = dyn FnMut(&State, &mut dyn FnMut(Event)) -> Result<DevCheck> + 'a;
+
 /// The search until its end: `steps` GReaTer (or gcg) steps, or `ape` rounds until the
 /// token budget is spent; each logged and checkpointed. Returns `ape`'s budget.
 fn search(
@@ -424,6 +439,7 @@ fn search(
     s: &OptimizeConfig,
     state: &mut State,
     split: &Split,
+    check_dev: &mut CheckDev,
     report: &mut dyn FnMut(Event),
 ) -> Result<Option<usize>> {
     let n_train = split.train.len();
@@ -452,15 +468,27 @@ fn search(
         return Ok(Some(budget));
     }
     let remaining = s.steps.saturating_sub(state.step);
-    let stopped_early = s.patience > 0 && state.steps_since_best >= s.patience;
+    let train_plateau = |state: &State| s.patience > 0 && state.steps_since_best >= s.patience;
+    let stopped_early = train_plateau(state) || state.dev_plateaued(s.dev_patience);
     if remaining > 0 && !stopped_early {
         let budget = budget_line(optimizer, &calibration, s, state, remaining, split)?;
         report(Event::Start { done: state.step, total: s.steps, budget });
         while state.step < s.steps {
             let record = optimizer.step(state)?;
+            if s.dev_patience > 0 && state.step.is_multiple_of(s.dev_every) {
+                let check = check_dev(state, report)?;
+                state.dev_checks.push(check);
+            }
             log_step(record, state, report)?;
-            if s.patience > 0 && state.steps_since_best >= s.patience {
+            if train_plateau(state) {
                 report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
+                break;
+            }
+            if state.dev_plateaued(s.dev_patience) {
+                report(Event::Info(format!(
+                    "no gain on the stopping dev questions in {} checks: stopping",
+                    s.dev_patience
+                )));
                 break;
             }
         }
@@ -483,14 +511,18 @@ fn budget_line(
     let per_pass = t.elapsed().as_secs_f64();
     // Reasoning under the shortlisted prompts each step, the contenders on dev, then the
     // three test evaluations.
-    let (n_dev, n_test) = (split.dev.len(), split.test.len());
+    let (stopping, choosing) = s.dev_parts(&split.dev);
+    let (n_dev, n_test) = (choosing.len(), split.test.len());
+    let dev_checks = if s.dev_patience > 0 { steps / s.dev_every * stopping.len() } else { 0 };
     // With train batches a step also reasons under the current and the best prompt anew.
     let (n_step, rescored) = match s.train_batch {
         Some(b) => (b, 2),
         None => (split.train.len(), 0),
     };
-    let sequences =
-        steps * (s.shortlist + rescored) * n_step + (2 + s.dev_candidates) * n_dev + 3 * n_test;
+    let sequences = steps * (s.shortlist + rescored) * n_step
+        + dev_checks
+        + (2 + s.dev_candidates) * n_dev
+        + 3 * n_test;
     let tokens = (sequences as f64 * c.mean_reasoning) as usize;
     let passes = steps * n_step;
     let secs = tokens as f64 / c.tokens_per_second.max(1e-6) + passes as f64 * per_pass;
