@@ -190,12 +190,10 @@ pub fn run_protocol(
             let start = if run_dir.join("config.json").exists() {
                 Start::Resume(changes.clone())
             } else {
-                // `ape` spends what GReaTer spent on the same task.
-                let budget_tokens = match method {
-                    Method::Ape => {
-                        config.settings.budget_tokens.or(greater_tokens(out, task, &methods)?)
-                    }
-                    _ => config.settings.budget_tokens,
+                // `ape` and `ape+greater` spend what GReaTer spent on the same task.
+                let budget_tokens = match method.spends_a_budget() {
+                    true => config.settings.budget_tokens.or(greater_tokens(out, task, &methods)?),
+                    false => config.settings.budget_tokens,
                 };
                 if m_index > 0 {
                     // Zero-shot CoT and the initial prompt are the same prompts on the same

@@ -214,6 +214,9 @@ pub struct State {
     /// `dev_every` steps, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dev_checks: Vec<DevCheck>,
+    /// `ape+greater`: the steps done when APE's rounds ended and the token search began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_search_from: Option<usize>,
 }
 
 /// The best prompt so far measured on the dev questions set aside for stopping.

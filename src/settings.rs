@@ -34,6 +34,10 @@ pub enum Method {
     /// GCG-style ablation: the same token search, the answer right after the question and
     /// prompt, no reasoning in the loss or the train score.
     Gcg,
+    /// APE's rounds on half of the token budget, then GReaTer's token search from APE's
+    /// best instruction by train score on the rest: one budget for both stages.
+    #[value(name = "ape+greater", alias = "ape_greater")]
+    ApeGreater,
 }
 
 impl Method {
@@ -43,7 +47,13 @@ impl Method {
             Method::Greater => "greater",
             Method::Ape => "ape",
             Method::Gcg => "gcg",
+            Method::ApeGreater => "ape+greater",
         }
+    }
+
+    /// Whether the method spends a token budget (APE's rounds) rather than a step count.
+    pub fn spends_a_budget(self) -> bool {
+        matches!(self, Method::Ape | Method::ApeGreater)
     }
 }
 

@@ -1539,6 +1539,35 @@ fn ape_with_a_fixed_seed_proposes_the_same_instructions_and_stops_at_its_budget(
 }
 
 #[test]
+fn ape_then_greater_refines_apes_best_and_spends_no_more_than_the_budget_in_total() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let budget = 400;
+    let out = tmp.path().join("run");
+    let settings = OptimizeConfig { method: Method::ApeGreater, ..ape_settings(&model, 7, budget) };
+    run_quietly(Start::New(settings), &out);
+    let steps = steps_without_timings(&out);
+    let first_token = steps.iter().position(|r| r.token().is_some()).expect("a token step");
+    assert!(first_token > 0, "APE's rounds come first");
+    assert!(steps[..first_token].iter().all(|r| matches!(r.search, Search::Round { .. })));
+    assert!(steps[first_token..].iter().all(|r| r.token().is_some()), "then only token steps");
+    // The token search starts from the best instruction APE found, at its first position.
+    assert_eq!(steps[first_token].prompt_before, steps[first_token - 1].best_prompt);
+    assert_eq!(tok(&steps[first_token]).position, 0);
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.budget_tokens, Some(budget));
+    assert!(summary.generated_tokens <= budget, "spent {}", summary.generated_tokens);
+    // APE had half of it: its rounds stop once they reach 200 tokens.
+    let before_tokens: usize = summary.generated_tokens
+        - steps[first_token..].iter().map(|r| r.generated_tokens).sum::<usize>();
+    assert!(before_tokens >= budget / 2, "APE's stage spent {before_tokens}");
+    let (code, help, _) = greater_cli(&["optimize", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(help.contains("ape+greater"), "{help}");
+}
+
+#[test]
 fn gcg_scores_the_answer_right_after_the_prompt_with_no_reasoning_span() {
     let tmp = tempfile::tempdir().unwrap();
     let lm = open_quietly(&tiny_model(tmp.path()));
@@ -1758,6 +1787,7 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
         scores: Default::default(),
         generated_tokens: 0,
         dev_checks: Vec::new(),
+        token_search_from: None,
     };
     assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
     let err = |s: greater::records::State, train| s.check(train).unwrap_err().to_string();

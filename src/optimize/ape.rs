@@ -21,7 +21,7 @@ pub const DEMOS: usize = 5;
 /// APE samples its proposals at temperature 0.9.
 const TEMPERATURE: f64 = 0.9;
 /// An instruction is one sentence: the proposal stops here at the latest.
-const MAX_INSTRUCTION_TOKENS: usize = 48;
+pub const MAX_INSTRUCTION_TOKENS: usize = 48;
 
 /// The user turn asking for the instruction behind `demos` (question, answer), to be
 /// written after `start` (the connector's last word, see [`reply_start`]).

@@ -309,7 +309,7 @@ impl<'a> Optimizer<'a> {
     fn search_reasoning(&self) -> usize {
         match self.cfg.method {
             Method::Gcg => 0,
-            Method::Greater | Method::Ape => self.cfg.max_reasoning,
+            Method::Greater | Method::Ape | Method::ApeGreater => self.cfg.max_reasoning,
         }
     }
 
@@ -542,7 +542,19 @@ impl<'a> Optimizer<'a> {
             scores,
             prompt,
             dev_checks: Vec::new(),
+            token_search_from: None,
         })
+    }
+
+    /// The token search's start after APE's rounds (`ape+greater`): APE's best instruction
+    /// by train score, from its first position, its reasoning regenerated at the first step.
+    pub fn start_token_search(&self, state: &mut State) {
+        state.prompt = state.best_prompt.clone();
+        state.position = 0;
+        state.reasoning = None;
+        state.initial_len = state.prompt.len();
+        state.steps_since_best = 0;
+        state.token_search_from = Some(state.step);
     }
 
     /// Does the sentence-end rule take `token` at `position` at once?

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::ape::{Ape, PROPOSALS_PER_ROUND};
+use super::ape::{Ape, MAX_INSTRUCTION_TOKENS, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
@@ -431,8 +431,9 @@ fn choose_and_test(
 /// Measures the best prompt of a state on the stopping dev questions (`dev_patience`).
 type CheckDev<'a> = dyn FnMut(&State, &mut dyn FnMut(Event)) -> Result<DevCheck> + 'a;
 
-/// The search until its end: `steps` GReaTer (or gcg) steps, or `ape` rounds until the
-/// token budget is spent; each logged and checkpointed. Returns `ape`'s budget.
+/// The search until its end: `steps` GReaTer (or gcg) steps, `ape` rounds until the token
+/// budget is spent, or (`ape+greater`) rounds on half of it and token steps on the rest;
+/// each logged and checkpointed. Returns the budget of the methods that spend one.
 fn search(
     optimizer: &Optimizer,
     dir: &RunDir,
@@ -451,29 +452,15 @@ fn search(
             report(Event::Step(&record, state));
             Ok(())
         };
-    if s.method == Method::Ape {
-        let budget = ape_budget(s, &calibration, n_train);
-        if state.generated_tokens < budget {
-            let (total, line) = ape_budget_line(&calibration, state, budget, n_train);
-            report(Event::Start { done: state.step, total, budget: line });
-            let cost = proposal_cost(&calibration, n_train);
-            while state.generated_tokens < budget {
-                // The last round proposes only what the rest of the budget should pay for.
-                let left = (budget - state.generated_tokens) as f64;
-                let proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
-                let record = Ape::new(optimizer).round(state, proposals)?;
-                log_step(record, state, report)?;
-            }
-        }
-        return Ok(Some(budget));
-    }
-    let remaining = s.steps.saturating_sub(state.step);
     let train_plateau = |state: &State| s.patience > 0 && state.steps_since_best >= s.patience;
-    let stopped_early = train_plateau(state) || state.dev_plateaued(s.dev_patience);
-    if remaining > 0 && !stopped_early {
-        let budget = budget_line(optimizer, &calibration, s, state, remaining, split)?;
-        report(Event::Start { done: state.step, total: s.steps, budget });
-        while state.step < s.steps {
+    let stopped = |state: &State| train_plateau(state) || state.dev_plateaued(s.dev_patience);
+    // Token steps while `more` says so, each followed by its dev check when one is due;
+    // they end early at a train or dev plateau.
+    let mut token_steps = |state: &mut State,
+                           more: &dyn Fn(&State) -> bool,
+                           report: &mut dyn FnMut(Event)|
+     -> Result<()> {
+        while more(state) && !stopped(state) {
             let record = optimizer.step(state)?;
             if s.dev_patience > 0 && state.step.is_multiple_of(s.dev_every) {
                 let check = check_dev(state, report)?;
@@ -482,18 +469,82 @@ fn search(
             log_step(record, state, report)?;
             if train_plateau(state) {
                 report(Event::Info(format!("no better prompt for {} steps: stopping", s.patience)));
-                break;
-            }
-            if state.dev_plateaued(s.dev_patience) {
+            } else if state.dev_plateaued(s.dev_patience) {
                 report(Event::Info(format!(
                     "no gain on the stopping dev questions in {} checks: stopping",
                     s.dev_patience
                 )));
-                break;
             }
         }
+        Ok(())
+    };
+    // APE rounds until `until` tokens are spent; with `cap`, none that could pass it even if
+    // every sequence ran to its budget.
+    let ape_rounds = |state: &mut State,
+                      until: usize,
+                      cap: Option<usize>,
+                      report: &mut dyn FnMut(Event)|
+     -> Result<()> {
+        if state.generated_tokens >= until {
+            return Ok(());
+        }
+        let (total, line) = ape_budget_line(&calibration, state, until, n_train);
+        report(Event::Start { done: state.step, total, budget: line });
+        let cost = proposal_cost(&calibration, n_train);
+        let worst = MAX_INSTRUCTION_TOKENS + n_train * s.max_reasoning;
+        while state.generated_tokens < until {
+            // The last round proposes only what the rest of the budget should pay for.
+            let left = (until - state.generated_tokens) as f64;
+            let mut proposals = ((left / cost).ceil() as usize).clamp(1, PROPOSALS_PER_ROUND);
+            if let Some(cap) = cap {
+                proposals = proposals.min(cap.saturating_sub(state.generated_tokens) / worst);
+                if proposals == 0 {
+                    break;
+                }
+            }
+            let record = Ape::new(optimizer).round(state, proposals)?;
+            log_step(record, state, report)?;
+        }
+        Ok(())
+    };
+    match s.method {
+        Method::Greater | Method::Gcg => {
+            let remaining = s.steps.saturating_sub(state.step);
+            if remaining > 0 && !stopped(state) {
+                let budget = budget_line(optimizer, &calibration, s, state, remaining, split)?;
+                report(Event::Start { done: state.step, total: s.steps, budget });
+                token_steps(state, &|state| state.step < s.steps, report)?;
+            }
+            Ok(None)
+        }
+        Method::Ape => {
+            let budget = ape_budget(s, &calibration, n_train);
+            ape_rounds(state, budget, None, report)?;
+            Ok(Some(budget))
+        }
+        Method::ApeGreater => {
+            let budget = ape_budget(s, &calibration, n_train);
+            if state.token_search_from.is_none() {
+                ape_rounds(state, budget / 2, Some(budget), report)?;
+                optimizer.start_token_search(state);
+                dir.write_json("checkpoint.json", state)?;
+                let best = optimizer.prompt_text(&state.best_prompt)?;
+                report(Event::Info(format!("token search from APE's best: {best:?}")));
+            }
+            // A step goes ahead only if it fits the budget even when every sequence it
+            // decodes (the shortlist's, the current and the re-scored best prompt's) runs
+            // to the reasoning budget: the two stages never spend more than the budget.
+            let per_step = s.train_batch.unwrap_or(n_train) * s.max_reasoning;
+            let worst = (s.shortlist + 2) * per_step;
+            let line = format!(
+                "budget: {budget} generated tokens ({} spent): token steps while one fits",
+                state.generated_tokens
+            );
+            report(Event::Start { done: state.step, total: s.steps, budget: line });
+            token_steps(state, &|state| state.generated_tokens + worst <= budget, report)?;
+            Ok(Some(budget))
+        }
     }
-    Ok(None)
 }
 
 /// Generated tokens and gradient passes still to come, and the time they should take at
