@@ -265,8 +265,12 @@ pub struct Checked {
     pub gradient: f32,
     /// The whole prompt with the token in place.
     pub prompt: String,
-    /// Its real score on train.
+    /// Its real score on train: with `race`, on the questions it met before it was out.
     pub score: Score,
+    /// With `race`: the train questions it met before it could no longer be chosen (its
+    /// score counts only those); None when it met them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raced_out_after: Option<usize>,
 }
 
 /// An instruction `ape` proposed, with its score on train.

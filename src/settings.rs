@@ -302,6 +302,12 @@ pub struct OptimizeConfig {
     /// 0.12; 0: never).
     #[arg(long, help_heading = SEARCH)]
     pub restart_below: f64,
+    /// Check the shortlist question batch by question batch, and stop a candidate's check
+    /// once it cannot be chosen even if every remaining answer were right: the same choice
+    /// as the full check at less decoding (reference: false).
+    #[arg(long, action = clap::ArgAction::Set, help_heading = SEARCH)]
+    #[serde(default)]
+    pub race: bool,
     /// Train questions each step's gradient and checks use, drawn afresh each step from the
     /// train split (the pool) with the run's seed; the running best is re-scored on the
     /// same questions so the step compares like with like [default: the whole train split
@@ -444,6 +450,7 @@ impl OptimizeConfig {
             method: Method::Greater,
             budget_tokens: None,
             train_batch: None,
+            race: false,
             dev_patience: 0,
             dev_every: default_dev_every(),
             stop_dev: None,

@@ -943,6 +943,55 @@ fn the_prompt_grows_by_a_token_that_keeps_its_text_and_ids_in_step() {
     assert!(round_trips(&next), "{:?}", opt.prompt_text(&next));
 }
 
+/// SmolLM2 steps from the same states with the full check and with `race`: the same token
+/// chosen each time, fewer tokens decoded in all.
+#[test]
+fn a_raced_check_chooses_the_full_checks_token_at_less_decoding() {
+    let lm = common::smollm2();
+    let (task, split) = arithmetic(12);
+    let train = Split::pick(&split.train, &task);
+    let (mut full_tokens, mut raced_tokens, mut out) = (0, 0, 0);
+    for (accept, steps) in [(Accept::NotWorse, 2), (Accept::Margin(1), 1)] {
+        let full = OptimizeConfig {
+            max_reasoning: 48,
+            shortlist: 6,
+            precision: Precision::F32,
+            accept,
+            ..OptimizeConfig::default()
+        };
+        let raced = OptimizeConfig { race: true, ..full.clone() };
+        let a = Optimizer::new(lm, &task, &train, &full, no_interrupt()).unwrap();
+        let b = Optimizer::new(lm, &task, &train, &raced, no_interrupt()).unwrap();
+        let mut state =
+            a.initial_state(&["proper logical reasoning and think step by step."]).unwrap();
+        for _ in 0..steps {
+            let (mut sa, mut sb) = (state.clone(), state.clone());
+            let (ra, rb) = (a.step(&mut sa).unwrap(), b.step(&mut sb).unwrap());
+            let (ta, tb) = (ra.token().unwrap(), rb.token().unwrap());
+            assert_eq!(tb.chosen, ta.chosen, "{accept}: step {}", ra.step);
+            assert_eq!((&sb.prompt, sb.position), (&sa.prompt, sa.position), "{accept}");
+            assert_eq!(sb.best_prompt, sa.best_prompt, "{accept}");
+            for (c, full) in tb.checked.iter().zip(&ta.checked) {
+                match c.raced_out_after {
+                    None => assert_eq!(c.score.mistakes, full.score.mistakes),
+                    Some(seen) => {
+                        assert!(seen < 12 && c.score.n == seen, "{c:?}");
+                        assert!(c.score.mistakes <= full.score.mistakes);
+                        out += 1;
+                    }
+                }
+            }
+            full_tokens += ra.generated_tokens;
+            raced_tokens += rb.generated_tokens;
+            state = sa;
+        }
+    }
+    assert!(
+        out > 0 && raced_tokens < full_tokens,
+        "{out} out: {raced_tokens} against {full_tokens}"
+    );
+}
+
 #[test]
 fn mistakes_read_with_the_reasonings_cut_when_they_were_counted() {
     let counted = Score {

@@ -26,7 +26,7 @@ use crate::model::gradient::{cross_entropy, loss_and_gradients, OneHotInput};
 use crate::model::KvCache;
 use crate::records::{Checked, Score, Search, Seconds, State, StepRecord, TokenStep, TokenText};
 use crate::runtime::LanguageModel;
-use crate::settings::{Filler, Method, OptimizeConfig, Vocabulary};
+use crate::settings::{Accept, Filler, Method, OptimizeConfig, Vocabulary};
 use crate::tasks::{Example, Task};
 
 use candidates::{choose, combine_gradients, propose, shortlist, ProposalConfig};
@@ -659,13 +659,22 @@ impl<'a> Optimizer<'a> {
         let at_once = self.stop_at_sentence_end(state, &mut short)?;
         // 5. Check the shortlist for real: regenerate the reasoning and score.
         let t = Instant::now();
-        let (checked, mut fresh, tokens) = self.check(state, &short)?;
+        let (checked, mut fresh, tokens) = self.check(state, &short, at_once)?;
         seconds.checking += t.elapsed().as_secs_f64();
         generated_tokens += tokens;
         // 6. Move to the chosen prompt; remember the best.
         let current = state.scores.get(&prompt_before).cloned();
         let current_score = current.as_ref().map(|s| s.score);
-        let scores: Vec<Score> = checked.iter().map(|c| c.score.clone()).collect();
+        // A candidate out of the race cannot be chosen: it competes as never right.
+        let scores: Vec<Score> = checked
+            .iter()
+            .map(|c| match c.raced_out_after {
+                None => c.score.clone(),
+                Some(_) => {
+                    Score { score: f64::INFINITY, mistakes: usize::MAX / 2, ..c.score.clone() }
+                }
+            })
+            .collect();
         let chosen =
             choose(&scores, at_once, current.as_ref(), self.cfg.accept).map(|i| checked[i].clone());
         remember_best(state, &checked);
@@ -717,13 +726,15 @@ impl<'a> Optimizer<'a> {
     }
 
     /// Stage 5: each shortlisted prompt's reasoning regenerated and scored (unless a
-    /// prompt of the same text was scored before). The checked prompts in shortlist order,
-    /// the new reasonings by prompt, and the tokens decoded.
+    /// prompt of the same text was scored before), raced with `race` (see [`Self::race`]).
+    /// The checked prompts in shortlist order, the new reasonings by prompt, and the tokens
+    /// decoded.
     #[allow(clippy::type_complexity)]
     fn check(
         &self,
         state: &mut State,
         short: &[(u32, f32)],
+        at_once: bool,
     ) -> Result<(Vec<Checked>, HashMap<Vec<u32>, Vec<Vec<u32>>>, usize)> {
         let with = |token: u32| {
             let mut p = state.prompt.clone();
@@ -738,25 +749,145 @@ impl<'a> Optimizer<'a> {
             .filter(|(_, text)| !state.scores.contains_key(*text))
             .map(|(&(tok, _), _)| with(tok))
             .collect();
+        let known: Vec<&Score> = texts.iter().filter_map(|t| state.scores.get(t)).collect();
+        let current = self.prompt_text(&state.prompt).ok().and_then(|t| state.scores.get(&t));
+        // The sentence-end rule takes its token whatever the scores: nothing to race.
+        let results = if self.cfg.race && !at_once {
+            self.race(&unscored, &known, current, state.best_score)?
+        } else {
+            self.reason_and_score_all(&unscored)?.into_iter().map(|(r, s)| (r, s, None)).collect()
+        };
         let mut fresh = HashMap::new();
+        let mut raced = HashMap::new();
         let mut tokens = 0;
-        for (p, (reasoning, score)) in unscored.iter().zip(self.reason_and_score_all(&unscored)?) {
+        for (p, (reasoning, score, out_after)) in unscored.iter().zip(results) {
             tokens += reasoning.iter().map(Vec::len).sum::<usize>();
-            state.scores.insert(self.prompt_text(p)?, score);
-            fresh.insert(p.clone(), reasoning);
+            let text = self.prompt_text(p)?;
+            match out_after {
+                // A partial score is not a train score: it stays out of the run's scores.
+                Some(seen) => {
+                    raced.insert(text, (score, seen));
+                }
+                None => {
+                    state.scores.insert(text, score);
+                    fresh.insert(p.clone(), reasoning);
+                }
+            }
         }
         let mut checked = Vec::with_capacity(short.len());
         for (&(id, gradient), text) in short.iter().zip(texts) {
-            let score = state.scores[&text].clone();
+            let (score, raced_out_after) = match raced.get(&text) {
+                Some((score, seen)) => (score.clone(), Some(*seen)),
+                None => (state.scores[&text].clone(), None),
+            };
             checked.push(Checked {
                 id,
                 text: self.lm.tokenizer.decode_with_special(&[id])?,
                 gradient,
                 prompt: text,
                 score,
+                raced_out_after,
             });
         }
         Ok((checked, fresh, tokens))
+    }
+
+    /// The race of stage 5: `prompts` reasoned and scored a batch of questions at a time,
+    /// all of them together; a prompt leaves the race once its score so far, with every
+    /// remaining question right and its NLLs at 0, is above a score that it would have to
+    /// beat: a `known` candidate's full score (ties go to the later candidate, so only
+    /// above), the current prompt's under `not_worse`; under `margin:N`, also once it has too
+    /// many mistakes to save N and is above the best so far. Then it can be neither chosen nor
+    /// the new best, and the step's choice is the full check's. Per prompt: the reasoning
+    /// decoded, the score on the questions met, and how many it met when it left the race.
+    #[allow(clippy::type_complexity)]
+    fn race(
+        &self,
+        prompts: &[Vec<u32>],
+        known: &[&Score],
+        current: Option<&Score>,
+        best_score: f64,
+    ) -> Result<Vec<(Vec<Vec<u32>>, Score, Option<usize>)>> {
+        let n = self.examples.len();
+        // The scores a racer must beat: those of candidates that compete for the choice.
+        let competes = |s: &Score| match (self.cfg.accept, current) {
+            (Accept::Margin(m), Some(c)) => s.mistakes + m <= c.mistakes,
+            _ => true,
+        };
+        let mut bar =
+            known.iter().filter(|s| competes(s)).map(|s| s.score).fold(f64::INFINITY, f64::min);
+        if let (Accept::NotWorse, Some(c)) = (self.cfg.accept, current) {
+            bar = bar.min(c.score);
+        }
+        let mut parts: Vec<Vec<(Vec<Vec<u32>>, Score)>> = vec![Vec::new(); prompts.len()];
+        let mut out: Vec<Option<usize>> = vec![None; prompts.len()];
+        // Without a score to beat, the first prompt is checked in full to set one.
+        let mut first = 0;
+        if bar.is_infinite() && !prompts.is_empty() {
+            let (reasoning, score) = self.reason_and_score(&prompts[0])?;
+            if competes(&score) {
+                bar = bar.min(score.score);
+            }
+            parts[0].push((reasoning, score));
+            first = 1;
+        }
+        let mut start = 0;
+        while start < n {
+            // Half of the questions left each round: scores of a step's candidates lie close
+            // together, so a racer is mostly out near the end, where the rounds are short.
+            let questions: Vec<usize> = (start..start + (n - start).div_ceil(2)).collect();
+            let racing: Vec<usize> = (first..prompts.len()).filter(|&i| out[i].is_none()).collect();
+            if racing.is_empty() {
+                break;
+            }
+            let batch = self.on_questions(&questions);
+            let these: Vec<Vec<u32>> = racing.iter().map(|&i| prompts[i].clone()).collect();
+            for (&i, result) in racing.iter().zip(batch.reason_and_score_all(&these)?) {
+                parts[i].push(result);
+                let seen = start + questions.len();
+                if seen == n {
+                    continue;
+                }
+                let so_far = self.pooled(&parts[i]);
+                // Every remaining answer right and every NLL at 0: the lowest it can end at.
+                let lowest = so_far.score * seen as f64 / n as f64;
+                // Mistakes only add up: one that cannot save enough now never will.
+                if lowest > bar || (!competes(&so_far) && lowest > best_score) {
+                    out[i] = Some(seen);
+                }
+            }
+            start += questions.len();
+        }
+        Ok(parts
+            .into_iter()
+            .zip(out)
+            .map(|(p, out)| {
+                let reasoning = p.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
+                let scores: Vec<(Vec<Vec<u32>>, Score)> = p;
+                (reasoning, self.pooled(&scores), out)
+            })
+            .collect())
+    }
+
+    /// One score over disjoint question batches' scores, as if scored together.
+    fn pooled(&self, parts: &[(Vec<Vec<u32>>, Score)]) -> Score {
+        let n: usize = parts.iter().map(|(_, s)| s.n).sum();
+        let mean = |f: &dyn Fn(&Score) -> f64| {
+            parts.iter().map(|(_, s)| f(s) * s.n as f64).sum::<f64>() / n.max(1) as f64
+        };
+        let mistakes = parts.iter().map(|(_, s)| s.mistakes).sum::<usize>();
+        let (nll, answer_nll) = (mean(&|s| s.nll), mean(&|s| s.answer_nll));
+        Score {
+            score: mistakes as f64 / n.max(1) as f64
+                + self.cfg.control_weight / 10.0 * nll
+                + self.cfg.answer_weight * answer_nll,
+            mistakes,
+            cut: parts.iter().map(|(_, s)| s.cut).sum(),
+            n,
+            nll,
+            answer_nll,
+            reasoning_tokens: Some(mean(&|s| s.reasoning_tokens.unwrap_or(0.0))),
+        }
     }
 
     /// Stage 7: the next position after a step whose prompt scored `score`; a prompt that
@@ -828,7 +959,7 @@ fn most_often_first(ranked: &[Vec<u32>]) -> Option<u32> {
 /// The best score and prompt so far, after `checked`; the count of steps without a better one.
 fn remember_best(state: &mut State, checked: &[Checked]) {
     let mut improved = false;
-    for c in checked {
+    for c in checked.iter().filter(|c| c.raced_out_after.is_none()) {
         if c.score.score < state.best_score {
             state.best_score = c.score.score;
             state.best_prompt = state.prompt.clone();
