@@ -865,6 +865,12 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     greater::runtime::stop_candle_spinning();
+    // Output into a closed pipe (`greater tasks | head`) ends the process quietly, as other
+    // command-line tools do, instead of a panic in println!.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let matches = command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     OUTPUT.set(Output { quiet: cli.quiet, json: cli.json }).ok();
