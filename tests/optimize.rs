@@ -307,16 +307,26 @@ fn a_run_killed_mid_step_resumes_from_its_last_checkpoint() {
     let reference = tmp.path().join("reference");
     run_quietly(Start::New(tiny_settings(&model, 8)), &reference);
 
-    let (mut child, killed) = spawn_until_first_step(tmp.path(), &model, "killed", 8);
+    let resumed = killed_after_its_first_step_and_resumed(tmp.path(), &tiny_settings(&model, 8));
+    assert_eq!(resumed, steps_without_timings(&reference));
+}
+
+/// The step records of a `greater optimize` child with `settings`, killed after its first
+/// step (before its last) and resumed to the end.
+fn killed_after_its_first_step_and_resumed(
+    tmp: &Path,
+    settings: &OptimizeConfig,
+) -> Vec<StepRecord> {
+    let (mut child, killed) = spawn_run_until_first_step(tmp, settings, "killed");
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(checkpoint_step(&killed) < 8, "the child finished before it was killed");
+    assert!(checkpoint_step(&killed) < settings.steps, "the child finished before it was killed");
     let out = Command::new(env!("CARGO_BIN_EXE_greater"))
         .args(["optimize", "--resume", killed.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(steps_without_timings(&killed), steps_without_timings(&reference));
+    steps_without_timings(&killed)
 }
 
 #[test]
@@ -341,16 +351,7 @@ fn train_batches_are_drawn_afresh_each_step_and_again_the_same_after_a_kill_and_
         }
     }
 
-    let (mut child, killed) = spawn_run_until_first_step(tmp.path(), &settings, "killed");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(checkpoint_step(&killed) < 8, "the child finished before it was killed");
-    let out = Command::new(env!("CARGO_BIN_EXE_greater"))
-        .args(["optimize", "--resume", killed.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(steps_without_timings(&killed), steps);
+    assert_eq!(killed_after_its_first_step_and_resumed(tmp.path(), &settings), steps);
 
     // The pool must be larger than a batch.
     let whole = OptimizeConfig { train_batch: Some(6), ..settings };
@@ -1765,6 +1766,7 @@ const REFERENCE_SETTINGS: &[(&str, Option<&str>)] = &[
     ("cut_is_mistake", Some("false")),
     ("restart_below", Some("0.12")),
     ("train_batch", None),
+    ("race", Some("false")),
     ("dev_patience", Some("0")),
     ("dev_every", None),
     ("stop_dev", None),
