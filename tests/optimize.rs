@@ -1343,7 +1343,8 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
             assert!(html.contains(&accuracy_text(e)), "{}: {}", row.task, accuracy_text(e));
         }
         // (minijinja escapes "/" as "&#x2f;" in HTML; the browser reads both alike)
-        let link = ["/", "&#x2f;"].map(|slash| format!("href=\"{}{slash}report.html\"", row.task));
+        let link =
+            ["/", "&#x2f;"].map(|slash| format!("href=\".{slash}{}{slash}report.html\"", row.task));
         assert!(link.iter().any(|l| html.contains(l)), "no link to {}'s report", row.task);
         assert!(out.join(&row.task).join("report.html").exists());
         let t = row.transfer.as_ref().unwrap();
@@ -1375,6 +1376,30 @@ fn accuracy_text(e: &EvalSummary) -> String {
 }
 
 /// A report opens from disk: no address of any kind, inline SVG without a namespace URL.
+#[test]
+fn report_links_cannot_be_read_as_a_scheme_and_hidden_characters_show() {
+    use greater::report::{page_link, visible};
+    let out = Path::new("/runs/p");
+    let cases = [
+        (out, "javascript:alert(1);x", "./javascript%3Aalert%281%29%3Bx/report.html"),
+        (out, "https:evil.com", "./https%3Aevil.com/report.html"),
+        (out, "plain_task", "./plain_task/report.html"),
+        (Path::new("/runs/p/pages"), "https:evil.com", "../https%3Aevil.com/report.html"),
+    ];
+    for (from, folder, expected) in cases {
+        let link = page_link(from, &out.join(folder).join("report.html"));
+        assert_eq!(link, expected);
+        // A URL's scheme is letters, digits, "+", "-" and "." before the first ":"; a path
+        // whose first segment is "." or ".." has none.
+        let first = link.split('/').next().unwrap();
+        assert!(first == "." || first == "..", "{link}");
+        assert!(!link.contains(':'), "{link}");
+    }
+    assert_eq!(visible("a\u{202E}b\0c\n\td"), "a[U+202E]b[U+0000]c\n\td");
+    assert_eq!(visible("\u{2066}x\u{2069}"), "[U+2066]x[U+2069]");
+    assert_eq!(visible("plain text"), "plain text");
+}
+
 fn assert_no_url(html: &str) {
     assert!(
         !html.contains("http:") && !html.contains("https:") && !html.contains("//"),
@@ -1395,6 +1420,12 @@ fn the_report_shows_the_summary_accuracies_and_one_point_per_step() {
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let html = std::fs::read_to_string(&written).unwrap();
+    // A page that runs no script, loads nothing and posts nowhere, whatever it holds.
+    assert!(
+        html.contains(r#"<meta http-equiv="Content-Security-Policy" content="default-src 'none';"#)
+            && !html.contains("<script"),
+        "{html}"
+    );
     // The run wrote the same report itself.
     assert_eq!(html, std::fs::read_to_string(out.join("report.html")).unwrap());
     assert_no_url(&html);

@@ -339,12 +339,51 @@ fn count_cell(evals: &[&EvalSummary], count: fn(&EvalSummary) -> Option<usize>) 
 }
 
 /// `target` as a path relative to the folder `from` (both absolute), with `/` separators.
-fn relative(from: &Path, target: &Path) -> String {
+/// The link from a page in `from` to `target`: a relative path whose every segment is
+/// percent-encoded, starting with `./` or `../`, so that no folder name (a task file named
+/// `javascript:alert(1);x.toml`, or `https:evil.com.toml`) can be read as a scheme or a host.
+pub fn page_link(from: &Path, target: &Path) -> String {
     let (f, t): (Vec<_>, Vec<_>) = (from.components().collect(), target.components().collect());
     let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
     let up = std::iter::repeat_n("..".to_string(), f.len() - common);
-    let down = t[common..].iter().map(|c| c.as_os_str().to_string_lossy().into_owned());
-    up.chain(down).collect::<Vec<_>>().join("/")
+    let down = t[common..].iter().map(|c| percent_encoded(&c.as_os_str().to_string_lossy()));
+    let path = up.chain(down).collect::<Vec<_>>().join("/");
+    if path.starts_with("..") {
+        path
+    } else {
+        format!("./{path}")
+    }
+}
+
+/// `segment` with every byte but RFC 3986's unreserved ones percent-encoded. (Written here:
+/// a dozen lines against a dependency for one call.)
+fn percent_encoded(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `text` with the characters a page must not carry as they are (control characters, NUL
+/// among them, and the bidirectional overrides and isolates, which can make a prompt read as
+/// something it is not) written as visible `[U+XXXX]`; newlines and tabs stay.
+pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}')
+    };
+    if !text.chars().any(hidden) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if hidden(c) { format!("[U+{:04X}]", c as u32) } else { c.to_string() })
+        .collect::<String>()
+        .into()
 }
 
 /// The protocol page; its links to each task's report are relative to `written_in`, the
@@ -431,7 +470,7 @@ fn task_line(
         selected: r.selected.to_string(),
         steps: r.steps,
         prompt: r.optimised.prompt.clone(),
-        report: report.exists().then(|| relative(written_in, &report)),
+        report: report.exists().then(|| page_link(written_in, &report)),
         transfer: r
             .transfer
             .as_ref()
@@ -476,6 +515,14 @@ fn protocol_figure(
 
 fn environment() -> Result<minijinja::Environment<'static>> {
     let mut env = minijinja::Environment::new();
+    // Every value the page prints is escaped and made visible (the SVG figures, marked
+    // safe, are drawn here).
+    env.set_formatter(|out, state, value| match value.as_str() {
+        Some(text) if !value.is_safe() => {
+            minijinja::escape_formatter(out, state, &Value::from(visible(text).as_ref()))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    });
     env.add_template("report.html", TEMPLATE)?;
     Ok(env)
 }
