@@ -797,7 +797,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let replies =
                 lm.complete(&[ids], &lm.generate_config(settings.max_reasoning, sampling))?;
             let (reply, stop) = &replies[0];
-            println!("{}", reply.trim());
+            let value = serde_json::json!({ "reply": reply.trim(), "stopped_at_context_limit": *stop == StopReason::ContextLimit });
+            print_result(reply.trim(), &value)?;
             if *stop == StopReason::ContextLimit {
                 note(
                     "(stopped at the end of the model's context; the reply above is what it made)",
@@ -821,38 +822,47 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         }
         Command::Report { dir, out } => {
             let path = greater::report::write_report(&dir, out.as_deref())?;
-            println!("wrote {}", path.display());
+            let value = serde_json::json!({ "report": path.display().to_string() });
+            print_result(&format!("wrote {}", path.display()), &value)?;
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "greater", &mut std::io::stdout());
         }
         Command::Tasks => {
-            println!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
+            let mut text = format!("{:<42} {:<22} {:<24} extractor", "task", "answer", "data");
+            let mut value = Vec::new();
             for t in builtin_tasks() {
-                println!(
-                    "{:<42} {:<22} {:<24} {}",
-                    t.name,
-                    t.kind.describe(),
-                    t.source,
-                    t.kind.default_extractor()
-                );
+                let (answer, extractor) = (t.kind.describe(), t.kind.default_extractor());
+                text.push_str(&format!(
+                    "\n{:<42} {:<22} {:<24} {extractor}",
+                    t.name, answer, t.source
+                ));
+                value.push(serde_json::json!({ "task": t.name, "answer": answer, "data": t.source, "extractor": extractor }));
             }
+            print_result(&text, &value)?;
         }
         Command::Models => {
+            let (mut text, mut value) = (Vec::new(), Vec::new());
             for e in catalog::CATALOG {
                 let wheels: Vec<String> =
                     e.wheels.iter().map(|(p, v)| format!("{p}=={v}")).collect();
-                println!("{} ({})", e.alias, e.description);
-                println!("  cached:  {}", if e.is_cached() { "yes" } else { "no" });
-                println!("  file:    {} ({:.1} MB)", e.path().display(), e.size as f64 / 1e6);
-                println!("  sha256:  {}", e.sha256);
+                text.push(format!("{} ({})", e.alias, e.description));
+                text.push(format!("  cached:  {}", if e.is_cached() { "yes" } else { "no" }));
+                text.push(format!(
+                    "  file:    {} ({:.1} MB)",
+                    e.path().display(),
+                    e.size as f64 / 1e6
+                ));
+                text.push(format!("  sha256:  {}", e.sha256));
                 let parts = if wheels.len() > 1 {
                     "s (the GGUF's parts, joined in this order)"
                 } else {
                     ""
                 };
-                println!("  source:  PyPI wheel{parts}: {}", wheels.join(", "));
+                text.push(format!("  source:  PyPI wheel{parts}: {}", wheels.join(", ")));
+                value.push(serde_json::json!({ "alias": e.alias, "description": e.description, "cached": e.is_cached(), "file": e.path().display().to_string(), "size": e.size, "sha256": e.sha256, "wheels": wheels }));
             }
+            print_result(&text.join("\n"), &value)?;
         }
     }
     Ok(())

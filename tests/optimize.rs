@@ -1377,6 +1377,34 @@ fn accuracy_text(e: &EvalSummary) -> String {
 
 /// A report opens from disk: no address of any kind, inline SVG without a namespace URL.
 #[test]
+fn every_subcommands_json_is_one_json_document_on_stdout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    run_quietly(Start::New(tiny_settings(&model, 1)), &out);
+    let m = model.to_str().unwrap();
+    let report = tmp.path().join("page.html");
+    let commands: [&[&str]; 4] = [
+        &["tasks"],
+        &["models"],
+        &["report", out.to_str().unwrap(), "--out", report.to_str().unwrap()],
+        &["generate", "-m", m, "-p", "hi", "--max-reasoning", "2"],
+    ];
+    let mut documents = Vec::new();
+    for args in commands {
+        let (code, stdout, stderr) = greater_cli(&[&["--json"], args].concat());
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        let doc: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON document ({e}): {stdout}"));
+        documents.push(doc);
+    }
+    assert!(documents[0].as_array().unwrap().iter().any(|t| t["task"] == "arithmetic"));
+    assert!(documents[1].as_array().unwrap().iter().any(|e| e["alias"] == "smollm2-135m"));
+    assert_eq!(documents[2]["report"], report.canonicalize().unwrap().to_str().unwrap());
+    assert!(documents[3]["reply"].is_string());
+}
+
+#[test]
 fn report_links_cannot_be_read_as_a_scheme_and_hidden_characters_show() {
     use greater::report::{page_link, visible};
     let out = Path::new("/runs/p");
