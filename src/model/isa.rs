@@ -135,8 +135,8 @@ pub fn describe() -> String {
         super::int8::Kernel::Avx2 => "avx2",
         super::int8::Kernel::Scalar => "scalar",
     };
-    let few_rows = if f.avx512 { "avx512" } else { "candle gemm" };
-    let bf16 = if f.avx512_bf16 { "avx512-bf16" } else { "f32 (no bf16 path)" };
+    let few_rows = if super::few_rows::available() { "avx512" } else { "candle gemm" };
+    let bf16 = if super::bf16::available() { "avx512-bf16" } else { "f32 (no bf16 path)" };
     format!(
         "kernels: integer products {int8}, f32 few-row products {few_rows}, gradient products \
          {bf16} (CPU: {}{cap})",

@@ -392,14 +392,20 @@ impl<'a> Optimizer<'a> {
                 (rest, rest_lp) = (tail, lp_tail);
             }
             let answer_nll = answer_nll / n as f64;
-            let score = mistakes as f64 / n as f64
-                + self.cfg.control_weight / 10.0 * nll
-                + self.cfg.answer_weight * answer_nll;
+            let score = self.real_score(mistakes, n, nll, answer_nll);
             let cut = Some(cut_flags.iter().filter(|&&c| c).count());
             let reasoning_tokens = Some(lengths.iter().sum::<usize>() as f64 / n as f64);
             scores.push(Score { score, mistakes, cut, n, nll, answer_nll, reasoning_tokens });
         }
         Ok(scores)
+    }
+
+    /// The real score of a prompt from its mistakes on `n` questions and its mean NLLs:
+    /// mistake rate + control_weight / 10 x prompt NLL + answer_weight x answer NLL.
+    fn real_score(&self, mistakes: usize, n: usize, nll: f64, answer_nll: f64) -> f64 {
+        mistakes as f64 / n as f64
+            + self.cfg.control_weight / 10.0 * nll
+            + self.cfg.answer_weight * answer_nll
     }
 
     /// Per train example: the loss (answer CE at temperature T plus control_weight x the mean
@@ -659,11 +665,12 @@ impl<'a> Optimizer<'a> {
         let at_once = self.stop_at_sentence_end(state, &mut short)?;
         // 5. Check the shortlist for real: regenerate the reasoning and score.
         let t = Instant::now();
-        let (checked, mut fresh, tokens) = self.check(state, &short, at_once)?;
+        // The current prompt's score (the check adds only prompts not scored before).
+        let current = state.scores.get(&prompt_before).cloned();
+        let (checked, mut fresh, tokens) = self.check(state, &short, at_once, current.as_ref())?;
         seconds.checking += t.elapsed().as_secs_f64();
         generated_tokens += tokens;
         // 6. Move to the chosen prompt; remember the best.
-        let current = state.scores.get(&prompt_before).cloned();
         let current_score = current.as_ref().map(|s| s.score);
         // A candidate out of the race cannot be chosen: it competes as never right.
         let scores: Vec<Score> = checked
@@ -735,6 +742,7 @@ impl<'a> Optimizer<'a> {
         state: &mut State,
         short: &[(u32, f32)],
         at_once: bool,
+        current: Option<&Score>,
     ) -> Result<(Vec<Checked>, HashMap<Vec<u32>, Vec<Vec<u32>>>, usize)> {
         let with = |token: u32| {
             let mut p = state.prompt.clone();
@@ -750,7 +758,6 @@ impl<'a> Optimizer<'a> {
             .map(|(&(tok, _), _)| with(tok))
             .collect();
         let known: Vec<&Score> = texts.iter().filter_map(|t| state.scores.get(t)).collect();
-        let current = self.prompt_text(&state.prompt).ok().and_then(|t| state.scores.get(&t));
         // The sentence-end rule takes its token whatever the scores: nothing to race.
         let results = if self.cfg.race && !at_once {
             self.race(&unscored, &known, current, state.best_score)?
@@ -863,8 +870,7 @@ impl<'a> Optimizer<'a> {
             .zip(out)
             .map(|(p, out)| {
                 let reasoning = p.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
-                let scores: Vec<(Vec<Vec<u32>>, Score)> = p;
-                (reasoning, self.pooled(&scores), out)
+                (reasoning, self.pooled(&p), out)
             })
             .collect())
     }
@@ -878,9 +884,7 @@ impl<'a> Optimizer<'a> {
         let mistakes = parts.iter().map(|(_, s)| s.mistakes).sum::<usize>();
         let (nll, answer_nll) = (mean(&|s| s.nll), mean(&|s| s.answer_nll));
         Score {
-            score: mistakes as f64 / n.max(1) as f64
-                + self.cfg.control_weight / 10.0 * nll
-                + self.cfg.answer_weight * answer_nll,
+            score: self.real_score(mistakes, n.max(1), nll, answer_nll),
             mistakes,
             cut: parts.iter().map(|(_, s)| s.cut).sum(),
             n,
