@@ -10,7 +10,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use indicatif::{ProgressBar, ProgressStyle};
 
 use greater::catalog;
-use greater::eval::{evaluate, write_records};
+use greater::eval::{evaluate_logged, RecordLog};
 use greater::model::generate::{Cancelled, Sampling, StopReason};
 use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
@@ -143,6 +143,16 @@ fn eval_keys() -> Vec<String> {
         .filter(|a| a.get_help_heading() != Some(SEARCH))
         .map(|a| a.get_id().to_string())
         .collect()
+}
+
+/// What decides an evaluation's records: the settings `eval` takes and the prompt.
+fn eval_header(settings: &OptimizeConfig, prompt: &str) -> Result<serde_json::Value> {
+    let keys = eval_keys();
+    let mut all = serde_json::to_value(settings)?;
+    let all = all.as_object_mut().expect("settings serialize to an object");
+    all.retain(|k, _| keys.contains(k));
+    all.insert("prompt".into(), prompt.into());
+    Ok(serde_json::Value::Object(std::mem::take(all)))
 }
 
 /// Setting keys `generate` takes.
@@ -716,11 +726,12 @@ fn run_eval(
     if run_split.as_ref().is_some_and(|recorded| *recorded != split) {
         anyhow::bail!("the task's data changed since the run: its split is not the one recorded in the run's config.json");
     }
-    if let Some(path) = out {
-        // Before the evaluation, not after it: an unwritable place would lose its records.
-        std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    }
+    // Opened before the model, so that an unwritable place or a partial log of other
+    // settings is said at once.
+    let mut log = match out {
+        Some(path) => Some(RecordLog::open(path, &eval_header(settings, prompt)?)?),
+        None => None,
+    };
     let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
     let test = Split::pick(&split.test, &task);
     if test.is_empty() {
@@ -738,15 +749,41 @@ fn run_eval(
         split.test.len()
     ));
     note(&format!("prompt: {prompt:?}"));
+    if let (Some(log), Some(path)) = (&log, out) {
+        if log.dest() != path {
+            note(&format!("{} is a link: writing {}", path.display(), log.dest().display()));
+        }
+    }
+    if let Some(log) = log.as_ref().filter(|log| log.kept() > 0) {
+        note(&format!(
+            "resuming: {} of the {} questions are done in {}",
+            log.kept(),
+            test.len(),
+            log.partial().display()
+        ));
+    }
     let bar = progress_bar(test.len(), "eval");
     let cfg = settings.eval_config(Some(ctrl_c_flag()?));
-    let report =
-        evaluate(&lm, &task, &test, prompt, &cfg, &mut |done| bar.set_position(done as u64))?;
-    bar.finish_and_clear();
-    if let Some(path) = out {
-        write_records(path, &report.records)?;
-        note(&format!("wrote {} records to {}", report.records.len(), path.display()));
-    }
+    let partial = log.as_ref().map(|log| log.partial().to_path_buf());
+    let measured = (|| -> Result<_> {
+        let report = evaluate_logged(&lm, &task, &test, prompt, &cfg, log.as_mut(), &mut |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        if let Some(log) = log {
+            let dest = log.dest().to_path_buf();
+            log.finish(&report.records)?;
+            note(&format!("wrote {} records to {}", report.records.len(), dest.display()));
+        }
+        Ok(report)
+    })();
+    let report = measured.inspect_err(|_| {
+        bar.finish_and_clear();
+        if let Some(partial) = partial {
+            let kept = partial.display();
+            note(&format!("the questions finished are kept in {kept}: the same command resumes from them"));
+        }
+    })?;
     let text = format!(
         "accuracy {:.3} ({}/{}), 95% CI [{:.3}, {:.3}]; majority-class floor {:.3}\n\
          reasoning cut at the {}-token budget: {}/{}\n\

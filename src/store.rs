@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::eval::{paired, write_records, EvalReport, Record};
+use crate::eval::{paired, EvalReport, Record, RecordLog};
 use crate::records::{EvalSummary, Label, Paired, Summary};
 use crate::settings::Method;
 
@@ -241,13 +241,14 @@ impl RunDir {
     }
 
     /// The evaluation of `prompt` under `label` on `split` kept here, or else `measure`'s,
-    /// which is then kept with its questions' records.
+    /// which is then kept with its questions' records. `measure` logs its records as they
+    /// finish, so that an evaluation interrupted part-way resumes at its next question.
     pub fn evaluation(
         &self,
         split: &str,
         label: Label,
         prompt: &str,
-        measure: impl FnOnce() -> Result<EvalReport>,
+        measure: impl FnOnce(&mut RecordLog) -> Result<EvalReport>,
     ) -> Result<EvalSummary> {
         let file = Self::evaluation_file(split, label);
         if self.exists(&file) {
@@ -256,8 +257,10 @@ impl RunDir {
                 return Ok(done);
             }
         }
-        let r = measure()?;
-        write_records(&self.file(&file.replace(".json", ".jsonl")), &r.records)?;
+        let records = self.file(&file.replace(".json", ".jsonl"));
+        let mut log = RecordLog::open_or_restart(&records, &serde_json::json!({ "prompt": prompt }))?;
+        let r = measure(&mut log)?;
+        log.finish(&r.records)?;
         let summary = EvalSummary::new(label, prompt, &r);
         self.write_json(&file, &summary)?;
         Ok(summary)

@@ -1132,11 +1132,12 @@ fn paired_test_reads_the_records_each_evaluation_was_measured_with() {
             chance: 0.0,
             cut_by_budget: 0,
             unparsed: 0,
+            resumed: 0,
             tokens_generated: 0,
             seconds: 0.0,
             records,
         };
-        dir.evaluation("test", label, prompt, || Ok(report)).unwrap()
+        dir.evaluation("test", label, prompt, |_| Ok(report)).unwrap()
     };
     let counts = |p: Option<Paired>| p.map(|p| (p.only_first, p.only_second, p.n));
     // Run a returned a searched prompt.
@@ -2756,7 +2757,7 @@ fn a_full_disk_is_reported_with_the_file_that_could_not_be_written() {
         "/dev/full",
     ]);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("cannot write /dev/full: No space left on device"), "{stderr}");
+    assert!(stderr.contains("/dev/full is not a regular file"), "{stderr}");
 
     // A run folder's file whose write fails the same way names itself; the old content stays.
     use greater::store::RunDir;
@@ -2768,6 +2769,81 @@ fn a_full_disk_is_reported_with_the_file_that_could_not_be_written() {
     assert!(err.contains("cannot write") && err.contains(&temporary), "{err}");
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(dir.read_json::<i32>("summary.json").unwrap(), 1);
+}
+
+/// `eval` of eight generated questions, two at a time, on the tiny model, its records to `out`.
+fn eval_into(model: &Path, out: &Path, max_reasoning: &str) -> (Option<i32>, String, String) {
+    greater_cli(&[
+        "eval",
+        "-m",
+        model.to_str().unwrap(),
+        "--difficulty",
+        "1",
+        "--train",
+        "0",
+        "--test",
+        "8",
+        "--eval-batch",
+        "2",
+        "--max-reasoning",
+        max_reasoning,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn an_eval_that_fails_part_way_keeps_the_earlier_file_and_resumes_at_its_next_question() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let reference = tmp.path().join("reference.jsonl");
+    let (code, _, err) = eval_into(&model, &reference, "5");
+    assert_eq!(code, Some(0), "{err}");
+    let reference = std::fs::read_to_string(&reference).unwrap();
+    assert_eq!(reference.lines().count(), 8);
+
+    // The whole file cannot be written (its temporary is a full disk): the earlier file stays
+    // as it was, and every finished question is kept in the partial log.
+    let records = tmp.path().join("eval.jsonl");
+    std::fs::write(&records, "earlier\n").unwrap();
+    let temporary = tmp.path().join("eval.jsonl.tmp");
+    std::os::unix::fs::symlink("/dev/full", &temporary).unwrap();
+    let (code, _, err) = eval_into(&model, &records, "5");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("the questions finished are kept in"), "{err}");
+    assert_eq!(std::fs::read_to_string(&records).unwrap(), "earlier\n");
+    let partial = tmp.path().join("eval.jsonl.partial");
+    let logged = std::fs::read_to_string(&partial).unwrap();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert_eq!(lines.len(), 9, "{logged}");
+    assert_eq!(lines[1..].join("\n") + "\n", reference);
+    std::fs::remove_file(&temporary).unwrap();
+
+    // As a kill after four questions, mid-way through writing the fifth, would leave it.
+    let torn = format!("{}\n{}", lines[..5].join("\n"), &lines[5][..lines[5].len() / 2]);
+    std::fs::write(&partial, &torn).unwrap();
+    // Other settings do not resume it; they are named.
+    let (code, _, err) = eval_into(&model, &records, "4");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds an interrupted evaluation of other settings (max_reasoning 5 there, 4 here)"), "{err}");
+    assert_eq!(std::fs::read_to_string(&partial).unwrap(), torn);
+
+    let (code, _, err) = eval_into(&model, &records, "5");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("resuming: 4 of the 8 questions are done"), "{err}");
+    assert_eq!(std::fs::read_to_string(&records).unwrap(), reference);
+    assert!(!partial.exists());
+
+    // Through a link, the file linked to is written and the link stays a link.
+    let link = tmp.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&records, &link).unwrap();
+    std::fs::write(&records, "earlier\n").unwrap();
+    let (code, _, err) = eval_into(&model, &link, "5");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("is a link: writing"), "{err}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(std::fs::read_to_string(&records).unwrap(), reference);
 }
 
 #[test]

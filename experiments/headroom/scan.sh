@@ -3,7 +3,7 @@
 # GSM8K and FOLIO, for Qwen2.5-Coder 1.5B and 0.5B: 100 questions each at 512 reasoning
 # tokens. One `greater eval` per (model, prompt, task), its JSON summary and its records
 # kept; a finished one is skipped, so the scan resumes where it stopped (an interrupted eval
-# starts again). Run from the repository's root after `cargo build --release`.
+# resumes at its next question, from its records' `.partial` log). Run from the repository's root after `cargo build --release`.
 #
 # The 100 questions are the first 100 of split seed 2's shuffle (`--train 0 --dev 0 --test
 # 100 --seed 2`): train and dev of any seed-2 protocol with train + dev >= 100, never its test.

@@ -13,7 +13,7 @@ use super::ape::{Ape, MAX_INSTRUCTION_TOKENS, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
-use crate::eval::{evaluate, paired, EvalConfig, EvalReport};
+use crate::eval::{evaluate_logged, paired, EvalConfig, EvalReport, RecordLog};
 use crate::records::{
     human_duration, Calibration, Contender, DevCheck, EvalSummary, Label, RunConfig, SelectedBy,
     State, StepRecord, Summary, TaskRecord, Transfer,
@@ -103,10 +103,13 @@ fn evaluate_reported(
     prompt: &str,
     cfg: &EvalConfig,
     label: &str,
+    log: Option<&mut RecordLog>,
     report: &mut dyn FnMut(Event),
 ) -> Result<EvalReport> {
     report(Event::EvalStart { label, questions: examples.len() });
-    evaluate(lm, task, examples, prompt, cfg, &mut |done| report(Event::EvalProgress(done)))
+    evaluate_logged(lm, task, examples, prompt, cfg, log, &mut |done| {
+        report(Event::EvalProgress(done))
+    })
 }
 
 /// The file a transfer of the run to `model` is kept in.
@@ -165,6 +168,7 @@ pub fn transfer(
             prompt,
             &eval_cfg,
             &format!("transfer to {model}: {label}"),
+            None,
             report,
         )
     };
@@ -267,7 +271,7 @@ pub fn run(
         let examples = Split::pick(stopping, &run.task);
         let label = format!("stop-dev at step {}", state.step);
         let r =
-            evaluate_reported(&run.lm, &run.task, &examples, &prompt, &eval_cfg, &label, report)?;
+            evaluate_reported(&run.lm, &run.task, &examples, &prompt, &eval_cfg, &label, None, report)?;
         Ok(DevCheck { step: state.step, prompt, correct: r.correct, questions: stopping.to_vec() })
     };
     let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, &mut check_dev, report)?;
@@ -389,9 +393,10 @@ fn choose_and_test(
     dir.write_json("checkpoint.json", &*state)?;
     let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
-        dir.evaluation(split, c.label, &c.prompt, || {
+        dir.evaluation(split, c.label, &c.prompt, |log| {
             let label = format!("{split}: {}", c.label);
-            evaluate_reported(&run.lm, &run.task, examples, &c.prompt, &eval_cfg, &label, report)
+            let (lm, task) = (&run.lm, &run.task);
+            evaluate_reported(lm, task, examples, &c.prompt, &eval_cfg, &label, Some(log), report)
         })
     };
     let dev = Split::pick(s.dev_parts(&split.dev).1, &run.task);
