@@ -45,10 +45,15 @@ fn reason(
     questions: &[&str],
     prompt: &str,
     cfg: &EvalConfig,
+    answer_budget: usize,
 ) -> Result<Vec<Generated>> {
     let requests = questions
         .iter()
-        .map(|q| Ok(Request { prefix: Default::default(), ids: user_ids(layout, q, prompt)? }))
+        .map(|q| {
+            let ids = user_ids(layout, q, prompt)?;
+            layout.check_room(q, ids.len(), cfg.max_reasoning, answer_budget)?;
+            Ok(Request { prefix: Default::default(), ids })
+        })
         .collect::<Result<_>>()?;
     let gen_cfg = GenerateConfig {
         cancel: cfg.cancel.clone(),
@@ -162,7 +167,7 @@ pub fn evaluate_logged(
     let mut tokens = 0;
     for chunk in examples[resumed..].chunks(cfg.batch.max(1)) {
         let questions: Vec<&str> = chunk.iter().map(|e| e.question.as_str()).collect();
-        let reasoning = reason(lm, &layout, &questions, prompt, cfg)?;
+        let reasoning = reason(lm, &layout, &questions, prompt, cfg, answer_cfg.max_tokens)?;
         let requests: Vec<Request> = reasoning
             .iter()
             .map(|r| Request {
@@ -384,7 +389,10 @@ impl RecordLog {
     fn take_kept(&mut self, examples: &[&Example], prompt: &str) -> Result<Vec<Record>> {
         let kept = std::mem::take(&mut self.kept);
         let same = kept.len() <= examples.len()
-            && kept.iter().zip(examples).all(|(r, e)| r.question == e.question && r.prompt == prompt);
+            && kept
+                .iter()
+                .zip(examples)
+                .all(|(r, e)| r.question == e.question && r.prompt == prompt);
         if same {
             return Ok(kept);
         }
@@ -394,7 +402,8 @@ impl RecordLog {
                 self.partial.display()
             );
         }
-        let cannot_write = |e: std::io::Error| anyhow!("cannot write {}: {e}", self.partial.display());
+        let cannot_write =
+            |e: std::io::Error| anyhow!("cannot write {}: {e}", self.partial.display());
         let first = fs::read_to_string(&self.partial).map_err(cannot_write)?;
         let header = first.find('\n').map_or(0, |i| i + 1);
         self.file.set_len(header as u64).map_err(cannot_write)?;
@@ -435,7 +444,9 @@ impl RecordLog {
 /// `path`, or the file it links to: a records file is replaced by renaming a whole one onto
 /// it, which must neither replace a link nor write beside a device (`/dev/stdout`).
 fn regular_file(path: &Path) -> Result<PathBuf> {
-    let not_a_file = || anyhow!("{} is not a regular file: records are written to a file beside their place and renamed onto it", path.display());
+    let not_a_file = || {
+        anyhow!("{} is not a regular file: records are written to a file beside their place and renamed onto it", path.display())
+    };
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path.to_path_buf()),
         Err(e) => bail!("cannot read {}: {e}", path.display()),

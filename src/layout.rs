@@ -8,7 +8,7 @@
 //! The reference writes the user turn as `{question}. Use{prompt}`, the prompt starting with a
 //! space ("... (B) 3/7. Use proper logical reasoning ..."); zero-shot CoT goes in the same slot.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::runtime::LanguageModel;
 use crate::tasks::Task;
@@ -76,6 +76,29 @@ impl<'a> Layout<'a> {
             .check_context(ids.head.len() + ids.tail.len())
             .with_context(|| format!("the question that starts {start:?}"))?;
         Ok(ids)
+    }
+
+    /// An error naming `question` when its user turn (`user_len` tokens), `reasoning` tokens
+    /// of reasoning, the extractor and `answer` tokens of answer would run past the model's
+    /// context, with the reasoning budget that would fit.
+    pub fn check_room(
+        &self,
+        question: &str,
+        user_len: usize,
+        reasoning: usize,
+        answer: usize,
+    ) -> Result<()> {
+        let context = self.lm.model.cfg.context();
+        let after = self.extractor.len() + answer;
+        if user_len + reasoning + after <= context {
+            return Ok(());
+        }
+        let start: String = question.chars().take(60).collect();
+        let room = context.saturating_sub(user_len + after);
+        bail!(
+            "the question that starts {start:?} needs {} positions ({user_len} for the question and prompt, {reasoning} of reasoning, {after} for the extractor and the answer) but the model's context holds {context}: lower --max-reasoning to {room} or less",
+            user_len + reasoning + after
+        )
     }
 
     /// Prompt ids as they follow the connector: the text with its separating space (none

@@ -781,7 +781,9 @@ fn run_eval(
         bar.finish_and_clear();
         if let Some(partial) = partial {
             let kept = partial.display();
-            note(&format!("the questions finished are kept in {kept}: the same command resumes from them"));
+            note(&format!(
+                "the questions finished are kept in {kept}: the same command resumes from them"
+            ));
         }
     })?;
     let text = format!(

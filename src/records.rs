@@ -166,9 +166,19 @@ impl Score {
 impl State {
     /// An error when a checkpoint cannot be continued: an empty prompt, a position outside
     /// it, or reasoning for another number of train questions.
-    pub fn check(&self, train: usize) -> Result<()> {
+    pub fn check(&self, train: usize, vocab: usize) -> Result<()> {
         if self.prompt.is_empty() || self.best_prompt.is_empty() {
             bail!("the prompt is empty");
+        }
+        let reasoning = self.reasoning.iter().flatten().flatten();
+        if let Some(id) = self
+            .prompt
+            .iter()
+            .chain(&self.best_prompt)
+            .chain(reasoning)
+            .find(|&&id| id as usize >= vocab)
+        {
+            bail!("token id {id} is not in the model's vocabulary of {vocab}");
         }
         if self.position >= self.prompt.len() {
             bail!(

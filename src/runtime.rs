@@ -91,7 +91,7 @@ impl LanguageModel {
 
     /// An error when `n_tokens` do not fit the model's context.
     pub fn check_context(&self, n_tokens: usize) -> Result<()> {
-        let limit = self.model.cfg.max_position.min(1 << 15);
+        let limit = self.model.cfg.context();
         if n_tokens >= limit {
             bail!("the prompt has {n_tokens} tokens but the model's context holds {limit}");
         }

@@ -322,6 +322,12 @@ pub struct OptimizeConfig {
     pub budget_tokens: Option<usize>,
 }
 
+/// The most operators a generated question holds: deeper ones outgrow every model's context.
+pub const MAX_DIFFICULTY: usize = 32;
+
+/// The most questions a split's part may ask for (a generated task makes as many as asked).
+pub const MAX_QUESTIONS: u64 = 100_000;
+
 fn default_dev_every() -> usize {
     5
 }
@@ -458,21 +464,50 @@ impl OptimizeConfig {
         }
     }
 
-    /// An error naming the first setting that no run can use: counts that must be at least 1,
-    /// weights that must be finite and not negative, a temperature that must be positive.
+    /// Each count setting with the range it must lie in (both ends included; an optional
+    /// one when given). The upper ends keep one step's work and memory bounded, far above
+    /// any useful value; the model's context caps `max_reasoning` further once it is open
+    /// (see [`crate::layout::Layout::check_room`]). `--help` shows them.
+    pub fn count_ranges(&self) -> [(&'static str, Option<u64>, u64, u64); 19] {
+        let n = |v: usize| Some(v as u64);
+        let test = match self.test {
+            Count::N(n) => Some(n as u64),
+            Count::Rest => None,
+        };
+        [
+            ("seed", Some(self.seed), 0, i64::MAX as u64),
+            ("difficulty", n(self.difficulty), 1, MAX_DIFFICULTY as u64),
+            ("train", n(self.train), 0, MAX_QUESTIONS),
+            ("dev", n(self.dev), 0, MAX_QUESTIONS),
+            ("test", test, 0, MAX_QUESTIONS),
+            ("max_reasoning", n(self.max_reasoning), 1, 1 << 15),
+            ("eval_batch", n(self.eval_batch), 1, 1024),
+            ("steps", n(self.steps), 0, 1_000_000),
+            ("patience", n(self.patience), 0, 1_000_000),
+            ("dev_patience", n(self.dev_patience), 0, 1_000_000),
+            ("dev_every", n(self.dev_every), 1, 1_000_000),
+            ("top_k", n(self.top_k), 1, 1 << 20),
+            ("top_q", n(self.top_q), 1, 1000),
+            ("subset_size", n(self.subset_size), 1, 1000),
+            ("shortlist", n(self.shortlist), 1, 1000),
+            ("dev_candidates", n(self.dev_candidates), 1, 1000),
+            ("stop_dev", self.stop_dev.map(|v| v as u64), 1, MAX_QUESTIONS),
+            ("train_batch", self.train_batch.map(|v| v as u64), 1, MAX_QUESTIONS),
+            ("budget_tokens", self.budget_tokens.map(|v| v as u64), 1, 1 << 40),
+        ]
+    }
+
+    /// An error naming the first setting that no run can use: counts outside their range
+    /// ([`Self::count_ranges`]), weights that must be finite and not negative, a temperature
+    /// that must be positive.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let counts = [
-            ("top_k", self.top_k),
-            ("top_q", self.top_q),
-            ("subset_size", self.subset_size),
-            ("shortlist", self.shortlist),
-            ("max_reasoning", self.max_reasoning),
-            ("eval_batch", self.eval_batch),
-            ("dev_candidates", self.dev_candidates),
-            ("dev_every", self.dev_every),
-        ];
-        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
-            anyhow::bail!("setting {name} must be at least 1");
+        for (name, value, low, high) in self.count_ranges() {
+            match value {
+                Some(v) if v < low || v > high => {
+                    anyhow::bail!("setting {name} must be from {low} to {high}, not {v}")
+                }
+                _ => {}
+            }
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             anyhow::bail!(
@@ -487,9 +522,6 @@ impl OptimizeConfig {
         ];
         if let Some((name, v)) = weights.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
             anyhow::bail!("setting {name} must be a finite number, 0 or more, not {v}");
-        }
-        if self.train_batch == Some(0) {
-            anyhow::bail!("setting train_batch must be at least 1 (leave it out for every step to use the whole train split)");
         }
         if self.train_batch.is_some() && self.method == Method::Ape {
             anyhow::bail!(
@@ -534,6 +566,10 @@ impl OptimizeConfig {
             }
             None => self.clone(),
         };
+        if given("seed") {
+            // Before the layering, which goes through TOML: it holds no integer above i64's.
+            OptimizeConfig { seed: flags.seed, ..Self::default() }.validate()?;
+        }
         let mut table = toml::Table::try_from(&base)?;
         for (key, value) in toml::Table::try_from(flags)? {
             if given(&key) {
@@ -611,10 +647,21 @@ impl OptimizeConfig {
     pub fn with_defaults(command: clap::Command) -> clap::Command {
         let defaults =
             toml::Table::try_from(Self::default()).expect("settings serialise to a table");
-        command.mut_args(|arg| match defaults.get(arg.get_id().as_str()) {
-            Some(toml::Value::String(text)) => arg.default_value(text.clone()).required(false),
-            Some(value) => arg.default_value(value.to_string()).required(false),
-            None => arg,
+        let ranges = Self::default().count_ranges();
+        command.mut_args(|arg| {
+            let id = arg.get_id().to_string();
+            let arg = match ranges.iter().find(|r| r.0 == id) {
+                Some((_, _, low, high)) => {
+                    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    arg.help(format!("{help} [range: {low} to {high}]"))
+                }
+                None => arg,
+            };
+            match defaults.get(id.as_str()) {
+                Some(toml::Value::String(text)) => arg.default_value(text.clone()).required(false),
+                Some(value) => arg.default_value(value.to_string()).required(false),
+                None => arg,
+            }
         })
     }
 

@@ -37,6 +37,11 @@ pub struct DirLock {
     _file: File,
 }
 
+/// Files whose presence shows a folder is greater's: the lock every folder it writes gets,
+/// and the configurations of a run, a protocol and a screen.
+const OWNED_MARKERS: [&str; 4] =
+    [".lock", "config.json", "protocol-config.json", "screen-config.json"];
+
 impl RunDir {
     /// A new run; refuses a folder that already holds one.
     pub fn create(path: &Path) -> Result<Self> {
@@ -46,15 +51,60 @@ impl RunDir {
                 path.display()
             );
         }
-        fs::create_dir_all(path)
-            .with_context(|| format!("cannot create run folder {}", path.display()))?;
-        Ok(RunDir { path: path.to_path_buf() })
+        Self::claim(path)
     }
 
     /// A folder that holds other things than one run (a protocol's parent folder).
     pub fn folder(path: &Path) -> Result<Self> {
+        Self::claim(path)
+    }
+
+    /// The folder of a file the user named (`report --out FILE`): created when missing, but
+    /// not claimed, since only that one file is written there.
+    pub fn holding(file: &Path) -> Result<Self> {
+        let path = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(path)
             .with_context(|| format!("cannot create folder {}", path.display()))?;
+        Ok(RunDir { path: path.to_path_buf() })
+    }
+
+    /// `path` as a folder of greater's: created when missing, marked by its lock file. A
+    /// link is refused rather than followed, and so is a folder holding other files and
+    /// nothing of greater's, so that no run's files land among someone else's.
+    fn claim(path: &Path) -> Result<Self> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_symlink() => {
+                let target = fs::read_link(path).unwrap_or_default();
+                bail!(
+                    "{} is a link (to {}): pass the folder itself, so that it is plain where the files go",
+                    path.display(),
+                    target.display()
+                );
+            }
+            Ok(m) if !m.is_dir() => bail!("{} is not a folder", path.display()),
+            Ok(_) if OWNED_MARKERS.iter().any(|name| path.join(name).exists()) => {
+                return Ok(RunDir { path: path.to_path_buf() })
+            }
+            Ok(_) => {
+                let mut entries = fs::read_dir(path)
+                    .with_context(|| format!("cannot read folder {}", path.display()))?;
+                if entries.next().is_some() {
+                    bail!(
+                        "{} holds other files and nothing of greater's: choose a new or empty folder",
+                        path.display()
+                    );
+                }
+            }
+            Err(_) => fs::create_dir_all(path)
+                .with_context(|| format!("cannot create folder {}", path.display()))?,
+        }
+        let lock = path.join(".lock");
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .with_context(|| format!("cannot create {}", lock.display()))?;
         Ok(RunDir { path: path.to_path_buf() })
     }
 
@@ -258,7 +308,8 @@ impl RunDir {
             }
         }
         let records = self.file(&file.replace(".json", ".jsonl"));
-        let mut log = RecordLog::open_or_restart(&records, &serde_json::json!({ "prompt": prompt }))?;
+        let mut log =
+            RecordLog::open_or_restart(&records, &serde_json::json!({ "prompt": prompt }))?;
         let r = measure(&mut log)?;
         log.finish(&r.records)?;
         let summary = EvalSummary::new(label, prompt, &r);

@@ -355,3 +355,174 @@ You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n
         Ok(())
     });
 }
+
+/// Values a numeric flag may be given: the edges of the integer and float types, of the
+/// settings' ranges, and text that is no number.
+const FLAG_VALUES: &[&str] = &[
+    "0",
+    "1",
+    "2",
+    "3",
+    "8",
+    "64",
+    "511",
+    "512",
+    "-1",
+    "-0",
+    "0.5",
+    "1000",
+    "1001",
+    "32768",
+    "100001",
+    "1000000000",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551615",
+    "18446744073709551616",
+    "1e12",
+    "1e-300",
+    "1e309",
+    "nan",
+    "inf",
+    "",
+    "margin:99",
+];
+
+/// The command line of one settings input: `optimize` (one short step) or `eval` (one
+/// question) on the tiny model, with `(flag, value)` pairs after the base flags.
+fn settings_command(
+    model: &Path,
+    out: &Path,
+    optimize: bool,
+    given: &[(String, &str)],
+) -> Vec<String> {
+    let model = model.to_str().unwrap();
+    let base: &[&str] = if optimize {
+        &["optimize", "-m", model, "--train", "2", "--dev", "0", "--test", "1", "--steps", "1"]
+    } else {
+        &["eval", "-m", model, "--train", "0", "--dev", "0", "--test", "1"]
+    };
+    let mut args: Vec<String> = base.iter().map(|a| a.to_string()).collect();
+    args.extend(["--max-reasoning", "3", "--difficulty", "1"].map(String::from));
+    if optimize {
+        args.extend(["--out".to_string(), out.display().to_string()]);
+    }
+    for (flag, value) in given {
+        args.extend([flag.clone(), value.to_string()]);
+    }
+    args
+}
+
+/// How one settings input ended.
+enum Ended {
+    Finished,
+    Refused,
+    Stopped,
+}
+
+/// Runs the release binary on `args` under a 4 GiB address-space limit; Ctrl-C after a
+/// second, and a failure when it runs on 20 s later, dies of a signal (an abort), panics, or
+/// refuses without an error line.
+fn run_limited(args: &[String]) -> Result<Ended, String> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_greater"));
+    command.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 4 << 30, rlim_max: 4 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| e.to_string())?;
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).ok();
+        text
+    });
+    let started = Instant::now();
+    let mut interrupted = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if !interrupted && started.elapsed() > Duration::from_secs(1) {
+            // SAFETY: a signal to the child this function spawned and still waits for.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            interrupted = true;
+        }
+        if started.elapsed() > Duration::from_secs(21) {
+            child.kill().ok();
+            child.wait().ok();
+            return Err("still running 20 s after Ctrl-C (a hang)".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stderr = reader.join().unwrap();
+    if stderr.contains("panicked") {
+        return Err(format!("a panic: {stderr}"));
+    }
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(Ended::Finished),
+        (Some(2), _) if stderr.contains("error:") => Ok(Ended::Refused),
+        (Some(130), _) if interrupted => Ok(Ended::Stopped),
+        (code, signal) => Err(format!("exit {code:?}, signal {signal:?}: {stderr}")),
+    }
+}
+
+#[test]
+fn the_clis_numeric_settings_at_their_edges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny.gguf");
+    common::write_tiny_gguf(&model, "llama", true, common::byte_vocab(), 512);
+    let flag = |name: &str| format!("--{}", name.replace('_', "-"));
+    let floats = ["temperature", "control_weight", "answer_weight", "restart_below", "accept"];
+    let flags: Vec<String> = OptimizeConfig::default()
+        .count_ranges()
+        .iter()
+        .map(|r| flag(r.0))
+        .chain(floats.iter().map(|n| flag(n)))
+        .collect();
+    let (finished, refused, stopped) =
+        (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let config = Config { cases: cases(1000), failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
+    let input =
+        (any::<bool>(), proptest::collection::vec((0..flags.len(), 0..FLAG_VALUES.len()), 1..4));
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&input, |(optimize, picks)| {
+        let given: Vec<(String, &str)> =
+            picks.iter().map(|&(f, v)| (flags[f].clone(), FLAG_VALUES[v])).collect();
+        let out = tmp.path().join(format!("run{}", case.fetch_add(1, Ordering::Relaxed)));
+        let args = settings_command(&model, &out, optimize, &given);
+        match run_limited(&args) {
+            Ok(Ended::Finished) => finished.fetch_add(1, Ordering::Relaxed),
+            Ok(Ended::Refused) => refused.fetch_add(1, Ordering::Relaxed),
+            Ok(Ended::Stopped) => stopped.fetch_add(1, Ordering::Relaxed),
+            Err(why) => panic!("greater {}: {why}", args.join(" ")),
+        };
+        Ok(())
+    });
+    let n = |c: &AtomicUsize| c.load(Ordering::Relaxed);
+    eprintln!(
+        "fuzz settings: {} inputs tried, {} finished, {} refused with an error, {} stopped by Ctrl-C, {} failures",
+        n(&finished) + n(&refused) + n(&stopped),
+        n(&finished),
+        n(&refused),
+        n(&stopped),
+        usize::from(result.is_err())
+    );
+    if let Err(e) = result {
+        panic!("fuzz settings: {e}");
+    }
+}

@@ -1900,14 +1900,18 @@ fn a_checkpoint_that_cannot_continue_is_refused() {
         dev_checks: Vec::new(),
         token_search_from: None,
     };
-    assert!(state(vec![5, 6, 7], 2).check(2).is_ok());
-    let err = |s: greater::records::State, train| s.check(train).unwrap_err().to_string();
+    assert!(state(vec![5, 6, 7], 2).check(2, 8).is_ok());
+    let err = |s: greater::records::State, train| s.check(train, 8).unwrap_err().to_string();
     assert_eq!(
         err(state(vec![5, 6, 7], 1_000_000), 2),
         "position 1000000 is outside the prompt of 3 tokens"
     );
     assert_eq!(err(state(vec![], 0), 2), "the prompt is empty");
     assert_eq!(err(state(vec![5, 6, 7], 0), 3), "reasoning for 2 train questions, the run has 3");
+    assert_eq!(
+        err(state(vec![5, 4_000_000_000, 7], 0), 2),
+        "token id 4000000000 is not in the model's vocabulary of 8"
+    );
 }
 
 #[test]
@@ -2826,7 +2830,12 @@ fn an_eval_that_fails_part_way_keeps_the_earlier_file_and_resumes_at_its_next_qu
     // Other settings do not resume it; they are named.
     let (code, _, err) = eval_into(&model, &records, "4");
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("holds an interrupted evaluation of other settings (max_reasoning 5 there, 4 here)"), "{err}");
+    assert!(
+        err.contains(
+            "holds an interrupted evaluation of other settings (max_reasoning 5 there, 4 here)"
+        ),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(&partial).unwrap(), torn);
 
     let (code, _, err) = eval_into(&model, &records, "5");
@@ -2844,6 +2853,83 @@ fn an_eval_that_fails_part_way_keeps_the_earlier_file_and_resumes_at_its_next_qu
     assert!(err.contains("is a link: writing"), "{err}");
     assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
     assert_eq!(std::fs::read_to_string(&records).unwrap(), reference);
+}
+
+#[test]
+fn settings_beyond_their_range_are_refused_by_name_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let m = model.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--train", "1000000000"], "setting train must be from 0 to 100000, not 1000000000"),
+        (&["--top-q", "1000000000"], "setting top_q must be from 1 to 1000, not 1000000000"),
+        (&["--subset-size", "1000000000"], "setting subset_size must be from 1 to 1000"),
+        (&["--difficulty", "1000000000"], "setting difficulty must be from 1 to 32"),
+        (&["--difficulty", "0"], "setting difficulty must be from 1 to 32, not 0"),
+        (&["--max-reasoning", "1000000000000"], "setting max_reasoning must be from 1 to 32768"),
+        (&["--seed", "18446744073709551615"], "setting seed must be from 0 to 9223372036854775807"),
+        (&["--stop-dev", "0"], "setting stop_dev must be from 1 to 100000, not 0"),
+    ];
+    for (flags, message) in cases {
+        let out = tmp.path().join("never");
+        let args = [&["optimize", "-m", m, "--out", out.to_str().unwrap()][..], flags].concat();
+        let (code, _, err) = greater_cli(&args);
+        assert_eq!(code, Some(2), "{flags:?}: {err}");
+        assert!(err.contains(message), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?} created its folder");
+    }
+    // In range, but past the model's context: the question and the budget that would fit.
+    let (code, _, err) = greater_cli(&["eval", "-m", m, "--test", "1", "--max-reasoning", "600"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the question that starts"), "{err}");
+    assert!(err.contains("but the model's context holds 512: lower --max-reasoning to"), "{err}");
+}
+
+#[test]
+fn a_run_goes_only_into_a_new_or_empty_folder_or_one_of_greaters_and_never_through_a_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let optimize = |out: &Path| {
+        greater_cli(&[
+            "optimize",
+            "-m",
+            model.to_str().unwrap(),
+            "--difficulty",
+            "1",
+            "--train",
+            "2",
+            "--dev",
+            "0",
+            "--test",
+            "1",
+            "--steps",
+            "1",
+            "--max-reasoning",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
+    let (code, _, err) = optimize(&theirs);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds other files and nothing of greater's"), "{err}");
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 1);
+
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&theirs, &link).unwrap();
+    let (code, _, err) = optimize(&link);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is a link (to"), "{err}");
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 1);
+
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, _, err) = optimize(&empty);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(empty.join("summary.json").exists());
 }
 
 #[test]

@@ -436,6 +436,35 @@ fn custom_toml_tasks_read_jsonl_csv_and_json() {
 }
 
 #[test]
+fn a_task_whose_questions_repeat_says_how_many_where_it_names_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "d.jsonl",
+        "{\"q\": \"x\", \"a\": 1}\n{\"q\": \"y\", \"a\": 2}\n{\"q\": \"x\", \"a\": 1}\n",
+    );
+    let toml = write(
+        dir.path(),
+        "t.toml",
+        "data = \"d.jsonl\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"integer\"\n",
+    );
+    let task = Task::load(toml.to_str().unwrap(), &opts()).unwrap();
+    assert_eq!(task.examples.len(), 3);
+    assert!(
+        task.source.ends_with("d.jsonl (1 of its questions repeat an earlier one)"),
+        "{}",
+        task.source
+    );
+    let bbh = Task::load("causal_judgement", &TaskOptions { data_dir: Some(data_dir()), ..opts() })
+        .unwrap();
+    assert!(
+        bbh.source.ends_with("causal_judgement.json (2 of its questions repeat an earlier one)"),
+        "{}",
+        bbh.source
+    );
+}
+
+#[test]
 fn malformed_input_is_reported_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -460,6 +489,8 @@ fn malformed_input_is_reported_with_file_and_line() {
     assert!(err.contains("d.jsonl:2: missing field 'a'"), "{err}");
     let err = spec(base, "d.jsonl", "");
     assert!(err.contains("d.jsonl: no examples"), "{err}");
+    let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": 1}\n{\"q\": \" \\n\", \"a\": 2}\n");
+    assert!(err.contains("d.jsonl:2: the question is empty"), "{err}");
     let err = spec(base, "d.jsonl", "{\"q\": \"x\", \"a\": \"many\"}\n");
     assert!(err.contains("d.jsonl:1: gold answer 'many' is not a valid integer answer"), "{err}");
     let choice = "data = \"d.csv\"\nquestion = \"q\"\nanswer = \"a\"\nanswer_kind = \"choice\"\nchoices = 4\n";

@@ -121,6 +121,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Positions a sequence may use: the trained context, capped where the rotary tables
+    /// would outgrow memory for the long-context models.
+    pub fn context(&self) -> usize {
+        self.max_position.min(1 << 15)
+    }
+
     /// The factor embeddings are multiplied by (Gemma: sqrt(hidden_size)).
     pub fn embed_scale(&self) -> Option<f64> {
         self.arch.is_gemma().then(|| (self.hidden_size as f64).sqrt())

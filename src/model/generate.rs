@@ -222,7 +222,7 @@ pub fn generate(
                     out.ids.push(*tok);
                 }
                 // The next token would sit past the last position the model has.
-                let full = cache.len() >= model.cfg.max_position;
+                let full = cache.len() >= model.cfg.context();
                 if stop || out.ids.len() >= cfg.max_tokens || full {
                     out.stop = match (stop, out.ids.len() >= cfg.max_tokens) {
                         (true, _) => StopReason::StopToken,

@@ -172,7 +172,7 @@ impl RopeTable {
         device: &Device,
     ) -> Result<Self> {
         let half = cfg.head_dim / 2;
-        let n_pos = cfg.max_position.min(1 << 15);
+        let n_pos = cfg.context();
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let base = 1.0 / (theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32);

@@ -324,6 +324,11 @@ impl<'a> Optimizer<'a> {
     /// Greedy reasoning of every example under each prompt, decoded in one batch.
     fn reason(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<Generated>>> {
         self.check_interrupt()?;
+        for (p, ex) in prompts.iter().flat_map(|p| self.examples.iter().map(move |ex| (p, ex))) {
+            let user_len = ex.ids.head.len() + p.len() + ex.ids.tail.len();
+            let reasoning = self.search_reasoning();
+            self.layout.check_room(&ex.question, user_len, reasoning, ex.answer.len())?;
+        }
         let requests: Vec<Request> = prompts
             .iter()
             .flat_map(|p| {

@@ -13,7 +13,7 @@ use super::ape::{Ape, MAX_INSTRUCTION_TOKENS, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
-use crate::eval::{evaluate_logged, paired, EvalConfig, EvalReport, RecordLog};
+use crate::eval::{evaluate, evaluate_logged, paired};
 use crate::records::{
     human_duration, Calibration, Contender, DevCheck, EvalSummary, Label, RunConfig, SelectedBy,
     State, StepRecord, Summary, TaskRecord, Transfer,
@@ -95,21 +95,15 @@ fn open_model(s: &OptimizeConfig, report: &mut dyn FnMut(Event)) -> Result<Langu
     LanguageModel::open(&s.model, &s.open_options(), &mut |m| report(Event::Info(m.to_string())))
 }
 
-/// [`evaluate`], its progress reported under `label`.
-fn evaluate_reported(
-    lm: &LanguageModel,
-    task: &Task,
-    examples: &[&Example],
-    prompt: &str,
-    cfg: &EvalConfig,
+/// The progress of an evaluation of `questions` questions as events under `label`, the
+/// first of which (its start) is reported at once.
+fn eval_progress<'r>(
     label: &str,
-    log: Option<&mut RecordLog>,
-    report: &mut dyn FnMut(Event),
-) -> Result<EvalReport> {
-    report(Event::EvalStart { label, questions: examples.len() });
-    evaluate_logged(lm, task, examples, prompt, cfg, log, &mut |done| {
-        report(Event::EvalProgress(done))
-    })
+    questions: usize,
+    report: &'r mut dyn FnMut(Event),
+) -> impl FnMut(usize) + 'r {
+    report(Event::EvalStart { label, questions });
+    move |done| report(Event::EvalProgress(done))
 }
 
 /// The file a transfer of the run to `model` is kept in.
@@ -161,16 +155,9 @@ pub fn transfer(
     let test = Split::pick(&config.split.test, &task);
     let eval_cfg = config.settings.eval_config(Some(Arc::clone(interrupt)));
     let mut measure = |label: Label, prompt: &str| {
-        evaluate_reported(
-            &lm,
-            &task,
-            &test,
-            prompt,
-            &eval_cfg,
-            &format!("transfer to {model}: {label}"),
-            None,
-            report,
-        )
+        let mut progress =
+            eval_progress(&format!("transfer to {model}: {label}"), test.len(), report);
+        evaluate(&lm, &task, &test, prompt, &eval_cfg, &mut progress)
     };
     let zero_shot_cot = measure(Label::ZeroShotCot, ZERO_SHOT_COT)?;
     let optimised = measure(Label::Optimised, &summary.best_prompt)?;
@@ -255,7 +242,7 @@ pub fn run(
     let mut state = if run.dir.exists("checkpoint.json") {
         let state: State = run.dir.read_json("checkpoint.json")?;
         state
-            .check(train.len())
+            .check(train.len(), run.lm.model.cfg.vocab_size)
             .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
         state
     } else {
@@ -270,8 +257,8 @@ pub fn run(
         let prompt = optimizer.prompt_text(&state.best_prompt)?;
         let examples = Split::pick(stopping, &run.task);
         let label = format!("stop-dev at step {}", state.step);
-        let r =
-            evaluate_reported(&run.lm, &run.task, &examples, &prompt, &eval_cfg, &label, None, report)?;
+        let mut progress = eval_progress(&label, examples.len(), report);
+        let r = evaluate(&run.lm, &run.task, &examples, &prompt, &eval_cfg, &mut progress)?;
         Ok(DevCheck { step: state.step, prompt, correct: r.correct, questions: stopping.to_vec() })
     };
     let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, &mut check_dev, report)?;
@@ -396,7 +383,8 @@ fn choose_and_test(
         dir.evaluation(split, c.label, &c.prompt, |log| {
             let label = format!("{split}: {}", c.label);
             let (lm, task) = (&run.lm, &run.task);
-            evaluate_reported(lm, task, examples, &c.prompt, &eval_cfg, &label, Some(log), report)
+            let mut progress = eval_progress(&label, examples.len(), report);
+            evaluate_logged(lm, task, examples, &c.prompt, &eval_cfg, Some(log), &mut progress)
         })
     };
     let dev = Split::pick(s.dev_parts(&split.dev).1, &run.task);

@@ -45,9 +45,7 @@ pub fn report_html(dir: &Path, written_in: &Path) -> Result<String> {
 /// Writes `report.html` into `dir` (or to `out`) and returns where.
 pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf> {
     let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
-    let folder = RunDir::folder(
-        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")),
-    )?;
+    let folder = RunDir::holding(&path)?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

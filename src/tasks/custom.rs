@@ -76,6 +76,9 @@ pub fn load(path: &Path) -> Result<Task> {
         .map(|(place, row)| {
             let place = || place.clone();
             let question = question_of(row, &place)?;
+            if question.trim().is_empty() {
+                bail!("{}: the question is empty", place());
+            }
             example(kind, question, &field(row, &spec.answer, &place)?, &place)
         })
         .collect::<Result<Vec<_>>>()?;

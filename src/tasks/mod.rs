@@ -82,7 +82,16 @@ const GENERATED: &[(&str, AnswerKind)] =
     &[("arithmetic", AnswerKind::Integer), ("boolean", AnswerKind::TrueFalse)];
 
 impl Task {
+    /// The task of `examples` read from `source`, which also says how many questions
+    /// repeat: a repeated question can fall in train and in test, so that a prompt fitted to
+    /// it scores it again as held out.
     fn new(name: &str, kind: AnswerKind, examples: Vec<Example>, source: String) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let repeats = examples.iter().filter(|e| !seen.insert(e.question.as_str())).count();
+        let source = match repeats {
+            0 => source,
+            n => format!("{source} ({n} of its questions repeat an earlier one)"),
+        };
         Task {
             name: name.into(),
             kind,
