@@ -78,6 +78,34 @@ impl<'a> Layout<'a> {
         Ok(ids)
     }
 
+    /// The chat text before a question and after its prompt (the end of the user turn and
+    /// the assistant header), as [`Layout::question`] renders them around any question.
+    pub fn texts_around(&self) -> Result<(String, String)> {
+        const QUESTION: &str = "\u{1}QUESTION\u{1}";
+        let user = format!("{QUESTION}{}{SLOT}", self.connector);
+        let text = self.lm.chat_text(&self.system, &user)?;
+        let (before, rest) =
+            text.split_once(QUESTION).expect("the chat template keeps the user text");
+        let (_, after) = rest.split_once(SLOT).expect("the chat template keeps the user text");
+        Ok((before.to_string(), after.to_string()))
+    }
+
+    /// What goes before the user turn.
+    pub fn system(&self) -> &SystemTurn {
+        &self.system
+    }
+
+    /// The text between a question and the prompt.
+    pub fn connector(&self) -> &str {
+        &self.connector
+    }
+
+    /// The text of the extractor as it follows the reasoning, and the spaces that go with
+    /// the answer after it.
+    pub fn extractor_texts(&self) -> Result<(String, &str)> {
+        Ok((self.lm.tokenizer.decode_continuation(&self.extractor)?, &self.answer_prefix))
+    }
+
     /// An error naming `question` when its user turn (`user_len` tokens), `reasoning` tokens
     /// of reasoning, the extractor and `answer` tokens of answer would run past the model's
     /// context, with the reasoning budget that would fit.

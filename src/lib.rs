@@ -29,6 +29,7 @@
 
 pub mod catalog;
 pub mod eval;
+pub mod export;
 pub mod layout;
 pub mod model;
 pub mod optimize;

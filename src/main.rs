@@ -234,6 +234,20 @@ enum Command {
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
     },
+    /// Write a finished run's prompt, laid out as the run laid it out, for where the model
+    /// is served: a chat template (jinja, llamacpp), a Hugging Face tokenizer_config.json
+    /// (hf; an existing --out file keeps its other keys), an Ollama Modelfile, or a Python
+    /// script for llama-cpp-python that also reads the answer as greater does.
+    Export {
+        /// A finished run folder.
+        run: PathBuf,
+        /// The target.
+        #[arg(long, value_enum)]
+        to: greater::export::Target,
+        /// Where to write [default: stdout].
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
     /// List the built-in tasks.
     Tasks,
     /// List the model aliases and whether they are cached.
@@ -863,6 +877,21 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let path = greater::report::write_report(&dir, out.as_deref())?;
             let value = serde_json::json!({ "report": path.display().to_string() });
             print_result(&format!("wrote {}", path.display()), &value)?;
+        }
+        Command::Export { run, to, out } => {
+            let laid = greater::export::Laid::of_run(&run, &mut |m| note(m))?;
+            let file = laid.write(to, out.as_deref())?;
+            match &out {
+                Some(path) => {
+                    let value =
+                        serde_json::json!({ "target": to, "out": path.display().to_string() });
+                    print_result(&format!("wrote {}", path.display()), &value)?;
+                }
+                None if output().json => {
+                    print_result("", &serde_json::json!({ "target": to, "file": file }))?
+                }
+                None => print!("{file}"),
+            }
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut command(), "greater", &mut std::io::stdout());

@@ -1385,11 +1385,12 @@ fn every_subcommands_json_is_one_json_document_on_stdout() {
     run_quietly(Start::New(tiny_settings(&model, 1)), &out);
     let m = model.to_str().unwrap();
     let report = tmp.path().join("page.html");
-    let commands: [&[&str]; 4] = [
+    let commands: [&[&str]; 5] = [
         &["tasks"],
         &["models"],
         &["report", out.to_str().unwrap(), "--out", report.to_str().unwrap()],
         &["generate", "-m", m, "-p", "hi", "--max-reasoning", "2"],
+        &["export", out.to_str().unwrap(), "--to", "jinja"],
     ];
     let mut documents = Vec::new();
     for args in commands {
@@ -1403,6 +1404,9 @@ fn every_subcommands_json_is_one_json_document_on_stdout() {
     assert!(documents[1].as_array().unwrap().iter().any(|e| e["alias"] == "smollm2-135m"));
     assert_eq!(documents[2]["report"], report.canonicalize().unwrap().to_str().unwrap());
     assert!(documents[3]["reply"].is_string());
+    let best = std::fs::read_to_string(out.join("best_prompt.txt")).unwrap();
+    let file = documents[4]["file"].as_str().unwrap();
+    assert!(file.contains(&format!("after_question = \". Use {best}\"")), "{file}");
 }
 
 #[test]
