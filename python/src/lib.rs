@@ -326,6 +326,22 @@ fn defaults(size: Option<&str>) -> PyResult<String> {
     serde_json::to_string(&settings).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// The finished run in `run` exported to `to` (jinja, llamacpp, hf, ollama, python), written
+/// to `out` when given; returns the file's text.
+#[pyfunction]
+#[pyo3(signature = (run, to, out=None))]
+fn export(py: Python<'_>, run: &str, to: &str, out: Option<&str>) -> PyResult<String> {
+    use clap::ValueEnum;
+    let target = greater::export::Target::from_str(to, true).map_err(|_| {
+        PyValueError::new_err(format!("to={to:?}: one of jinja, llamacpp, hf, ollama, python"))
+    })?;
+    py.detach(|| {
+        let laid = greater::export::Laid::of_run(std::path::Path::new(run), &mut |_| {})?;
+        laid.write(target, out.map(std::path::Path::new))
+    })
+    .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))
+}
+
 #[pymodule]
 fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimize, m)?)?;
@@ -333,6 +349,7 @@ fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(protocol, m)?)?;
     m.add_function(wrap_pyfunction!(screen, m)?)?;
     m.add_function(wrap_pyfunction!(defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(export, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

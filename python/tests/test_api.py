@@ -106,3 +106,20 @@ def test_screen_from_python_judges_on_dev_and_evaluates_no_test_question(tmp_pat
         greater.screen(configurations={"base": {}}, out=tmp_path / "u", **settings)
     with pytest.raises(ValueError, match="top_kk"):
         greater.screen(tasks=["arithmetic"], configurations={"bad": {"top_kk": 3}}, out=tmp_path / "v", **settings)
+
+
+def test_export_writes_the_runs_layout_for_each_target(tmp_path):
+    greater.optimize(task="arithmetic", out=tmp_path / "run", steps=1, **TINY)
+    best = (tmp_path / "run" / "best_prompt.txt").read_text()
+    template = greater.export(tmp_path / "run", "jinja", out=tmp_path / "prompt.jinja")
+    assert (tmp_path / "prompt.jinja").read_text() == template
+    jinja2 = pytest.importorskip("jinja2")
+    text = jinja2.Environment().from_string(template).render(messages=[{"role": "user", "content": "1 + 2 ="}], add_generation_prompt=True)
+    assert f"1 + 2 =. Use {best}" in text
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8192}))
+    greater.export(tmp_path / "run", "hf", out=tmp_path / "tokenizer_config.json")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 8192 and config["chat_template"] == template
+    assert greater.export(tmp_path / "run", "ollama").startswith("# Written by greater export")
+    with pytest.raises(ValueError, match="one of jinja"):
+        greater.export(tmp_path / "run", "vllm")

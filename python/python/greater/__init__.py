@@ -386,6 +386,14 @@ def screen(
     return json.loads(text)
 
 
+def export(run: Union[str, os.PathLike], to: str, out: Union[str, os.PathLike, None] = None) -> str:
+    """The finished run's prompt laid out as the run laid it out, for `to`: "jinja" or
+    "llamacpp" (a chat template), "hf" (a tokenizer_config.json; an existing `out` keeps its
+    other keys), "ollama" (a Modelfile) or "python" (a llama-cpp-python script). Written to
+    `out` when given; the file's text is returned."""
+    return _greater.export(str(run), to, None if out is None else str(out))
+
+
 def defaults(size: Optional[str] = None) -> dict:
     """Every setting's key with its default value (at ``size``)."""
     return json.loads(_greater.defaults(size))
