@@ -2,6 +2,8 @@
 the Rust tests before these run) with tiny question counts."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,55 @@ def test_export_writes_the_runs_layout_for_each_target(tmp_path):
     assert greater.export(tmp_path / "run", "ollama").startswith("# Written by greater export")
     with pytest.raises(ValueError, match="one of jinja"):
         greater.export(tmp_path / "run", "vllm")
+
+
+# Run under llama-cpp-python with the exported script's constants: for each question on which
+# greater's reasoning and llama.cpp's part, how far llama.cpp's own logits at the parting
+# token put greater's token below its choice.
+PARTING_GAP = """
+import json, runpy, sys
+script = runpy.run_path(sys.argv[1], run_name="constants")
+from llama_cpp import Llama
+llm = Llama(model_path=script["MODEL"], n_ctx=script["CONTEXT"], verbose=False, logits_all=True)
+for line in sys.stdin:
+    case = json.loads(line)
+    head = llm.tokenize((script["BEFORE_QUESTION"] + case["question"] + script["CONNECTOR"]).encode(), add_bos=False, special=True)
+    user = head + script["PROMPT_IDS"] + script["AFTER_PROMPT_IDS"]
+    ours = llm.tokenize(case["ours"].encode(), add_bos=False, special=False)
+    theirs = llm.tokenize(case["theirs"].encode(), add_bos=False, special=False)
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    llm.reset()
+    llm.eval(user + ours[:same])
+    logits = llm.scores[len(user) + same - 1]
+    mine = ours[same] if same < len(ours) else script["STOP_IDS"][0]
+    print(float(max(logits) - logits[mine]))
+"""
+
+# Logit gaps below this are the two engines' rounding (llama.cpp reads 8-bit activations
+# against the 4-bit weights; greater's paths do not), not a layout that differs.
+NEAR_TIE = 0.25
+
+
+def test_the_python_export_answers_as_the_run_did_under_llama_cpp(tmp_path):
+    # llama-cpp-python has no wheel for these machines: .ci/llamacpp.sh builds it for this CPU
+    # (with ../shared/llamacpp/setup.sh) and names its interpreter here.
+    python = os.environ.get("GREATER_LLAMACPP_PYTHON")
+    if not python:
+        pytest.skip("GREATER_LLAMACPP_PYTHON is not set: `bash .ci/llamacpp.sh` builds llama-cpp-python for this CPU and prints the Python to set it to (it needs ../shared/llamacpp)")
+    settings = dict(TINY, test=6, max_reasoning=32)
+    greater.optimize(task="arithmetic", out=tmp_path / "run", steps=1, **settings)
+    returned = "optimised" if (tmp_path / "run" / "test-optimised.jsonl").exists() else "initial"
+    ours = [json.loads(line) for line in (tmp_path / "run" / f"test-{returned}.jsonl").read_text().splitlines()]
+    greater.export(tmp_path / "run", "python", out=tmp_path / "answer.py")
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps({"question": r["question"]}) + "\n" for r in ours))
+    done = subprocess.run([python, tmp_path / "answer.py", "--jsonl", tmp_path / "questions.jsonl"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    theirs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["question"] for r in theirs] == [r["question"] for r in ours]
+    # Where the answers differ, the reasonings must part at a near-tie of llama.cpp's logits.
+    parted = [{"question": a["question"], "ours": a["reasoning"], "theirs": b["reasoning"]} for a, b in zip(ours, theirs) if a["parsed_answer"] != b["parsed_answer"]]
+    assert len(parted) <= len(ours) // 2, (parted, theirs)
+    if parted:
+        gaps = subprocess.run([python, "-c", PARTING_GAP, tmp_path / "answer.py"], input="".join(json.dumps(p) + "\n" for p in parted), capture_output=True, text=True, timeout=600)
+        assert gaps.returncode == 0, gaps.stderr
+        assert all(float(g) < NEAR_TIE for g in gaps.stdout.split()), (gaps.stdout, parted)
