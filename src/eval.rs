@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
-use crate::records::Paired;
+use crate::records::{EvalSummary, Label, Paired};
 use crate::runtime::LanguageModel;
+use crate::settings::OptimizeConfig;
+use crate::stats::{mcnemar_exact, wilson_interval};
 use crate::tasks::{Example, Task};
 use crate::tokenizer::SystemTurn;
 
@@ -31,6 +33,19 @@ pub struct EvalConfig {
     pub system: SystemTurn,
     /// Stops the evaluation (see [`GenerateConfig::cancel`]).
     pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl EvalConfig {
+    /// How `settings` evaluate held-out questions: the layout and the reasoning budget.
+    pub fn of(settings: &OptimizeConfig, cancel: Option<Arc<AtomicBool>>) -> Self {
+        EvalConfig {
+            batch: settings.eval_batch,
+            max_reasoning: settings.max_reasoning,
+            connector: settings.connector.clone(),
+            system: settings.system.clone(),
+            cancel,
+        }
+    }
 }
 
 /// The ids the model reads for `question` under `prompt`, before its reasoning.
@@ -115,6 +130,23 @@ pub struct EvalReport {
     /// One record per question, in the questions' order.
     #[serde(skip)]
     pub records: Vec<Record>,
+}
+
+impl EvalReport {
+    /// What a run's summary keeps of this evaluation of `prompt`.
+    pub fn summary(&self, label: Label, prompt: &str) -> EvalSummary {
+        EvalSummary {
+            label,
+            prompt: prompt.into(),
+            accuracy: self.accuracy,
+            correct: self.correct,
+            n: self.n,
+            interval: self.interval,
+            seconds: self.seconds,
+            cut_by_budget: Some(self.cut_by_budget),
+            unparsed: Some(self.unparsed),
+        }
+    }
 }
 
 /// Accuracy of `prompt` on `examples`; `progress` is told how many are done.
@@ -216,19 +248,6 @@ pub fn evaluate_logged(
     })
 }
 
-/// 95% Wilson score interval for `k` successes in `n` trials.
-pub fn wilson_interval(k: usize, n: usize) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let (z, n) = (1.959_963_984_540_054_f64, n as f64);
-    let p = k as f64 / n;
-    let denom = 1.0 + z * z / n;
-    let center = (p + z * z / (2.0 * n)) / denom;
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
-    ((center - half).max(0.0), (center + half).min(1.0))
-}
-
 /// `first`'s records against `second`'s, question by question; an error when they are not
 /// of the same questions in the same order.
 pub fn paired(first: &[Record], second: &[Record]) -> Result<Paired> {
@@ -247,22 +266,6 @@ pub fn paired(first: &[Record], second: &[Record]) -> Result<Paired> {
         only_second,
         p_value: mcnemar_exact(only_first, only_second),
     })
-}
-
-/// Two-sided exact McNemar p-value of `b` questions only one prompt got right against `c`
-/// only the other did: twice the Binomial(b + c, 1/2) tail at the smaller count, at most 1.
-/// Each term is taken from logs, since 2^-(b+c) underflows for a few thousand questions.
-pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
-    let n = b + c;
-    let mut ln_choose = 0.0;
-    let mut tail = 0.0;
-    for i in 0..=b.min(c) {
-        if i > 0 {
-            ln_choose += ((n - i + 1) as f64 / i as f64).ln();
-        }
-        tail += (ln_choose - n as f64 * std::f64::consts::LN_2).exp();
-    }
-    (2.0 * tail).min(1.0)
 }
 
 /// One JSON line per record, written beside `path` and renamed onto it, so that an earlier

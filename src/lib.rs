@@ -39,6 +39,7 @@ pub mod report;
 pub mod runtime;
 pub mod screen;
 pub mod settings;
+pub mod stats;
 pub mod store;
 pub mod tasks;
 pub mod tokenizer;

@@ -10,7 +10,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use indicatif::{ProgressBar, ProgressStyle};
 
 use greater::catalog;
-use greater::eval::{evaluate_logged, RecordLog};
+use greater::eval::{evaluate_logged, EvalConfig, RecordLog};
 use greater::model::generate::{Cancelled, Sampling, StopReason};
 use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
@@ -777,7 +777,7 @@ fn run_eval(
         ));
     }
     let bar = progress_bar(test.len(), "eval");
-    let cfg = settings.eval_config(Some(ctrl_c_flag()?));
+    let cfg = EvalConfig::of(&settings, Some(ctrl_c_flag()?));
     let partial = log.as_ref().map(|log| log.partial().to_path_buf());
     let measured = (|| -> Result<_> {
         let report = evaluate_logged(&lm, &task, &test, prompt, &cfg, log.as_mut(), &mut |done| {

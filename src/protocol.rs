@@ -17,13 +17,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use crate::eval::wilson_interval;
 use crate::optimize::run::{read_transfer, run, transfer, Changes, Event, Start};
 use crate::records::{
     Contender, Difference, EvalSummary, Label, MethodPooled, MethodRow, Pooled, ProtocolConfig,
     ProtocolTable, SearchTrace, StepRecord, Summary, TaskRow, Transfer,
 };
 use crate::settings::{Method, OptimizeConfig};
+use crate::stats::{mean_with_interval, median, wilson_interval};
 use crate::store::{method_folder, task_folder, RunDir};
 
 /// The paper's five transfer tasks.
@@ -89,17 +89,6 @@ pub fn search_trace(
         }
     }
     Some(trace)
-}
-
-/// The median of `values` (None when empty).
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
 }
 
 /// What the protocol reports as it goes: which task (and the steps each task runs), then
@@ -408,13 +397,7 @@ fn mean_difference<'r>(
     pairs: impl Iterator<Item = (&'r EvalSummary, &'r EvalSummary)>,
 ) -> Difference {
     let diffs: Vec<f64> = pairs.map(|(a, b)| a.accuracy - b.accuracy).collect();
-    let k = diffs.len() as f64;
-    let mean = diffs.iter().sum::<f64>() / k.max(1.0);
-    let interval = (diffs.len() >= 2).then(|| {
-        let var = diffs.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (k - 1.0);
-        let half = 1.959_963_984_540_054 * (var / k).sqrt();
-        (mean - half, mean + half)
-    });
+    let (mean, interval) = mean_with_interval(&diffs);
     Difference { mean, interval }
 }
 

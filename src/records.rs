@@ -16,7 +16,6 @@ use std::fmt;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::EvalReport;
 use crate::settings::{Method, OptimizeConfig};
 use crate::tasks::{Count, Split, Task};
 
@@ -537,23 +536,6 @@ pub struct EvalSummary {
     pub unparsed: Option<usize>,
 }
 
-impl EvalSummary {
-    /// The summary of evaluation `r` of `prompt`.
-    pub fn new(label: Label, prompt: &str, r: &EvalReport) -> Self {
-        EvalSummary {
-            label,
-            prompt: prompt.into(),
-            accuracy: r.accuracy,
-            correct: r.correct,
-            n: r.n,
-            interval: r.interval,
-            seconds: r.seconds,
-            cut_by_budget: Some(r.cut_by_budget),
-            unparsed: Some(r.unparsed),
-        }
-    }
-}
-
 /// Two prompts on the same questions, question by question: how many only the first got
 /// right, how many only the second, and the exact two-sided McNemar p-value (the chance of a
 /// split at least that uneven if neither prompt were the better one).
@@ -1067,6 +1049,6 @@ impl ScreenTable {
             .filter(|r| r.configuration == configuration)
             .filter_map(|r| r.gain)
             .collect();
-        (!gains.is_empty()).then(|| gains.iter().sum::<f64>() / gains.len() as f64)
+        crate::stats::mean(&gains)
     }
 }

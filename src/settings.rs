@@ -3,14 +3,11 @@
 //! (`../shared/docs/greater-method.md`), except where a setting says otherwise.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use anyhow::Result;
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::EvalConfig;
 use crate::runtime::OpenOptions;
 use crate::tasks::{Count, Split, Task};
 
@@ -620,17 +617,6 @@ impl OptimizeConfig {
         OpenOptions {
             chat_template: self.chat_template.as_ref().map(PathBuf::from),
             precision: self.precision,
-        }
-    }
-
-    /// How held-out questions are evaluated: the layout and the reasoning budget.
-    pub fn eval_config(&self, cancel: Option<Arc<AtomicBool>>) -> EvalConfig {
-        EvalConfig {
-            batch: self.eval_batch,
-            max_reasoning: self.max_reasoning,
-            connector: self.connector.clone(),
-            system: self.system.clone(),
-            cancel,
         }
     }
 

@@ -312,7 +312,7 @@ impl RunDir {
             RecordLog::open_or_restart(&records, &serde_json::json!({ "prompt": prompt }))?;
         let r = measure(&mut log)?;
         log.finish(&r.records)?;
-        let summary = EvalSummary::new(label, prompt, &r);
+        let summary = r.summary(label, prompt);
         self.write_json(&file, &summary)?;
         Ok(summary)
     }

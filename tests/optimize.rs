@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::eval::{mcnemar_exact, paired, user_ids, Record};
+use greater::eval::{paired, user_ids, Record};
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass, Precision};
 use greater::optimize::ape::{
@@ -31,6 +31,7 @@ use greater::report::text::{budget_warning, verdict};
 use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::{Accept, GradientSum, Method, OptimizeConfig, StartFrom};
+use greater::stats::mcnemar_exact;
 use greater::tasks::{Count, Split, Task, PAPER_INITIAL_PROMPT, ZERO_SHOT_COT};
 use greater::tokenizer::SystemTurn;
 use rand::SeedableRng;

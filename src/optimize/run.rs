@@ -13,7 +13,7 @@ use super::ape::{Ape, MAX_INSTRUCTION_TOKENS, PROPOSALS_PER_ROUND};
 use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
-use crate::eval::{evaluate, evaluate_logged, paired};
+use crate::eval::{evaluate, evaluate_logged, paired, EvalConfig};
 use crate::records::{
     human_duration, Calibration, Contender, DevCheck, EvalSummary, Label, RunConfig, SelectedBy,
     State, StepRecord, Summary, TaskRecord, Transfer,
@@ -153,7 +153,7 @@ pub fn transfer(
         OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
     let lm = open_model(&target, report)?;
     let test = Split::pick(&config.split.test, &task);
-    let eval_cfg = config.settings.eval_config(Some(Arc::clone(interrupt)));
+    let eval_cfg = EvalConfig::of(&config.settings, Some(Arc::clone(interrupt)));
     let mut measure = |label: Label, prompt: &str| {
         let mut progress =
             eval_progress(&format!("transfer to {model}: {label}"), test.len(), report);
@@ -164,8 +164,8 @@ pub fn transfer(
     let result = Transfer {
         model: model.to_string(),
         paired: Some(paired(&optimised.records, &zero_shot_cot.records)?),
-        zero_shot_cot: EvalSummary::new(Label::ZeroShotCot, ZERO_SHOT_COT, &zero_shot_cot),
-        optimised: EvalSummary::new(Label::Optimised, &summary.best_prompt, &optimised),
+        zero_shot_cot: zero_shot_cot.summary(Label::ZeroShotCot, ZERO_SHOT_COT),
+        optimised: optimised.summary(Label::Optimised, &summary.best_prompt),
     };
     dir.write_json(&transfer_file(model), &result)?;
     Ok(result)
@@ -251,7 +251,7 @@ pub fn run(
     run.dir.truncate_steps(state.step)?;
     // 3. The search, each step logged and checkpointed; with dev_patience, the best prompt
     // measured on the stopping dev questions as it goes.
-    let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
+    let eval_cfg = EvalConfig::of(&s, Some(Arc::clone(interrupt)));
     let stopping = s.dev_parts(&split.dev).0;
     let mut check_dev = |state: &State, report: &mut dyn FnMut(Event)| -> Result<DevCheck> {
         let prompt = optimizer.prompt_text(&state.best_prompt)?;
@@ -378,7 +378,7 @@ fn choose_and_test(
     let (s, split, dir) = (&run.config.settings, &run.config.split, &run.dir);
     let mut contenders = contenders(optimizer, state, s, &run.config.initial_prompt)?;
     dir.write_json("checkpoint.json", &*state)?;
-    let eval_cfg = s.eval_config(Some(Arc::clone(interrupt)));
+    let eval_cfg = EvalConfig::of(&s, Some(Arc::clone(interrupt)));
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         dir.evaluation(split, c.label, &c.prompt, |log| {
             let label = format!("{split}: {}", c.label);
