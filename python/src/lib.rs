@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::ValueEnum;
-use greater::eval::evaluate as evaluate_prompt;
+use greater::eval::{evaluate as evaluate_prompt, EvalConfig};
 use greater::model::generate::Cancelled;
 use greater::optimize::run::{run, Changes, Event, Start};
 use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
@@ -183,7 +183,7 @@ fn evaluate(
         })?;
         let label = "eval";
         events.send(&Event::EvalStart { label, questions: test.len() });
-        let cfg = settings.eval_config(Some(Arc::clone(interrupt)));
+        let cfg = EvalConfig::of(&settings, Some(Arc::clone(interrupt)));
         let report = evaluate_prompt(&lm, &task, &test, prompt, &cfg, &mut |done| {
             events.send(&Event::EvalProgress(done))
         })?;

@@ -251,7 +251,7 @@ pub fn run(
     run.dir.truncate_steps(state.step)?;
     // 3. The search, each step logged and checkpointed; with dev_patience, the best prompt
     // measured on the stopping dev questions as it goes.
-    let eval_cfg = EvalConfig::of(&s, Some(Arc::clone(interrupt)));
+    let eval_cfg = EvalConfig::of(s, Some(Arc::clone(interrupt)));
     let stopping = s.dev_parts(&split.dev).0;
     let mut check_dev = |state: &State, report: &mut dyn FnMut(Event)| -> Result<DevCheck> {
         let prompt = optimizer.prompt_text(&state.best_prompt)?;
@@ -378,7 +378,7 @@ fn choose_and_test(
     let (s, split, dir) = (&run.config.settings, &run.config.split, &run.dir);
     let mut contenders = contenders(optimizer, state, s, &run.config.initial_prompt)?;
     dir.write_json("checkpoint.json", &*state)?;
-    let eval_cfg = EvalConfig::of(&s, Some(Arc::clone(interrupt)));
+    let eval_cfg = EvalConfig::of(s, Some(Arc::clone(interrupt)));
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         dir.evaluation(split, c.label, &c.prompt, |log| {
             let label = format!("{split}: {}", c.label);
