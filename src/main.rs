@@ -777,7 +777,7 @@ fn run_eval(
         ));
     }
     let bar = progress_bar(test.len(), "eval");
-    let cfg = EvalConfig::of(&settings, Some(ctrl_c_flag()?));
+    let cfg = EvalConfig::of(settings, Some(ctrl_c_flag()?));
     let partial = log.as_ref().map(|log| log.partial().to_path_buf());
     let measured = (|| -> Result<_> {
         let report = evaluate_logged(&lm, &task, &test, prompt, &cfg, log.as_mut(), &mut |done| {
