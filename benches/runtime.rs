@@ -86,7 +86,7 @@ fn flops_per_token(cfg: &ModelConfig) -> f64 {
 /// the best of three after a warm-up: what gemm reaches on this machine at the gradient
 /// pass's shape in f32, and our bf16 product (None without AVX512-BF16).
 fn gemm_ceiling(cfg: &ModelConfig) -> (f64, Option<f64>) {
-    use greater::model::bf16::{self, Right};
+    use greater::model::kernels::bf16::{self, Right};
     let (n, d, f) = (400, cfg.hidden_size, cfg.intermediate_size);
     let x = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap();
     let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
@@ -112,7 +112,7 @@ fn gemm_ceiling(cfg: &ModelConfig) -> (f64, Option<f64>) {
 /// the best of three rounds of 20.
 fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64, f64) {
     use candle_core::quantized::{GgmlDType, QTensor};
-    use greater::model::{few_rows, int8, packed::PackedWeight};
+    use greater::model::kernels::{few_rows, int8, packed::PackedWeight};
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
@@ -292,13 +292,13 @@ fn bench(alias: &str) {
         work / t_fwd,
         2.0 * work / t_bwd
     );
-    if greater::model::few_rows::available() {
+    if greater::model::kernels::few_rows::available() {
         let (d, f) = (model.cfg.hidden_size, model.cfg.intermediate_size);
         for m in [1, 60] {
             let (exact, mixed, mixed16) = decode_product_rates(&model.cfg, m);
             println!(
                 "decoding's product, {m} rows x {d} x {f} over packed Q8_0: f32 {exact:.0} GFLOP/s, integer ({:?}) {mixed:.0} GFLOP/s ({:.2}x), with 16-bit inputs {mixed16:.0} GFLOP/s ({:.2}x)",
-                greater::model::int8::Kernel::best(),
+                greater::model::kernels::int8::Kernel::best(),
                 mixed / exact,
                 mixed16 / exact
             );
@@ -308,7 +308,7 @@ fn bench(alias: &str) {
 
 fn main() {
     greater::runtime::stop_candle_spinning();
-    println!("{}", greater::model::isa::describe());
+    println!("{}", greater::model::kernels::describe());
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let aliases: Vec<&str> = if args.is_empty() {
         vec!["smollm2-135m", "qwen2.5-coder-0.5b"]

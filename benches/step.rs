@@ -216,7 +216,7 @@ fn bench(setup: &Setup, data: &Path, precision: Precision) -> f64 {
 
 fn main() {
     greater::runtime::stop_candle_spinning();
-    println!("{}", greater::model::isa::describe());
+    println!("{}", greater::model::kernels::describe());
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     if !data.join("bbh").is_dir() {
         eprintln!("the step bench reads BBH from {}: not found", data.display());

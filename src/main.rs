@@ -826,9 +826,9 @@ fn run_eval(
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     let sub = matches.subcommand().map(|(_, m)| m).expect("a subcommand is required");
-    greater::model::isa::check_env()?;
+    greater::model::kernels::isa::check_env()?;
     if cli.verbose {
-        note(&greater::model::isa::describe());
+        note(&greater::model::kernels::describe());
     }
     match cli.command {
         Command::Generate { settings, prompt, temp, top_p } => {

@@ -37,7 +37,7 @@ pub struct OpenOptions {
 impl LanguageModel {
     /// `spec` is a catalog alias (fetched on first use), a GGUF file or a model folder.
     pub fn open(spec: &str, opts: &OpenOptions, log: &mut dyn FnMut(&str)) -> Result<Self> {
-        crate::model::isa::check_env()?;
+        crate::model::kernels::isa::check_env()?;
         keep_freed_memory();
         let device = Device::Cpu;
         let path = resolve(spec, log)?;

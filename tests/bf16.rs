@@ -2,7 +2,7 @@
 //! each input is rounded to bf16 once (relative error at most 2^-9), so a product is off by at
 //! most about 2^-8 of the sum of |a| |w| over the summed dimension, plus f32 rounding.
 
-use greater::model::bf16::{self, Right};
+use greater::model::kernels::bf16::{self, Right};
 
 fn value(i: usize, salt: usize) -> f32 {
     (((i * 7919 + salt * 104729) % 2000) as f32 / 1000.0) - 1.0

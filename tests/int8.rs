@@ -5,9 +5,9 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use greater::model::int8::{self, InputBits, Int8Weight, Kernel};
-use greater::model::isa::{self, Features, Isa};
-use greater::model::packed::PackedWeight;
+use greater::model::kernels::int8::{self, InputBits, Int8Weight, Kernel};
+use greater::model::kernels::isa::{self, Features, Isa};
+use greater::model::kernels::packed::PackedWeight;
 
 /// One block of a row of x as the kernels see it: the scale d = max|x| / 127 (16 bits:
 /// / 16256) and the integers round(x / d).

@@ -8,8 +8,9 @@ use greater::model::generate::{generate, GenerateConfig, Request};
 use greater::model::gradient::{
     cross_entropy, loss_and_gradient, loss_and_gradients, loss_value, OneHotInput,
 };
-use greater::model::packed::PackedWeight;
-use greater::model::{few_rows, Arch, KvCache, Model, Pass};
+use greater::model::kernels::few_rows;
+use greater::model::kernels::packed::PackedWeight;
+use greater::model::{Arch, KvCache, Model, Pass};
 
 const ARCHS: [Arch; 5] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2, Arch::Gemma3];
 
@@ -310,8 +311,9 @@ fn packed_weights_give_back_candles_dequantised_weights_and_the_same_products_bi
 
 #[test]
 fn the_mixed_gradient_pass_stays_near_f32_and_runs_in_bf16_only_where_the_cpu_has_it() {
+    use greater::model::kernels::bf16;
     use greater::model::weights::WeightSource;
-    use greater::model::{bf16, transformer::random_weights, ModelConfig, Precision};
+    use greater::model::{transformer::random_weights, ModelConfig, Precision};
     for arch in ARCHS {
         let cfg = ModelConfig { max_position: 128, ..arch.tiny_config() };
         let load = |precision| {

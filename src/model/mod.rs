@@ -1,17 +1,13 @@
-//! Model runtime: architectures, weights, generation and gradients.
+//! Model runtime: architectures, weights, generation and gradients, over the SIMD
+//! [`kernels`].
 
-pub mod bf16;
 mod causal_softmax;
 pub mod config;
 mod decode_attention;
-pub mod few_rows;
-mod frozen_matmul;
 mod fused_backward;
 pub mod generate;
 pub mod gradient;
-pub mod int8;
-pub mod isa;
-pub mod packed;
+pub mod kernels;
 pub mod transformer;
 pub mod weights;
 
@@ -46,11 +42,11 @@ pub enum Precision {
 
 impl Precision {
     /// How the input of the integer products is quantised (None: f32 products).
-    pub fn input_bits(self) -> Option<int8::InputBits> {
+    pub fn input_bits(self) -> Option<kernels::int8::InputBits> {
         match self {
             Precision::F32 => None,
-            Precision::Mixed => Some(int8::InputBits::Eight),
-            Precision::Mixed16 => Some(int8::InputBits::Sixteen),
+            Precision::Mixed => Some(kernels::int8::InputBits::Eight),
+            Precision::Mixed16 => Some(kernels::int8::InputBits::Sixteen),
         }
     }
 

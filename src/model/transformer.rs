@@ -7,14 +7,14 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use super::bf16;
 use super::causal_softmax::causal_softmax;
 use super::config::{Activation, Arch, ModelConfig, RopeStyle};
 use super::decode_attention::DecodeAttention;
-use super::few_rows;
-use super::frozen_matmul::{frozen_matmul, FastWeight};
 use super::fused_backward;
-use super::int8::{self, InputBits, Int8Weight};
+use super::kernels::bf16;
+use super::kernels::few_rows;
+use super::kernels::frozen_matmul::{frozen_matmul, FastWeight};
+use super::kernels::int8::{self, InputBits, Int8Weight};
 use super::weights::WeightSource;
 use super::Precision;
 

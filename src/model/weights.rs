@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Arch;
-use super::packed::PackedWeight;
+use super::kernels::packed::PackedWeight;
 
 /// Where a model's tensors come from.
 pub enum WeightSource {

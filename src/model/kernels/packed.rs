@@ -148,7 +148,7 @@ impl PackedWeight {
         Ok(Some(PackedWeight { n, k, block, q, scale, offset }))
     }
 
-    /// Every weight as f32, row-major, the way [`crate::model::few_rows`] computes it.
+    /// Every weight as f32, row-major, the way [`crate::model::kernels::few_rows`] computes it.
     pub fn to_f32(&self) -> Vec<f32> {
         self.q
             .iter()

@@ -125,21 +125,3 @@ pub fn features() -> Features {
 pub fn check_env() -> anyhow::Result<()> {
     chosen().as_ref().map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
 }
-
-/// One line saying which path each kernel takes on this machine, for `-v` and the benches.
-pub fn describe() -> String {
-    let f = features();
-    let cap = std::env::var(ENV).map_or(String::new(), |v| format!(", {ENV}={v}"));
-    let int8 = match super::int8::Kernel::choose(f) {
-        super::int8::Kernel::Avx512Vnni => "avx512-vnni",
-        super::int8::Kernel::Avx2 => "avx2",
-        super::int8::Kernel::Scalar => "scalar",
-    };
-    let few_rows = if super::few_rows::available() { "avx512" } else { "candle gemm" };
-    let bf16 = if super::bf16::available() { "avx512-bf16" } else { "f32 (no bf16 path)" };
-    format!(
-        "kernels: integer products {int8}, f32 few-row products {few_rows}, gradient products \
-         {bf16} (CPU: {}{cap})",
-        Features::of_cpu().names()
-    )
-}
