@@ -654,7 +654,7 @@ impl OptimizeConfig {
     /// The built-in demo: SmolLM2 on generated one-operator arithmetic at [`Size::Demo`]
     /// (the smallest of the settings tried whose gain held on split seeds 0, 1 and 2), with
     /// the template's system turn from the initial prompt: on this model and task, the
-    /// screened defaults found no searched prompt better on dev (README, "Two commands").
+    /// screened defaults found no searched prompt better on dev (RESULTS.md, "The demo").
     pub fn demo() -> Self {
         Size::Demo.apply(OptimizeConfig {
             difficulty: 1,
