@@ -8,8 +8,8 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use greater::optimize::run::{run, Event, Start};
-use greater::report::on_run_event;
+use greater::app;
+use greater::optimize::run::{Event, Start};
 use greater::settings::{OptimizeConfig, Size};
 
 fn main() -> anyhow::Result<()> {
@@ -21,8 +21,10 @@ fn main() -> anyhow::Result<()> {
     let settings =
         OptimizeConfig { model, difficulty: 1, ..Size::Demo.apply(OptimizeConfig::default()) };
     let interrupt = Arc::new(AtomicBool::new(false));
-    let summary = run(Start::New(settings), &out, &interrupt, &mut |event| {
-        match &event {
+    // app::optimize writes summary.md and report.html as the CLI does (optimize::run::run
+    // writes the records only).
+    let summary =
+        app::optimize(Start::New(settings), &out, &interrupt, &mut |event| match &event {
             Event::Info(line) => eprintln!("{line}"),
             Event::Start { budget, .. } => eprintln!("{budget}"),
             Event::Step(record, state) => {
@@ -32,10 +34,7 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             _ => {}
-        }
-        // summary.md and report.html, as the CLI writes them.
-        on_run_event(&event).expect("report written");
-    })?;
+        })?;
     for e in &summary.evaluations {
         println!(
             "{:<14} {:.3} ({}/{})  {:?}",

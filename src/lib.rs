@@ -27,6 +27,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod app;
 pub mod catalog;
 pub mod eval;
 pub mod export;

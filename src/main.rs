@@ -9,20 +9,19 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use greater::app;
 use greater::catalog;
 use greater::eval::{evaluate_logged, EvalConfig, RecordLog};
 use greater::model::generate::{Cancelled, Sampling, StopReason};
-use greater::optimize::run::{run as run_optimize, Changes, Event, Start};
-use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
+use greater::optimize::run::{Changes, Event, Start};
+use greater::protocol::{ProtocolEvent, Shard, PAPER_TASKS};
 use greater::records::{ProtocolConfig, RunConfig, ScreenConfig, Search};
 use greater::report::text::{protocol_markdown, screen_markdown, summary_table};
-use greater::report::{
-    on_protocol_event, on_run_event, write_protocol_outputs, write_screen_outputs,
-};
+
 use greater::runtime::LanguageModel;
-use greater::screen::{run_screen, ScreenEvent};
+use greater::screen::ScreenEvent;
 use greater::settings::{Method, OptimizeConfig, Preset, Size, SEARCH};
-use greater::store::RunDir;
+use greater::store::{file, RunDir};
 use greater::tasks::{builtin_tasks, Split, ZERO_SHOT_COT};
 
 /// Bounds what a chat template may allocate while it renders (see `tokenizer::budget`).
@@ -337,23 +336,16 @@ fn run_optimize_command(args: &OptimizeArgs, given: &Given) -> Result<()> {
         }
     };
     let mut progress = Progress::default();
-    let result = run_optimize(start, &out, &interrupt, &mut |e| progress.event(e));
+    let result = app::optimize(start, &out, &interrupt, &mut |e| progress.event(e));
     finish(result, &mut progress, "optimize", &out, |summary| {
-        let config: RunConfig = RunDir::open(&out)?.read_json("config.json")?;
+        let config: RunConfig = RunDir::open(&out)?.read_json(file::CONFIG)?;
         let text = format!(
             "{}\nbest prompt written to {}",
             summary_table(&summary, &config),
-            out.join("best_prompt.txt").display()
+            out.join(file::BEST_PROMPT).display()
         );
         print_result(&text, &summary)
     })
-}
-
-/// A report that cannot be written does not stop a run whose records are saved.
-fn warn_on_error(result: Result<()>) {
-    if let Err(e) = result {
-        eprintln!("warning: could not write a report: {e:#}");
-    }
 }
 
 /// `greater-runs/<name>-<unix seconds>`.
@@ -497,7 +489,7 @@ impl Progress {
                     }
                 }
             }
-            Event::Finished(_) => warn_on_error(on_run_event(&event)),
+            Event::Finished(_) => {}
         }
     }
 
@@ -579,7 +571,7 @@ fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
         (None, None) => anyhow::bail!("pass --configurations FILE (or --resume DIR)"),
     };
     let mut progress = Progress::default();
-    let result = run_screen(start, &out, &interrupt, &mut |event| match event {
+    let result = app::screen(start, &out, &interrupt, &mut |event| match event {
         ScreenEvent::Run { index, total, configuration, task, steps } => progress.next_run(
             format!("run {}/{total} {configuration} {task} | ", index + 1),
             index,
@@ -589,12 +581,11 @@ fn run_screen_command(args: &ScreenArgs, given: &Given) -> Result<()> {
         ScreenEvent::Event(e) => progress.event(e),
     });
     finish(result, &mut progress, "screen", &out, |(table, config)| {
-        write_screen_outputs(&out, &table, &config)?;
         print_result(
             &format!(
                 "{}\ntable written to {}",
                 screen_markdown(&table, &config),
-                out.join("screen.md").display()
+                out.join(file::SCREEN_MD).display()
             ),
             &table,
         )
@@ -634,15 +625,14 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
     };
     let mut progress = Progress::default();
     let shard = args.shard.unwrap_or(Shard::ALL);
-    let result = run_protocol(start, &out, shard, &interrupt, &mut |event| match event {
+    let result = app::protocol(start, &out, shard, &interrupt, &mut |event| match event {
         ProtocolEvent::Task { index, total, name, steps } => {
             progress.next_run(format!("task {}/{total} {name} | ", index + 1), index, total, steps)
         }
         ProtocolEvent::Run(e) => progress.event(e),
-        ProtocolEvent::Table(..) => warn_on_error(on_protocol_event(&out, &event)),
+        ProtocolEvent::Table(..) => {}
     });
     finish(result, &mut progress, "protocol", &out, |(table, config)| {
-        write_protocol_outputs(&out, &table, &config)?;
         if table.rows.len() < config.tasks.len() {
             note(&format!(
                 "{} of {} tasks finished; the other shards (or greater protocol --resume {}) finish the rest",
@@ -655,7 +645,7 @@ fn run_protocol_command(args: &ProtocolArgs, given: &Given) -> Result<()> {
             &format!(
                 "{}\ntable written to {}",
                 protocol_markdown(&table, &config),
-                out.join("protocol.md").display()
+                out.join(file::PROTOCOL_MD).display()
             ),
             &table,
         )
@@ -688,13 +678,16 @@ fn progress_bar(len: usize, what: &str) -> ProgressBar {
 const SPLIT_KEYS: &[&str] =
     &["task", "data_dir", "seed", "difficulty", "train", "dev", "test", "extractor_options"];
 
+/// The split a run recorded and its folder, whose test questions `eval --prompt-from` scores.
+type RunSplit = (Split, PathBuf);
+
 /// The settings of `eval` and the prompt it measures: the flags over the defaults, or, with
 /// `--prompt-from RUN`, over the run's settings, whose test questions it then scores.
 fn eval_settings(
     given: &Given,
     prompt: Option<String>,
     prompt_from: Option<&Path>,
-) -> Result<(OptimizeConfig, String, Option<Split>)> {
+) -> Result<(OptimizeConfig, String, Option<RunSplit>)> {
     given.refuse_others(&eval_keys().iter().map(String::as_str).collect::<Vec<_>>(), "eval")?;
     let Some(run) = prompt_from else {
         let settings = given.layered(&OptimizeConfig::default(), None)?;
@@ -710,8 +703,8 @@ fn eval_settings(
         );
     }
     let dir = RunDir::open(run)?;
-    let config: RunConfig = dir.read_json("config.json")?;
-    let path = run.join("best_prompt.txt");
+    let config: RunConfig = dir.read_json(file::CONFIG)?;
+    let path = run.join(file::BEST_PROMPT);
     let prompt = std::fs::read_to_string(&path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let settings = given.layered(&config.settings, None)?;
@@ -727,18 +720,18 @@ fn eval_settings(
         settings.system,
         if changed.is_empty() { String::new() } else { format!("; changed by flags: {}", changed.join(", ")) }
     ));
-    Ok((settings, prompt, Some(config.split)))
+    Ok((settings, prompt, Some((config.split, run.to_path_buf()))))
 }
 
 fn run_eval(
     settings: &OptimizeConfig,
     prompt: &str,
-    run_split: Option<Split>,
+    run_split: Option<RunSplit>,
     out: Option<&Path>,
 ) -> Result<()> {
     let (task, split) = settings.load_task()?;
-    if run_split.as_ref().is_some_and(|recorded| *recorded != split) {
-        anyhow::bail!("the task's data changed since the run: its split is not the one recorded in the run's config.json");
+    if let Some((recorded, run)) = &run_split {
+        greater::records::same_split(recorded, &split, &run.join(file::CONFIG))?;
     }
     // Opened before the model, so that an unwritable place or a partial log of other
     // settings is said at once.
@@ -747,10 +740,7 @@ fn run_eval(
         None => None,
     };
     let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| note(m))?;
-    let test = Split::pick(&split.test, &task);
-    if test.is_empty() {
-        anyhow::bail!("the test split is empty: pass --test N");
-    }
+    let test = app::test_questions(&split, &task)?;
     note(&format!(
         "task {} ({}), {} test questions from {}; split seed {} (train {}, dev {}, test {})",
         task.name,

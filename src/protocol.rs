@@ -1,13 +1,9 @@
 //! `greater protocol`: one configuration over a list of tasks, a run folder per task under
 //! one parent, resumable as a whole, and a table of the held-out results.
 //!
-//! ```text
-//! protocol-config.json   the settings and the task list
-//! progress.json          wall seconds spent on each task so far
-//! <task>/                an ordinary run folder (the first method's)
-//! <task>-<method>/       the other methods' runs on the same questions
-//! protocol.json / protocol.md   the table, rewritten after every task
-//! ```
+//! The parent holds its configuration, progress and table (the names are
+//! [`crate::store::file`](mod@crate::store::file)'s), `<task>/`, an ordinary run folder of the first method, and
+//! `<task>-<method>/`, the other methods' runs on the same questions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,7 +20,7 @@ use crate::records::{
 };
 use crate::settings::{Method, OptimizeConfig};
 use crate::stats::{mean_with_interval, median, wilson_interval};
-use crate::store::{method_folder, task_folder, RunDir};
+use crate::store::{file, method_folder, task_folder, RunDir};
 
 /// The paper's five transfer tasks.
 pub const PAPER_TASKS: &[&str] = &[
@@ -175,8 +171,8 @@ pub fn run_protocol(
             if methods.len() > 1 { format!("{task} ({})", method.name()) } else { task.clone() };
         report(ProtocolEvent::Task { index, total, name: &name, steps: config.settings.steps });
         let run_dir = out.join(&folder);
-        if !run_dir.join("summary.json").exists() {
-            let start = if run_dir.join("config.json").exists() {
+        if !run_dir.join(file::SUMMARY).exists() {
+            let start = if run_dir.join(file::CONFIG).exists() {
                 Start::Resume(changes.clone())
             } else {
                 // `ape` and `ape+greater` spend what GReaTer spent on the same task.
@@ -251,8 +247,8 @@ fn begin(
 ) -> Result<(ProtocolConfig, Changes)> {
     match start {
         Start::New(c) => {
-            if dir.exists("protocol-config.json") {
-                let existing: ProtocolConfig = dir.read_json("protocol-config.json")?;
+            if dir.exists(file::PROTOCOL_CONFIG) {
+                let existing: ProtocolConfig = dir.read_json(file::PROTOCOL_CONFIG)?;
                 let same = serde_json::to_value(&existing)? == serde_json::to_value(&c)?;
                 if shard == Shard::ALL || !same {
                     bail!(
@@ -263,13 +259,13 @@ fn begin(
                 return Ok((existing, Changes::default()));
             }
             c.check()?;
-            dir.write_json("protocol-config.json", &c)?;
+            dir.write_json(file::PROTOCOL_CONFIG, &c)?;
             Ok((c, Changes::default()))
         }
         Start::Resume(changes) => {
-            let mut c: ProtocolConfig = dir.read_json("protocol-config.json")?;
+            let mut c: ProtocolConfig = dir.read_json(file::PROTOCOL_CONFIG)?;
             if changes.apply(&mut c.settings) {
-                dir.write_json("protocol-config.json", &c)?;
+                dir.write_json(file::PROTOCOL_CONFIG, &c)?;
             }
             Ok((c, changes))
         }
@@ -280,9 +276,9 @@ fn begin(
 fn add_wall_seconds(dir: &RunDir, folder: &str, seconds: f64) -> Result<()> {
     let _lock = dir.lock_briefly()?;
     let mut progress: BTreeMap<String, f64> =
-        if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
+        if dir.exists(file::PROGRESS) { dir.read_json(file::PROGRESS)? } else { BTreeMap::new() };
     *progress.entry(folder.to_string()).or_default() += seconds;
-    dir.write_json("progress.json", &progress)
+    dir.write_json(file::PROGRESS, &progress)
 }
 
 /// The table of the tasks whose first method's run (and transfer) has finished, in the
@@ -291,7 +287,7 @@ fn add_wall_seconds(dir: &RunDir, folder: &str, seconds: f64) -> Result<()> {
 fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable> {
     let _lock = dir.lock_briefly()?;
     let progress: BTreeMap<String, f64> =
-        if dir.exists("progress.json") { dir.read_json("progress.json")? } else { BTreeMap::new() };
+        if dir.exists(file::PROGRESS) { dir.read_json(file::PROGRESS)? } else { BTreeMap::new() };
     let methods = config.methods();
     let finished = |task: &str, m: usize| -> Result<Option<(Summary, f64, RunDir)>> {
         let folder = method_folder(task, &methods, m);
@@ -332,7 +328,7 @@ fn finished_table(dir: &RunDir, config: &ProtocolConfig) -> Result<ProtocolTable
         });
     }
     let result = table(rows, &methods[1..]);
-    dir.write_json("protocol.json", &result)?;
+    dir.write_json(file::PROTOCOL, &result)?;
     Ok(result)
 }
 

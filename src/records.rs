@@ -494,6 +494,19 @@ impl RunConfig {
     }
 }
 
+/// An error when the split the task's data gives `now` is not the one `config` (a run's
+/// configuration file) recorded: the data changed under a run, and its questions would not
+/// be the ones its records are of.
+pub fn same_split(recorded: &Split, now: &Split, config: &std::path::Path) -> Result<()> {
+    if recorded != now {
+        bail!(
+            "the task's data changed since the run: the split differs from the one in {}",
+            config.display()
+        );
+    }
+    Ok(())
+}
+
 /// What a run records of its task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskRecord {

@@ -23,7 +23,7 @@ use anyhow::{bail, Result};
 use crate::optimize::run::{run, Changes, Event, Start};
 use crate::records::{Label, ScreenConfig, ScreenRow, ScreenTable, StepRecord, Summary};
 use crate::settings::{OptimizeConfig, StartFrom};
-use crate::store::RunDir;
+use crate::store::{file, RunDir};
 
 impl ScreenRow {
     fn from_summary(
@@ -133,17 +133,17 @@ pub fn run_screen(
     let _lock = dir.lock()?;
     let (config, resume_changes) = match start {
         Start::New(c) => {
-            if dir.exists("screen-config.json") {
+            if dir.exists(file::SCREEN_CONFIG) {
                 bail!("{} already holds a screening: continue it with --resume {0}", out.display());
             }
             c.check()?;
-            dir.write_json("screen-config.json", &c)?;
+            dir.write_json(file::SCREEN_CONFIG, &c)?;
             (c, Changes::default())
         }
         Start::Resume(resume_changes) => {
-            let mut c: ScreenConfig = dir.read_json("screen-config.json")?;
+            let mut c: ScreenConfig = dir.read_json(file::SCREEN_CONFIG)?;
             if resume_changes.apply(&mut c.base) {
-                dir.write_json("screen-config.json", &c)?;
+                dir.write_json(file::SCREEN_CONFIG, &c)?;
             }
             (c, resume_changes)
         }
@@ -161,7 +161,7 @@ pub fn run_screen(
                 task,
                 steps: settings.steps,
             });
-            let repeats = if run_dir.join("config.json").exists() {
+            let repeats = if run_dir.join(file::CONFIG).exists() {
                 None
             } else {
                 repeated_search(&config, c, &settings, task, out)?
@@ -177,7 +177,7 @@ pub fn run_screen(
                 None => match RunDir::finished_summary(&run_dir)? {
                     Some(summary) => (run_dir, summary, None),
                     None => {
-                        let start = if run_dir.join("config.json").exists() {
+                        let start = if run_dir.join(file::CONFIG).exists() {
                             Start::Resume(resume_changes.clone())
                         } else {
                             Start::New(settings)
@@ -195,6 +195,6 @@ pub fn run_screen(
         }
     }
     let table = ScreenTable { rows };
-    dir.write_json("screen.json", &table)?;
+    dir.write_json(file::SCREEN, &table)?;
     Ok((table, config))
 }

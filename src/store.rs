@@ -1,17 +1,6 @@
-//! The run directory: resolved configuration, one JSON line per step, an atomically
-//! replaced checkpoint, and the final summary.
-//!
-//! ```text
-//! config.json       what was run: settings, model file and sha256, task, split
-//! steps.jsonl       one line per finished step
-//! checkpoint.json   the state after the last finished step
-//! best_prompt.txt   the best prompt, byte for byte
-//! summary.json / summary.md   held-out accuracies at the end
-//! dev-LABEL.json / test-LABEL.json    a prompt's evaluation (LABEL: zero_shot_cot, initial,
-//!                                     train__1, ...), its questions' records in .jsonl
-//! report.html       the charts and tables of the run (`greater report`)
-//! .lock             held by the process writing the folder, with its pid
-//! ```
+//! The folders greater writes: a run's (its configuration, one JSON line per step, an
+//! atomically replaced checkpoint, its evaluations and summary), and a protocol's or
+//! screening's, which hold a run folder per task. [`file`](mod@file) names every file in them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -24,6 +13,44 @@ use serde::Serialize;
 use crate::eval::{paired, EvalReport, Record, RecordLog};
 use crate::records::{EvalSummary, Label, Paired, Summary};
 use crate::settings::Method;
+
+/// The names of the files greater writes into its folders, each named here once. Besides
+/// these, a run holds `dev-LABEL.json` / `test-LABEL.json` (see [`RunDir::evaluation`]) and a
+/// protocol or screening a run folder per task (see [`task_folder`]).
+pub mod file {
+    /// `config.json`: what was run: settings, model file and sha256, task, split.
+    pub const CONFIG: &str = "config.json";
+    /// `steps.jsonl`: one line per finished step.
+    pub const STEPS: &str = "steps.jsonl";
+    /// `checkpoint.json`: the state after the last finished step, replaced atomically.
+    pub const CHECKPOINT: &str = "checkpoint.json";
+    /// `best_prompt.txt`: the returned prompt, byte for byte.
+    pub const BEST_PROMPT: &str = "best_prompt.txt";
+    /// `calibration.json`: the reasoning length the step budget was estimated from.
+    pub const CALIBRATION: &str = "calibration.json";
+    /// `summary.json`: held-out accuracies at the end, the paired counts.
+    pub const SUMMARY: &str = "summary.json";
+    /// `summary.md`: the same as a table (written by `app`).
+    pub const SUMMARY_MD: &str = "summary.md";
+    /// `report.html`: the charts and tables of a run, protocol or screening (`greater report`).
+    pub const REPORT: &str = "report.html";
+    /// `protocol-config.json`: a protocol's settings, tasks and methods.
+    pub const PROTOCOL_CONFIG: &str = "protocol-config.json";
+    /// `progress.json`: a protocol's wall seconds on each task so far.
+    pub const PROGRESS: &str = "progress.json";
+    /// `protocol.json`: a protocol's table.
+    pub const PROTOCOL: &str = "protocol.json";
+    /// `protocol.md`: the same as Markdown.
+    pub const PROTOCOL_MD: &str = "protocol.md";
+    /// `screen-config.json`: a screening's base settings, tasks and configurations.
+    pub const SCREEN_CONFIG: &str = "screen-config.json";
+    /// `screen.json`: a screening's table.
+    pub const SCREEN: &str = "screen.json";
+    /// `screen.md`: the same as Markdown.
+    pub const SCREEN_MD: &str = "screen.md";
+    /// `.lock`: held by the process writing the folder, with its pid.
+    pub const LOCK: &str = ".lock";
+}
 
 /// A run's folder: atomic JSON files, the step log, and the lock that keeps a second writer out.
 pub struct RunDir {
@@ -40,12 +67,12 @@ pub struct DirLock {
 /// Files whose presence shows a folder is greater's: the lock every folder it writes gets,
 /// and the configurations of a run, a protocol and a screen.
 const OWNED_MARKERS: [&str; 4] =
-    [".lock", "config.json", "protocol-config.json", "screen-config.json"];
+    [file::LOCK, file::CONFIG, file::PROTOCOL_CONFIG, file::SCREEN_CONFIG];
 
 impl RunDir {
     /// A new run; refuses a folder that already holds one.
     pub fn create(path: &Path) -> Result<Self> {
-        if path.join("checkpoint.json").exists() || path.join("config.json").exists() {
+        if path.join(file::CHECKPOINT).exists() || path.join(file::CONFIG).exists() {
             bail!(
                 "{} already holds a run: continue it with --resume {0}, or choose another --out",
                 path.display()
@@ -98,7 +125,7 @@ impl RunDir {
             Err(_) => fs::create_dir_all(path)
                 .with_context(|| format!("cannot create folder {}", path.display()))?,
         }
-        let lock = path.join(".lock");
+        let lock = path.join(file::LOCK);
         OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -110,7 +137,7 @@ impl RunDir {
 
     /// An existing run folder.
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.join("config.json").exists() {
+        if !path.join(file::CONFIG).exists() {
             bail!("{} holds no run (no config.json)", path.display());
         }
         Ok(RunDir { path: path.to_path_buf() })
@@ -118,10 +145,10 @@ impl RunDir {
 
     /// The summary of the run in `path` once it has finished (None before).
     pub fn finished_summary(path: &Path) -> Result<Option<Summary>> {
-        if !path.join("summary.json").exists() {
+        if !path.join(file::SUMMARY).exists() {
             return Ok(None);
         }
-        Ok(Some(RunDir::open(path)?.read_json("summary.json")?))
+        Ok(Some(RunDir::open(path)?.read_json(file::SUMMARY)?))
     }
 
     /// An advisory lock on the folder for as long as the returned guard lives: a second
@@ -137,7 +164,7 @@ impl RunDir {
     }
 
     fn flock(&self, wait: bool) -> Result<DirLock> {
-        let path = self.file(".lock");
+        let path = self.file(file::LOCK);
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -205,7 +232,7 @@ impl RunDir {
 
     /// Appends one line to `steps.jsonl` and syncs it; an error naming the file.
     pub fn append_step<T: Serialize>(&self, record: &T) -> Result<()> {
-        let path = self.file("steps.jsonl");
+        let path = self.file(file::STEPS);
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         OpenOptions::new()
@@ -221,11 +248,13 @@ impl RunDir {
 
     /// The step lines written so far.
     pub fn read_steps<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
-        Ok(self.read_lines("steps.jsonl", "step")?.unwrap_or_default())
+        Ok(self.read_lines(file::STEPS, "step")?.unwrap_or_default())
     }
 
-    /// Every line of the JSON-lines file `name` (None when there is none); an error naming
-    /// the file and line of an unreadable `what`.
+    /// Every whole line of the JSON-lines file `name` (None when there is none); an error
+    /// naming the file and line of an unreadable `what`. A last line without its newline is
+    /// one a kill tore mid-write (every line is written with its newline at once): it is not
+    /// read, and a resume cuts it.
     fn read_lines<T: DeserializeOwned>(&self, name: &str, what: &str) -> Result<Option<Vec<T>>> {
         let path = self.file(name);
         if !path.exists() {
@@ -233,7 +262,9 @@ impl RunDir {
         }
         let text =
             fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        text.lines()
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
+            .lines()
             .enumerate()
             .map(|(i, l)| {
                 serde_json::from_str(l)
@@ -248,7 +279,7 @@ impl RunDir {
     /// mid-write is dropped with the lines after it; a damaged line among the first `n` is an
     /// error naming it, since appending after it would leave a log no reader can use.
     pub fn truncate_steps(&self, n: usize) -> Result<()> {
-        let path = self.file("steps.jsonl");
+        let path = self.file(file::STEPS);
         if !path.exists() {
             if n > 0 {
                 bail!("{} is missing, but the checkpoint is at step {n}", path.display());
@@ -278,7 +309,7 @@ impl RunDir {
         if !text.is_empty() {
             text.push('\n');
         }
-        self.write_atomic("steps.jsonl", text.as_bytes())
+        self.write_atomic(file::STEPS, text.as_bytes())
     }
 }
 

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use greater::app;
 use greater::eval::{paired, user_ids, Record};
 use greater::layout::Layout;
 use greater::model::{KvCache, Pass, Precision};
@@ -22,13 +23,13 @@ use greater::optimize::run::{run, Changes, Event, Start};
 use greater::optimize::schedule::{next_position, restarts, Next};
 use greater::optimize::select::choose_on_dev;
 use greater::optimize::Optimizer;
-use greater::protocol::{run_protocol, ProtocolEvent, Shard};
+use greater::protocol::{ProtocolEvent, Shard};
 use greater::records::{
     Contender, EvalSummary, Label, Paired, ProtocolConfig, ProtocolTable, Score, Search,
     StepRecord, Summary, TaskRow, TokenStep,
 };
 use greater::report::text::{budget_warning, verdict};
-use greater::report::{on_protocol_event, on_run_event, write_screen_outputs};
+use greater::report::write_screen_outputs;
 use greater::runtime::{LanguageModel, OpenOptions};
 use greater::settings::{Accept, GradientSum, Method, OptimizeConfig, StartFrom};
 use greater::stats::mcnemar_exact;
@@ -267,7 +268,7 @@ fn steps_without_timings(dir: &Path) -> Vec<StepRecord> {
 }
 
 fn run_quietly(start: Start, out: &Path) {
-    run(start, out, &Arc::new(AtomicBool::new(false)), &mut |e| on_run_event(&e).unwrap()).unwrap();
+    app::optimize(start, out, &Arc::new(AtomicBool::new(false)), &mut |_| {}).unwrap();
 }
 
 #[test]
@@ -1252,10 +1253,7 @@ fn a_protocol_writes_a_run_folder_per_task_and_a_table_of_their_summaries() {
         baseline_tasks: None,
     };
     let (table, _) =
-        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
-            on_protocol_event(&out, &e).unwrap()
-        })
-        .unwrap();
+        app::protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |_| {}).unwrap();
     assert_eq!(table.rows.len(), 2);
     // Transfer: the returned prompt (and zero-shot CoT) on the same test questions of the
     // second model, kept in the task's folder.
@@ -1729,10 +1727,7 @@ fn a_protocol_of_three_methods_adds_a_column_each_and_gives_ape_greaters_budget(
         baseline_tasks: None,
     };
     let (table, _) =
-        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
-            on_protocol_event(&out, &e).unwrap()
-        })
-        .unwrap();
+        app::protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |_| {}).unwrap();
     let row = &table.rows[0];
     assert_eq!(
         row.baselines.iter().map(|b| b.method).collect::<Vec<_>>(),
@@ -2014,11 +2009,10 @@ fn baselines_on_the_first_tasks_run_after_the_first_method_and_are_compared_wher
     };
     let mut order = Vec::new();
     let (table, _) =
-        run_protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
+        app::protocol(Start::New(config), &out, Shard::ALL, &no_interrupt(), &mut |e| {
             if let ProtocolEvent::Task { index, total, name, .. } = &e {
                 order.push((*index, *total, name.to_string()));
             }
-            on_protocol_event(&out, &e).unwrap()
         })
         .unwrap();
     // GReaTer on every task first, then APE on the first task only.

@@ -7,18 +7,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::ValueEnum;
+use greater::app;
 use greater::eval::{evaluate as evaluate_prompt, EvalConfig};
 use greater::model::generate::Cancelled;
-use greater::optimize::run::{run, Changes, Event, Start};
-use greater::protocol::{run_protocol, ProtocolEvent, Shard, PAPER_TASKS};
+use greater::optimize::run::{Changes, Event, Start};
+use greater::protocol::{ProtocolEvent, Shard, PAPER_TASKS};
 use greater::records::{ProtocolConfig, ScreenConfig};
-use greater::report::{
-    on_protocol_event, on_run_event, write_protocol_outputs, write_screen_outputs,
-};
 use greater::runtime::LanguageModel;
-use greater::screen::{run_screen, ScreenEvent};
+use greater::screen::ScreenEvent;
 use greater::settings::{Method, OptimizeConfig, Preset, Size};
-use greater::tasks::Split;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -150,12 +147,7 @@ fn optimize(
         Start::New(settings_from(settings, size, preset)?)
     };
     let summary = run_detached(py, on_event, |interrupt, events| {
-        run(start, &out, interrupt, &mut |e| {
-            if let Err(err) = on_run_event(&e) {
-                eprintln!("warning: could not write a report: {err:#}");
-            }
-            events.send(&e);
-        })
+        app::optimize(start, &out, interrupt, &mut |e| events.send(&e))
     })?;
     serde_json::to_string(&summary).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
@@ -174,10 +166,7 @@ fn evaluate(
     let settings = settings_from(settings, size, None)?;
     let result = run_detached(py, on_event, |interrupt, events| {
         let (task, split) = settings.load_task()?;
-        let test = Split::pick(&split.test, &task);
-        if test.is_empty() {
-            anyhow::bail!("the test split is empty: pass test=N");
-        }
+        let test = app::test_questions(&split, &task)?;
         let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| {
             events.send(&Event::Info(m.to_string()))
         })?;
@@ -241,23 +230,15 @@ fn protocol(
         };
         Start::New(ProtocolConfig { settings, tasks, transfer_to, methods, baseline_tasks })
     };
-    let (table, config) = run_detached(py, on_event, |interrupt, events| {
-        run_protocol(start, &out, shard, interrupt, &mut |event| {
-            if let Err(err) = on_protocol_event(&out, &event) {
-                eprintln!("warning: could not write a report: {err:#}");
+    let (table, _) = run_detached(py, on_event, |interrupt, events| {
+        app::protocol(start, &out, shard, interrupt, &mut |event| match event {
+            ProtocolEvent::Run(e) => events.send(&e),
+            ProtocolEvent::Task { index, total, name, .. } => {
+                events.send(&Event::Info(format!("task {}/{total}: {name}", index + 1)))
             }
-            match event {
-                ProtocolEvent::Run(e) => events.send(&e),
-                ProtocolEvent::Task { index, total, name, .. } => {
-                    events.send(&Event::Info(format!("task {}/{total}: {name}", index + 1)))
-                }
-                ProtocolEvent::Table(..) => {}
-            }
+            ProtocolEvent::Table(..) => {}
         })
     })?;
-    if let Err(err) = write_protocol_outputs(&out, &table, &config) {
-        eprintln!("warning: could not write a report: {err:#}");
-    }
     serde_json::to_string(&table).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
@@ -299,23 +280,23 @@ fn screen(
         config.check().map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
         Start::New(config)
     };
-    let (table, config) = run_detached(py, on_event, |interrupt, events| {
-        run_screen(start, &out, interrupt, &mut |event| match event {
+    let (table, _) = run_detached(py, on_event, |interrupt, events| {
+        app::screen(start, &out, interrupt, &mut |event| match event {
             ScreenEvent::Run { index, total, configuration, task, .. } => events.send(
                 &Event::Info(format!("run {}/{total}: {configuration} on {task}", index + 1)),
             ),
-            ScreenEvent::Event(e) => {
-                if let Err(err) = on_run_event(&e) {
-                    eprintln!("warning: could not write a report: {err:#}");
-                }
-                events.send(&e)
-            }
+            ScreenEvent::Event(e) => events.send(&e),
         })
     })?;
-    if let Err(err) = write_screen_outputs(&out, &table, &config) {
-        eprintln!("warning: could not write a report: {err:#}");
-    }
     serde_json::to_string(&table).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// The run folder at `path` (finished or interrupted) as JSON text: its settings, step
+/// records and summary (null before it has finished).
+#[pyfunction]
+fn read_run(path: PathBuf) -> PyResult<String> {
+    let run = app::read_run(&path).map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
+    serde_json::to_string(&run).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 /// Every setting's key with its default, as JSON text (after `size`).
@@ -350,6 +331,7 @@ fn _greater(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(screen, m)?)?;
     m.add_function(wrap_pyfunction!(defaults, m)?)?;
     m.add_function(wrap_pyfunction!(export, m)?)?;
+    m.add_function(wrap_pyfunction!(read_run, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::layout::Layout;
 use crate::records::RunConfig;
 use crate::runtime::LanguageModel;
-use crate::store::RunDir;
+use crate::store::{file, RunDir};
 use crate::tasks::answer::AnswerKind;
 use crate::tokenizer::SystemTurn;
 
@@ -87,8 +87,8 @@ impl Laid {
     /// on its model (which is opened for the tokenizer and the chat template).
     pub fn of_run(run: &Path, log: &mut dyn FnMut(&str)) -> Result<Self> {
         let dir = RunDir::open(run)?;
-        let config: RunConfig = dir.read_json("config.json")?;
-        let path = run.join("best_prompt.txt");
+        let config: RunConfig = dir.read_json(file::CONFIG)?;
+        let path = run.join(file::BEST_PROMPT);
         let prompt = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {} (has the run finished?)", path.display()))?;
         let s = &config.settings;

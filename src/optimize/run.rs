@@ -14,13 +14,14 @@ use super::select::{best_by_train, choose_on_dev};
 use super::Optimizer;
 use crate::catalog;
 use crate::eval::{evaluate, evaluate_logged, paired, EvalConfig};
+use crate::records::same_split;
 use crate::records::{
     human_duration, Calibration, Contender, DevCheck, EvalSummary, Label, RunConfig, SelectedBy,
     State, StepRecord, Summary, TaskRecord, Transfer,
 };
 use crate::runtime::LanguageModel;
 use crate::settings::{Method, OptimizeConfig, StartFrom};
-use crate::store::{DirLock, RunDir};
+use crate::store::{file, DirLock, RunDir};
 use crate::tasks::{Example, Split, Task, ZERO_SHOT_COT};
 
 /// Zero-shot CoT, the initial prompt, then the `dev_candidates` best prompts of the search by
@@ -115,10 +116,10 @@ fn transfer_file(model: &str) -> String {
 
 /// The finished run's transfer to `model`, if one was measured for its returned prompt.
 pub fn read_transfer(dir: &RunDir, model: &str) -> Result<Option<Transfer>> {
-    if !dir.exists("summary.json") {
+    if !dir.exists(file::SUMMARY) {
         bail!("{} holds no finished run (no summary.json) to transfer", dir.path.display());
     }
-    let summary: Summary = dir.read_json("summary.json")?;
+    let summary: Summary = dir.read_json(file::SUMMARY)?;
     let file = transfer_file(model);
     if !dir.exists(&file) {
         return Ok(None);
@@ -139,15 +140,10 @@ pub fn transfer(
     if let Some(done) = read_transfer(&dir, model)? {
         return Ok(done);
     }
-    let summary: Summary = dir.read_json("summary.json")?;
-    let config: RunConfig = dir.read_json("config.json")?;
+    let summary: Summary = dir.read_json(file::SUMMARY)?;
+    let config: RunConfig = dir.read_json(file::CONFIG)?;
     let (task, split) = config.settings.load_task()?;
-    if split != config.split {
-        bail!(
-            "the task's data changed since the run: the split differs from {}/config.json",
-            out.display()
-        );
-    }
+    same_split(&config.split, &split, &out.join(file::CONFIG))?;
     // The target model's own chat template, not a file given for the source model.
     let target =
         OptimizeConfig { model: model.to_string(), chat_template: None, ..config.settings.clone() };
@@ -206,7 +202,7 @@ impl Changes {
 /// Starts a run in `out`, or continues the one there: the search, then the returned prompt
 /// chosen on dev and measured with the baselines on test. Writes the run's records (JSON)
 /// as it goes; `report(event)` is told of each step and evaluation
-/// ([`crate::report::on_run_event`] writes the Markdown and HTML the CLI writes). Setting
+/// ([`crate::app::optimize`] also writes the Markdown and HTML the CLI writes). Setting
 /// `interrupt` stops it at the next check with [`crate::model::generate::Cancelled`]; the
 /// finished steps stay, and `Start::Resume` continues them.
 ///
@@ -239,11 +235,11 @@ pub fn run(
     let train = Split::pick(&split.train, &run.task);
     let optimizer = Optimizer::new(&run.lm, &run.task, &train, s, Arc::clone(interrupt))?;
     // 2. The search's state: the checkpoint, or the starting prompts scored on train.
-    let mut state = if run.dir.exists("checkpoint.json") {
-        let state: State = run.dir.read_json("checkpoint.json")?;
+    let mut state = if run.dir.exists(file::CHECKPOINT) {
+        let state: State = run.dir.read_json(file::CHECKPOINT)?;
         state
             .check(train.len(), run.lm.model.cfg.vocab_size)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("checkpoint.json").display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e}", out.join(file::CHECKPOINT).display()))?;
         state
     } else {
         first_state(&optimizer, &run, report)?
@@ -264,7 +260,7 @@ pub fn run(
     let budget_tokens = search(&optimizer, &run.dir, s, &mut state, split, &mut check_dev, report)?;
     // 4. The returned prompt, chosen on dev; then the held-out test.
     let summary = choose_and_test(&run, &optimizer, &mut state, budget_tokens, interrupt, report)?;
-    run.dir.write_json("summary.json", &summary)?;
+    run.dir.write_json(file::SUMMARY, &summary)?;
     report(Event::Finished(out));
     Ok(summary)
 }
@@ -301,7 +297,7 @@ fn create(mut s: OptimizeConfig, out: &Path, report: &mut dyn FnMut(Event)) -> R
         settings: s,
         greater_version: env!("CARGO_PKG_VERSION").into(),
     };
-    dir.write_json("config.json", &config)?;
+    dir.write_json(file::CONFIG, &config)?;
     Ok(Opened { dir, _lock, config, lm, task })
 }
 
@@ -310,21 +306,16 @@ fn create(mut s: OptimizeConfig, out: &Path, report: &mut dyn FnMut(Event)) -> R
 fn reopen(changes: Changes, out: &Path, report: &mut dyn FnMut(Event)) -> Result<Opened> {
     let dir = RunDir::open(out)?;
     let _lock = dir.lock()?;
-    let mut config: RunConfig = dir.read_json("config.json")?;
+    let mut config: RunConfig = dir.read_json(file::CONFIG)?;
     config
         .settings
         .validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", out.join("config.json").display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.join(file::CONFIG).display()))?;
     if changes.apply(&mut config.settings) {
-        dir.write_json("config.json", &config)?;
+        dir.write_json(file::CONFIG, &config)?;
     }
     let (task, split) = config.settings.load_task()?;
-    if split != config.split {
-        bail!(
-            "the task's data changed since the run started: the split differs from {}/config.json",
-            out.display()
-        );
-    }
+    same_split(&config.split, &split, &out.join(file::CONFIG))?;
     let lm = open_model(&config.settings, report)?;
     let sha = catalog::model_sha256(&lm.path)?;
     if sha != config.model_sha256 {
@@ -359,8 +350,8 @@ fn first_state(
         tokens_per_second: state.generated_tokens as f64 / t.elapsed().as_secs_f64(),
         mean_reasoning: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
     };
-    run.dir.write_json("calibration.json", &calibration)?;
-    run.dir.write_json("checkpoint.json", &state)?;
+    run.dir.write_json(file::CALIBRATION, &calibration)?;
+    run.dir.write_json(file::CHECKPOINT, &state)?;
     Ok(state)
 }
 
@@ -377,7 +368,7 @@ fn choose_and_test(
 ) -> Result<Summary> {
     let (s, split, dir) = (&run.config.settings, &run.config.split, &run.dir);
     let mut contenders = contenders(optimizer, state, s, &run.config.initial_prompt)?;
-    dir.write_json("checkpoint.json", &*state)?;
+    dir.write_json(file::CHECKPOINT, &*state)?;
     let eval_cfg = EvalConfig::of(s, Some(Arc::clone(interrupt)));
     let mut measure = |c: &Contender, examples: &[&Example], split: &str| -> Result<EvalSummary> {
         dir.evaluation(split, c.label, &c.prompt, |log| {
@@ -391,7 +382,7 @@ fn choose_and_test(
     let chosen =
         choose_on_dev(&mut contenders, &dev, &mut |c, examples| measure(c, examples, "dev"))?;
     let best_prompt = contenders[chosen].prompt.clone();
-    dir.write_atomic("best_prompt.txt", best_prompt.as_bytes())?;
+    dir.write_atomic(file::BEST_PROMPT, best_prompt.as_bytes())?;
 
     let test = Split::pick(&split.test, &run.task);
     let mut evaluations = Vec::new();
@@ -437,11 +428,11 @@ fn search(
     report: &mut dyn FnMut(Event),
 ) -> Result<Option<usize>> {
     let n_train = split.train.len();
-    let calibration: Calibration = dir.read_json("calibration.json")?;
+    let calibration: Calibration = dir.read_json(file::CALIBRATION)?;
     let log_step =
         |record: StepRecord, state: &State, report: &mut dyn FnMut(Event)| -> Result<()> {
             dir.append_step(&record)?;
-            dir.write_json("checkpoint.json", state)?;
+            dir.write_json(file::CHECKPOINT, state)?;
             report(Event::Step(&record, state));
             Ok(())
         };
@@ -520,7 +511,7 @@ fn search(
             if state.token_search_from.is_none() {
                 ape_rounds(state, budget / 2, Some(budget), report)?;
                 optimizer.start_token_search(state);
-                dir.write_json("checkpoint.json", state)?;
+                dir.write_json(file::CHECKPOINT, state)?;
                 let best = optimizer.prompt_text(&state.best_prompt)?;
                 report(Event::Info(format!("token search from APE's best: {best:?}")));
             }

@@ -15,14 +15,12 @@ use serde::Serialize;
 pub mod text;
 
 use crate::eval::Record;
-use crate::optimize::run::Event;
-use crate::protocol::ProtocolEvent;
 use crate::records::{
     EvalSummary, ProtocolConfig, ProtocolTable, RunConfig, Score, ScreenConfig, ScreenTable,
     Search, Seconds, StepRecord, Summary, TaskRow, TokenStep,
 };
 use crate::settings::Method;
-use crate::store::{task_folder, RunDir};
+use crate::store::{file, task_folder, RunDir};
 use text::{
     baseline_gain_text, difference_text, pooled_baseline_text, pooled_text, protocol_markdown,
     screen_markdown, search_table, summary_table, transfer_paired_text, verdict,
@@ -35,7 +33,7 @@ const FONT: (&str, u32) = ("sans-serif", 14);
 /// The report of the run or protocol in `dir`, as HTML, with its links relative to the
 /// folder `written_in`.
 pub fn report_html(dir: &Path, written_in: &Path) -> Result<String> {
-    if dir.join("protocol-config.json").exists() {
+    if dir.join(file::PROTOCOL_CONFIG).exists() {
         protocol_page(&RunDir::folder(dir)?, written_in)
     } else {
         run_page(&RunDir::open(dir)?)
@@ -44,7 +42,7 @@ pub fn report_html(dir: &Path, written_in: &Path) -> Result<String> {
 
 /// Writes `report.html` into `dir` (or to `out`) and returns where.
 pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf> {
-    let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
+    let path = out.map_or_else(|| dir.join(file::REPORT), Path::to_path_buf);
     let folder = RunDir::holding(&path)?;
     let name = path
         .file_name()
@@ -55,31 +53,12 @@ pub fn write_report(dir: &Path, out: Option<&Path>) -> Result<std::path::PathBuf
     Ok(path)
 }
 
-/// Writes what a run's event finished: its `summary.md` and `report.html` once it has its
-/// summary. The CLI passes every event of a run here (so may any other caller).
-pub fn on_run_event(event: &Event) -> Result<()> {
-    match event {
-        Event::Finished(dir) => write_run_outputs(dir),
-        _ => Ok(()),
-    }
-}
-
-/// [`on_run_event`] for a protocol's runs, and its `protocol.md` and `report.html` after each
-/// task.
-pub fn on_protocol_event(out: &Path, event: &ProtocolEvent) -> Result<()> {
-    match event {
-        ProtocolEvent::Run(e) => on_run_event(e),
-        ProtocolEvent::Table(table, config) => write_protocol_outputs(out, table, config),
-        ProtocolEvent::Task { .. } => Ok(()),
-    }
-}
-
 /// A finished run's `summary.md` and `report.html`, from its records.
 pub fn write_run_outputs(dir: &Path) -> Result<()> {
     let folder = RunDir::open(dir)?;
-    let config: RunConfig = folder.read_json("config.json")?;
-    let summary: Summary = folder.read_json("summary.json")?;
-    folder.write_atomic("summary.md", summary_table(&summary, &config).as_bytes())?;
+    let config: RunConfig = folder.read_json(file::CONFIG)?;
+    let summary: Summary = folder.read_json(file::SUMMARY)?;
+    folder.write_atomic(file::SUMMARY_MD, summary_table(&summary, &config).as_bytes())?;
     write_report(dir, None)?;
     Ok(())
 }
@@ -91,14 +70,14 @@ pub fn write_protocol_outputs(
     config: &ProtocolConfig,
 ) -> Result<()> {
     RunDir::folder(dir)?
-        .write_atomic("protocol.md", protocol_markdown(table, config).as_bytes())?;
+        .write_atomic(file::PROTOCOL_MD, protocol_markdown(table, config).as_bytes())?;
     write_report(dir, None)?;
     Ok(())
 }
 
 /// A screening's `screen.md`.
 pub fn write_screen_outputs(dir: &Path, table: &ScreenTable, config: &ScreenConfig) -> Result<()> {
-    RunDir::folder(dir)?.write_atomic("screen.md", screen_markdown(table, config).as_bytes())
+    RunDir::folder(dir)?.write_atomic(file::SCREEN_MD, screen_markdown(table, config).as_bytes())
 }
 
 // ---- Pages ----
@@ -190,10 +169,10 @@ fn question_rows(dir: &RunDir, evaluations: &[EvalSummary]) -> Result<Vec<Questi
 }
 
 fn run_page(dir: &RunDir) -> Result<String> {
-    let config: RunConfig = dir.read_json("config.json")?;
+    let config: RunConfig = dir.read_json(file::CONFIG)?;
     let steps: Vec<StepRecord> = dir.read_steps()?;
     let summary: Option<Summary> =
-        if dir.exists("summary.json") { Some(dir.read_json("summary.json")?) } else { None };
+        if dir.exists(file::SUMMARY) { Some(dir.read_json(file::SUMMARY)?) } else { None };
     let s = &config.settings;
     let title = format!("greater run: {} on {}", config.task.name, s.model);
     let setup = match s.method {
@@ -243,7 +222,7 @@ fn run_page(dir: &RunDir) -> Result<String> {
     ));
     let disagreements = questions.iter().filter(|q| !q.agree).count();
     let env = environment()?;
-    let html = env.get_template("report.html")?.render(minijinja::context! {
+    let html = env.get_template(file::REPORT)?.render(minijinja::context! {
         title, setup, verdict => verdict_line, returned, figures, accuracy => Value::from(Serde(&rows)),
         budget => s.max_reasoning, questions => Value::from(Serde(&questions)), question_labels => labels, disagreements,
         steps => Value::from(Serde(steps.iter().map(step_row).collect::<Vec<_>>())),
@@ -387,11 +366,11 @@ pub fn visible(text: &str) -> std::borrow::Cow<'_, str> {
 /// The protocol page; its links to each task's report are relative to `written_in`, the
 /// folder the page is written to.
 fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
-    let config: ProtocolConfig = dir.read_json("protocol-config.json")?;
-    if !dir.exists("protocol.json") {
+    let config: ProtocolConfig = dir.read_json(file::PROTOCOL_CONFIG)?;
+    if !dir.exists(file::PROTOCOL) {
         bail!("{}: the protocol has finished no task yet", dir.path.display());
     }
-    let table: ProtocolTable = dir.read_json("protocol.json")?;
+    let table: ProtocolTable = dir.read_json(file::PROTOCOL)?;
     let s = &config.settings;
     let methods = config.methods();
     let setup =
@@ -406,7 +385,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
             let run = || {
                 RunDir::open(&here.join(task_folder(&r.task)))
                     .ok()?
-                    .read_json::<Summary>("summary.json")
+                    .read_json::<Summary>(file::SUMMARY)
                     .ok()
             };
             r.majority_floor.or_else(|| run().map(|s| s.majority_floor))
@@ -425,7 +404,7 @@ fn protocol_page(dir: &RunDir, written_in: &Path) -> Result<String> {
     let figures = vec![protocol_figure(&table, &methods, &lines, &floors)?];
     let search = search_table(&table, methods[0]);
     let env = environment()?;
-    let html = env.get_template("report.html")?.render(minijinja::context! {
+    let html = env.get_template(file::REPORT)?.render(minijinja::context! {
         title => format!("greater protocol: {}", s.model), setup, figures, tasks => Value::from(Serde(&lines)),
         budget => s.max_reasoning,
         pooled => [pooled_text(&table.zero_shot_cot), pooled_text(&table.initial), pooled_text(&table.optimised)],
@@ -449,7 +428,7 @@ fn task_line(
     here: &Path,
     written_in: &Path,
 ) -> TaskLine {
-    let report = here.join(task_folder(&r.task)).join("report.html");
+    let report = here.join(task_folder(&r.task)).join(file::REPORT);
     let evals = [&r.zero_shot_cot, &r.initial, &r.optimised];
     TaskLine {
         number,
@@ -521,7 +500,7 @@ fn environment() -> Result<minijinja::Environment<'static>> {
         }
         _ => minijinja::escape_formatter(out, state, value),
     });
-    env.add_template("report.html", TEMPLATE)?;
+    env.add_template(file::REPORT, TEMPLATE)?;
     Ok(env)
 }
 

@@ -112,21 +112,10 @@ class Run:
 def load_run(path: Union[str, os.PathLike]) -> Run:
     """Reads the run folder at ``path`` (finished or interrupted)."""
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
+    if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} holds no run (no config.json)")
-    config = json.loads(config_file.read_text())
-    steps_file = folder / "steps.jsonl"
-    steps = []
-    if steps_file.exists():
-        for line in steps_file.read_text().splitlines():
-            try:
-                steps.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill: the next resume drops it
-    summary_file = folder / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    return Run(folder=folder, settings=config["settings"], steps=steps, summary=summary)
+    run = json.loads(_greater.read_run(str(folder)))
+    return Run(folder=folder, settings=run["settings"], steps=run["steps"], summary=run["summary"])
 
 
 @dataclass(frozen=True)
