@@ -133,6 +133,30 @@ fn decode_product_rates(cfg: &ModelConfig, m: usize) -> (f64, f64, f64) {
     )
 }
 
+/// GFLOP/s of the integer product with 16-bit inputs at batch 1 over a weight of the up
+/// projection's shape in `dtype`, with its groups as stored (4 or 5 bits, unpacked in every
+/// product) and as loading lays them out for this CPU's kernel
+/// ([`int8::Int8Weight::for_kernel`]); the best of three rounds of 10.
+fn int8_layout_rates(cfg: &ModelConfig, dtype: candle_core::quantized::GgmlDType) -> (f64, f64) {
+    use candle_core::quantized::QTensor;
+    use greater::model::kernels::{int8, packed::PackedWeight};
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let w = Tensor::randn(0f32, 1.0, (f, d), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let packed = PackedWeight::from_ggml(dtype, f, d, &q.data().unwrap()).unwrap().unwrap();
+    let stored = int8::Int8Weight::from_packed(&packed);
+    let laid = int8::Int8Weight::from_packed(&packed).for_kernel(int8::Kernel::best());
+    let x: Vec<f32> = (0..d).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
+    let product = |w: &int8::Int8Weight| int8::matmul(&x, w, int8::InputBits::Sixteen);
+    assert_eq!(product(&stored), product(&laid), "the layouts give different products");
+    let rate = |w: &int8::Int8Weight| {
+        let round = || seconds(|| (0..10).for_each(|_| drop(product(w)))).0 / 10.0;
+        let best = (0..3).map(|_| round()).fold(f64::INFINITY, f64::min);
+        2.0 * (d * f) as f64 / best / 1e9
+    };
+    (rate(&stored), rate(&laid))
+}
+
 /// Seconds of `lm`'s next-token choice for `m` rows of real final hidden states (the last
 /// four positions of the prompts' prefills): the vocabulary head's full product and its
 /// argmax, against `Model::greedy_tokens` (which must give the same tokens); the best of
@@ -292,6 +316,15 @@ fn bench(alias: &str) {
         work / t_fwd,
         2.0 * work / t_bwd
     );
+    for dtype in [candle_core::quantized::GgmlDType::Q4_0, candle_core::quantized::GgmlDType::Q5_0]
+    {
+        let (stored, laid) = int8_layout_rates(&model.cfg, dtype);
+        println!(
+            "integer product at batch 1 over {dtype:?} ({:?}): groups as stored {stored:.0} GFLOP/s, laid out at load for the kernel {laid:.0} GFLOP/s ({:.2}x)",
+            greater::model::kernels::int8::Kernel::best(),
+            laid / stored
+        );
+    }
     if greater::model::kernels::few_rows::available() {
         let (d, f) = (model.cfg.hidden_size, model.cfg.intermediate_size);
         for m in [1, 60] {

@@ -70,9 +70,17 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 /// Every kernel equals `reference` bit for bit with 8- and 16-bit inputs, for batches of 1
 /// to 9 rows (one with a block of zeros), and each row alone gives the same bits as in the
-/// batch.
+/// batch; with the weight's groups as stored and as loading lays them out for the kernels
+/// that read bytes.
 fn check(packed: &PackedWeight, what: &str) {
-    let w = Int8Weight::from_packed(packed);
+    let stored = Int8Weight::from_packed(packed);
+    let laid = Int8Weight::from_packed(packed).for_kernel(Kernel::Avx2);
+    for (w, layout) in [(&stored, "as stored"), (&laid, "laid out for bytes")] {
+        check_layout(packed, w, &format!("{what} {layout}"));
+    }
+}
+
+fn check_layout(packed: &PackedWeight, w: &Int8Weight, what: &str) {
     let k = packed.k;
     for m in [1, 2, 3, 4, 5, 9] {
         let mut x: Vec<f32> = (0..m * k).map(|i| value(i, m) * (1 + i % 5) as f32).collect();
@@ -80,11 +88,11 @@ fn check(packed: &PackedWeight, what: &str) {
         for input in [InputBits::Eight, InputBits::Sixteen] {
             let want = reference(&x, packed, input);
             for kernel in kernels() {
-                let got = int8::matmul_with(kernel, &x, &w, input);
+                let got = int8::matmul_with(kernel, &x, w, input);
                 assert_eq!(bits(&got), bits(&want), "{what}, {m} rows, {kernel:?}, {input:?}");
                 let last = &x[(m - 1) * k..];
                 assert_eq!(
-                    bits(&int8::matmul_with(kernel, last, &w, input)),
+                    bits(&int8::matmul_with(kernel, last, w, input)),
                     bits(&want[(m - 1) * packed.n..]),
                     "{what} row alone, {input:?}"
                 );

@@ -349,7 +349,10 @@ impl Model {
                 None => packed.map(|p| FastWeight::Exact(Arc::new(p))),
                 Some(_) if !on_cpu => None,
                 Some(bits) => match packed {
-                    Some(p) => Some(FastWeight::Int8(Arc::new(Int8Weight::from_packed(&p)), bits)),
+                    Some(p) => Some(FastWeight::Int8(
+                        Arc::new(Int8Weight::from_packed(&p).for_kernel(int8::Kernel::best())),
+                        bits,
+                    )),
                     None => quantized(&weight)?.map(|w| FastWeight::Int8(Arc::new(w), bits)),
                 },
             };

@@ -153,6 +153,22 @@ impl Int8Weight {
         Int8Weight { n, k, block, form, bias, codes, scale, offset, mass: OnceLock::new() }
     }
 
+    /// These integers in the layout `kernel` reads without unpacking them: the AVX-512
+    /// kernel unpacks 4- and 5-bit groups in registers as it goes, the others read bytes,
+    /// so for them every group is unpacked here once instead of in every product.
+    pub fn for_kernel(self, kernel: Kernel) -> Self {
+        if kernel == Kernel::Avx512Vnni || self.form == Codes::Eight {
+            return self;
+        }
+        let mut codes = Vec::with_capacity(self.codes.len() / self.form.bytes() * 64);
+        let mut group = [0u8; 64];
+        for src in self.codes.chunks_exact(self.form.bytes()) {
+            unpack_group(self.form, self.bias, src, &mut group);
+            codes.extend_from_slice(&group);
+        }
+        Int8Weight { form: Codes::Eight, bias: 0, codes, ..self }
+    }
+
     /// The [`Mass`] of every row, from the integers as stored.
     fn mass(&self) -> &Mass {
         self.mass.get_or_init(|| {
@@ -622,8 +638,10 @@ unsafe fn strip(
 ) {
     let cols = STRIP.min(w.n - s * STRIP);
     let stored = StripCodes::of(w, s);
-    // Past a few rows, unpacking once is cheaper than once per pass of ROWS rows.
-    let codes = if m > UNPACK_ONCE_ROWS || kernel != Kernel::Avx512Vnni {
+    // Past a few rows, unpacking once is cheaper than once per pass of ROWS rows; groups
+    // stored in bytes are read as they are.
+    let unpack = m > UNPACK_ONCE_ROWS || kernel != Kernel::Avx512Vnni;
+    let codes = if unpack && stored.form != Codes::Eight {
         stored.unpacked(kernel, unpacked)
     } else {
         stored
