@@ -152,7 +152,7 @@ impl EvalReport {
 /// Accuracy of `prompt` on `examples`; `progress` is told how many are done.
 ///
 /// ```no_run
-/// use greater::eval::evaluate;
+/// use greater::eval::{evaluate, EvalConfig};
 /// use greater::runtime::LanguageModel;
 /// use greater::settings::OptimizeConfig;
 /// use greater::tasks::{Count, Split};
@@ -161,7 +161,7 @@ impl EvalReport {
 /// let (task, split) = settings.load_task()?;
 /// let lm = LanguageModel::open(&settings.model, &settings.open_options(), &mut |m| eprintln!("{m}"))?;
 /// let test = Split::pick(&split.test, &task);
-/// let report = evaluate(&lm, &task, &test, "Let's think step by step.", &settings.eval_config(None), &mut |_| {})?;
+/// let report = evaluate(&lm, &task, &test, "Let's think step by step.", &EvalConfig::of(&settings, None), &mut |_| {})?;
 /// println!("{:.3} [{:.3}, {:.3}], {} unparsed", report.accuracy, report.interval.0, report.interval.1, report.unparsed);
 /// # Ok::<(), anyhow::Error>(())
 /// ```
