@@ -160,12 +160,8 @@ impl Int8Weight {
         if kernel == Kernel::Avx512Vnni || self.form == Codes::Eight {
             return self;
         }
-        let mut codes = Vec::with_capacity(self.codes.len() / self.form.bytes() * 64);
-        let mut group = [0u8; 64];
-        for src in self.codes.chunks_exact(self.form.bytes()) {
-            unpack_group(self.form, self.bias, src, &mut group);
-            codes.extend_from_slice(&group);
-        }
+        let mut codes = Vec::new();
+        unpack_groups(self.form, self.bias, &self.codes, &mut codes);
         Int8Weight { form: Codes::Eight, bias: 0, codes, ..self }
     }
 
@@ -249,6 +245,15 @@ fn unpack_group(form: Codes, bias: u8, src: &[u8], out: &mut [u8; 64]) {
                 }
             }
         }
+    }
+}
+
+/// Every group of `src`, stored in `form`, unpacked by [`unpack_group`] into `dst` in the
+/// same order.
+fn unpack_groups(form: Codes, bias: u8, src: &[u8], dst: &mut Vec<u8>) {
+    dst.resize(src.len() / form.bytes() * 64, 0);
+    for (src, dst) in src.chunks_exact(form.bytes()).zip(dst.chunks_exact_mut(64)) {
+        unpack_group(form, bias, src, dst.try_into().unwrap());
     }
 }
 
@@ -602,15 +607,15 @@ impl<'a> StripCodes<'a> {
     /// Every group unpacked to `q + 128` into `buf`, in the same order, by `kernel`'s
     /// instructions.
     unsafe fn unpacked(self, kernel: Kernel, buf: &'a mut Vec<u8>) -> Self {
-        let groups = self.codes.len() / self.form.bytes();
-        buf.resize(64 * groups, 0);
-        let pairs = self.codes.chunks_exact(self.form.bytes()).zip(buf.chunks_exact_mut(64));
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => pairs.for_each(|(src, dst)| avx512::unpack(self, src, dst)),
-            _ => pairs.for_each(|(src, dst)| {
-                unpack_group(self.form, self.bias, src, dst.try_into().unwrap())
-            }),
+            Kernel::Avx512Vnni => {
+                buf.resize(self.codes.len() / self.form.bytes() * 64, 0);
+                let pairs =
+                    self.codes.chunks_exact(self.form.bytes()).zip(buf.chunks_exact_mut(64));
+                pairs.for_each(|(src, dst)| avx512::unpack(self, src, dst))
+            }
+            _ => unpack_groups(self.form, self.bias, self.codes, buf),
         }
         StripCodes {
             codes: buf,
