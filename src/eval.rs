@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
 use crate::model::generate::{generate, GenerateConfig, Generated, Request, StopReason};
-use crate::records::{EvalSummary, Label, Paired};
+use crate::records::{write_atomic, EvalSummary, Label, Paired};
 use crate::runtime::LanguageModel;
 use crate::settings::OptimizeConfig;
 use crate::stats::{mcnemar_exact, wilson_interval};
@@ -268,19 +268,6 @@ pub fn paired(first: &[Record], second: &[Record]) -> Result<Paired> {
     })
 }
 
-/// One JSON line per record, written beside `path` and renamed onto it, so that an earlier
-/// file is replaced only by a whole one.
-fn write_records(path: &Path, records: &[Record]) -> Result<()> {
-    let tmp = sibling(path, ".tmp");
-    let write = || -> Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(&json_lines(records)?)?;
-        file.sync_all()?;
-        Ok(fs::rename(&tmp, path)?)
-    };
-    write().with_context(|| format!("cannot write {}", path.display()))
-}
-
 fn json_lines(records: &[Record]) -> Result<Vec<u8>> {
     let mut text = Vec::new();
     for r in records {
@@ -423,7 +410,7 @@ impl RecordLog {
     /// Writes the finished evaluation's `records` to the log's file and removes the partial
     /// log.
     pub fn finish(self, records: &[Record]) -> Result<()> {
-        write_records(&self.dest, records)?;
+        write_atomic(&sibling(&self.dest, ".tmp"), &self.dest, &json_lines(records)?)?;
         fs::remove_file(&self.partial)
             .with_context(|| format!("cannot remove {}", self.partial.display()))
     }

@@ -12,6 +12,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -1064,4 +1067,19 @@ impl ScreenTable {
             .collect();
         crate::stats::mean(&gains)
     }
+}
+
+/// Writes `bytes` to `tmp` and renames it onto `path`, so that a reader sees the earlier file
+/// or the new one whole, never a mix or an empty file. The caller names the temporary: it
+/// must sit beside `path` (a rename does not cross file systems) and be its own writer's.
+pub fn write_atomic(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let written = File::create(tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
+    fs::rename(tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::eval::{paired, EvalReport, Record, RecordLog};
-use crate::records::{EvalSummary, Label, Paired, Summary};
+use crate::records::{self, EvalSummary, Label, Paired, Summary};
 use crate::settings::Method;
 
 /// The names of the files greater writes into its folders, each named here once. Besides
@@ -200,16 +200,7 @@ impl RunDir {
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
         // Named by process too: shards of a protocol write the same table files at once.
         let tmp = self.file(&format!(".{name}.{}.tmp", std::process::id()));
-        let written = File::create(&tmp).and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
-        }
-        let path = self.file(name);
-        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+        records::write_atomic(&tmp, &self.file(name), bytes)
     }
 
     /// Writes `value` as pretty JSON, atomically.

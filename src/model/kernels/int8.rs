@@ -324,6 +324,9 @@ fn quantize_block_16(src: &[f32], hi: &mut [i8], lo: &mut [i8]) -> (f32, i32) {
 pub struct QuantRows {
     q: Vec<i8>,
     parts: usize,
+    /// For the AVX2 kernel: the whole integers as 16 bits, `k` per row, so that a pass over
+    /// several rows broadcasts each row's four values with one load.
+    wide: Vec<i16>,
     /// Per row and block: the scale, `-128 * sum(q)` (the start of its integer sum) and
     /// `scale * sum(q)` (what a weight offset multiplies), q the whole integers.
     scale: Vec<f32>,
@@ -339,6 +342,7 @@ impl QuantRows {
         let mut out = QuantRows {
             q: vec![0; m * parts * k],
             parts,
+            wide: Vec::new(),
             scale: vec![0.0; m * per_row],
             start: vec![0; m * per_row],
             sum: vec![0.0; m * per_row],
@@ -359,7 +363,19 @@ impl QuantRows {
                 }
                 quantize_row(x, block, bits, row)
             });
+        if kernel == Kernel::Avx2 {
+            out.wide = (0..m * k).map(|i| out.whole(i / k, k, i % k) as i16).collect();
+        }
         out
+    }
+
+    /// The whole integer of entry (r, j): the byte, or 128 x high byte + low byte.
+    fn whole(&self, r: usize, k: usize, j: usize) -> i32 {
+        let at = self.row(r, k) + j;
+        match self.parts {
+            1 => self.q[at] as i32,
+            _ => 128 * self.q[at] as i32 + self.q[at + k] as i32,
+        }
     }
 
     /// Where row `r`'s (high) bytes start; the low bytes follow `k` later.
@@ -658,7 +674,12 @@ unsafe fn strip(
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => avx512::rows(w, codes, s, x, r, rows, out.0, cols),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => (r..r + rows).for_each(|r| avx2::row(w, codes, s, x, r, out.0, cols)),
+            Kernel::Avx2 => match rows {
+                4 => avx2::rows::<4>(w, codes, s, x, r, out.0, cols),
+                3 => avx2::rows::<3>(w, codes, s, x, r, out.0, cols),
+                2 => avx2::rows::<2>(w, codes, s, x, r, out.0, cols),
+                _ => avx2::rows::<1>(w, codes, s, x, r, out.0, cols),
+            },
             _ => (r..r + rows).for_each(|r| scalar_row(w, codes, s, x, r, out.0, cols)),
         }
         r += rows;
@@ -702,12 +723,7 @@ fn column_value(
     let mut acc = 0f32;
     let mut group = [0u8; 64];
     for b in 0..blocks {
-        // Whole integers: the byte, or 128 x high byte + low byte.
-        let at = x.row(r, k) + b * block;
-        let xq = |j: usize| match x.parts {
-            1 => x.q[at + j] as i32,
-            _ => 128 * x.q[at + j] as i32 + x.q[at + k + j] as i32,
-        };
+        let xq = |j: usize| x.whole(r, k, b * block + j);
         let (meta, xb) = ((s * blocks + b) * STRIP + lane, r * blocks + b);
         let mut dot = x.start[xb];
         for g in 0..block / 4 {
@@ -882,64 +898,63 @@ mod avx2 {
 
     use super::{Int8Weight, QuantRows, StripCodes, STRIP};
 
-    /// Row `r` of y over strip `s` (groups unpacked). A group (4 weights of 16 rows) is
-    /// widened to 16-bit integers in four parts of 4 rows, each multiplied with the 4 bytes
-    /// of x by `vpmaddwd` into 2 pair sums per row; the pairs are added at the block's end.
+    /// Rows `r0 .. r0 + R` of y over strip `s` (groups unpacked), in two halves of 8
+    /// columns. A half group (4 weights of 8 columns) is widened to 16-bit integers once for
+    /// the R rows and multiplied with each row's 4 values by `vpmaddwd` into 2 pair sums per
+    /// column; the pairs are added at the block's end. Every row sees the same operations in
+    /// the same order whatever R is.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row(
+    pub unsafe fn rows<const R: usize>(
         w: &Int8Weight,
         codes: StripCodes,
         s: usize,
         x: &QuantRows,
-        r: usize,
+        r0: usize,
         y: *mut f32,
         cols: usize,
     ) {
         let (k, block, blocks) = (w.k, w.block, w.blocks());
-        let mut acc = [_mm256_setzero_ps(); 2];
-        // hadd leaves rows in the order 0 1 4 5 2 3 6 7 of its two inputs.
+        // hadd leaves columns in the order 0 1 4 5 2 3 6 7 of its two inputs.
         let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-        for b in 0..blocks {
-            let xq = x.q.as_ptr().add(x.row(r, k) + b * block);
-            let mut pairs = [_mm256_setzero_si256(); 4];
-            for g in 0..block / 4 {
-                let group = codes.group(b, g).as_ptr();
-                let bytes = |at: *const i8| {
-                    _mm_cvtepi8_epi16(_mm_cvtsi32_si128((at as *const i32).read_unaligned()))
-                };
-                // 16-bit integers: the bytes, or 128 x high + low (within 16 bits).
-                let mut four = bytes(xq.add(4 * g));
-                if x.parts == 2 {
-                    four = _mm_add_epi16(_mm_slli_epi16::<7>(four), bytes(xq.add(k + 4 * g)));
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..blocks {
+                let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+                for g in 0..block / 4 {
+                    let group = codes.group(b, g).as_ptr().add(32 * h);
+                    let widen = |at: usize| {
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(group.add(at) as *const __m128i))
+                    };
+                    let wv = [widen(0), widen(16)];
+                    for (i, pair) in pairs.iter_mut().enumerate() {
+                        let four = x.wide.as_ptr().add((r0 + i) * k + b * block + 4 * g);
+                        let xv = _mm256_set1_epi64x((four as *const i64).read_unaligned());
+                        pair[0] = _mm256_add_epi32(pair[0], _mm256_madd_epi16(wv[0], xv));
+                        pair[1] = _mm256_add_epi32(pair[1], _mm256_madd_epi16(wv[1], xv));
+                    }
                 }
-                let xv = _mm256_broadcastq_epi64(four);
-                for (p, pair) in pairs.iter_mut().enumerate() {
-                    let bytes = _mm_loadu_si128(group.add(16 * p) as *const __m128i);
-                    *pair =
-                        _mm256_add_epi32(*pair, _mm256_madd_epi16(_mm256_cvtepu8_epi16(bytes), xv));
+                let meta = (s * blocks + b) * STRIP + 8 * h;
+                let sw = _mm256_loadu_ps(w.scale.as_ptr().add(meta));
+                for (i, (pair, acc)) in pairs.iter().zip(acc.iter_mut()).enumerate() {
+                    let xb = (r0 + i) * blocks + b;
+                    let columns =
+                        _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(pair[0], pair[1]), order);
+                    let dot = _mm256_add_epi32(columns, _mm256_set1_epi32(x.start[xb]));
+                    let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sw);
+                    *acc = _mm256_fmadd_ps(scaled, _mm256_set1_ps(x.scale[xb]), *acc);
+                    if let Some(off) = &w.offset {
+                        let off = _mm256_loadu_ps(off.as_ptr().add(meta));
+                        *acc = _mm256_fmadd_ps(off, _mm256_set1_ps(x.sum[xb]), *acc);
+                    }
                 }
             }
-            let xb = r * blocks + b;
-            let start = _mm256_set1_epi32(x.start[xb]);
-            let meta = (s * blocks + b) * STRIP;
-            for h in 0..2 {
-                let rows = _mm256_permutevar8x32_epi32(
-                    _mm256_hadd_epi32(pairs[2 * h], pairs[2 * h + 1]),
-                    order,
-                );
-                let dot = _mm256_add_epi32(rows, start);
-                let sw = _mm256_loadu_ps(w.scale.as_ptr().add(meta + 8 * h));
-                let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sw);
-                acc[h] = _mm256_fmadd_ps(scaled, _mm256_set1_ps(x.scale[xb]), acc[h]);
-                if let Some(off) = &w.offset {
-                    let off = _mm256_loadu_ps(off.as_ptr().add(meta + 8 * h));
-                    acc[h] = _mm256_fmadd_ps(off, _mm256_set1_ps(x.sum[xb]), acc[h]);
-                }
+            let width = cols.saturating_sub(8 * h).min(8);
+            for (i, acc) in acc.iter().enumerate() {
+                let mut out = [0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), *acc);
+                let dst = y.add((r0 + i) * w.n + s * STRIP + 8 * h);
+                std::ptr::copy_nonoverlapping(out.as_ptr(), dst, width);
             }
         }
-        let mut out = [0f32; STRIP];
-        _mm256_storeu_ps(out.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), acc[1]);
-        std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(r * w.n + s * STRIP), cols);
     }
 }
